@@ -1,0 +1,28 @@
+//! # segloop
+//!
+//! Closes micro-segmentation feedback loops over Kafka: telemetry keyed by segment is windowed
+//! per segment in event time, policies judge each closed window, and the controller emits a
+//! remediation command for exactly the segment in trouble, then verifies, retries or escalates.
+//! See `DESIGN.md` in the README for the wire contract.
+//!
+//! # Layout
+//!
+//! An event's way through the code, top to bottom:
+//!
+//! - [`model`] — the wire contract as Rust types (telemetry, command, outcome, decision).
+//! - [`schema`] — the embedded Avro schemas (`schemas/*.avsc`), fingerprints, known versions.
+//! - [`codec`] — bytes ⇄ records: Avro single-object, Confluent, raw Avro, JSON; stable
+//!   error codes for the DLQ.
+//! - [`config`] — layered TOML configuration (defaults < file < `SEGLOOP__*` env < CLI) with
+//!   errors that name the key, file and line.
+//! - [`cli`] — the `segloop` command line (parsing only; each subcommand calls into the
+//!   library).
+//!
+//! The engine modules (`codec`, `config`, `model`, `schema`) never import Kafka, tokio I/O or
+//! HTTP; the runtime and the backtest are drivers of the same engine.
+
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod model;
+pub mod schema;
