@@ -28,9 +28,7 @@ use apache_avro::Schema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{
-    DecisionRecord, RemediationCommand, RemediationOutcome, TelemetryEvent,
-};
+use crate::model::{DecisionRecord, RemediationCommand, RemediationOutcome, TelemetryEvent};
 use crate::schema::{fingerprint, load_schema_file, SchemaKind};
 
 /// Largest allocation the Avro decoder may make for one length-prefixed value. Kafka records are
@@ -210,9 +208,8 @@ pub fn decode_record<T: Record>(
     key: Option<&[u8]>,
     value: Option<&[u8]>,
 ) -> Result<T, DecodeError> {
-    let value = value.ok_or_else(|| {
-        DecodeError::new(ErrorCode::Truncated, "record has no value (tombstone)")
-    })?;
+    let value = value
+        .ok_or_else(|| DecodeError::new(ErrorCode::Truncated, "record has no value (tombstone)"))?;
     let record = codec.decode(value)?;
     record
         .validate()
@@ -484,10 +481,7 @@ impl<'a> SliceReader<'a> {
 
     fn classify(&self, message: String) -> DecodeError {
         if self.hit_end {
-            DecodeError::new(
-                ErrorCode::Truncated,
-                format!("datum ends early: {message}"),
-            )
+            DecodeError::new(ErrorCode::Truncated, format!("datum ends early: {message}"))
         } else {
             DecodeError::new(ErrorCode::Malformed, message)
         }

@@ -1,1 +1,680 @@
-pub fn x(){}
+//! Configuration: TOML, layered `defaults < file < SEGLOOP__SECTION__KEY env vars < CLI --set`.
+//!
+//! - Every struct denies unknown keys; a file error names the file, line and column.
+//! - Paths inside a file resolve relative to that file's directory.
+//! - [`Config::validate`] does the cross-field checks and says what to change.
+//! - The environment is passed in (not read here), so tests never touch the process env.
+//!
+//! `config/segloop.toml` documents every option.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{CodecKind, SchemaSettings};
+
+/// Prefix of environment overrides: `SEGLOOP__WINDOWS__SIZE=5s` sets `windows.size`.
+pub const ENV_PREFIX: &str = "SEGLOOP__";
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Policy file (TOML); relative to this config file.
+    pub policies: Option<PathBuf>,
+    pub kafka: KafkaConfig,
+    pub topics: TopicsConfig,
+    pub windows: WindowConfig,
+    pub delivery: DeliveryConfig,
+    pub admin: AdminConfig,
+    pub logging: LoggingConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            policies: None,
+            kafka: KafkaConfig::default(),
+            topics: TopicsConfig::default(),
+            windows: WindowConfig::default(),
+            delivery: DeliveryConfig::default(),
+            admin: AdminConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+/// Brokers and client settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `host:port,...` of the brokers.
+    pub bootstrap_servers: String,
+    /// Consumer group of the telemetry consumers; instances in one group share partitions.
+    pub group_id: String,
+    pub client_id: String,
+    /// Create missing topics at startup (telemetry and state co-partitioned).
+    pub create_topics: bool,
+    /// Partition count for topics segloop creates.
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// librdkafka properties passed through verbatim (SASL/TLS included).
+    pub properties: BTreeMap<String, toml::Value>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            group_id: "segloop".into(),
+            client_id: "segloop".into(),
+            create_topics: false,
+            partitions: 6,
+            replication_factor: 1,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// The pass-through properties as librdkafka strings.
+    pub fn librdkafka_properties(&self) -> BTreeMap<String, String> {
+        self.properties
+            .iter()
+            .map(|(k, v)| {
+                let s = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), s)
+            })
+            .collect()
+    }
+}
+
+/// One topic: its name and how its records are encoded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    pub name: String,
+    #[serde(default)]
+    pub codec: CodecKind,
+    /// Confluent wire format: the schema id segloop writes with.
+    #[serde(default = "default_schema_id")]
+    pub schema_id: u32,
+    /// Confluent wire format: other writer schemas by id (`"7" = "schemas/old.avsc"`).
+    #[serde(default)]
+    pub schema_ids: BTreeMap<String, PathBuf>,
+    /// Extra writer schemas accepted by fingerprint (single-object).
+    #[serde(default)]
+    pub writer_schemas: Vec<PathBuf>,
+    /// `avro-raw`: the schema records were written with (default: the current one).
+    #[serde(default)]
+    pub raw_writer_schema: Option<PathBuf>,
+}
+
+fn default_schema_id() -> u32 {
+    1
+}
+
+impl TopicConfig {
+    fn named(name: &str) -> Self {
+        TopicConfig {
+            name: name.into(),
+            codec: CodecKind::AvroSingleObject,
+            schema_id: default_schema_id(),
+            schema_ids: BTreeMap::new(),
+            writer_schemas: Vec::new(),
+            raw_writer_schema: None,
+        }
+    }
+
+    /// The codec settings, with ids parsed (validated by [`Config::validate`]).
+    pub fn schema_settings(&self) -> SchemaSettings {
+        SchemaSettings {
+            schema_id: self.schema_id,
+            schema_ids: self
+                .schema_ids
+                .iter()
+                .filter_map(|(id, p)| id.parse().ok().map(|id: u32| (id, p.clone())))
+                .collect::<HashMap<_, _>>(),
+            writer_schemas: self.writer_schemas.clone(),
+            raw_writer_schema: self.raw_writer_schema.clone(),
+        }
+    }
+}
+
+/// The topics of the wire contract (DESIGN.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    pub telemetry: TopicConfig,
+    pub actions: TopicConfig,
+    pub outcomes: TopicConfig,
+    pub dlq: TopicConfig,
+    pub decisions: TopicConfig,
+    pub control: TopicConfig,
+    pub state: TopicConfig,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        TopicsConfig {
+            telemetry: TopicConfig::named("segloop.telemetry"),
+            actions: TopicConfig::named("segloop.actions"),
+            outcomes: TopicConfig::named("segloop.outcomes"),
+            dlq: TopicConfig::named("segloop.dlq"),
+            decisions: TopicConfig::named("segloop.decisions"),
+            control: TopicConfig::named("segloop.control"),
+            state: TopicConfig::named("segloop.state"),
+        }
+    }
+}
+
+impl TopicsConfig {
+    fn all(&self) -> [(&'static str, &TopicConfig); 7] {
+        [
+            ("telemetry", &self.telemetry),
+            ("actions", &self.actions),
+            ("outcomes", &self.outcomes),
+            ("dlq", &self.dlq),
+            ("decisions", &self.decisions),
+            ("control", &self.control),
+            ("state", &self.state),
+        ]
+    }
+
+    fn all_mut(&mut self) -> [&mut TopicConfig; 7] {
+        [
+            &mut self.telemetry,
+            &mut self.actions,
+            &mut self.outcomes,
+            &mut self.dlq,
+            &mut self.decisions,
+            &mut self.control,
+            &mut self.state,
+        ]
+    }
+}
+
+/// Event-time windows and watermarks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowConfig {
+    /// Window length.
+    #[serde(with = "humantime_serde")]
+    pub size: Duration,
+    /// Hop for hopping windows; absent = tumbling. Must divide `size`.
+    #[serde(with = "humantime_serde")]
+    pub hop: Option<Duration>,
+    /// Watermark = max event time seen on the partition − this.
+    #[serde(with = "humantime_serde")]
+    pub out_of_orderness: Duration,
+    /// A window closes when the watermark passes its end + grace; later events are `late`.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// A partition with no events for this long advances its watermark on the controller clock.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Events further ahead of the controller clock than this are rejected (`clock_skew`).
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+    /// A segment with no events for this long is forgotten.
+    #[serde(with = "humantime_serde")]
+    pub segment_ttl: Duration,
+    /// Most segments held per instance; the longest idle is evicted beyond it.
+    pub max_segments: usize,
+    /// Measurements that keep a quantile sketch (others: count/sum/min/max/mean/rate).
+    pub quantile_measurements: Vec<String>,
+    /// Relative error bound of the quantile sketch (0 < x ≤ 0.01).
+    pub relative_accuracy: f64,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig {
+            size: Duration::from_secs(10),
+            hop: None,
+            out_of_orderness: Duration::from_secs(2),
+            grace: Duration::ZERO,
+            idle_timeout: Duration::from_secs(30),
+            max_clock_skew: Duration::from_secs(300),
+            segment_ttl: Duration::from_secs(900),
+            max_segments: 1_000_000,
+            quantile_measurements: vec!["latency_ms".into()],
+            relative_accuracy: 0.01,
+        }
+    }
+}
+
+/// Delivery guarantee of the runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliveryMode {
+    #[default]
+    AtLeastOnce,
+    ExactlyOnce,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    pub mode: DeliveryMode,
+    /// How often offsets are committed (and, exactly-once, transactions committed).
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Graceful shutdown deadline after SIGINT/SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            mode: DeliveryMode::AtLeastOnce,
+            commit_interval: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Metrics and admin HTTP endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Listen address; loopback by default. Port 0 picks a free port.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// `tracing` filter directive, e.g. `info` or `segloop=debug,rdkafka=warn`.
+    pub level: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Why a configuration was refused. Each variant says where and what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    File {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{origin}: {message}")]
+    Override { origin: String, message: String },
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<FieldError>),
+}
+
+/// A value that is well-formed but not acceptable, with the fix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Where a configuration comes from, lowest precedence first after the built-in defaults.
+pub struct Sources<'a> {
+    pub file: Option<&'a Path>,
+    /// The process environment (or a test's); only `SEGLOOP__*` keys are used.
+    pub env: &'a HashMap<String, String>,
+    /// `key.path=value` overrides from the command line.
+    pub overrides: &'a [String],
+}
+
+impl Config {
+    /// Loads, layers, resolves paths and validates.
+    ///
+    /// # Errors
+    /// Unreadable file, syntax or unknown keys (with file, line and column), a bad override
+    /// (naming the variable or flag), or failed cross-field checks (naming the field).
+    pub fn load(sources: &Sources<'_>) -> Result<Config, ConfigError> {
+        let mut table = toml::Table::new();
+        let mut base_dir = PathBuf::from(".");
+        if let Some(path) = sources.file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            // Deserialize straight from the text first: its errors carry spans.
+            toml::from_str::<Config>(&text).map_err(|e| file_error(path, &text, &e))?;
+            table =
+                toml::from_str::<toml::Table>(&text).map_err(|e| file_error(path, &text, &e))?;
+            if let Some(dir) = path.parent() {
+                base_dir = dir.to_path_buf();
+            }
+        }
+
+        let mut layers: Vec<(String, Vec<String>, String)> = Vec::new();
+        let mut env: Vec<(&String, &String)> = sources
+            .env
+            .iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        env.sort();
+        for (key, value) in env {
+            let path: Vec<String> = key[ENV_PREFIX.len()..]
+                .split("__")
+                .map(|s| s.to_ascii_lowercase())
+                .collect();
+            layers.push((format!("environment variable {key}"), path, value.clone()));
+        }
+        for flag in sources.overrides {
+            let (key, value) = flag.split_once('=').ok_or_else(|| ConfigError::Override {
+                origin: format!("--set {flag}"),
+                message: "expected key.path=value, e.g. --set windows.size=5s".into(),
+            })?;
+            let path = key.trim().split('.').map(str::to_string).collect();
+            layers.push((format!("--set {flag}"), path, value.to_string()));
+        }
+
+        let mut config: Config =
+            toml::Value::Table(table.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Override {
+                    origin: "config".into(),
+                    message: e.message().to_string(),
+                })?;
+        for (origin, path, value) in layers {
+            if path.iter().any(|p| p.is_empty()) {
+                return Err(ConfigError::Override {
+                    origin,
+                    message: "empty key segment".into(),
+                });
+            }
+            // A literal that parses as TOML (`5`, `true`) is tried as such first, then as a
+            // string, so `SEGLOOP__KAFKA__GROUP_ID=123` still sets a string field.
+            let typed = parse_scalar(&value);
+            set_path(&mut table, &path, typed.clone());
+            let mut result: Result<Config, toml::de::Error> =
+                toml::Value::Table(table.clone()).try_into();
+            if result.is_err() && !typed.is_str() {
+                set_path(&mut table, &path, toml::Value::String(value.clone()));
+                let as_string: Result<Config, toml::de::Error> =
+                    toml::Value::Table(table.clone()).try_into();
+                if as_string.is_ok() {
+                    result = as_string;
+                } else {
+                    set_path(&mut table, &path, typed);
+                }
+            }
+            config = result.map_err(|e| ConfigError::Override {
+                origin: origin.clone(),
+                message: format!("{} (setting {})", e.message().trim(), path.join(".")),
+            })?;
+        }
+
+        config.resolve_paths(&base_dir);
+        config.validate().map_err(ConfigError::Invalid)?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(p) = self.policies.as_mut() {
+            resolve(p);
+        }
+        for topic in self.topics.all_mut() {
+            topic.schema_ids.values_mut().for_each(resolve);
+            topic.writer_schemas.iter_mut().for_each(resolve);
+            if let Some(p) = topic.raw_writer_schema.as_mut() {
+                resolve(p);
+            }
+        }
+    }
+
+    /// Cross-field checks. Returns every problem, each with the field and the fix.
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let mut err = |field: &str, message: String| {
+            errors.push(FieldError {
+                field: field.into(),
+                message,
+            })
+        };
+        let w = &self.windows;
+        if w.size < Duration::from_millis(1) {
+            err("windows.size", "must be at least 1ms, e.g. \"10s\"".into());
+        } else if w.size.subsec_nanos() % 1_000_000 != 0 {
+            err(
+                "windows.size",
+                "must be a whole number of milliseconds".into(),
+            );
+        }
+        if let Some(hop) = w.hop {
+            if hop.is_zero() || hop.subsec_nanos() % 1_000_000 != 0 {
+                err(
+                    "windows.hop",
+                    "must be a whole number of milliseconds above 0".into(),
+                );
+            } else if hop > w.size || w.size.as_millis() % hop.as_millis() != 0 {
+                err(
+                    "windows.hop",
+                    format!(
+                        "{} does not divide windows.size {}; choose a hop such as {}",
+                        humantime::format_duration(hop),
+                        humantime::format_duration(w.size),
+                        humantime::format_duration(w.size / 2)
+                    ),
+                );
+            }
+        }
+        if w.idle_timeout.is_zero() {
+            err(
+                "windows.idle_timeout",
+                "must be above 0, or quiet segments never close their windows".into(),
+            );
+        }
+        if w.max_clock_skew.is_zero() {
+            err(
+                "windows.max_clock_skew",
+                "must be above 0, e.g. \"5m\"".into(),
+            );
+        }
+        if w.segment_ttl < w.size + w.out_of_orderness + w.grace {
+            err(
+                "windows.segment_ttl",
+                format!(
+                    "{} is shorter than a window's life (size + out_of_orderness + grace = {}); \
+                     raise it",
+                    humantime::format_duration(w.segment_ttl),
+                    humantime::format_duration(w.size + w.out_of_orderness + w.grace)
+                ),
+            );
+        }
+        if w.max_segments == 0 {
+            err("windows.max_segments", "must be at least 1".into());
+        }
+        if !(w.relative_accuracy > 0.0 && w.relative_accuracy <= 0.01) {
+            err(
+                "windows.relative_accuracy",
+                format!(
+                    "{} is outside (0, 0.01]; use 0.01 for 1% relative error",
+                    w.relative_accuracy
+                ),
+            );
+        }
+        let k = &self.kafka;
+        if k.bootstrap_servers.trim().is_empty() {
+            err(
+                "kafka.bootstrap_servers",
+                "is empty; set host:port of a broker".into(),
+            );
+        }
+        if k.group_id.trim().is_empty() {
+            err("kafka.group_id", "is empty; name the consumer group".into());
+        }
+        if k.partitions < 1 {
+            err("kafka.partitions", "must be at least 1".into());
+        }
+        if k.replication_factor < 1 {
+            err("kafka.replication_factor", "must be at least 1".into());
+        }
+        for (key, value) in &k.properties {
+            if matches!(value, toml::Value::Table(_) | toml::Value::Array(_)) {
+                err(
+                    &format!("kafka.properties.{key}"),
+                    "librdkafka properties are scalars; quote the value".into(),
+                );
+            }
+        }
+        for (role, topic) in self.topics.all() {
+            if topic.name.trim().is_empty() {
+                err(&format!("topics.{role}.name"), "is empty".into());
+            }
+            if topic.codec == CodecKind::Json && role != "telemetry" {
+                err(
+                    &format!("topics.{role}.codec"),
+                    "json is for telemetry only; use avro-single-object".into(),
+                );
+            }
+            for id in topic.schema_ids.keys() {
+                match id.parse::<u32>() {
+                    Ok(n) if n == topic.schema_id => err(
+                        &format!("topics.{role}.schema_ids.{id}"),
+                        "is also topics.{role}.schema_id, the id segloop writes with; use \
+                         another id"
+                            .replace("{role}", role),
+                    ),
+                    Ok(_) => {}
+                    Err(_) => err(
+                        &format!("topics.{role}.schema_ids.{id}"),
+                        "keys are numeric schema ids, e.g. \"7\" = \"schemas/v1.avsc\"".into(),
+                    ),
+                }
+            }
+        }
+        if self.topics.telemetry.name == self.topics.state.name {
+            err(
+                "topics.state.name",
+                "must differ from topics.telemetry.name".into(),
+            );
+        }
+        if self.delivery.commit_interval.is_zero() {
+            err("delivery.commit_interval", "must be above 0".into());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The effective configuration as TOML (what `check-config` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config should serialize to TOML")
+    }
+}
+
+fn file_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let (line, column) = match e.span() {
+        Some(span) => line_col(text, span.start),
+        None => (1, 1),
+    };
+    ConfigError::File {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message: e.message().trim().to_string(),
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// An override value: a TOML literal when it parses as one (`5`, `true`, `[1, 2]`), else a string.
+fn parse_scalar(value: &str) -> toml::Value {
+    match format!("v = {value}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").expect("parsed table should have v"),
+        Err(_) => toml::Value::String(value.to_string()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let (last, parents) = path.split_last().expect("path should not be empty");
+    let mut cur = table;
+    for p in parents {
+        let entry = cur
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        cur = entry.as_table_mut().expect("entry should be a table");
+    }
+    cur.insert(last.clone(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("a\nbc\n", 0), (1, 1));
+        assert_eq!(line_col("a\nbc\n", 3), (2, 2));
+    }
+
+    #[test]
+    fn scalars_parse_as_toml_or_string() {
+        assert_eq!(parse_scalar("5"), toml::Value::Integer(5));
+        assert_eq!(parse_scalar("true"), toml::Value::Boolean(true));
+        assert_eq!(parse_scalar("5s"), toml::Value::String("5s".into()));
+        assert_eq!(
+            parse_scalar("127.0.0.1:9092"),
+            toml::Value::String("127.0.0.1:9092".into())
+        );
+    }
+}

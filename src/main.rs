@@ -1,1 +1,22 @@
-fn main() {}
+//! The `segloop` binary: parse the command line, dispatch, map outcomes to exit codes.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use clap::Parser;
+use segloop::cli::{self, Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: HashMap<String, String> = std::env::vars().collect();
+    match cli.command {
+        Command::CheckConfig(args) => cli::check_config(&args, &env),
+        Command::Decode(args) => cli::decode(&args),
+        Command::Encode(args) => cli::encode(&args),
+        Command::Schemas(args) => cli::schemas(&args),
+        Command::Run(_) => cli::not_yet("run", "the Kafka runtime, issue 5"),
+        Command::Demo(_) => cli::not_yet("demo", "the embedded demo, issue 6"),
+        Command::Backtest(_) => cli::not_yet("backtest", "backtesting, issue 9"),
+        Command::Bench(_) => cli::not_yet("bench", "benchmarks arrive with each engine part"),
+    }
+}

@@ -130,7 +130,11 @@ pub fn parsing_canonical_form(schema: &Schema) -> String {
 pub fn load_schema_file(path: &Path) -> Result<&'static Schema, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read schema file {}: {e}", path.display()))?;
-    let schema = Schema::parse_str(&text)
-        .map_err(|e| format!("schema file {} is not a valid Avro schema: {e}", path.display()))?;
+    let schema = Schema::parse_str(&text).map_err(|e| {
+        format!(
+            "schema file {} is not a valid Avro schema: {e}",
+            path.display()
+        )
+    })?;
     Ok(Box::leak(Box::new(schema)))
 }

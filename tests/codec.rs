@@ -187,12 +187,18 @@ fn truncated_header_and_datum_are_truncated() {
     let so = codec(CodecKind::AvroSingleObject);
     let full = encode(so.as_ref(), &sample_event());
     assert_eq!(code_of(so.as_ref(), &full[..5]), ErrorCode::Truncated);
-    assert_eq!(code_of(so.as_ref(), &full[..full.len() - 3]), ErrorCode::Truncated);
+    assert_eq!(
+        code_of(so.as_ref(), &full[..full.len() - 3]),
+        ErrorCode::Truncated
+    );
     let cf = codec(CodecKind::AvroConfluent);
     assert_eq!(code_of(cf.as_ref(), &[0, 0, 0]), ErrorCode::Truncated);
     assert_eq!(code_of(cf.as_ref(), &[]), ErrorCode::Truncated);
     let json = codec(CodecKind::Json);
-    assert_eq!(code_of(json.as_ref(), br#"{"segment":"a"#), ErrorCode::Truncated);
+    assert_eq!(
+        code_of(json.as_ref(), br#"{"segment":"a"#),
+        ErrorCode::Truncated
+    );
     let err = decode_record(so.as_ref(), Some(b"a"), None).unwrap_err();
     assert_eq!(err.code, ErrorCode::Truncated);
 }
@@ -204,7 +210,10 @@ fn wrong_magic_is_bad_magic() {
     bytes[1] = 0x02;
     assert_eq!(code_of(so.as_ref(), &bytes), ErrorCode::BadMagic);
     let cf = codec(CodecKind::AvroConfluent);
-    assert_eq!(code_of(cf.as_ref(), b"\x01\0\0\0\x01abc"), ErrorCode::BadMagic);
+    assert_eq!(
+        code_of(cf.as_ref(), b"\x01\0\0\0\x01abc"),
+        ErrorCode::BadMagic
+    );
     // a Confluent-framed record read as single-object
     let framed = encode(cf.as_ref(), &sample_event());
     assert_eq!(code_of(so.as_ref(), &framed), ErrorCode::BadMagic);
@@ -342,9 +351,8 @@ fn json_codec_is_telemetry_only() {
 
 #[test]
 fn outcome_status_round_trips_as_avro_enum() {
-    let codec =
-        build_codec::<RemediationOutcome>(CodecKind::AvroSingleObject, &Default::default())
-            .unwrap();
+    let codec = build_codec::<RemediationOutcome>(CodecKind::AvroSingleObject, &Default::default())
+        .unwrap();
     for status in [
         OutcomeStatus::Accepted,
         OutcomeStatus::Applied,

@@ -1,0 +1,118 @@
+//! The `segloop` binary as a user runs it.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn segloop(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_segloop"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn check_config_accepts_shipped_and_rejects_bad_with_exit_2() {
+    let ok = segloop(&["check-config", "config/segloop.toml"], b"");
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert!(text(&ok.stdout).contains("[windows]"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[kafka]\ngroupid = \"x\"\n").unwrap();
+    let out = segloop(&["check-config", bad.to_str().unwrap()], b"");
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("bad.toml:2:1") && err.contains("groupid"),
+        "{err}"
+    );
+}
+
+#[test]
+fn decode_prints_json_for_goldens_and_coded_errors_for_garbage() {
+    let golden = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/telemetry.v1.confluent.hex"),
+    )
+    .unwrap();
+    let out = segloop(
+        &[
+            "decode",
+            "--codec",
+            "avro-confluent",
+            "--schema-id-file",
+            "2=schemas/history/telemetry.v1.avsc",
+        ],
+        &golden,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["segment"], "eu-1/checkout/payments");
+
+    let out = segloop(&["decode"], b"c30199\nzz\n");
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("record 1: truncated:"), "{err}");
+    assert!(err.contains("record 2: not hex"), "{err}");
+    assert_eq!(err.lines().count(), 2, "one line per bad record: {err}");
+}
+
+#[test]
+fn decode_raw_bytes_and_check_the_key() {
+    let line = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/telemetry.v2.single-object.hex"),
+    )
+    .unwrap();
+    let bytes = hex::decode(line.lines().next().unwrap()).unwrap();
+    let out = segloop(
+        &["decode", "--raw", "--key", "eu-1/checkout/payments"],
+        &bytes,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = segloop(&["decode", "--raw", "--key", "other"], &bytes);
+    assert!(text(&out.stderr).contains("key_mismatch"));
+}
+
+#[test]
+fn encode_then_decode_round_trips() {
+    let json = br#"{"segment":"a/b","ts_ms":5,"measurements":{"x":1.5}}"#;
+    let enc = segloop(&["encode", "--codec", "avro-raw"], json);
+    assert!(enc.status.success(), "{}", text(&enc.stderr));
+    let dec = segloop(&["decode", "--codec", "avro-raw"], &enc.stdout);
+    let v: serde_json::Value = serde_json::from_slice(&dec.stdout).unwrap();
+    assert_eq!(v["measurements"]["x"], 1.5);
+    assert_eq!(v["labels"], serde_json::json!({}));
+}
+
+#[test]
+fn schemas_lists_fingerprints_matching_fastavro() {
+    let out = segloop(&["schemas"], b"");
+    let s = text(&out.stdout);
+    // fastavro's CRC-64-AVRO header bytes for schemas/telemetry.avsc (tests/golden)
+    assert!(
+        s.contains("single-object-header=c301a432be0ba4cbbd6d"),
+        "{s}"
+    );
+}
+
+#[test]
+fn unfinished_subcommands_exit_2_with_a_message() {
+    let out = segloop(&["backtest"], b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("not yet available"));
+}
