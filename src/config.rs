@@ -20,7 +20,7 @@ use crate::codec::{CodecKind, SchemaSettings};
 pub const ENV_PREFIX: &str = "SEGLOOP__";
 
 /// The whole configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Policy file (TOML); relative to this config file.
@@ -31,20 +31,6 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub admin: AdminConfig,
     pub logging: LoggingConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            policies: None,
-            kafka: KafkaConfig::default(),
-            topics: TopicsConfig::default(),
-            windows: WindowConfig::default(),
-            delivery: DeliveryConfig::default(),
-            admin: AdminConfig::default(),
-            logging: LoggingConfig::default(),
-        }
-    }
 }
 
 /// Brokers and client settings.

@@ -13,12 +13,14 @@
 //! - [`schema`] — the embedded Avro schemas (`schemas/*.avsc`), fingerprints, known versions.
 //! - [`codec`] — bytes ⇄ records: Avro single-object, Confluent, raw Avro, JSON; stable
 //!   error codes for the DLQ.
+//! - [`window`] — event-time windows per segment: panes, watermarks, late/skew rejection,
+//!   idle advance, quantile sketches, TTL and eviction, committable offsets.
 //! - [`config`] — layered TOML configuration (defaults < file < `SEGLOOP__*` env < CLI) with
 //!   errors that name the key, file and line.
 //! - [`cli`] — the `segloop` command line (parsing only; each subcommand calls into the
 //!   library).
 //!
-//! The engine modules (`codec`, `config`, `model`, `schema`) never import Kafka, tokio I/O or
+//! The engine modules (`codec`, `config`, `model`, `schema`, `window`) never import Kafka, tokio I/O or
 //! HTTP; the runtime and the backtest are drivers of the same engine.
 
 pub mod cli;
@@ -26,3 +28,4 @@ pub mod codec;
 pub mod config;
 pub mod model;
 pub mod schema;
+pub mod window;

@@ -1,0 +1,700 @@
+//! Event-time window engine: per-segment aggregates in tumbling or hopping windows, closed by
+//! per-partition watermarks.
+//!
+//! # Model
+//! - Time is cut into **panes** of length `hop` aligned to the Unix epoch. A window
+//!   `[end - size, end)` is the merge of its `size / hop` panes, so an event is added once, to
+//!   one pane, however many hopping windows overlap it. Tumbling windows are `hop = size`: one
+//!   pane per window, moved (not copied) into the summary when the window closes.
+//! - Each Kafka partition has a **watermark**: max event time accepted − `out_of_orderness`.
+//!   The window ending at `end` closes when `watermark ≥ end + grace`; closing happens inside
+//!   the call that moves the watermark, so what closes depends only on the input sequence (and
+//!   on the controller clock for idle advance), never on how calls are batched.
+//! - An event is **late** when every window containing it has closed; it is returned as
+//!   [`ErrorCode::Late`] and counted. An event more than `max_clock_skew` ahead of the controller
+//!   clock is returned as [`ErrorCode::ClockSkew`] and does not move the watermark.
+//! - A partition with no accepted event for `idle_timeout` (controller clock) advances its
+//!   watermark to `now − idle_timeout`, so quiet segments close windows with `count = 0`.
+//! - Every segment of a partition closes every window from its first event on, empty or not,
+//!   until it has been quiet for `segment_ttl` (then it is forgotten). Beyond `max_segments` the
+//!   longest-idle segments are evicted. Both are counted.
+//! - [`WindowEngine::committable_offset`] is the lowest input offset still feeding an open
+//!   window (or the next offset when none is open): committing no further means a restart
+//!   rebuilds every open window exactly by re-reading.
+//!
+//! State is owned per partition ([`PartitionWindows`]): `revoke` drops exactly that partition's
+//! segments. Nothing here does I/O or reads a clock; `now_ms` is always passed in.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use sketches_ddsketch::{Config as SketchConfig, DDSketch};
+
+use crate::codec::{DecodeError, ErrorCode};
+use crate::config::WindowConfig;
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
+
+/// Most distinct measurement names one engine tracks; further names are dropped and counted.
+pub const MAX_MEASUREMENT_NAMES: usize = 1024;
+
+/// Sketch bins grow in chunks of 128 up to this; at 1% accuracy 2048 bins span ~35 decades.
+const SKETCH_MAX_BINS: u32 = 2048;
+/// Values whose magnitude is below this count as zero in the sketch.
+const SKETCH_MIN_VALUE: f64 = 1e-9;
+
+/// Window geometry and limits, in milliseconds. Built from [`WindowConfig`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowSpec {
+    pub size_ms: i64,
+    pub hop_ms: i64,
+    pub out_of_orderness_ms: i64,
+    pub grace_ms: i64,
+    pub idle_timeout_ms: i64,
+    pub max_clock_skew_ms: i64,
+    pub segment_ttl_ms: i64,
+    pub max_segments: usize,
+    pub quantile_measurements: Vec<String>,
+    pub relative_accuracy: f64,
+}
+
+impl WindowSpec {
+    /// The spec of a validated config (see `Config::validate` for the invariants).
+    pub fn from_config(c: &WindowConfig) -> Self {
+        let ms = |d: std::time::Duration| d.as_millis() as i64;
+        WindowSpec {
+            size_ms: ms(c.size),
+            hop_ms: c.hop.map_or(ms(c.size), ms),
+            out_of_orderness_ms: ms(c.out_of_orderness),
+            grace_ms: ms(c.grace),
+            idle_timeout_ms: ms(c.idle_timeout),
+            max_clock_skew_ms: ms(c.max_clock_skew),
+            segment_ttl_ms: ms(c.segment_ttl),
+            max_segments: c.max_segments,
+            quantile_measurements: c.quantile_measurements.clone(),
+            relative_accuracy: c.relative_accuracy,
+        }
+    }
+
+    fn panes_per_window(&self) -> i64 {
+        self.size_ms / self.hop_ms
+    }
+}
+
+/// Aggregates of one measurement over a pane or a window.
+#[derive(Clone)]
+pub struct MeasurementSummary {
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Present for the configured quantile measurements.
+    pub sketch: Option<Box<DDSketch>>,
+}
+
+impl std::fmt::Debug for MeasurementSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeasurementSummary")
+            .field("count", &self.count)
+            .field("sum", &self.sum)
+            .field("min", &self.min)
+            .field("max", &self.max)
+            .field("p50", &self.quantile(0.5))
+            .field("p99", &self.quantile(0.99))
+            .finish()
+    }
+}
+
+impl MeasurementSummary {
+    fn new(sketch: Option<&SketchConfig>) -> Self {
+        MeasurementSummary {
+            count: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            sketch: sketch.map(|c| Box::new(DDSketch::new(c.clone()))),
+        }
+    }
+
+    #[inline]
+    fn add(&mut self, v: f64) {
+        self.count += 1;
+        self.sum += v;
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+        if let Some(s) = self.sketch.as_mut() {
+            s.add(v);
+        }
+    }
+
+    fn merge(&mut self, other: &MeasurementSummary) {
+        self.count += other.count;
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        match (self.sketch.as_mut(), other.sketch.as_ref()) {
+            (Some(a), Some(b)) => {
+                a.merge(b).expect("sketches of one engine share a config");
+            }
+            (None, Some(b)) => self.sketch = Some(b.clone()),
+            _ => {}
+        }
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+
+    /// The q-quantile (0 ≤ q ≤ 1) within the sketch's relative accuracy; `None` without values
+    /// or without a sketch for this measurement.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 || !(0.0..=1.0).contains(&q) {
+            return None;
+        }
+        self.sketch.as_ref()?.quantile(q).ok().flatten()
+    }
+}
+
+/// One closed window of one segment: the immutable input to policies.
+#[derive(Debug, Clone)]
+pub struct WindowSummary {
+    pub partition: i32,
+    pub segment: Arc<str>,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// Events in the window (0 = no data).
+    pub count: u64,
+    /// Per measurement, sorted by name.
+    pub measurements: Vec<(Arc<str>, MeasurementSummary)>,
+}
+
+impl WindowSummary {
+    pub fn measurement(&self, name: &str) -> Option<&MeasurementSummary> {
+        self.measurements
+            .binary_search_by(|(n, _)| (**n).cmp(name))
+            .ok()
+            .map(|i| &self.measurements[i].1)
+    }
+
+    pub fn duration_secs(&self) -> f64 {
+        (self.end_ms - self.start_ms) as f64 / 1000.0
+    }
+
+    /// Events per second over the window.
+    pub fn rate(&self) -> f64 {
+        self.count as f64 / self.duration_secs()
+    }
+
+    /// Sum of a measurement per second over the window (e.g. errors/s); 0 without values.
+    pub fn rate_of(&self, name: &str) -> f64 {
+        self.measurement(name).map_or(0.0, |m| m.sum) / self.duration_secs()
+    }
+}
+
+/// Counters of what the engine did (monotonic) and holds (gauges).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub accepted: u64,
+    pub late: u64,
+    pub clock_skew: u64,
+    pub non_finite_values: u64,
+    pub dropped_measurement_names: u64,
+    pub windows_closed: u64,
+    pub expired_segments: u64,
+    pub evicted_segments: u64,
+    /// Gauge: segments held now.
+    pub segments: u64,
+}
+
+struct Pane {
+    start_ms: i64,
+    count: u64,
+    min_offset: i64,
+    aggs: Vec<(u16, MeasurementSummary)>,
+}
+
+struct SegmentWindows {
+    name: Arc<str>,
+    /// Open panes, oldest first, distinct starts in increasing order.
+    panes: VecDeque<Pane>,
+    /// Start of the pane of the segment's first accepted event: no window ends before it.
+    first_pane_ms: i64,
+    last_event_ms: i64,
+    /// Engine-wide ingest sequence number of the last event: eviction order (longest idle).
+    last_seq: u64,
+}
+
+/// The windows of one Kafka partition.
+pub struct PartitionWindows {
+    partition: i32,
+    segments: FastMap<Arc<str>, SegmentWindows>,
+    max_event_ms: i64,
+    watermark_ms: i64,
+    /// End of the oldest window not yet closed; `None` before the first accepted event.
+    next_end_ms: Option<i64>,
+    /// Controller clock at the last accepted event (idle detection).
+    last_arrival_ms: i64,
+    /// Lowest offset in an open pane (exact after each close; inserts only lower it when empty).
+    low_offset: Option<i64>,
+    /// One past the highest offset seen.
+    next_offset: Option<i64>,
+}
+
+impl PartitionWindows {
+    fn new(partition: i32) -> Self {
+        PartitionWindows {
+            partition,
+            segments: FastMap::default(),
+            max_event_ms: i64::MIN,
+            watermark_ms: i64::MIN,
+            next_end_ms: None,
+            last_arrival_ms: i64::MIN,
+            low_offset: None,
+            next_offset: None,
+        }
+    }
+
+    pub fn watermark_ms(&self) -> i64 {
+        self.watermark_ms
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+}
+
+/// Interned measurement names.
+struct Names {
+    ids: FastMap<Box<str>, u16>,
+    names: Vec<Arc<str>>,
+    quantile: Vec<bool>,
+    wanted_quantiles: Vec<String>,
+}
+
+impl Names {
+    fn id(&mut self, name: &str) -> Option<u16> {
+        if let Some(&id) = self.ids.get(name) {
+            return Some(id);
+        }
+        if self.names.len() >= MAX_MEASUREMENT_NAMES {
+            return None;
+        }
+        let id = self.names.len() as u16;
+        self.ids.insert(name.into(), id);
+        self.names.push(name.into());
+        self.quantile
+            .push(self.wanted_quantiles.iter().any(|q| q == name));
+        Some(id)
+    }
+}
+
+/// Per-segment windows for the partitions this instance owns.
+pub struct WindowEngine {
+    spec: WindowSpec,
+    sketch: SketchConfig,
+    names: Names,
+    partitions: BTreeMap<i32, PartitionWindows>,
+    seq: u64,
+    stats: EngineStats,
+}
+
+impl WindowEngine {
+    pub fn new(spec: WindowSpec) -> Self {
+        let sketch = SketchConfig::new(spec.relative_accuracy, SKETCH_MAX_BINS, SKETCH_MIN_VALUE);
+        let wanted_quantiles = spec.quantile_measurements.clone();
+        WindowEngine {
+            spec,
+            sketch,
+            names: Names {
+                ids: FastMap::default(),
+                names: Vec::new(),
+                quantile: Vec::new(),
+                wanted_quantiles,
+            },
+            partitions: BTreeMap::new(),
+            seq: 0,
+            stats: EngineStats::default(),
+        }
+    }
+
+    pub fn spec(&self) -> &WindowSpec {
+        &self.spec
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let mut s = self.stats.clone();
+        s.segments = self
+            .partitions
+            .values()
+            .map(|p| p.segments.len() as u64)
+            .sum();
+        s
+    }
+
+    /// Takes ownership of a partition (empty; the runtime re-reads from the committed offset).
+    pub fn assign(&mut self, partition: i32) {
+        self.partitions
+            .entry(partition)
+            .or_insert_with(|| PartitionWindows::new(partition));
+    }
+
+    /// Drops a partition's state; returns how many segments it held.
+    pub fn revoke(&mut self, partition: i32) -> Option<usize> {
+        self.partitions.remove(&partition).map(|p| p.segments.len())
+    }
+
+    pub fn partitions(&self) -> impl Iterator<Item = &PartitionWindows> {
+        self.partitions.values()
+    }
+
+    pub fn partition(&self, partition: i32) -> Option<&PartitionWindows> {
+        self.partitions.get(&partition)
+    }
+
+    /// The offset to commit for a partition: the lowest offset still feeding an open window,
+    /// or one past the last offset seen when no window is open. `None` before any input.
+    pub fn committable_offset(&self, partition: i32) -> Option<i64> {
+        let p = self.partitions.get(&partition)?;
+        p.low_offset.or(p.next_offset)
+    }
+
+    /// Adds one event. Windows that its watermark advance closes are appended to `closed`
+    /// (before the event is added). Late or skewed events are returned, not dropped: the caller
+    /// DLQs them. Non-finite values are skipped and counted; the event still counts.
+    ///
+    /// # Errors
+    /// [`ErrorCode::Late`], [`ErrorCode::ClockSkew`], or [`ErrorCode::InvalidValue`] for a
+    /// partition that was not assigned.
+    pub fn ingest<'a>(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        segment: &str,
+        ts_ms: i64,
+        measurements: impl IntoIterator<Item = (&'a str, f64)>,
+        now_ms: i64,
+        closed: &mut Vec<WindowSummary>,
+    ) -> Result<(), DecodeError> {
+        let spec = &self.spec;
+        let Some(p) = self.partitions.get_mut(&partition) else {
+            return Err(DecodeError::new(
+                ErrorCode::InvalidValue,
+                format!("partition {partition} is not assigned to this instance"),
+            ));
+        };
+        p.next_offset = Some(p.next_offset.map_or(offset + 1, |n| n.max(offset + 1)));
+        if ts_ms > now_ms.saturating_add(spec.max_clock_skew_ms) {
+            self.stats.clock_skew += 1;
+            return Err(DecodeError::new(
+                ErrorCode::ClockSkew,
+                format!(
+                    "event time {ts_ms} is {} ms ahead of the controller clock {now_ms} (max skew {} ms)",
+                    ts_ms - now_ms,
+                    spec.max_clock_skew_ms
+                ),
+            ));
+        }
+        let pane_ms = ts_ms.div_euclid(spec.hop_ms) * spec.hop_ms;
+        if let Some(next_end) = p.next_end_ms {
+            if pane_ms + spec.size_ms < next_end {
+                self.stats.late += 1;
+                return Err(DecodeError::new(
+                    ErrorCode::Late,
+                    format!(
+                        "event time {ts_ms} is behind the watermark {} beyond grace {} ms: its windows have closed",
+                        p.watermark_ms, spec.grace_ms
+                    ),
+                ));
+            }
+        }
+
+        // Watermark first: windows it closes are emitted before this event lands (it cannot
+        // belong to them: they end at or before watermark − grace ≤ ts).
+        p.last_arrival_ms = now_ms;
+        if ts_ms > p.max_event_ms {
+            p.max_event_ms = ts_ms;
+            let wm = ts_ms - spec.out_of_orderness_ms;
+            if p.next_end_ms.is_none() {
+                // Oldest window an on-time event may still fall in: the first end past
+                // watermark − grace. This event's windows all end at or after it.
+                let first =
+                    (wm - spec.grace_ms).div_euclid(spec.hop_ms) * spec.hop_ms + spec.hop_ms;
+                p.next_end_ms = Some(first);
+            }
+            if wm > p.watermark_ms {
+                p.watermark_ms = wm;
+                close_windows(p, spec, &self.names, &mut self.stats, closed);
+            }
+        }
+
+        self.seq += 1;
+        let seq = self.seq;
+        let total_segments: usize = if p.segments.contains_key(segment) {
+            0
+        } else {
+            self.partitions.values().map(|q| q.segments.len()).sum()
+        };
+        if total_segments >= self.spec.max_segments {
+            self.evict();
+        }
+        let p = self
+            .partitions
+            .get_mut(&partition)
+            .expect("partition checked above");
+        let seg = match p.segments.get_mut(segment) {
+            Some(s) => s,
+            None => {
+                let name: Arc<str> = Arc::from(segment);
+                p.segments.entry(name.clone()).or_insert(SegmentWindows {
+                    name,
+                    panes: VecDeque::with_capacity(self.spec.panes_per_window() as usize + 1),
+                    first_pane_ms: pane_ms,
+                    last_event_ms: ts_ms,
+                    last_seq: seq,
+                })
+            }
+        };
+        seg.last_seq = seq;
+        seg.last_event_ms = seg.last_event_ms.max(ts_ms);
+        seg.first_pane_ms = seg.first_pane_ms.min(pane_ms);
+        let pane = pane_for(&mut seg.panes, pane_ms, offset);
+        pane.count += 1;
+        pane.min_offset = pane.min_offset.min(offset);
+        for (name, v) in measurements {
+            if !v.is_finite() {
+                self.stats.non_finite_values += 1;
+                continue;
+            }
+            let Some(id) = self.names.id(name) else {
+                self.stats.dropped_measurement_names += 1;
+                continue;
+            };
+            let agg = match pane.aggs.iter().position(|(i, _)| *i == id) {
+                Some(i) => &mut pane.aggs[i].1,
+                None => {
+                    let sketch = self.names.quantile[id as usize].then_some(&self.sketch);
+                    pane.aggs.push((id, MeasurementSummary::new(sketch)));
+                    &mut pane.aggs.last_mut().expect("just pushed").1
+                }
+            };
+            agg.add(v);
+        }
+        p.low_offset = Some(p.low_offset.map_or(offset, |l| l.min(offset)));
+        self.stats.accepted += 1;
+        Ok(())
+    }
+
+    /// Advances idle partitions on the controller clock: a partition without an accepted event
+    /// for `idle_timeout` moves its watermark to `now − idle_timeout`, closing windows of quiet
+    /// segments (with `count = 0`).
+    pub fn advance_idle(&mut self, now_ms: i64, closed: &mut Vec<WindowSummary>) {
+        let spec = &self.spec;
+        for p in self.partitions.values_mut() {
+            if p.next_end_ms.is_none()
+                || now_ms.saturating_sub(p.last_arrival_ms) < spec.idle_timeout_ms
+            {
+                continue;
+            }
+            let wm = now_ms - spec.idle_timeout_ms;
+            if wm > p.watermark_ms {
+                p.watermark_ms = wm;
+                close_windows(p, spec, &self.names, &mut self.stats, closed);
+            }
+        }
+    }
+
+    /// Evicts the longest-idle segments (1% of the cap at a time, at least one) across all
+    /// partitions, so a burst of new segments does not rescan on every insert.
+    fn evict(&mut self) {
+        let batch = (self.spec.max_segments / 100).max(1);
+        let mut all: Vec<(u64, i32, Arc<str>)> = self
+            .partitions
+            .values()
+            .flat_map(|p| {
+                p.segments
+                    .values()
+                    .map(move |s| (s.last_seq, p.partition, s.name.clone()))
+            })
+            .collect();
+        let batch = batch.min(all.len());
+        if batch == 0 {
+            return;
+        }
+        all.select_nth_unstable_by_key(batch - 1, |(seq, _, _)| *seq);
+        for (_, partition, name) in all.into_iter().take(batch) {
+            if let Some(p) = self.partitions.get_mut(&partition) {
+                p.segments.remove(&name);
+                self.stats.evicted_segments += 1;
+                recompute_low_offset(p);
+            }
+        }
+    }
+}
+
+/// The pane starting at `pane_ms`, created in order if missing.
+fn pane_for(panes: &mut VecDeque<Pane>, pane_ms: i64, offset: i64) -> &mut Pane {
+    // Nearly always the newest pane: check it first.
+    let idx = match panes.back() {
+        Some(last) if last.start_ms == pane_ms => panes.len() - 1,
+        Some(last) if last.start_ms < pane_ms => {
+            panes.push_back(new_pane(pane_ms, offset));
+            panes.len() - 1
+        }
+        None => {
+            panes.push_back(new_pane(pane_ms, offset));
+            0
+        }
+        Some(_) => match panes.binary_search_by_key(&pane_ms, |p| p.start_ms) {
+            Ok(i) => i,
+            Err(i) => {
+                panes.insert(i, new_pane(pane_ms, offset));
+                i
+            }
+        },
+    };
+    &mut panes[idx]
+}
+
+fn new_pane(start_ms: i64, offset: i64) -> Pane {
+    Pane {
+        start_ms,
+        count: 0,
+        min_offset: offset,
+        aggs: Vec::new(),
+    }
+}
+
+/// Closes every window with `end + grace ≤ watermark`, for every segment of the partition.
+fn close_windows(
+    p: &mut PartitionWindows,
+    spec: &WindowSpec,
+    names: &Names,
+    stats: &mut EngineStats,
+    closed: &mut Vec<WindowSummary>,
+) {
+    let Some(mut next_end) = p.next_end_ms else {
+        return;
+    };
+    let last_end = (p.watermark_ms - spec.grace_ms).div_euclid(spec.hop_ms) * spec.hop_ms;
+    if last_end < next_end {
+        return;
+    }
+    let tumbling = spec.hop_ms == spec.size_ms;
+    let mut expired: Vec<Arc<str>> = Vec::new();
+    // Segments in a fixed order so that the output order depends only on the input.
+    let mut order: Vec<&Arc<str>> = p.segments.keys().collect();
+    order.sort_unstable();
+    let order: Vec<Arc<str>> = order.into_iter().cloned().collect();
+    while next_end <= last_end {
+        let start = next_end - spec.size_ms;
+        for name in &order {
+            let seg = p.segments.get_mut(name).expect("segment listed above");
+            if next_end <= seg.first_pane_ms {
+                continue;
+            }
+            let summary = if tumbling {
+                take_tumbling(seg, start, next_end, p.partition, names)
+            } else {
+                merge_hopping(seg, start, next_end, spec.hop_ms, p.partition, names)
+            };
+            closed.push(summary);
+            stats.windows_closed += 1;
+            if seg.panes.is_empty() && next_end - seg.last_event_ms > spec.segment_ttl_ms {
+                expired.push(name.clone());
+            }
+        }
+        next_end += spec.hop_ms;
+    }
+    p.next_end_ms = Some(next_end);
+    for name in expired {
+        if p.segments.remove(&name).is_some() {
+            stats.expired_segments += 1;
+        }
+    }
+    recompute_low_offset(p);
+}
+
+fn recompute_low_offset(p: &mut PartitionWindows) {
+    p.low_offset = p
+        .segments
+        .values()
+        .flat_map(|s| s.panes.iter().map(|pane| pane.min_offset))
+        .min();
+}
+
+fn summary_of(
+    seg: &SegmentWindows,
+    partition: i32,
+    start_ms: i64,
+    end_ms: i64,
+    count: u64,
+    aggs: Vec<(u16, MeasurementSummary)>,
+    names: &Names,
+) -> WindowSummary {
+    let mut measurements: Vec<(Arc<str>, MeasurementSummary)> = aggs
+        .into_iter()
+        .map(|(id, m)| (names.names[id as usize].clone(), m))
+        .collect();
+    measurements.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    WindowSummary {
+        partition,
+        segment: seg.name.clone(),
+        start_ms,
+        end_ms,
+        count,
+        measurements,
+    }
+}
+
+/// Tumbling: the window is its single pane, moved out.
+fn take_tumbling(
+    seg: &mut SegmentWindows,
+    start: i64,
+    end: i64,
+    partition: i32,
+    names: &Names,
+) -> WindowSummary {
+    // Panes older than this window cannot exist (they closed earlier); take ours if present.
+    while seg.panes.front().is_some_and(|p| p.start_ms < start) {
+        seg.panes.pop_front();
+    }
+    let (count, aggs) = match seg.panes.front() {
+        Some(p) if p.start_ms == start => {
+            let p = seg.panes.pop_front().expect("front checked");
+            (p.count, p.aggs)
+        }
+        _ => (0, Vec::new()),
+    };
+    summary_of(seg, partition, start, end, count, aggs, names)
+}
+
+/// Hopping: merge the panes in `[start, end)`, then free those no later window needs.
+fn merge_hopping(
+    seg: &mut SegmentWindows,
+    start: i64,
+    end: i64,
+    hop: i64,
+    partition: i32,
+    names: &Names,
+) -> WindowSummary {
+    let mut count = 0;
+    let mut aggs: Vec<(u16, MeasurementSummary)> = Vec::new();
+    for pane in seg
+        .panes
+        .iter()
+        .filter(|p| p.start_ms >= start && p.start_ms < end)
+    {
+        count += pane.count;
+        for (id, m) in &pane.aggs {
+            match aggs.iter_mut().find(|(i, _)| i == id) {
+                Some((_, acc)) => acc.merge(m),
+                None => aggs.push((*id, m.clone())),
+            }
+        }
+    }
+    // The next window starts at start + hop.
+    while seg.panes.front().is_some_and(|p| p.start_ms < start + hop) {
+        seg.panes.pop_front();
+    }
+    summary_of(seg, partition, start, end, count, aggs, names)
+}

@@ -1,0 +1,429 @@
+//! Window engine behaviour with an injected clock, and a property test against a naive
+//! reference (sort all events, bucket them).
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use segloop::codec::ErrorCode;
+use segloop::window::{WindowEngine, WindowSpec, WindowSummary};
+
+fn spec(size_ms: i64, hop_ms: i64) -> WindowSpec {
+    WindowSpec {
+        size_ms,
+        hop_ms,
+        out_of_orderness_ms: 100,
+        grace_ms: 0,
+        idle_timeout_ms: 5_000,
+        max_clock_skew_ms: 60_000,
+        segment_ttl_ms: 60_000,
+        max_segments: 1_000,
+        quantile_measurements: vec!["latency_ms".into()],
+        relative_accuracy: 0.01,
+    }
+}
+
+struct Harness {
+    engine: WindowEngine,
+    closed: Vec<WindowSummary>,
+    offset: i64,
+}
+
+impl Harness {
+    fn new(spec: WindowSpec) -> Self {
+        let mut engine = WindowEngine::new(spec);
+        engine.assign(0);
+        Harness {
+            engine,
+            closed: Vec::new(),
+            offset: 0,
+        }
+    }
+
+    /// Ingest on partition 0 with the controller clock at the event time.
+    fn event(&mut self, seg: &str, ts: i64, latency: f64) -> Result<(), ErrorCode> {
+        self.event_at(seg, ts, latency, ts)
+    }
+
+    fn event_at(&mut self, seg: &str, ts: i64, latency: f64, now: i64) -> Result<(), ErrorCode> {
+        let offset = self.offset;
+        self.offset += 1;
+        self.engine
+            .ingest(
+                0,
+                offset,
+                seg,
+                ts,
+                [("latency_ms", latency), ("error", 0.0)],
+                now,
+                &mut self.closed,
+            )
+            .map_err(|e| e.code)
+    }
+
+    fn take(&mut self) -> Vec<WindowSummary> {
+        std::mem::take(&mut self.closed)
+    }
+}
+
+#[test]
+fn a_window_closes_when_the_watermark_passes_its_end() {
+    let mut h = Harness::new(spec(1_000, 1_000));
+    h.event("a", 100, 10.0).unwrap();
+    h.event("a", 900, 30.0).unwrap();
+    h.event("a", 1_050, 5.0).unwrap(); // watermark 950: window [0,1000) still open
+    assert!(h.take().is_empty());
+    h.event("a", 1_100, 5.0).unwrap(); // watermark 1000: closes [0,1000)
+    let closed = h.take();
+    assert_eq!(closed.len(), 1);
+    let w = &closed[0];
+    assert_eq!((w.start_ms, w.end_ms, w.count), (0, 1_000, 2));
+    let lat = w.measurement("latency_ms").unwrap();
+    assert_eq!(
+        (lat.count, lat.sum, lat.min, lat.max),
+        (2, 40.0, 10.0, 30.0)
+    );
+    assert_eq!(lat.mean(), Some(20.0));
+    assert_eq!(w.rate(), 2.0);
+    assert!(
+        w.measurement("error").unwrap().quantile(0.5).is_none(),
+        "no sketch for error"
+    );
+}
+
+#[test]
+fn grace_delays_closing_and_accepts_events_until_then() {
+    let mut s = spec(1_000, 1_000);
+    s.grace_ms = 500;
+    let mut h = Harness::new(s);
+    h.event("a", 100, 1.0).unwrap();
+    h.event("a", 1_200, 1.0).unwrap(); // watermark 1100 < 1000 + 500
+    h.event("a", 950, 1.0).unwrap(); // behind the watermark but within grace: accepted
+    assert!(h.take().is_empty());
+    h.event("a", 1_600, 1.0).unwrap(); // watermark 1500: closes [0,1000)
+    let closed = h.take();
+    assert_eq!(closed[0].count, 2);
+    assert_eq!(h.event("a", 999, 1.0), Err(ErrorCode::Late));
+}
+
+#[test]
+fn late_events_are_returned_and_counted() {
+    let mut h = Harness::new(spec(1_000, 1_000));
+    h.event("a", 100, 1.0).unwrap();
+    h.event("a", 2_500, 1.0).unwrap();
+    assert_eq!(h.event("a", 500, 1.0), Err(ErrorCode::Late));
+    assert_eq!(h.event("b", 1_999, 1.0), Err(ErrorCode::Late));
+    assert_eq!(h.engine.stats().late, 2);
+    // A late event does not feed any window.
+    assert!(h.take().iter().all(|w| w.count <= 1));
+}
+
+#[test]
+fn events_too_far_ahead_of_the_controller_clock_are_clock_skew() {
+    let mut h = Harness::new(spec(1_000, 1_000));
+    h.event_at("a", 1_000, 1.0, 1_000).unwrap();
+    assert_eq!(
+        h.event_at("a", 1_000 + 60_001, 1.0, 1_000),
+        Err(ErrorCode::ClockSkew)
+    );
+    // The skewed event did not move the watermark: an on-time event is not late.
+    h.event_at("a", 1_500, 1.0, 1_500).unwrap();
+    assert_eq!(h.engine.stats().clock_skew, 1);
+    assert!(h.engine.partition(0).unwrap().watermark_ms() < 1_500);
+}
+
+#[test]
+fn non_finite_values_are_skipped_and_counted() {
+    let mut h = Harness::new(spec(1_000, 1_000));
+    h.event("a", 10, f64::NAN).unwrap();
+    h.event("a", 20, f64::INFINITY).unwrap();
+    h.event("a", 30, 7.0).unwrap();
+    h.event("a", 5_000, 1.0).unwrap();
+    let w = &h.take()[0];
+    assert_eq!(w.count, 3, "events still count");
+    assert_eq!(w.measurement("latency_ms").unwrap().count, 1);
+    assert_eq!(h.engine.stats().non_finite_values, 2);
+}
+
+#[test]
+fn quiet_segments_close_empty_windows_and_idle_partitions_advance() {
+    let mut h = Harness::new(spec(1_000, 1_000));
+    h.event("busy", 100, 1.0).unwrap();
+    h.event("quiet", 200, 1.0).unwrap();
+    for t in (1_000..4_200).step_by(100) {
+        h.event("busy", t, 1.0).unwrap();
+    }
+    let quiet: Vec<_> = h
+        .take()
+        .into_iter()
+        .filter(|w| &*w.segment == "quiet")
+        .map(|w| (w.start_ms, w.count))
+        .collect();
+    assert_eq!(quiet, vec![(0, 1), (1_000, 0), (2_000, 0), (3_000, 0)]);
+
+    // Now the whole partition goes silent: nothing closes until idle_timeout passes.
+    let mut closed = Vec::new();
+    h.engine.advance_idle(4_100 + 4_999, &mut closed);
+    assert!(closed.is_empty());
+    h.engine.advance_idle(4_100 + 7_000, &mut closed); // watermark → 6_100
+    let windows: Vec<_> = closed
+        .iter()
+        .filter(|w| &*w.segment == "quiet")
+        .map(|w| w.start_ms)
+        .collect();
+    assert_eq!(windows, vec![4_000, 5_000]);
+}
+
+#[test]
+fn idle_segments_expire_after_the_ttl() {
+    let mut s = spec(1_000, 1_000);
+    s.segment_ttl_ms = 3_000;
+    let mut h = Harness::new(s);
+    h.event("gone", 100, 1.0).unwrap();
+    for t in (0..6_000).step_by(250) {
+        h.event("stays", t, 1.0).unwrap();
+    }
+    let gone = h.take().iter().filter(|w| &*w.segment == "gone").count();
+    // Windows [0,1000) .. [3000,4000): the one ending 4000 is 3900 ms past its last event.
+    assert_eq!(gone, 4);
+    assert_eq!(h.engine.stats().expired_segments, 1);
+    assert_eq!(h.engine.stats().segments, 1);
+}
+
+#[test]
+fn the_segment_cap_evicts_the_longest_idle_first() {
+    let mut s = spec(1_000, 1_000);
+    s.max_segments = 3;
+    let mut h = Harness::new(s);
+    h.event("old", 1, 1.0).unwrap();
+    h.event("mid", 2, 1.0).unwrap();
+    h.event("new", 3, 1.0).unwrap();
+    h.event("old", 4, 1.0).unwrap(); // old is now the most recent
+    h.event("fourth", 5, 1.0).unwrap(); // evicts mid (longest idle)
+    assert_eq!(h.engine.stats().evicted_segments, 1);
+    h.event("x", 5_000, 1.0).unwrap();
+    let segs: Vec<String> = h.take().iter().map(|w| w.segment.to_string()).collect();
+    assert!(!segs.contains(&"mid".to_string()), "{segs:?}");
+    assert!(segs.contains(&"old".to_string()));
+}
+
+#[test]
+fn revoke_drops_exactly_that_partitions_segments() {
+    let mut e = WindowEngine::new(spec(1_000, 1_000));
+    e.assign(0);
+    e.assign(1);
+    let mut closed = Vec::new();
+    e.ingest(0, 0, "p0-a", 10, [("x", 1.0)], 10, &mut closed)
+        .unwrap();
+    e.ingest(0, 1, "p0-b", 10, [("x", 1.0)], 10, &mut closed)
+        .unwrap();
+    e.ingest(1, 0, "p1-a", 10, [("x", 1.0)], 10, &mut closed)
+        .unwrap();
+    assert_eq!(e.revoke(0), Some(2));
+    assert_eq!(e.stats().segments, 1);
+    assert_eq!(e.partition(1).unwrap().segment_count(), 1);
+    let err = e
+        .ingest(0, 2, "p0-a", 20, [("x", 1.0)], 20, &mut closed)
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidValue);
+}
+
+#[test]
+fn committable_offset_is_the_lowest_offset_feeding_an_open_window() {
+    let mut h = Harness::new(spec(1_000, 1_000));
+    assert_eq!(h.engine.committable_offset(0), None);
+    h.event("a", 100, 1.0).unwrap(); // offset 0, window [0,1000)
+    h.event("b", 1_050, 1.0).unwrap(); // offset 1, window [1000,2000)
+    h.event("a", 950, 1.0).unwrap(); // offset 2, window [0,1000) (out of order)
+    assert_eq!(h.engine.committable_offset(0), Some(0));
+    h.event("b", 1_200, 1.0).unwrap(); // offset 3: closes [0,1000)
+    assert_eq!(h.take().len(), 1, "b did not exist before 1000");
+    // Offsets 0 and 2 fed the closed window; 1 is the lowest still open.
+    assert_eq!(h.engine.committable_offset(0), Some(1));
+    // Rejected records move the "nothing open" position but never the low mark.
+    assert_eq!(h.event("a", 10, 1.0), Err(ErrorCode::Late)); // offset 4
+    assert_eq!(h.engine.committable_offset(0), Some(1));
+    let mut closed = Vec::new();
+    h.engine.advance_idle(1_200 + 10_000, &mut closed);
+    assert_eq!(
+        h.engine.committable_offset(0),
+        Some(5),
+        "all closed: next offset"
+    );
+}
+
+#[test]
+fn hopping_windows_merge_panes() {
+    let mut h = Harness::new(spec(3_000, 1_000));
+    for (t, v) in [(100, 1.0), (1_100, 2.0), (2_100, 4.0), (3_100, 8.0)] {
+        h.event("a", t, v).unwrap();
+    }
+    h.event("a", 10_000, 0.0).unwrap();
+    let sums: Vec<(i64, f64)> = h
+        .take()
+        .iter()
+        .map(|w| {
+            (
+                w.start_ms,
+                w.measurement("latency_ms").map_or(0.0, |m| m.sum),
+            )
+        })
+        .collect();
+    // Windows end at 1000, 2000, ... (the first ones are partial from the segment's start).
+    assert_eq!(
+        &sums[..6],
+        &[
+            (-2_000, 1.0),
+            (-1_000, 3.0),
+            (0, 7.0),
+            (1_000, 14.0),
+            (2_000, 12.0),
+            (3_000, 8.0)
+        ]
+    );
+}
+
+#[test]
+fn quantiles_are_within_one_percent() {
+    let mut h = Harness::new(spec(10_000, 10_000));
+    let mut values: Vec<f64> = (1..=5_000).map(|i| (i * 37 % 5_000 + 1) as f64).collect();
+    for (i, v) in values.iter().enumerate() {
+        h.event("a", i as i64, *v).unwrap();
+    }
+    h.event("a", 50_000, 1.0).unwrap();
+    let w = h.take().remove(0);
+    let m = w.measurement("latency_ms").unwrap();
+    values.sort_by(f64::total_cmp);
+    for q in [0.5, 0.9, 0.95, 0.99, 0.123] {
+        let truth = values[(q * (values.len() - 1) as f64) as usize];
+        let est = m.quantile(q).unwrap();
+        assert!(
+            (est - truth).abs() <= 0.01 * truth,
+            "q={q}: {est} vs {truth}"
+        );
+    }
+}
+
+// ---- property test against a naive reference -------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Ev {
+    seg: u8,
+    ts: i64,
+    lat: u16,
+    err: bool,
+}
+
+/// Events in roughly increasing time with bounded disorder (≤ out_of_orderness).
+fn arb_stream() -> impl Strategy<Value = Vec<Ev>> {
+    prop::collection::vec(
+        (0u8..6, 0i64..60, -100i64..=0, 1u16..5_000, any::<bool>()),
+        1..400,
+    )
+    .prop_map(|raw| {
+        let mut t = 1_000_000i64;
+        raw.into_iter()
+            .map(|(seg, step, jitter, lat, err)| {
+                t += step;
+                Ev {
+                    seg,
+                    ts: t + jitter,
+                    lat,
+                    err,
+                }
+            })
+            .collect()
+    })
+}
+
+type Key = (String, i64);
+
+fn reference(events: &[Ev], size: i64, hop: i64) -> BTreeMap<Key, Vec<&Ev>> {
+    let mut windows: BTreeMap<Key, Vec<&Ev>> = BTreeMap::new();
+    for e in events {
+        let pane = e.ts.div_euclid(hop) * hop;
+        let mut end = pane + hop;
+        while end <= pane + size {
+            windows
+                .entry((format!("s{}", e.seg), end - size))
+                .or_default()
+                .push(e);
+            end += hop;
+        }
+    }
+    windows
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn closed_windows_match_a_naive_reference(
+        events in arb_stream(),
+        hopping in any::<bool>(),
+    ) {
+        let (size, hop) = if hopping { (300, 100) } else { (200, 200) };
+        let mut s = spec(size, hop);
+        s.out_of_orderness_ms = 100;
+        let mut engine = WindowEngine::new(s);
+        engine.assign(0);
+        let mut closed = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            let seg = format!("s{}", e.seg);
+            let r = engine.ingest(
+                0, i as i64, &seg, e.ts,
+                [("latency_ms", e.lat as f64), ("error", if e.err { 1.0 } else { 0.0 })],
+                e.ts, &mut closed,
+            );
+            prop_assert!(r.is_ok(), "disorder within out_of_orderness is never late: {:?}", r);
+        }
+        let last = events.iter().map(|e| e.ts).max().unwrap();
+        engine.advance_idle(last + 10_000, &mut closed);
+
+        let want = reference(&events, size, hop);
+        let mut seen = BTreeMap::new();
+        for w in &closed {
+            let key = (w.segment.to_string(), w.start_ms);
+            prop_assert!(seen.insert(key.clone(), ()).is_none(), "window {:?} closed twice", key);
+            prop_assert_eq!(w.end_ms - w.start_ms, size);
+            match want.get(&key) {
+                None => prop_assert_eq!(w.count, 0, "{:?} has no events in the reference", key),
+                Some(evs) => {
+                    prop_assert_eq!(w.count, evs.len() as u64);
+                    let lat = w.measurement("latency_ms").unwrap();
+                    let mut vals: Vec<f64> = evs.iter().map(|e| e.lat as f64).collect();
+                    prop_assert_eq!(lat.sum, vals.iter().sum::<f64>());
+                    prop_assert_eq!(lat.min, vals.iter().cloned().fold(f64::INFINITY, f64::min));
+                    prop_assert_eq!(lat.max, vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max));
+                    let errs = evs.iter().filter(|e| e.err).count() as f64;
+                    prop_assert_eq!(w.measurement("error").unwrap().sum, errs);
+                    vals.sort_by(f64::total_cmp);
+                    for q in [0.5, 0.9, 0.99] {
+                        let truth = vals[(q * (vals.len() - 1) as f64) as usize];
+                        let est = lat.quantile(q).unwrap();
+                        prop_assert!((est - truth).abs() <= 0.01 * truth, "q={} {} vs {}", q, est, truth);
+                    }
+                }
+            }
+        }
+        for key in want.keys() {
+            prop_assert!(seen.contains_key(key), "reference window {:?} never closed", key);
+        }
+        prop_assert_eq!(engine.committable_offset(0), Some(events.len() as i64));
+    }
+
+    #[test]
+    fn same_input_same_output(events in arb_stream()) {
+        let run = || {
+            let mut engine = WindowEngine::new(spec(200, 100));
+            engine.assign(0);
+            let mut closed = Vec::new();
+            for (i, e) in events.iter().enumerate() {
+                let _ = engine.ingest(0, i as i64, &format!("s{}", e.seg), e.ts,
+                    [("latency_ms", e.lat as f64)], e.ts, &mut closed);
+            }
+            closed.iter().map(|w| format!("{}:{}:{}:{:?}", w.segment, w.start_ms, w.count,
+                w.measurement("latency_ms").map(|m| (m.sum, m.quantile(0.9))))).collect::<Vec<_>>()
+        };
+        prop_assert_eq!(run(), run());
+    }
+}
