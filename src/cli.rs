@@ -76,12 +76,17 @@ pub struct DemoArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Which benchmark: window, e2e, replay
+    /// Which benchmark: window (e2e and replay arrive with the runtime and backtest)
     pub which: String,
+    /// Distinct segments
     #[arg(long, default_value_t = 100_000)]
     pub segments: usize,
+    /// Events to feed (each with 2 measurements, one with quantiles)
     #[arg(long, default_value_t = 10_000_000)]
     pub events: usize,
+    /// Window settings from this config (default: built-in defaults, 10 s tumbling)
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -206,6 +211,34 @@ pub struct SchemasArgs {
 pub fn not_yet(what: &str, issue: &str) -> ExitCode {
     eprintln!("segloop {what}: not yet available in this build ({issue})");
     ExitCode::from(EXIT_USAGE)
+}
+
+/// `segloop bench <which>`: prints `key=value` figures.
+pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
+    let config = match Config::load(&Sources {
+        file: args.config.as_deref(),
+        env,
+        overrides: &[],
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: invalid configuration\n{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match args.which.as_str() {
+        "window" => {
+            let spec = crate::window::WindowSpec::from_config(&config.windows);
+            crate::bench::window_bench(spec, args.segments, args.events).print();
+            ExitCode::SUCCESS
+        }
+        "e2e" => not_yet("bench e2e", "the embedded demo, issue 6"),
+        "replay" => not_yet("bench replay", "backtesting, issue 9"),
+        other => {
+            eprintln!("error: unknown benchmark {other:?}; choose window, e2e or replay");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
 }
 
 /// `segloop check-config`: exit 0 and print the effective config, or the errors and exit 2.

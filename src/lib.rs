@@ -17,12 +17,14 @@
 //!   idle advance, quantile sketches, TTL and eviction, committable offsets.
 //! - [`config`] — layered TOML configuration (defaults < file < `SEGLOOP__*` env < CLI) with
 //!   errors that name the key, file and line.
+//! - [`bench`] — `segloop bench` figures and the counting allocator behind `bytes_per_segment`.
 //! - [`cli`] — the `segloop` command line (parsing only; each subcommand calls into the
 //!   library).
 //!
 //! The engine modules (`codec`, `config`, `model`, `schema`, `window`) never import Kafka, tokio I/O or
 //! HTTP; the runtime and the backtest are drivers of the same engine.
 
+pub mod bench;
 pub mod cli;
 pub mod codec;
 pub mod config;

@@ -6,6 +6,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use segloop::cli::{self, Cli, Command};
 
+/// Counts live heap bytes so `segloop bench` can report measured memory.
+#[global_allocator]
+static GLOBAL: segloop::bench::CountingAllocator = segloop::bench::CountingAllocator;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let env: HashMap<String, String> = std::env::vars().collect();
@@ -17,6 +21,6 @@ fn main() -> ExitCode {
         Command::Run(_) => cli::not_yet("run", "the Kafka runtime, issue 5"),
         Command::Demo(_) => cli::not_yet("demo", "the embedded demo, issue 6"),
         Command::Backtest(_) => cli::not_yet("backtest", "backtesting, issue 9"),
-        Command::Bench(_) => cli::not_yet("bench", "benchmarks arrive with each engine part"),
+        Command::Bench(args) => cli::bench(&args, &env),
     }
 }

@@ -112,7 +112,7 @@ impl MeasurementSummary {
             sum: 0.0,
             min: f64::INFINITY,
             max: f64::NEG_INFINITY,
-            sketch: sketch.map(|c| Box::new(DDSketch::new(c.clone()))),
+            sketch: sketch.map(|c| Box::new(DDSketch::new(*c))),
         }
     }
 
@@ -191,6 +191,13 @@ impl WindowSummary {
     }
 }
 
+/// Where an input record came from: its Kafka partition and offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub partition: i32,
+    pub offset: i64,
+}
+
 /// Counters of what the engine did (monotonic) and holds (gauges).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -222,12 +229,54 @@ struct SegmentWindows {
     last_event_ms: i64,
     /// Engine-wide ingest sequence number of the last event: eviction order (longest idle).
     last_seq: u64,
+    /// Past its TTL during a close; removed when the close finishes.
+    expired: bool,
+}
+
+/// Segments of a partition: a dense slab (iterated in a deterministic order, cache-friendly)
+/// plus a name index. One hash lookup per event.
+#[derive(Default)]
+struct SegmentTable {
+    index: FastMap<Arc<str>, u32>,
+    slots: Vec<SegmentWindows>,
+}
+
+impl SegmentTable {
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn find(&self, name: &str) -> Option<usize> {
+        self.index.get(name).map(|&i| i as usize)
+    }
+
+    fn insert(&mut self, seg: SegmentWindows) -> usize {
+        let i = self.slots.len();
+        self.index.insert(seg.name.clone(), i as u32);
+        self.slots.push(seg);
+        i
+    }
+
+    fn remove(&mut self, name: &str) -> bool {
+        let Some(i) = self.index.remove(name) else {
+            return false;
+        };
+        let i = i as usize;
+        self.slots.swap_remove(i);
+        if let Some(moved) = self.slots.get(i) {
+            *self
+                .index
+                .get_mut(&*moved.name)
+                .expect("every slot is indexed") = i as u32;
+        }
+        true
+    }
 }
 
 /// The windows of one Kafka partition.
 pub struct PartitionWindows {
     partition: i32,
-    segments: FastMap<Arc<str>, SegmentWindows>,
+    segments: SegmentTable,
     max_event_ms: i64,
     watermark_ms: i64,
     /// End of the oldest window not yet closed; `None` before the first accepted event.
@@ -244,7 +293,7 @@ impl PartitionWindows {
     fn new(partition: i32) -> Self {
         PartitionWindows {
             partition,
-            segments: FastMap::default(),
+            segments: SegmentTable::default(),
             max_event_ms: i64::MIN,
             watermark_ms: i64::MIN,
             next_end_ms: None,
@@ -273,7 +322,12 @@ struct Names {
 
 impl Names {
     fn id(&mut self, name: &str) -> Option<u16> {
-        if let Some(&id) = self.ids.get(name) {
+        // A handful of names is the norm: comparing them beats hashing.
+        if self.names.len() <= 8 {
+            if let Some(i) = self.names.iter().position(|n| **n == *name) {
+                return Some(i as u16);
+            }
+        } else if let Some(&id) = self.ids.get(name) {
             return Some(id);
         }
         if self.names.len() >= MAX_MEASUREMENT_NAMES {
@@ -294,6 +348,8 @@ pub struct WindowEngine {
     sketch: SketchConfig,
     names: Names,
     partitions: BTreeMap<i32, PartitionWindows>,
+    /// Segments held across all partitions.
+    segment_total: usize,
     seq: u64,
     stats: EngineStats,
 }
@@ -312,6 +368,7 @@ impl WindowEngine {
                 wanted_quantiles,
             },
             partitions: BTreeMap::new(),
+            segment_total: 0,
             seq: 0,
             stats: EngineStats::default(),
         }
@@ -323,11 +380,7 @@ impl WindowEngine {
 
     pub fn stats(&self) -> EngineStats {
         let mut s = self.stats.clone();
-        s.segments = self
-            .partitions
-            .values()
-            .map(|p| p.segments.len() as u64)
-            .sum();
+        s.segments = self.segment_total as u64;
         s
     }
 
@@ -340,7 +393,9 @@ impl WindowEngine {
 
     /// Drops a partition's state; returns how many segments it held.
     pub fn revoke(&mut self, partition: i32) -> Option<usize> {
-        self.partitions.remove(&partition).map(|p| p.segments.len())
+        let removed = self.partitions.remove(&partition)?.segments.len();
+        self.segment_total -= removed;
+        Some(removed)
     }
 
     pub fn partitions(&self) -> impl Iterator<Item = &PartitionWindows> {
@@ -367,14 +422,14 @@ impl WindowEngine {
     /// partition that was not assigned.
     pub fn ingest<'a>(
         &mut self,
-        partition: i32,
-        offset: i64,
+        at: Position,
         segment: &str,
         ts_ms: i64,
         measurements: impl IntoIterator<Item = (&'a str, f64)>,
         now_ms: i64,
         closed: &mut Vec<WindowSummary>,
     ) -> Result<(), DecodeError> {
+        let Position { partition, offset } = at;
         let spec = &self.spec;
         let Some(p) = self.partitions.get_mut(&partition) else {
             return Err(DecodeError::new(
@@ -423,37 +478,36 @@ impl WindowEngine {
             }
             if wm > p.watermark_ms {
                 p.watermark_ms = wm;
-                close_windows(p, spec, &self.names, &mut self.stats, closed);
+                self.segment_total -= close_windows(p, spec, &self.names, &mut self.stats, closed);
             }
         }
 
         self.seq += 1;
         let seq = self.seq;
-        let total_segments: usize = if p.segments.contains_key(segment) {
-            0
-        } else {
-            self.partitions.values().map(|q| q.segments.len()).sum()
-        };
-        if total_segments >= self.spec.max_segments {
-            self.evict();
+        let mut slot = p.segments.find(segment);
+        if slot.is_none() {
+            if self.segment_total >= self.spec.max_segments {
+                self.evict();
+            }
+            let p = self
+                .partitions
+                .get_mut(&partition)
+                .expect("partition checked above");
+            slot = Some(p.segments.insert(SegmentWindows {
+                name: Arc::from(segment),
+                panes: VecDeque::with_capacity(self.spec.panes_per_window() as usize + 1),
+                first_pane_ms: pane_ms,
+                last_event_ms: ts_ms,
+                last_seq: seq,
+                expired: false,
+            }));
+            self.segment_total += 1;
         }
         let p = self
             .partitions
             .get_mut(&partition)
             .expect("partition checked above");
-        let seg = match p.segments.get_mut(segment) {
-            Some(s) => s,
-            None => {
-                let name: Arc<str> = Arc::from(segment);
-                p.segments.entry(name.clone()).or_insert(SegmentWindows {
-                    name,
-                    panes: VecDeque::with_capacity(self.spec.panes_per_window() as usize + 1),
-                    first_pane_ms: pane_ms,
-                    last_event_ms: ts_ms,
-                    last_seq: seq,
-                })
-            }
-        };
+        let seg = &mut p.segments.slots[slot.expect("found or inserted")];
         seg.last_seq = seq;
         seg.last_event_ms = seg.last_event_ms.max(ts_ms);
         seg.first_pane_ms = seg.first_pane_ms.min(pane_ms);
@@ -498,7 +552,7 @@ impl WindowEngine {
             let wm = now_ms - spec.idle_timeout_ms;
             if wm > p.watermark_ms {
                 p.watermark_ms = wm;
-                close_windows(p, spec, &self.names, &mut self.stats, closed);
+                self.segment_total -= close_windows(p, spec, &self.names, &mut self.stats, closed);
             }
         }
     }
@@ -512,7 +566,8 @@ impl WindowEngine {
             .values()
             .flat_map(|p| {
                 p.segments
-                    .values()
+                    .slots
+                    .iter()
                     .map(move |s| (s.last_seq, p.partition, s.name.clone()))
             })
             .collect();
@@ -523,8 +578,10 @@ impl WindowEngine {
         all.select_nth_unstable_by_key(batch - 1, |(seq, _, _)| *seq);
         for (_, partition, name) in all.into_iter().take(batch) {
             if let Some(p) = self.partitions.get_mut(&partition) {
-                p.segments.remove(&name);
-                self.stats.evicted_segments += 1;
+                if p.segments.remove(&name) {
+                    self.segment_total -= 1;
+                    self.stats.evicted_segments += 1;
+                }
                 recompute_low_offset(p);
             }
         }
@@ -564,32 +621,28 @@ fn new_pane(start_ms: i64, offset: i64) -> Pane {
     }
 }
 
-/// Closes every window with `end + grace ≤ watermark`, for every segment of the partition.
+/// Closes every window with `end + grace ≤ watermark`, for every segment of the partition, in
+/// slab order (which depends only on the input). Returns how many segments expired.
 fn close_windows(
     p: &mut PartitionWindows,
     spec: &WindowSpec,
     names: &Names,
     stats: &mut EngineStats,
     closed: &mut Vec<WindowSummary>,
-) {
+) -> usize {
     let Some(mut next_end) = p.next_end_ms else {
-        return;
+        return 0;
     };
     let last_end = (p.watermark_ms - spec.grace_ms).div_euclid(spec.hop_ms) * spec.hop_ms;
     if last_end < next_end {
-        return;
+        return 0;
     }
     let tumbling = spec.hop_ms == spec.size_ms;
     let mut expired: Vec<Arc<str>> = Vec::new();
-    // Segments in a fixed order so that the output order depends only on the input.
-    let mut order: Vec<&Arc<str>> = p.segments.keys().collect();
-    order.sort_unstable();
-    let order: Vec<Arc<str>> = order.into_iter().cloned().collect();
     while next_end <= last_end {
         let start = next_end - spec.size_ms;
-        for name in &order {
-            let seg = p.segments.get_mut(name).expect("segment listed above");
-            if next_end <= seg.first_pane_ms {
+        for seg in p.segments.slots.iter_mut() {
+            if seg.expired || next_end <= seg.first_pane_ms {
                 continue;
             }
             let summary = if tumbling {
@@ -600,24 +653,29 @@ fn close_windows(
             closed.push(summary);
             stats.windows_closed += 1;
             if seg.panes.is_empty() && next_end - seg.last_event_ms > spec.segment_ttl_ms {
-                expired.push(name.clone());
+                seg.expired = true;
+                expired.push(seg.name.clone());
             }
         }
         next_end += spec.hop_ms;
     }
     p.next_end_ms = Some(next_end);
+    let mut removed = 0;
     for name in expired {
-        if p.segments.remove(&name).is_some() {
+        if p.segments.remove(&name) {
             stats.expired_segments += 1;
+            removed += 1;
         }
     }
     recompute_low_offset(p);
+    removed
 }
 
 fn recompute_low_offset(p: &mut PartitionWindows) {
     p.low_offset = p
         .segments
-        .values()
+        .slots
+        .iter()
         .flat_map(|s| s.panes.iter().map(|pane| pane.min_offset))
         .min();
 }

@@ -116,3 +116,25 @@ fn unfinished_subcommands_exit_2_with_a_message() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("not yet available"));
 }
+
+#[test]
+fn bench_window_prints_measured_figures() {
+    let out = segloop(
+        &["bench", "window", "--segments", "500", "--events", "20000"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    let get = |k: &str| -> f64 {
+        s.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k}= in {s}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(get("updates_per_sec") > 0.0);
+    // Measured by the counting allocator: an open window per segment costs real bytes.
+    assert!(get("bytes_per_segment") > 100.0, "{s}");
+    // Event times span ten windows: every segment closed windows during the run.
+    assert!(get("windows_closed") >= 500.0 * 9.0, "{s}");
+}

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use segloop::codec::ErrorCode;
-use segloop::window::{WindowEngine, WindowSpec, WindowSummary};
+use segloop::window::{Position, WindowEngine, WindowSpec, WindowSummary};
 
 fn spec(size_ms: i64, hop_ms: i64) -> WindowSpec {
     WindowSpec {
@@ -49,8 +49,10 @@ impl Harness {
         self.offset += 1;
         self.engine
             .ingest(
-                0,
-                offset,
+                Position {
+                    partition: 0,
+                    offset,
+                },
                 seg,
                 ts,
                 [("latency_ms", latency), ("error", 0.0)],
@@ -212,17 +214,57 @@ fn revoke_drops_exactly_that_partitions_segments() {
     e.assign(0);
     e.assign(1);
     let mut closed = Vec::new();
-    e.ingest(0, 0, "p0-a", 10, [("x", 1.0)], 10, &mut closed)
-        .unwrap();
-    e.ingest(0, 1, "p0-b", 10, [("x", 1.0)], 10, &mut closed)
-        .unwrap();
-    e.ingest(1, 0, "p1-a", 10, [("x", 1.0)], 10, &mut closed)
-        .unwrap();
+    e.ingest(
+        Position {
+            partition: 0,
+            offset: 0,
+        },
+        "p0-a",
+        10,
+        [("x", 1.0)],
+        10,
+        &mut closed,
+    )
+    .unwrap();
+    e.ingest(
+        Position {
+            partition: 0,
+            offset: 1,
+        },
+        "p0-b",
+        10,
+        [("x", 1.0)],
+        10,
+        &mut closed,
+    )
+    .unwrap();
+    e.ingest(
+        Position {
+            partition: 1,
+            offset: 0,
+        },
+        "p1-a",
+        10,
+        [("x", 1.0)],
+        10,
+        &mut closed,
+    )
+    .unwrap();
     assert_eq!(e.revoke(0), Some(2));
     assert_eq!(e.stats().segments, 1);
     assert_eq!(e.partition(1).unwrap().segment_count(), 1);
     let err = e
-        .ingest(0, 2, "p0-a", 20, [("x", 1.0)], 20, &mut closed)
+        .ingest(
+            Position {
+                partition: 0,
+                offset: 2,
+            },
+            "p0-a",
+            20,
+            [("x", 1.0)],
+            20,
+            &mut closed,
+        )
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::InvalidValue);
 }
@@ -369,8 +411,7 @@ proptest! {
         let mut closed = Vec::new();
         for (i, e) in events.iter().enumerate() {
             let seg = format!("s{}", e.seg);
-            let r = engine.ingest(
-                0, i as i64, &seg, e.ts,
+            let r = engine.ingest(Position { partition: 0, offset: i as i64 }, &seg, e.ts,
                 [("latency_ms", e.lat as f64), ("error", if e.err { 1.0 } else { 0.0 })],
                 e.ts, &mut closed,
             );
@@ -418,7 +459,7 @@ proptest! {
             engine.assign(0);
             let mut closed = Vec::new();
             for (i, e) in events.iter().enumerate() {
-                let _ = engine.ingest(0, i as i64, &format!("s{}", e.seg), e.ts,
+                let _ = engine.ingest(Position { partition: 0, offset: i as i64 }, &format!("s{}", e.seg), e.ts,
                     [("latency_ms", e.lat as f64)], e.ts, &mut closed);
             }
             closed.iter().map(|w| format!("{}:{}:{}:{:?}", w.segment, w.start_ms, w.count,
