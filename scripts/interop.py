@@ -140,6 +140,17 @@ def check():
         return 0
 
 
+def plain(v):
+    """fastavro returns timestamp-millis as datetime (also inside nested records): back to ms."""
+    if hasattr(v, "timestamp"):
+        return int(round(v.timestamp() * 1000))
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [plain(x) for x in v]
+    return v
+
+
 def decode_ours(d):
     """Files written by `segloop encode`: <schema>.<codec>.hex lines from <schema>.jsonl."""
     checked = 0
@@ -172,9 +183,7 @@ def decode_ours(d):
                 if kind == "telemetry":
                     w = dict({"labels": {}, "event_id": None}, **w)
                 for k in w:
-                    g = got[k]
-                    if hasattr(g, "timestamp"):  # timestamp-millis comes back as datetime
-                        g = int(round(g.timestamp() * 1000))
+                    g = plain(got[k])
                     assert g == w[k], "%s %s field %s: fastavro read %r, expected %r" % (kind, framing, k, g, w[k])
                 checked += 1
     if checked == 0:
