@@ -13,6 +13,7 @@
 //! - [`schema`] — the embedded Avro schemas (`schemas/*.avsc`), fingerprints, known versions.
 //! - [`codec`] — bytes ⇄ records: Avro single-object, Confluent, raw Avro, JSON; stable
 //!   error codes for the DLQ.
+//! - [`sketch`] — compact mergeable quantile sketch (DDSketch mapping, ≤ 1% relative error).
 //! - [`window`] — event-time windows per segment: panes, watermarks, late/skew rejection,
 //!   idle advance, quantile sketches, TTL and eviction, committable offsets.
 //! - [`config`] — layered TOML configuration (defaults < file < `SEGLOOP__*` env < CLI) with
@@ -30,4 +31,5 @@ pub mod codec;
 pub mod config;
 pub mod model;
 pub mod schema;
+pub mod sketch;
 pub mod window;
