@@ -248,15 +248,61 @@ pub fn check_config(args: &CheckConfigArgs, env: &HashMap<String, String>) -> Ex
         env,
         overrides: &args.overrides,
     }) {
-        Ok(config) => {
-            print!("{}", config.to_toml());
-            ExitCode::SUCCESS
-        }
+        Ok(config) => match load_policies(&config) {
+            Ok(summary) => {
+                print!("{}", config.to_toml());
+                if let Some(s) = summary {
+                    print!("{s}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: invalid policies\n{e}");
+                ExitCode::from(EXIT_USAGE)
+            }
+        },
         Err(e) => {
             eprintln!("error: invalid configuration\n{e}");
             ExitCode::from(EXIT_USAGE)
         }
     }
+}
+
+/// Loads the config's policy file and checks it against the window config; returns a summary.
+///
+/// # Errors
+/// The policy file's errors, each naming the policy and field.
+pub fn load_policies(config: &Config) -> Result<Option<String>, crate::policy::PolicyErrors> {
+    let Some(path) = &config.policies else {
+        return Ok(None);
+    };
+    let set = crate::policy::PolicySet::load(path)?;
+    let missing: Vec<String> = set
+        .quantile_measurements()
+        .into_iter()
+        .filter(|m| !config.windows.quantile_measurements.contains(m))
+        .collect();
+    if !missing.is_empty() {
+        return Err(crate::policy::PolicyErrors(vec![format!(
+            "policies take quantiles of {} but windows.quantile_measurements lacks {}; add them",
+            missing.join(", "),
+            if missing.len() == 1 { "it" } else { "them" }
+        )]));
+    }
+    let mut out = format!("\n# policies from {}\n", path.display());
+    for p in &set.policies {
+        out.push_str(&format!(
+            "#   {} v{}: segments {} when {} for {} -> {}{}\n",
+            p.name,
+            p.version,
+            p.segments_glob,
+            p.when_text,
+            p.for_windows,
+            p.action,
+            if p.dry_run { " (dry run)" } else { "" }
+        ));
+    }
+    Ok(Some(out))
 }
 
 fn read_input(file: Option<&Path>) -> std::io::Result<Vec<u8>> {

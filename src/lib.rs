@@ -16,20 +16,27 @@
 //! - [`sketch`] — compact mergeable quantile sketch (DDSketch mapping, ≤ 1% relative error).
 //! - [`window`] — event-time windows per segment: panes, watermarks, late/skew rejection,
 //!   idle advance, quantile sketches, TTL and eviction, committable offsets.
+//! - [`policy`] — policies (segment selector, condition language, hysteresis, actions,
+//!   retries, escalation) and guardrails, compiled from TOML.
+//! - [`controller`] — the per-(segment, policy) state machine: fire, ack, verify, retry,
+//!   escalate; guardrails; decision records; loop timings; snapshot/restore.
 //! - [`config`] — layered TOML configuration (defaults < file < `SEGLOOP__*` env < CLI) with
 //!   errors that name the key, file and line.
 //! - [`bench`] — `segloop bench` figures and the counting allocator behind `bytes_per_segment`.
 //! - [`cli`] — the `segloop` command line (parsing only; each subcommand calls into the
 //!   library).
 //!
-//! The engine modules (`codec`, `config`, `model`, `schema`, `window`) never import Kafka, tokio I/O or
+//! The engine modules (`codec`, `config`, `model`, `schema`, `sketch`, `window`, `policy`,
+//! `controller`) never import Kafka, tokio I/O or
 //! HTTP; the runtime and the backtest are drivers of the same engine.
 
 pub mod bench;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod controller;
 pub mod model;
+pub mod policy;
 pub mod schema;
 pub mod sketch;
 pub mod window;

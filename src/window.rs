@@ -168,6 +168,40 @@ pub struct WindowSummary {
 }
 
 impl WindowSummary {
+    /// A summary built from raw values (tests, simulations, backtest fixtures): `count` is the
+    /// number of events, each measurement lists its values; `quantile` names the measurements
+    /// that get a sketch with the given relative accuracy.
+    pub fn from_values(
+        partition: i32,
+        segment: &str,
+        (start_ms, end_ms): (i64, i64),
+        count: u64,
+        measurements: &[(&str, &[f64])],
+        quantile: &[&str],
+        relative_accuracy: f64,
+    ) -> WindowSummary {
+        let params = SketchParams::new(relative_accuracy);
+        let mut ms: Vec<(Arc<str>, MeasurementSummary)> = measurements
+            .iter()
+            .map(|(name, values)| {
+                let mut agg = Agg::new(quantile.contains(name));
+                for v in values.iter().filter(|v| v.is_finite()) {
+                    agg.add(&params, *v);
+                }
+                (Arc::from(*name), MeasurementSummary::from_agg(agg, params))
+            })
+            .collect();
+        ms.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        WindowSummary {
+            partition,
+            segment: Arc::from(segment),
+            start_ms,
+            end_ms,
+            count,
+            measurements: ms,
+        }
+    }
+
     pub fn measurement(&self, name: &str) -> Option<&MeasurementSummary> {
         self.measurements
             .binary_search_by(|(n, _)| (**n).cmp(name))

@@ -138,3 +138,35 @@ fn bench_window_prints_measured_figures() {
     // Event times span ten windows: every segment closed windows during the run.
     assert!(get("windows_closed") >= 500.0 * 9.0, "{s}");
 }
+
+#[test]
+fn check_config_reports_policy_errors_with_policy_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("c.toml"), "policies = \"p.toml\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("p.toml"),
+        "[[policies]]\nname = \"lat\"\nwhen = \"p99(latency_ms) > and count() > 3\"\naction = \"x\"\n",
+    )
+    .unwrap();
+    let out = segloop(
+        &["check-config", dir.path().join("c.toml").to_str().unwrap()],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("policy `lat`: when: column 19"), "{err}");
+    assert!(err.contains("^"), "{err}");
+
+    // A quantile of a measurement that keeps no sketch is a config error too.
+    std::fs::write(
+        dir.path().join("p.toml"),
+        "[[policies]]\nname = \"cpu\"\nwhen = \"p99(cpu) > 0.9\"\naction = \"scale\"\n",
+    )
+    .unwrap();
+    let out = segloop(
+        &["check-config", dir.path().join("c.toml").to_str().unwrap()],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("windows.quantile_measurements lacks it"));
+}

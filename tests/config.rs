@@ -32,8 +32,18 @@ fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
 #[test]
 fn shipped_configs_are_valid() {
     let c = load(Some(&repo("config/segloop.toml")), &[], &[]).unwrap();
-    // The documented file states every default.
-    assert_eq!(c, Config::default());
+    // The documented file states every default, and names the example policies.
+    assert_eq!(
+        c.policies.as_deref(),
+        Some(repo("config/policies.toml").as_path())
+    );
+    assert_eq!(
+        Config {
+            policies: None,
+            ..c
+        },
+        Config::default()
+    );
     let demo = load(Some(&repo("config/demo.toml")), &[], &[]).unwrap();
     assert_eq!(demo.windows.size, Duration::from_secs(1));
 }

@@ -1,0 +1,1125 @@
+//! The closed-loop controller: one state machine per (segment, policy), driven by closed
+//! windows, actuator outcomes and an injected controller clock.
+//!
+//! ```text
+//!   healthy ──breach──► breaching ──for N windows, guardrails pass──► commanded
+//!      ▲                   │ healthy window                              │ ACCEPTED
+//!      │                   ▼                                             ▼
+//!      │                healthy                                     acknowledged
+//!      │                                                               │ APPLIED (also straight
+//!      │                                                               ▼  from commanded)
+//!   clear_for healthy windows ◄── resolved ◄──verify holds── verifying
+//!      ▲                                                               │ no verify in time
+//!      │                                                               ▼ (ineffective), or
+//!   escalated ◄── attempts exhausted / flap breaker ◄── backoff ◄── FAILED/REJECTED/no outcome
+//!                                                          │ backoff elapsed
+//!                                                          └──► commanded (attempt + 1)
+//! ```
+//!
+//! Deadlines (ack, verify, backoff), cooldowns, silences and the flap breaker run on the
+//! controller clock (`now_ms`, passed in), never on event time. Every transition and every
+//! suppressed firing yields a [`DecisionRecord`]; the guardrail that suppressed it is named.
+//! Nothing here does I/O; the same code runs live and in backtests.
+//!
+//! Global limits (in-flight, rate, blast radius) are enforced per owned partition as its share
+//! `limit / partitions` (DESIGN.md), so N instances never exceed them together.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    CommandReason, DecisionRecord, OutcomeStatus, RemediationCommand, RemediationOutcome,
+};
+use crate::policy::{Policy, PolicySet, Silence};
+use crate::window::WindowSummary;
+
+/// Namespace of command ids (UUIDv5).
+pub const COMMAND_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x5e6100b0_0c1d_4a7e_9f00_c0a11d5e6100);
+
+/// The id of a command: UUIDv5 over the length-prefixed segment and policy, the start of the
+/// incident's first breaching window and the attempt. Stable across restarts, replays and
+/// policy edits (the policy version is not part of it).
+pub fn command_id(segment: &str, policy: &str, incident_start_ms: i64, attempt: u32) -> String {
+    let mut name = Vec::with_capacity(segment.len() + policy.len() + 32);
+    for part in [segment.as_bytes(), policy.as_bytes()] {
+        name.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        name.extend_from_slice(part);
+    }
+    name.extend_from_slice(&incident_start_ms.to_be_bytes());
+    name.extend_from_slice(&attempt.to_be_bytes());
+    uuid::Uuid::new_v5(&COMMAND_ID_NAMESPACE, &name).to_string()
+}
+
+/// Where a (segment, policy) loop stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Healthy,
+    Breaching,
+    Commanded,
+    Acknowledged,
+    Verifying,
+    Backoff,
+    Resolved,
+    Escalated,
+    /// Fired in dry-run: recorded and emitted with `dry_run = true`, no ack awaited.
+    DryRun,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Healthy => "healthy",
+            Phase::Breaching => "breaching",
+            Phase::Commanded => "commanded",
+            Phase::Acknowledged => "acknowledged",
+            Phase::Verifying => "verifying",
+            Phase::Backoff => "backoff",
+            Phase::Resolved => "resolved",
+            Phase::Escalated => "escalated",
+            Phase::DryRun => "dry_run",
+        }
+    }
+
+    /// A command of this loop awaits an outcome or verification.
+    pub fn in_flight(self) -> bool {
+        matches!(
+            self,
+            Phase::Commanded | Phase::Acknowledged | Phase::Verifying
+        )
+    }
+
+    /// The segment counts as under action (blast radius, inhibition).
+    pub fn under_action(self) -> bool {
+        self.in_flight() || self == Phase::Backoff
+    }
+}
+
+/// One (segment, policy) state machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoopState {
+    pub phase: Phase,
+    /// Consecutive breaching windows.
+    pub breaches: u32,
+    /// Consecutive healthy windows since the incident ended (for `clear_for`).
+    pub healthy: u32,
+    /// Start of the incident's first breaching window (part of command ids).
+    pub incident_start_ms: Option<i64>,
+    pub attempt: u32,
+    pub command_id: Option<String>,
+    /// Ack deadline, verify deadline or backoff end, by phase.
+    pub deadline_ms: Option<i64>,
+    pub issued_at_ms: Option<i64>,
+    pub applied_at_ms: Option<i64>,
+    /// Evidence of the window that fired, reused by retries.
+    pub reason: Option<CommandReason>,
+}
+
+impl LoopState {
+    fn new() -> Self {
+        LoopState {
+            phase: Phase::Healthy,
+            breaches: 0,
+            healthy: 0,
+            incident_start_ms: None,
+            attempt: 0,
+            command_id: None,
+            deadline_ms: None,
+            issued_at_ms: None,
+            applied_at_ms: None,
+            reason: None,
+        }
+    }
+}
+
+/// Controller state of one segment: what the changelog stores and a restore brings back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegmentState {
+    pub segment: String,
+    pub partition: i32,
+    pub loops: BTreeMap<String, LoopState>,
+    /// Last command time per action (cooldowns).
+    pub last_action_ms: BTreeMap<String, i64>,
+    /// Command times within the flap window.
+    pub action_history: Vec<i64>,
+    pub frozen_until_ms: Option<i64>,
+    /// End of the last window seen: a replayed window is ignored.
+    pub last_window_end_ms: i64,
+}
+
+impl SegmentState {
+    fn new(segment: &str, partition: i32) -> Self {
+        SegmentState {
+            segment: segment.into(),
+            partition,
+            loops: BTreeMap::new(),
+            last_action_ms: BTreeMap::new(),
+            action_history: Vec::new(),
+            frozen_until_ms: None,
+            last_window_end_ms: i64::MIN,
+        }
+    }
+
+    fn under_action(&self) -> bool {
+        self.loops.values().any(|l| l.phase.under_action())
+    }
+
+    /// The state as changelog bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("controller state should serialize")
+    }
+
+    /// # Errors
+    /// Bytes that are not a serialized [`SegmentState`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("bad controller state: {e}"))
+    }
+}
+
+/// Which guardrail stopped a firing (the `guardrail` of its decision record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Guardrail {
+    Staleness,
+    Silence,
+    FlapBreaker,
+    Inhibited,
+    Cooldown,
+    PolicyInFlight,
+    MaxInFlight,
+    BlastRadius,
+    RateLimit,
+}
+
+impl Guardrail {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Guardrail::Staleness => "staleness",
+            Guardrail::Silence => "silence",
+            Guardrail::FlapBreaker => "flap_breaker",
+            Guardrail::Inhibited => "inhibited",
+            Guardrail::Cooldown => "cooldown",
+            Guardrail::PolicyInFlight => "policy_max_in_flight",
+            Guardrail::MaxInFlight => "max_in_flight",
+            Guardrail::BlastRadius => "blast_radius",
+            Guardrail::RateLimit => "rate_limit",
+        }
+    }
+}
+
+/// Loop timings, per policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimingKind {
+    /// First breaching window start → command.
+    Detect,
+    /// Command → first outcome.
+    Ack,
+    /// First breaching window start → verified.
+    Resolve,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoopTiming {
+    pub policy: String,
+    pub kind: TimingKind,
+    pub ms: i64,
+}
+
+/// What one controller call produced, in order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Effects {
+    pub commands: Vec<RemediationCommand>,
+    pub decisions: Vec<DecisionRecord>,
+    pub timings: Vec<LoopTiming>,
+}
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty() && self.decisions.is_empty() && self.timings.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.commands.clear();
+        self.decisions.clear();
+        self.timings.clear();
+    }
+}
+
+/// What became of an outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeDisposition {
+    /// Moved its loop on.
+    Applied,
+    /// Already seen, or for an earlier attempt: ignored.
+    Duplicate,
+    /// The segment is not owned here (another instance's).
+    NotOurs,
+    /// Owned segment, but no command with that id: counted and dropped.
+    Unknown,
+}
+
+/// Counters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ControllerStats {
+    pub windows: u64,
+    pub evaluations: u64,
+    pub firings: u64,
+    pub commands: u64,
+    pub suppressed: BTreeMap<&'static str, u64>,
+    pub outcomes: BTreeMap<&'static str, u64>,
+    pub outcomes_unknown: u64,
+    pub outcomes_duplicate: u64,
+    pub windows_replayed: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct PartitionState {
+    segments: BTreeMap<Arc<str>, SegmentState>,
+    /// Segments with a loop under action (deadline scans and budgets read only these).
+    active: BTreeSet<Arc<str>>,
+    tokens: f64,
+    tokens_at_ms: Option<i64>,
+}
+
+/// The controller of the partitions this instance owns.
+pub struct Controller {
+    policies: PolicySet,
+    partitions_total: u32,
+    partitions: BTreeMap<i32, PartitionState>,
+    /// Silences added at run time (control topic), by id.
+    silences: BTreeMap<String, Silence>,
+    stats: ControllerStats,
+}
+
+/// Inputs that are the same for every loop touched by one call.
+struct Ctx<'a> {
+    now_ms: i64,
+    window: Option<&'a WindowSummary>,
+}
+
+impl Controller {
+    /// `partitions_total` is the telemetry topic's partition count (for limit shares).
+    pub fn new(policies: PolicySet, partitions_total: u32) -> Self {
+        Controller {
+            policies,
+            partitions_total: partitions_total.max(1),
+            partitions: BTreeMap::new(),
+            silences: BTreeMap::new(),
+            stats: ControllerStats::default(),
+        }
+    }
+
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    pub fn stats(&self) -> &ControllerStats {
+        &self.stats
+    }
+
+    pub fn assign(&mut self, partition: i32) {
+        self.partitions.entry(partition).or_default();
+    }
+
+    /// Drops a partition's controller state (the new owner restores it from the changelog).
+    pub fn revoke(&mut self, partition: i32) -> Option<usize> {
+        self.partitions.remove(&partition).map(|p| p.segments.len())
+    }
+
+    /// Replaces the policy set. Loops of policies that still exist keep their state (new
+    /// thresholds apply from the next window); loops of removed policies end with a decision.
+    pub fn reload(&mut self, policies: PolicySet, now_ms: i64, out: &mut Effects) {
+        let names: BTreeSet<String> = policies.policies.iter().map(|p| p.name.clone()).collect();
+        self.policies = policies;
+        for p in self.partitions.values_mut() {
+            for seg in p.segments.values_mut() {
+                let removed: Vec<String> = seg
+                    .loops
+                    .keys()
+                    .filter(|k| !names.contains(*k))
+                    .cloned()
+                    .collect();
+                for name in removed {
+                    let l = seg.loops.remove(&name).expect("listed above");
+                    out.decisions.push(DecisionRecord {
+                        segment: seg.segment.clone(),
+                        policy: name,
+                        ts_ms: now_ms,
+                        from_state: l.phase.as_str().into(),
+                        to_state: "removed".into(),
+                        trigger: "reload".into(),
+                        window_start_ms: None,
+                        aggregates: BTreeMap::new(),
+                        guardrail: None,
+                        command_id: l.command_id,
+                    });
+                }
+                if !seg.under_action() {
+                    p.active.remove(seg.segment.as_str());
+                }
+            }
+        }
+    }
+
+    /// Adds or replaces a run-time silence.
+    pub fn add_silence(&mut self, silence: Silence) {
+        self.silences.insert(silence.id.clone(), silence);
+    }
+
+    pub fn remove_silence(&mut self, id: &str) -> bool {
+        self.silences.remove(id).is_some()
+    }
+
+    pub fn silences(&self) -> impl Iterator<Item = &Silence> {
+        self.policies.silences.iter().chain(self.silences.values())
+    }
+
+    /// The controller state of a segment, if owned.
+    pub fn segment(&self, segment: &str) -> Option<&SegmentState> {
+        self.partitions
+            .values()
+            .find_map(|p| p.segments.get(segment))
+    }
+
+    /// Every owned segment's state (for the changelog and the admin API).
+    pub fn segments(&self) -> impl Iterator<Item = &SegmentState> {
+        self.partitions.values().flat_map(|p| p.segments.values())
+    }
+
+    /// Commands awaiting an outcome or verification.
+    pub fn in_flight(&self) -> impl Iterator<Item = (&SegmentState, &str, &LoopState)> {
+        self.partitions.values().flat_map(|p| {
+            p.active.iter().flat_map(move |s| {
+                let seg = &p.segments[s];
+                seg.loops
+                    .iter()
+                    .filter(|(_, l)| l.phase.in_flight())
+                    .map(move |(name, l)| (seg, name.as_str(), l))
+            })
+        })
+    }
+
+    /// Restores a segment's state (from the changelog) into its owned partition.
+    ///
+    /// # Errors
+    /// The partition is not assigned here.
+    pub fn restore(&mut self, state: SegmentState) -> Result<(), String> {
+        let p = self
+            .partitions
+            .get_mut(&state.partition)
+            .ok_or_else(|| format!("partition {} is not assigned", state.partition))?;
+        let name: Arc<str> = Arc::from(state.segment.as_str());
+        if state.under_action() {
+            p.active.insert(name.clone());
+        } else {
+            p.active.remove(&name);
+        }
+        p.segments.insert(name, state);
+        Ok(())
+    }
+
+    /// Evaluates every policy that covers the window's segment.
+    pub fn on_window(
+        &mut self,
+        w: &WindowSummary,
+        labels: &BTreeMap<String, String>,
+        now_ms: i64,
+        out: &mut Effects,
+    ) {
+        self.stats.windows += 1;
+        let Some(p) = self.partitions.get(&w.partition) else {
+            return;
+        };
+        if let Some(seg) = p.segments.get(&*w.segment) {
+            if w.end_ms <= seg.last_window_end_ms {
+                // Re-read after a restart: already judged.
+                self.stats.windows_replayed += 1;
+                return;
+            }
+        }
+        let selected: Vec<usize> = self
+            .policies
+            .policies
+            .iter()
+            .enumerate()
+            .filter(|(_, pol)| pol.selects(&w.segment, labels))
+            .map(|(i, _)| i)
+            .collect();
+        let p = self.partitions.get_mut(&w.partition).expect("checked");
+        let seg = p
+            .segments
+            .entry(w.segment.clone())
+            .or_insert_with(|| SegmentState::new(&w.segment, w.partition));
+        seg.last_window_end_ms = w.end_ms;
+        let ctx = Ctx {
+            now_ms,
+            window: Some(w),
+        };
+        for i in selected {
+            self.stats.evaluations += 1;
+            self.step_window(i, &w.segment, w.partition, &ctx, out);
+        }
+    }
+
+    /// Applies an actuator outcome.
+    pub fn on_outcome(
+        &mut self,
+        o: &RemediationOutcome,
+        now_ms: i64,
+        out: &mut Effects,
+    ) -> OutcomeDisposition {
+        let Some((&partition, _)) = self
+            .partitions
+            .iter()
+            .find(|(_, p)| p.segments.contains_key(o.segment.as_str()))
+        else {
+            // Owned partitions know every segment that has a command in flight.
+            return OutcomeDisposition::NotOurs;
+        };
+        *self.stats.outcomes.entry(o.status.as_str()).or_default() += 1;
+        let seg = &self.partitions[&partition].segments[o.segment.as_str()];
+        let Some((policy_name, l)) = seg
+            .loops
+            .iter()
+            .find(|(_, l)| l.command_id.as_deref() == Some(o.command_id.as_str()))
+        else {
+            let earlier = seg.loops.iter().any(|(name, l)| {
+                l.incident_start_ms.is_some_and(|start| {
+                    (1..l.attempt.max(1))
+                        .any(|a| command_id(&o.segment, name, start, a) == o.command_id)
+                })
+            });
+            if earlier {
+                self.stats.outcomes_duplicate += 1;
+                return OutcomeDisposition::Duplicate;
+            }
+            self.stats.outcomes_unknown += 1;
+            return OutcomeDisposition::Unknown;
+        };
+        let (policy_name, phase) = (policy_name.clone(), l.phase);
+        let ctx = Ctx {
+            now_ms,
+            window: None,
+        };
+        let next = match (o.status, phase) {
+            (OutcomeStatus::Accepted, Phase::Commanded) => {
+                self.timing(
+                    &policy_name,
+                    TimingKind::Ack,
+                    l.issued_at_ms.map(|t| now_ms - t),
+                    out,
+                );
+                Some((Phase::Acknowledged, "accepted"))
+            }
+            (OutcomeStatus::Applied, Phase::Commanded | Phase::Acknowledged) => {
+                if phase == Phase::Commanded {
+                    self.timing(
+                        &policy_name,
+                        TimingKind::Ack,
+                        l.issued_at_ms.map(|t| now_ms - t),
+                        out,
+                    );
+                }
+                Some((Phase::Verifying, "applied"))
+            }
+            (
+                OutcomeStatus::Failed | OutcomeStatus::Rejected,
+                Phase::Commanded | Phase::Acknowledged,
+            ) => {
+                if phase == Phase::Commanded {
+                    self.timing(
+                        &policy_name,
+                        TimingKind::Ack,
+                        l.issued_at_ms.map(|t| now_ms - t),
+                        out,
+                    );
+                }
+                None
+            }
+            _ => {
+                self.stats.outcomes_duplicate += 1;
+                return OutcomeDisposition::Duplicate;
+            }
+        };
+        let Some(pi) = self.policy_index(&policy_name) else {
+            return OutcomeDisposition::Unknown;
+        };
+        match next {
+            Some((to, trigger)) => {
+                let verify_within = self.policies.policies[pi].verify_within_ms;
+                let l = self.loop_mut(partition, &o.segment, &policy_name);
+                let from = l.phase;
+                l.phase = to;
+                if to == Phase::Verifying {
+                    l.applied_at_ms = Some(now_ms);
+                    l.deadline_ms = Some(now_ms + verify_within);
+                }
+                let id = l.command_id.clone();
+                out.decisions.push(decision(
+                    &o.segment,
+                    &policy_name,
+                    from,
+                    to,
+                    trigger,
+                    &ctx,
+                    id,
+                    None,
+                    Vec::new(),
+                ));
+            }
+            None => {
+                let why = if o.status == OutcomeStatus::Failed {
+                    "failed"
+                } else {
+                    "rejected"
+                };
+                self.retry_or_escalate(pi, partition, &o.segment, why, &ctx, out);
+            }
+        }
+        OutcomeDisposition::Applied
+    }
+
+    /// Runs deadlines: ack timeouts, verification deadlines, backoff ends.
+    pub fn tick(&mut self, now_ms: i64, out: &mut Effects) {
+        let ctx = Ctx {
+            now_ms,
+            window: None,
+        };
+        let due: Vec<(i32, Arc<str>, String)> = self
+            .partitions
+            .iter()
+            .flat_map(|(&pn, p)| {
+                p.active.iter().flat_map(move |s| {
+                    p.segments[s]
+                        .loops
+                        .iter()
+                        .filter(move |(_, l)| l.deadline_ms.is_some_and(|d| now_ms >= d))
+                        .map(move |(name, _)| (pn, s.clone(), name.clone()))
+                })
+            })
+            .collect();
+        for (partition, segment, policy_name) in due {
+            let Some(pi) = self.policy_index(&policy_name) else {
+                continue;
+            };
+            let phase = self.loop_mut(partition, &segment, &policy_name).phase;
+            match phase {
+                Phase::Commanded | Phase::Acknowledged => {
+                    self.retry_or_escalate(pi, partition, &segment, "ack_timeout", &ctx, out)
+                }
+                Phase::Verifying => {
+                    self.retry_or_escalate(pi, partition, &segment, "ineffective", &ctx, out)
+                }
+                Phase::Backoff => self.fire(pi, partition, &segment, &ctx, out),
+                _ => {
+                    self.loop_mut(partition, &segment, &policy_name).deadline_ms = None;
+                }
+            }
+        }
+    }
+
+    fn policy_index(&self, name: &str) -> Option<usize> {
+        self.policies.policies.iter().position(|p| p.name == name)
+    }
+
+    fn loop_mut(&mut self, partition: i32, segment: &str, policy: &str) -> &mut LoopState {
+        self.partitions
+            .get_mut(&partition)
+            .expect("partition owned")
+            .segments
+            .get_mut(segment)
+            .expect("segment known")
+            .loops
+            .entry(policy.to_string())
+            .or_insert_with(LoopState::new)
+    }
+
+    fn timing(&self, policy: &str, kind: TimingKind, ms: Option<i64>, out: &mut Effects) {
+        if let Some(ms) = ms {
+            out.timings.push(LoopTiming {
+                policy: policy.into(),
+                kind,
+                ms: ms.max(0),
+            });
+        }
+    }
+
+    fn sync_active(&mut self, partition: i32, segment: &str) {
+        let p = self
+            .partitions
+            .get_mut(&partition)
+            .expect("partition owned");
+        let seg = &p.segments[segment];
+        if seg.under_action() {
+            if !p.active.contains(segment) {
+                p.active.insert(Arc::from(segment));
+            }
+        } else {
+            p.active.remove(segment);
+        }
+    }
+
+    fn step_window(
+        &mut self,
+        pi: usize,
+        segment: &str,
+        partition: i32,
+        ctx: &Ctx<'_>,
+        out: &mut Effects,
+    ) {
+        let w = ctx.window.expect("window step has a window");
+        let policy = &self.policies.policies[pi];
+        let name = policy.name.clone();
+        let breach = policy.when.holds(w);
+        let clear_for = policy.clear_for;
+        let for_windows = policy.for_windows;
+        let verified = policy.verified_by(w);
+        let mut aggs = Vec::new();
+        policy.when.aggregates(w, &mut aggs);
+        let l = self.loop_mut(partition, segment, &name);
+        let from = l.phase;
+        let mut fire = false;
+        let mut to = from;
+        let mut trigger = "window";
+        match from {
+            Phase::Healthy | Phase::Breaching => {
+                if breach {
+                    l.breaches += 1;
+                    if l.incident_start_ms.is_none() {
+                        l.incident_start_ms = Some(w.start_ms);
+                        l.attempt = 0;
+                    }
+                    to = Phase::Breaching;
+                    fire = l.breaches >= for_windows;
+                } else if from == Phase::Breaching {
+                    to = Phase::Healthy;
+                    l.breaches = 0;
+                    l.incident_start_ms = None;
+                }
+            }
+            Phase::Verifying => {
+                if verified && l.applied_at_ms.is_some_and(|t| w.start_ms >= t) {
+                    to = Phase::Resolved;
+                    trigger = "verified";
+                    l.healthy = 1;
+                    l.deadline_ms = None;
+                    let start = l.incident_start_ms;
+                    self.timing(
+                        &name,
+                        TimingKind::Resolve,
+                        start.map(|s| ctx.now_ms - s),
+                        out,
+                    );
+                }
+            }
+            Phase::Resolved | Phase::Escalated | Phase::DryRun => {
+                if breach {
+                    l.healthy = 0;
+                    if from != Phase::Escalated {
+                        // The fix did not hold: a new incident (cooldowns still apply).
+                        to = Phase::Breaching;
+                        l.breaches = 1;
+                        l.incident_start_ms = Some(w.start_ms);
+                        l.attempt = 0;
+                        l.command_id = None;
+                        fire = for_windows <= 1;
+                    }
+                } else {
+                    l.healthy += 1;
+                    if l.healthy >= clear_for {
+                        to = Phase::Healthy;
+                        trigger = "cleared";
+                        l.breaches = 0;
+                        l.healthy = 0;
+                        l.incident_start_ms = None;
+                        l.command_id = None;
+                        l.attempt = 0;
+                    }
+                }
+            }
+            Phase::Commanded | Phase::Acknowledged | Phase::Backoff => {}
+        }
+        let l = self.loop_mut(partition, segment, &name);
+        l.phase = to;
+        let id = l.command_id.clone();
+        if to != from {
+            out.decisions.push(decision(
+                segment, &name, from, to, trigger, ctx, id, None, aggs,
+            ));
+        }
+        if fire {
+            let reason = policy_reason(&self.policies.policies[pi], w);
+            self.loop_mut(partition, segment, &name).reason = reason;
+            self.fire(pi, partition, segment, ctx, out);
+        }
+        self.sync_active(partition, segment);
+    }
+
+    /// Fires the next attempt, unless a guardrail stops it.
+    fn fire(&mut self, pi: usize, partition: i32, segment: &str, ctx: &Ctx<'_>, out: &mut Effects) {
+        let now = ctx.now_ms;
+        let policy = self.policies.policies[pi].clone();
+        if let Some(g) = self.guardrail(&policy, partition, segment, ctx) {
+            *self.stats.suppressed.entry(g.as_str()).or_default() += 1;
+            let mut aggs = Vec::new();
+            if let Some(w) = ctx.window {
+                policy.when.aggregates(w, &mut aggs);
+            }
+            let l = self.loop_mut(partition, segment, &policy.name);
+            let phase = l.phase;
+            if phase == Phase::Backoff {
+                // Try again after another base backoff rather than on every tick.
+                l.deadline_ms = Some(now + policy.backoff_ms.max(1));
+            }
+            out.decisions.push(decision(
+                segment,
+                &policy.name,
+                phase,
+                phase,
+                "suppressed",
+                ctx,
+                None,
+                Some(g),
+                aggs,
+            ));
+            if g == Guardrail::FlapBreaker {
+                self.trip_flap_breaker(pi, partition, segment, ctx, out);
+            }
+            return;
+        }
+        self.stats.firings += 1;
+        let seg = self
+            .partitions
+            .get_mut(&partition)
+            .expect("owned")
+            .segments
+            .get_mut(segment)
+            .expect("known");
+        seg.last_action_ms.insert(policy.action.clone(), now);
+        seg.action_history.push(now);
+        let p = self.partitions.get_mut(&partition).expect("owned");
+        p.tokens -= 1.0;
+        let l = self.loop_mut(partition, segment, &policy.name);
+        let from = l.phase;
+        l.attempt += 1;
+        let attempt = l.attempt;
+        let start = l.incident_start_ms.unwrap_or(now);
+        let id = command_id(segment, &policy.name, start, attempt);
+        l.command_id = Some(id.clone());
+        l.issued_at_ms = Some(now);
+        l.applied_at_ms = None;
+        let reason = l.reason.clone().unwrap_or_else(|| CommandReason {
+            condition: policy.when_text.clone(),
+            metric: String::new(),
+            observed: f64::NAN,
+            threshold: f64::NAN,
+            window_start_ms: start,
+            window_end_ms: start,
+        });
+        let to = if policy.dry_run {
+            l.deadline_ms = None;
+            l.healthy = 0;
+            Phase::DryRun
+        } else {
+            l.deadline_ms = Some(now + policy.ack_timeout_ms);
+            Phase::Commanded
+        };
+        l.phase = to;
+        if attempt == 1 {
+            self.timing(&policy.name, TimingKind::Detect, Some(now - start), out);
+        }
+        self.stats.commands += 1;
+        out.commands.push(RemediationCommand {
+            command_id: id.clone(),
+            segment: segment.into(),
+            policy: policy.name.clone(),
+            policy_version: policy.version,
+            action: policy.action.clone(),
+            params: policy.params.clone(),
+            attempt: attempt as i32,
+            issued_at_ms: now,
+            ack_deadline_ms: now + policy.ack_timeout_ms,
+            reason,
+            dry_run: policy.dry_run,
+        });
+        let mut aggs = Vec::new();
+        if let Some(w) = ctx.window {
+            policy.when.aggregates(w, &mut aggs);
+        }
+        let trigger = if from == Phase::Backoff {
+            "retry"
+        } else {
+            "fired"
+        };
+        out.decisions.push(decision(
+            segment,
+            &policy.name,
+            from,
+            to,
+            trigger,
+            ctx,
+            Some(id),
+            None,
+            aggs,
+        ));
+        self.sync_active(partition, segment);
+    }
+
+    /// The first guardrail that stops a firing now, if any.
+    fn guardrail(
+        &mut self,
+        policy: &Policy,
+        partition: i32,
+        segment: &str,
+        ctx: &Ctx<'_>,
+    ) -> Option<Guardrail> {
+        let now = ctx.now_ms;
+        let g = self.policies.guardrails.clone();
+        let share = |limit: f64| limit / f64::from(self.partitions_total);
+        if let Some(w) = ctx.window {
+            if now - w.end_ms > g.max_action_staleness_ms {
+                return Some(Guardrail::Staleness);
+            }
+        }
+        if self.silences().any(|s| s.covers(segment, now)) {
+            return Some(Guardrail::Silence);
+        }
+        let p = self.partitions.get_mut(&partition).expect("owned");
+        let seg = p.segments.get_mut(segment).expect("known");
+        if seg.frozen_until_ms.is_some_and(|t| now < t) {
+            return Some(Guardrail::FlapBreaker);
+        }
+        seg.action_history.retain(|&t| now - t < g.flap_window_ms);
+        if seg.action_history.len() as u32 >= g.flap_max_actions {
+            seg.frozen_until_ms = Some(now + g.flap_freeze_ms);
+            return Some(Guardrail::FlapBreaker);
+        }
+        if let Some(&last) = seg.last_action_ms.get(&policy.action) {
+            // A retry of the same incident is not held back by its own cooldown.
+            let own_retry = seg
+                .loops
+                .get(&policy.name)
+                .is_some_and(|l| l.phase == Phase::Backoff);
+            if !own_retry && now - last < policy.cooldown_ms {
+                return Some(Guardrail::Cooldown);
+            }
+        }
+        // Inhibition down the tree: an ancestor under action holds its descendants.
+        let mut prefix = segment;
+        while let Some(i) = prefix.rfind('/') {
+            prefix = &prefix[..i];
+            if self.partitions.values().any(|q| q.active.contains(prefix)) {
+                return Some(Guardrail::Inhibited);
+            }
+        }
+        let p = &self.partitions[&partition];
+        let in_flight_of = |name: Option<&str>| -> usize {
+            p.active
+                .iter()
+                .flat_map(|s| p.segments[s].loops.iter())
+                .filter(|(n, l)| l.phase.in_flight() && name.is_none_or(|x| x == n.as_str()))
+                .count()
+        };
+        if let Some(limit) = policy.max_in_flight {
+            if in_flight_of(Some(&policy.name)) as f64 + 1.0 > share(f64::from(limit)) + 1e-9 {
+                return Some(Guardrail::PolicyInFlight);
+            }
+        }
+        if in_flight_of(None) as f64 + 1.0 > share(f64::from(g.max_in_flight)) + 1e-9 {
+            return Some(Guardrail::MaxInFlight);
+        }
+        let already = p.active.contains(segment);
+        if !already
+            && (p.active.len() as f64 + 1.0) > g.blast_radius * p.segments.len() as f64 + 1e-9
+        {
+            return Some(Guardrail::BlastRadius);
+        }
+        // Token bucket: share of the rate per minute, burst of one minute's share.
+        let rate = share(g.max_actions_per_minute);
+        let p = self.partitions.get_mut(&partition).expect("owned");
+        let elapsed = p.tokens_at_ms.map_or(60_000, |t| (now - t).max(0));
+        p.tokens = (p.tokens + rate * elapsed as f64 / 60_000.0).min(rate);
+        p.tokens_at_ms = Some(now);
+        if p.tokens < 1.0 - 1e-9 {
+            return Some(Guardrail::RateLimit);
+        }
+        None
+    }
+
+    fn trip_flap_breaker(
+        &mut self,
+        pi: usize,
+        partition: i32,
+        segment: &str,
+        ctx: &Ctx<'_>,
+        out: &mut Effects,
+    ) {
+        let l = self.loop_mut(partition, segment, &self.policies.policies[pi].name.clone());
+        if l.phase == Phase::Escalated {
+            return;
+        }
+        self.escalate(pi, partition, segment, "flap_breaker", ctx, out);
+    }
+
+    fn retry_or_escalate(
+        &mut self,
+        pi: usize,
+        partition: i32,
+        segment: &str,
+        why: &'static str,
+        ctx: &Ctx<'_>,
+        out: &mut Effects,
+    ) {
+        let policy = self.policies.policies[pi].clone();
+        let seed = self.policies.guardrails.seed;
+        let l = self.loop_mut(partition, segment, &policy.name);
+        if l.attempt < policy.max_attempts {
+            let from = l.phase;
+            let delay = backoff_ms(
+                &policy,
+                l.attempt,
+                seed,
+                l.command_id.as_deref().unwrap_or(""),
+            );
+            l.phase = Phase::Backoff;
+            l.deadline_ms = Some(ctx.now_ms + delay);
+            let id = l.command_id.clone();
+            out.decisions.push(decision(
+                segment,
+                &policy.name,
+                from,
+                Phase::Backoff,
+                why,
+                ctx,
+                id,
+                None,
+                Vec::new(),
+            ));
+            self.sync_active(partition, segment);
+        } else {
+            self.escalate(pi, partition, segment, why, ctx, out);
+        }
+    }
+
+    /// Ends the incident as escalated, emitting the policy's escalation action once.
+    fn escalate(
+        &mut self,
+        pi: usize,
+        partition: i32,
+        segment: &str,
+        why: &'static str,
+        ctx: &Ctx<'_>,
+        out: &mut Effects,
+    ) {
+        let policy = self.policies.policies[pi].clone();
+        let now = ctx.now_ms;
+        let l = self.loop_mut(partition, segment, &policy.name);
+        let from = l.phase;
+        l.phase = Phase::Escalated;
+        l.deadline_ms = None;
+        l.healthy = 0;
+        let start = l.incident_start_ms.unwrap_or(now);
+        // Escalations take the attempt number after the last; ids stay unique per incident.
+        let attempt = l.attempt + 1;
+        let reason = l.reason.clone();
+        let mut id = None;
+        if let Some(action) = &policy.escalate {
+            let cid = command_id(segment, &policy.name, start, attempt);
+            l.command_id = Some(cid.clone());
+            l.attempt = attempt;
+            id = Some(cid.clone());
+            self.stats.commands += 1;
+            out.commands.push(RemediationCommand {
+                command_id: cid,
+                segment: segment.into(),
+                policy: policy.name.clone(),
+                policy_version: policy.version,
+                action: action.clone(),
+                params: BTreeMap::from([("escalation_reason".to_string(), why.to_string())]),
+                attempt: attempt as i32,
+                issued_at_ms: now,
+                ack_deadline_ms: now + policy.ack_timeout_ms,
+                reason: reason.unwrap_or_else(|| CommandReason {
+                    condition: policy.when_text.clone(),
+                    metric: String::new(),
+                    observed: f64::NAN,
+                    threshold: f64::NAN,
+                    window_start_ms: start,
+                    window_end_ms: start,
+                }),
+                dry_run: policy.dry_run,
+            });
+        }
+        out.decisions.push(decision(
+            segment,
+            &policy.name,
+            from,
+            Phase::Escalated,
+            why,
+            ctx,
+            id,
+            None,
+            Vec::new(),
+        ));
+        self.sync_active(partition, segment);
+    }
+}
+
+/// Exponential backoff with ±50% jitter from a seeded generator keyed by the command, so a
+/// replay or a restored controller computes the same delay.
+fn backoff_ms(policy: &Policy, attempt: u32, seed: u64, command_id: &str) -> i64 {
+    let exp = policy
+        .backoff_ms
+        .saturating_mul(1i64 << attempt.saturating_sub(1).min(30))
+        .min(policy.backoff_max_ms);
+    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for b in command_id.bytes() {
+        x = (x ^ u64::from(b)).wrapping_mul(0x100_0000_01B3);
+    }
+    // SplitMix64 finaliser
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    let unit = (x >> 11) as f64 / (1u64 << 53) as f64;
+    ((exp as f64) * (0.5 + unit)).round() as i64
+}
+
+fn policy_reason(policy: &Policy, w: &WindowSummary) -> Option<CommandReason> {
+    let ev = policy.when.evidence(w);
+    Some(CommandReason {
+        condition: policy.when_text.clone(),
+        metric: ev.as_ref().map_or_else(String::new, |e| e.metric.clone()),
+        observed: ev.as_ref().map_or(f64::NAN, |e| e.observed),
+        threshold: ev.as_ref().map_or(f64::NAN, |e| e.threshold),
+        window_start_ms: w.start_ms,
+        window_end_ms: w.end_ms,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decision(
+    segment: &str,
+    policy: &str,
+    from: Phase,
+    to: Phase,
+    trigger: &str,
+    ctx: &Ctx<'_>,
+    command_id: Option<String>,
+    guardrail: Option<Guardrail>,
+    aggregates: Vec<(String, f64)>,
+) -> DecisionRecord {
+    DecisionRecord {
+        segment: segment.into(),
+        policy: policy.into(),
+        ts_ms: ctx.now_ms,
+        from_state: from.as_str().into(),
+        to_state: to.as_str().into(),
+        trigger: trigger.into(),
+        window_start_ms: ctx.window.map(|w| w.start_ms),
+        aggregates: aggregates.into_iter().collect(),
+        guardrail: guardrail.map(|g| g.as_str().to_string()),
+        command_id,
+    }
+}

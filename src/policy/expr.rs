@@ -1,0 +1,822 @@
+//! Conditions over window aggregates: `p99(latency_ms) > 250 and count() >= 20`.
+//!
+//! ```text
+//! cond    := or
+//! or      := and ("or" and)*
+//! and     := not ("and" not)*
+//! not     := "not" not | cmp
+//! cmp     := sum (("<" | "<=" | ">" | ">=" | "==" | "!=") sum)?
+//! sum     := product (("+" | "-") product)*
+//! product := unary (("*" | "/") unary)*
+//! unary   := "-" unary | atom
+//! atom    := NUMBER | call | "(" cond ")"
+//! call    := NAME "(" [NAME | NUMBER ("," NUMBER)?] ")"
+//! ```
+//! Functions: `count()` (events), `count(m)`, `sum(m)`, `min(m)`, `max(m)`, `mean(m)` (or
+//! `avg`), `rate()` (events/s), `rate(m)` (sum of m per second), `p50(m)`, `p90(m)`, `p95(m)`,
+//! `p99(m)`, `quantile(m, q)`, and the boolean `no_data()` (the window has no events).
+//!
+//! Evaluation is three-valued: an aggregate of a measurement the window lacks is *unknown*,
+//! a comparison with an unknown is unknown, `and`/`or`/`not` follow SQL's rules, and an
+//! unknown condition does not hold. Types are checked at parse time.
+
+use std::fmt;
+
+use crate::window::WindowSummary;
+
+/// A parse error with its 1-based column in the condition text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "column {}: {}", self.column, self.message)
+    }
+}
+
+impl ParseError {
+    /// The message with the condition and a caret under the column.
+    pub fn render(&self, text: &str) -> String {
+        format!(
+            "column {}: {}\n    {}\n    {}^",
+            self.column,
+            self.message,
+            text,
+            " ".repeat(self.column.saturating_sub(1))
+        )
+    }
+}
+
+/// An aggregate function of a window.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Agg {
+    Count(Option<String>),
+    Sum(String),
+    Min(String),
+    Max(String),
+    Mean(String),
+    Rate(Option<String>),
+    Quantile(String, f64),
+    NoData,
+}
+
+impl fmt::Display for Agg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Agg::Count(None) => write!(f, "count()"),
+            Agg::Count(Some(m)) => write!(f, "count({m})"),
+            Agg::Sum(m) => write!(f, "sum({m})"),
+            Agg::Min(m) => write!(f, "min({m})"),
+            Agg::Max(m) => write!(f, "max({m})"),
+            Agg::Mean(m) => write!(f, "mean({m})"),
+            Agg::Rate(None) => write!(f, "rate()"),
+            Agg::Rate(Some(m)) => write!(f, "rate({m})"),
+            Agg::Quantile(m, q) => {
+                let named = [(0.5, "p50"), (0.9, "p90"), (0.95, "p95"), (0.99, "p99")];
+                match named.iter().find(|(v, _)| v == q) {
+                    Some((_, name)) => write!(f, "{name}({m})"),
+                    None => write!(f, "quantile({m}, {q})"),
+                }
+            }
+            Agg::NoData => write!(f, "no_data()"),
+        }
+    }
+}
+
+impl Agg {
+    /// The aggregate's value in a window; `None` when the window lacks the measurement.
+    pub fn value(&self, w: &WindowSummary) -> Option<f64> {
+        match self {
+            Agg::Count(None) => Some(w.count as f64),
+            Agg::Count(Some(m)) => Some(w.measurement(m).map_or(0.0, |s| s.count as f64)),
+            Agg::Sum(m) => Some(w.measurement(m).map_or(0.0, |s| s.sum)),
+            Agg::Min(m) => w.measurement(m).filter(|s| s.count > 0).map(|s| s.min),
+            Agg::Max(m) => w.measurement(m).filter(|s| s.count > 0).map(|s| s.max),
+            Agg::Mean(m) => w.measurement(m).and_then(|s| s.mean()),
+            Agg::Rate(None) => Some(w.rate()),
+            Agg::Rate(Some(m)) => Some(w.rate_of(m)),
+            Agg::Quantile(m, q) => w.measurement(m).and_then(|s| s.quantile(*q)),
+            Agg::NoData => Some(if w.count == 0 { 1.0 } else { 0.0 }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+impl CmpOp {
+    fn as_str(self) -> &'static str {
+        match self {
+            CmpOp::Lt => "<",
+            CmpOp::Le => "<=",
+            CmpOp::Gt => ">",
+            CmpOp::Ge => ">=",
+            CmpOp::Eq => "==",
+            CmpOp::Ne => "!=",
+        }
+    }
+
+    fn apply(self, a: f64, b: f64) -> bool {
+        match self {
+            CmpOp::Lt => a < b,
+            CmpOp::Le => a <= b,
+            CmpOp::Gt => a > b,
+            CmpOp::Ge => a >= b,
+            CmpOp::Eq => a == b,
+            CmpOp::Ne => a != b,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArithOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+/// A numeric expression.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Num {
+    Lit(f64),
+    Agg(Agg),
+    Neg(Box<Num>),
+    Arith(ArithOp, Box<Num>, Box<Num>),
+}
+
+impl Num {
+    fn eval(&self, w: &WindowSummary) -> Option<f64> {
+        match self {
+            Num::Lit(v) => Some(*v),
+            Num::Agg(a) => a.value(w),
+            Num::Neg(n) => n.eval(w).map(|v| -v),
+            Num::Arith(op, a, b) => {
+                let (a, b) = (a.eval(w)?, b.eval(w)?);
+                let v = match op {
+                    ArithOp::Add => a + b,
+                    ArithOp::Sub => a - b,
+                    ArithOp::Mul => a * b,
+                    ArithOp::Div => a / b,
+                };
+                v.is_finite().then_some(v)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Num {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Num::Lit(v) => write!(f, "{v}"),
+            Num::Agg(a) => write!(f, "{a}"),
+            Num::Neg(n) => write!(f, "-{n}"),
+            Num::Arith(op, a, b) => {
+                let op = match op {
+                    ArithOp::Add => "+",
+                    ArithOp::Sub => "-",
+                    ArithOp::Mul => "*",
+                    ArithOp::Div => "/",
+                };
+                write!(f, "({a} {op} {b})")
+            }
+        }
+    }
+}
+
+/// A boolean condition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cond {
+    Cmp(CmpOp, Num, Num),
+    NoData,
+    And(Box<Cond>, Box<Cond>),
+    Or(Box<Cond>, Box<Cond>),
+    Not(Box<Cond>),
+}
+
+/// The comparison that decided a condition, for a command's `reason`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evidence {
+    pub metric: String,
+    pub observed: f64,
+    pub threshold: f64,
+}
+
+impl Cond {
+    /// Whether the condition holds (unknown does not).
+    pub fn holds(&self, w: &WindowSummary) -> bool {
+        self.eval(w) == Some(true)
+    }
+
+    /// Three-valued evaluation.
+    pub fn eval(&self, w: &WindowSummary) -> Option<bool> {
+        match self {
+            Cond::Cmp(op, a, b) => Some(op.apply(a.eval(w)?, b.eval(w)?)),
+            Cond::NoData => Some(w.count == 0),
+            Cond::And(a, b) => match (a.eval(w), b.eval(w)) {
+                (Some(false), _) | (_, Some(false)) => Some(false),
+                (Some(true), Some(true)) => Some(true),
+                _ => None,
+            },
+            Cond::Or(a, b) => match (a.eval(w), b.eval(w)) {
+                (Some(true), _) | (_, Some(true)) => Some(true),
+                (Some(false), Some(false)) => Some(false),
+                _ => None,
+            },
+            Cond::Not(a) => a.eval(w).map(|b| !b),
+        }
+    }
+
+    /// The first comparison (left to right) that holds, as metric / observed / threshold.
+    pub fn evidence(&self, w: &WindowSummary) -> Option<Evidence> {
+        match self {
+            Cond::Cmp(op, a, b) => {
+                let (x, y) = (a.eval(w)?, b.eval(w)?);
+                op.apply(x, y).then(|| {
+                    // Put the aggregate on the metric side.
+                    if matches!(a, Num::Lit(_)) && !matches!(b, Num::Lit(_)) {
+                        Evidence {
+                            metric: b.to_string(),
+                            observed: y,
+                            threshold: x,
+                        }
+                    } else {
+                        Evidence {
+                            metric: a.to_string(),
+                            observed: x,
+                            threshold: y,
+                        }
+                    }
+                })
+            }
+            Cond::NoData => (w.count == 0).then(|| Evidence {
+                metric: "no_data()".into(),
+                observed: 1.0,
+                threshold: 1.0,
+            }),
+            Cond::And(a, b) | Cond::Or(a, b) => a.evidence(w).or_else(|| b.evidence(w)),
+            Cond::Not(_) => None,
+        }
+    }
+
+    /// Every aggregate the condition reads, with its value in `w` (for decision records).
+    pub fn aggregates(&self, w: &WindowSummary, out: &mut Vec<(String, f64)>) {
+        fn num(n: &Num, w: &WindowSummary, out: &mut Vec<(String, f64)>) {
+            match n {
+                Num::Agg(a) => {
+                    if let Some(v) = a.value(w) {
+                        let k = a.to_string();
+                        if !out.iter().any(|(x, _)| *x == k) {
+                            out.push((k, v));
+                        }
+                    }
+                }
+                Num::Neg(x) => num(x, w, out),
+                Num::Arith(_, x, y) => {
+                    num(x, w, out);
+                    num(y, w, out);
+                }
+                Num::Lit(_) => {}
+            }
+        }
+        match self {
+            Cond::Cmp(_, a, b) => {
+                num(a, w, out);
+                num(b, w, out);
+            }
+            Cond::NoData => {
+                if !out.iter().any(|(k, _)| k == "count()") {
+                    out.push(("count()".into(), w.count as f64));
+                }
+            }
+            Cond::And(a, b) | Cond::Or(a, b) => {
+                a.aggregates(w, out);
+                b.aggregates(w, out);
+            }
+            Cond::Not(a) => a.aggregates(w, out),
+        }
+    }
+}
+
+impl fmt::Display for Cond {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cond::Cmp(op, a, b) => write!(f, "{a} {} {b}", op.as_str()),
+            Cond::NoData => write!(f, "no_data()"),
+            Cond::And(a, b) => write!(f, "({a} and {b})"),
+            Cond::Or(a, b) => write!(f, "({a} or {b})"),
+            Cond::Not(a) => write!(f, "not {a}"),
+        }
+    }
+}
+
+// ---- tokens --------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq)]
+enum Tok {
+    Num(f64),
+    Ident(String),
+    LParen,
+    RParen,
+    Comma,
+    Cmp(CmpOp),
+    Arith(ArithOp),
+    And,
+    Or,
+    Not,
+    End,
+}
+
+fn describe(t: &Tok) -> String {
+    match t {
+        Tok::Num(v) => format!("number {v}"),
+        Tok::Ident(s) => format!("`{s}`"),
+        Tok::LParen => "`(`".into(),
+        Tok::RParen => "`)`".into(),
+        Tok::Comma => "`,`".into(),
+        Tok::Cmp(op) => format!("`{}`", op.as_str()),
+        Tok::Arith(_) => "an arithmetic operator".into(),
+        Tok::And => "`and`".into(),
+        Tok::Or => "`or`".into(),
+        Tok::Not => "`not`".into(),
+        Tok::End => "the end of the condition".into(),
+    }
+}
+
+fn tokenize(text: &str) -> Result<Vec<(Tok, usize)>, ParseError> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let col = i + 1;
+        if c.is_whitespace() {
+            i += 1;
+            continue;
+        }
+        let two: String = chars[i..(i + 2).min(chars.len())].iter().collect();
+        let tok = match c {
+            '(' => Tok::LParen,
+            ')' => Tok::RParen,
+            ',' => Tok::Comma,
+            '+' => Tok::Arith(ArithOp::Add),
+            '-' => Tok::Arith(ArithOp::Sub),
+            '*' => Tok::Arith(ArithOp::Mul),
+            '/' => Tok::Arith(ArithOp::Div),
+            '<' | '>' | '=' | '!' => {
+                let (op, len) = match two.as_str() {
+                    "<=" => (CmpOp::Le, 2),
+                    ">=" => (CmpOp::Ge, 2),
+                    "==" => (CmpOp::Eq, 2),
+                    "!=" => (CmpOp::Ne, 2),
+                    _ if c == '<' => (CmpOp::Lt, 1),
+                    _ if c == '>' => (CmpOp::Gt, 1),
+                    _ => {
+                        return Err(ParseError {
+                            column: col,
+                            message: format!("unexpected `{c}`; use == or != to compare"),
+                        })
+                    }
+                };
+                out.push((Tok::Cmp(op), col));
+                i += len;
+                continue;
+            }
+            c if c.is_ascii_digit() || c == '.' => {
+                let start = i;
+                while i < chars.len()
+                    && (chars[i].is_ascii_digit()
+                        || chars[i] == '.'
+                        || chars[i] == 'e'
+                        || chars[i] == 'E'
+                        || ((chars[i] == '-' || chars[i] == '+')
+                            && matches!(chars[i - 1], 'e' | 'E')))
+                {
+                    i += 1;
+                }
+                let s: String = chars[start..i].iter().collect();
+                let v: f64 = s.parse().map_err(|_| ParseError {
+                    column: col,
+                    message: format!("`{s}` is not a number"),
+                })?;
+                out.push((Tok::Num(v), col));
+                continue;
+            }
+            c if c.is_alphabetic() || c == '_' => {
+                let start = i;
+                while i < chars.len()
+                    && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '.')
+                {
+                    i += 1;
+                }
+                let s: String = chars[start..i].iter().collect();
+                let tok = match s.as_str() {
+                    "and" => Tok::And,
+                    "or" => Tok::Or,
+                    "not" => Tok::Not,
+                    _ => Tok::Ident(s),
+                };
+                out.push((tok, col));
+                continue;
+            }
+            _ => {
+                return Err(ParseError {
+                    column: col,
+                    message: format!("unexpected character `{c}`"),
+                })
+            }
+        };
+        out.push((tok, col));
+        i += 1;
+    }
+    out.push((Tok::End, chars.len() + 1));
+    Ok(out)
+}
+
+// ---- parser --------------------------------------------------------------------------------
+
+enum Expr {
+    Num(Num),
+    Bool(Cond),
+}
+
+struct Parser {
+    toks: Vec<(Tok, usize)>,
+    pos: usize,
+}
+
+/// Parses a condition; the result must be boolean.
+pub fn parse(text: &str) -> Result<Cond, ParseError> {
+    let mut p = Parser {
+        toks: tokenize(text)?,
+        pos: 0,
+    };
+    let col = p.col();
+    let e = p.or()?;
+    if p.peek() != &Tok::End {
+        return Err(p.error(format!(
+            "expected `and`, `or` or the end, found {}",
+            describe(p.peek())
+        )));
+    }
+    match e {
+        Expr::Bool(c) => Ok(c),
+        Expr::Num(_) => Err(ParseError {
+            column: col,
+            message: "a condition must compare, e.g. `p99(latency_ms) > 250`".into(),
+        }),
+    }
+}
+
+impl Parser {
+    fn peek(&self) -> &Tok {
+        &self.toks[self.pos].0
+    }
+
+    fn col(&self) -> usize {
+        self.toks[self.pos].1
+    }
+
+    fn next(&mut self) -> Tok {
+        let t = self.toks[self.pos].0.clone();
+        if self.pos + 1 < self.toks.len() {
+            self.pos += 1;
+        }
+        t
+    }
+
+    fn error(&self, message: String) -> ParseError {
+        ParseError {
+            column: self.col(),
+            message,
+        }
+    }
+
+    fn expect(&mut self, t: Tok, what: &str) -> Result<(), ParseError> {
+        if *self.peek() == t {
+            self.next();
+            Ok(())
+        } else {
+            Err(self.error(format!("expected {what}, found {}", describe(self.peek()))))
+        }
+    }
+
+    fn boolean(&self, e: Expr, col: usize, op: &str) -> Result<Cond, ParseError> {
+        match e {
+            Expr::Bool(c) => Ok(c),
+            Expr::Num(_) => Err(ParseError {
+                column: col,
+                message: format!("`{op}` needs a comparison here, not a number"),
+            }),
+        }
+    }
+
+    fn number(&self, e: Expr, col: usize) -> Result<Num, ParseError> {
+        match e {
+            Expr::Num(n) => Ok(n),
+            Expr::Bool(_) => Err(ParseError {
+                column: col,
+                message: "a number is needed here, not a condition".into(),
+            }),
+        }
+    }
+
+    fn or(&mut self) -> Result<Expr, ParseError> {
+        let col = self.col();
+        let mut left = self.and()?;
+        while self.peek() == &Tok::Or {
+            self.next();
+            let rcol = self.col();
+            let right = self.and()?;
+            let l = self.boolean(left, col, "or")?;
+            let r = self.boolean(right, rcol, "or")?;
+            left = Expr::Bool(Cond::Or(Box::new(l), Box::new(r)));
+        }
+        Ok(left)
+    }
+
+    fn and(&mut self) -> Result<Expr, ParseError> {
+        let col = self.col();
+        let mut left = self.not()?;
+        while self.peek() == &Tok::And {
+            self.next();
+            let rcol = self.col();
+            let right = self.not()?;
+            let l = self.boolean(left, col, "and")?;
+            let r = self.boolean(right, rcol, "and")?;
+            left = Expr::Bool(Cond::And(Box::new(l), Box::new(r)));
+        }
+        Ok(left)
+    }
+
+    fn not(&mut self) -> Result<Expr, ParseError> {
+        if self.peek() == &Tok::Not {
+            self.next();
+            let col = self.col();
+            let inner = self.not()?;
+            let c = self.boolean(inner, col, "not")?;
+            return Ok(Expr::Bool(Cond::Not(Box::new(c))));
+        }
+        self.cmp()
+    }
+
+    fn cmp(&mut self) -> Result<Expr, ParseError> {
+        let col = self.col();
+        let left = self.sum()?;
+        if let Tok::Cmp(op) = *self.peek() {
+            self.next();
+            let rcol = self.col();
+            let right = self.sum()?;
+            let l = self.number(left, col)?;
+            let r = self.number(right, rcol)?;
+            return Ok(Expr::Bool(Cond::Cmp(op, l, r)));
+        }
+        Ok(left)
+    }
+
+    fn sum(&mut self) -> Result<Expr, ParseError> {
+        let col = self.col();
+        let mut left = self.product()?;
+        while let Tok::Arith(op @ (ArithOp::Add | ArithOp::Sub)) = *self.peek() {
+            self.next();
+            let rcol = self.col();
+            let right = self.product()?;
+            let l = self.number(left, col)?;
+            let r = self.number(right, rcol)?;
+            left = Expr::Num(Num::Arith(op, Box::new(l), Box::new(r)));
+        }
+        Ok(left)
+    }
+
+    fn product(&mut self) -> Result<Expr, ParseError> {
+        let col = self.col();
+        let mut left = self.unary()?;
+        while let Tok::Arith(op @ (ArithOp::Mul | ArithOp::Div)) = *self.peek() {
+            self.next();
+            let rcol = self.col();
+            let right = self.unary()?;
+            let l = self.number(left, col)?;
+            let r = self.number(right, rcol)?;
+            left = Expr::Num(Num::Arith(op, Box::new(l), Box::new(r)));
+        }
+        Ok(left)
+    }
+
+    fn unary(&mut self) -> Result<Expr, ParseError> {
+        if self.peek() == &Tok::Arith(ArithOp::Sub) {
+            self.next();
+            let col = self.col();
+            let inner = self.unary()?;
+            return Ok(Expr::Num(Num::Neg(Box::new(self.number(inner, col)?))));
+        }
+        self.atom()
+    }
+
+    fn atom(&mut self) -> Result<Expr, ParseError> {
+        let col = self.col();
+        match self.next() {
+            Tok::Num(v) => Ok(Expr::Num(Num::Lit(v))),
+            Tok::LParen => {
+                let e = self.or()?;
+                self.expect(Tok::RParen, "`)`")?;
+                Ok(e)
+            }
+            Tok::Ident(name) => self.call(name, col),
+            other => Err(ParseError {
+                column: col,
+                message: format!(
+                    "expected a number, a function such as p99(latency_ms), or `(`; found {}",
+                    describe(&other)
+                ),
+            }),
+        }
+    }
+
+    fn call(&mut self, name: String, col: usize) -> Result<Expr, ParseError> {
+        if self.peek() != &Tok::LParen {
+            return Err(self.error(format!("`{name}` must be called, e.g. {name}(latency_ms)")));
+        }
+        self.next();
+        let mut measurement = None;
+        let mut q = None;
+        if let Tok::Ident(m) = self.peek().clone() {
+            self.next();
+            measurement = Some(m);
+            if self.peek() == &Tok::Comma {
+                self.next();
+                match self.next() {
+                    Tok::Num(v) => q = Some(v),
+                    other => {
+                        return Err(ParseError {
+                            column: self.toks[self.pos.saturating_sub(1)].1,
+                            message: format!(
+                                "expected a quantile between 0 and 1, found {}",
+                                describe(&other)
+                            ),
+                        })
+                    }
+                }
+            }
+        }
+        self.expect(Tok::RParen, "`)`")?;
+        let need = |m: Option<String>| {
+            m.ok_or_else(|| ParseError {
+                column: col,
+                message: format!("{name}() needs a measurement, e.g. {name}(latency_ms)"),
+            })
+        };
+        let none = |m: &Option<String>, what: &str| -> Result<(), ParseError> {
+            match m {
+                Some(_) => Err(ParseError {
+                    column: col,
+                    message: format!("{what} takes no measurement"),
+                }),
+                None => Ok(()),
+            }
+        };
+        let agg = match name.as_str() {
+            "count" => Agg::Count(measurement),
+            "rate" => Agg::Rate(measurement),
+            "sum" => Agg::Sum(need(measurement)?),
+            "min" => Agg::Min(need(measurement)?),
+            "max" => Agg::Max(need(measurement)?),
+            "mean" | "avg" => Agg::Mean(need(measurement)?),
+            "p50" => Agg::Quantile(need(measurement)?, 0.5),
+            "p90" => Agg::Quantile(need(measurement)?, 0.9),
+            "p95" => Agg::Quantile(need(measurement)?, 0.95),
+            "p99" => Agg::Quantile(need(measurement)?, 0.99),
+            "quantile" => {
+                let m = need(measurement)?;
+                match q {
+                    Some(q) if (0.0..=1.0).contains(&q) => Agg::Quantile(m, q),
+                    _ => {
+                        return Err(ParseError {
+                            column: col,
+                            message: "quantile(m, q) needs q between 0 and 1".into(),
+                        })
+                    }
+                }
+            }
+            "no_data" => {
+                none(&measurement, "no_data()")?;
+                return Ok(Expr::Bool(Cond::NoData));
+            }
+            _ => {
+                return Err(ParseError {
+                    column: col,
+                    message: format!(
+                        "unknown function `{name}`; use count, sum, min, max, mean, rate, p50, \
+                         p90, p95, p99, quantile or no_data"
+                    ),
+                })
+            }
+        };
+        if q.is_some() && !matches!(agg, Agg::Quantile(..)) {
+            return Err(ParseError {
+                column: col,
+                message: format!("{name}() takes one argument"),
+            });
+        }
+        Ok(Expr::Num(Num::Agg(agg)))
+    }
+}
+
+/// The quantile measurements a condition reads (so config checks can ask for sketches).
+pub fn quantile_measurements(c: &Cond, out: &mut Vec<String>) {
+    fn num(n: &Num, out: &mut Vec<String>) {
+        match n {
+            Num::Agg(Agg::Quantile(m, _)) if !out.contains(m) => out.push(m.clone()),
+            Num::Neg(x) => num(x, out),
+            Num::Arith(_, x, y) => {
+                num(x, out);
+                num(y, out);
+            }
+            _ => {}
+        }
+    }
+    match c {
+        Cond::Cmp(_, a, b) => {
+            num(a, out);
+            num(b, out);
+        }
+        Cond::And(a, b) | Cond::Or(a, b) => {
+            quantile_measurements(a, out);
+            quantile_measurements(b, out);
+        }
+        Cond::Not(a) => quantile_measurements(a, out),
+        Cond::NoData => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_examples() {
+        for text in [
+            "p99(latency_ms) > 250 and count() >= 20",
+            "mean(error) > 0.05",
+            "no_data()",
+            "rate(error) > 2.5",
+            "not (p50(latency_ms) <= 100 or count() < 5)",
+            "quantile(latency_ms, 0.999) > 2 * p50(latency_ms)",
+            "-1 < min(cpu) and max(cpu) != 1e3",
+        ] {
+            parse(text).unwrap_or_else(|e| panic!("{text}: {}", e.render(text)));
+        }
+    }
+
+    #[test]
+    fn precedence_is_not_then_and_then_or() {
+        let c = parse("count() > 1 or count() > 2 and not count() > 3").unwrap();
+        assert_eq!(
+            c.to_string(),
+            "(count() > 1 or (count() > 2 and not count() > 3))"
+        );
+    }
+
+    #[test]
+    fn errors_point_at_the_column() {
+        let cases = [
+            ("p99(latency_ms) > ", 19, "expected a number"),
+            ("p99(latency_ms) >> 3", 18, "expected a number"),
+            ("p98(latency_ms) > 3", 1, "unknown function `p98`"),
+            ("count() > 3 and", 16, "expected a number"),
+            ("mean() > 1", 1, "needs a measurement"),
+            ("p99(latency_ms)", 1, "must compare"),
+            ("count() > 1 and 5", 17, "needs a comparison"),
+            ("(count() > 1", 13, "expected `)`"),
+            ("count() = 1", 9, "use =="),
+            ("count() > 1 garbage", 13, "expected `and`"),
+            ("quantile(x, 2) > 1", 1, "between 0 and 1"),
+            ("no_data(x)", 1, "takes no measurement"),
+            ("count > 1", 7, "must be called"),
+            ("count() > 1 $", 13, "unexpected character"),
+        ];
+        for (text, column, msg) in cases {
+            let e = parse(text).expect_err(text);
+            assert_eq!(e.column, column, "{text}: {}", e.render(text));
+            assert!(e.message.contains(msg), "{text}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn render_puts_a_caret_under_the_column() {
+        let text = "count() > ";
+        let e = parse(text).unwrap_err();
+        let r = e.render(text);
+        let lines: Vec<&str> = r.lines().collect();
+        assert_eq!(lines[2].find('^'), Some(4 + e.column - 1));
+    }
+}
