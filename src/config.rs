@@ -393,8 +393,11 @@ impl Config {
                 origin: format!("--set {flag}"),
                 message: "expected key.path=value, e.g. --set windows.size=5s".into(),
             })?;
-            let path = key.trim().split('.').map(str::to_string).collect();
-            layers.push((format!("--set {flag}"), path, value.to_string()));
+            layers.push((
+                format!("--set {flag}"),
+                split_key_path(key.trim()),
+                value.to_string(),
+            ));
         }
 
         let mut config: Config =
@@ -620,6 +623,20 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// Splits `a.b."c.d"` into `["a", "b", "c.d"]` (quotes keep dotted librdkafka keys whole).
+fn split_key_path(key: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut quoted = false;
+    for c in key.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            '.' if !quoted => out.push(String::new()),
+            c => out.last_mut().expect("never empty").push(c),
+        }
+    }
+    out
+}
+
 /// An override value: a TOML literal when it parses as one (`5`, `true`, `[1, 2]`), else a string.
 fn parse_scalar(value: &str) -> toml::Value {
     match format!("v = {value}").parse::<toml::Table>() {
@@ -651,6 +668,15 @@ mod tests {
     fn line_col_counts_from_one() {
         assert_eq!(line_col("a\nbc\n", 0), (1, 1));
         assert_eq!(line_col("a\nbc\n", 3), (2, 2));
+    }
+
+    #[test]
+    fn key_paths_keep_quoted_dots() {
+        assert_eq!(
+            split_key_path("kafka.properties.\"session.timeout.ms\""),
+            ["kafka", "properties", "session.timeout.ms"]
+        );
+        assert_eq!(split_key_path("windows.size"), ["windows", "size"]);
     }
 
     #[test]

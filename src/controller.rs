@@ -194,6 +194,18 @@ pub enum Guardrail {
 }
 
 impl Guardrail {
+    pub const ALL: [Guardrail; 9] = [
+        Guardrail::Staleness,
+        Guardrail::Silence,
+        Guardrail::FlapBreaker,
+        Guardrail::Inhibited,
+        Guardrail::Cooldown,
+        Guardrail::PolicyInFlight,
+        Guardrail::MaxInFlight,
+        Guardrail::BlastRadius,
+        Guardrail::RateLimit,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Guardrail::Staleness => "staleness",

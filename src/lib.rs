@@ -20,6 +20,9 @@
 //!   retries, escalation) and guardrails, compiled from TOML.
 //! - [`controller`] — the per-(segment, policy) state machine: fire, ack, verify, retry,
 //!   escalate; guardrails; decision records; loop timings; snapshot/restore.
+//! - [`runtime`] — `segloop run`: Kafka consumers/producer, offsets, rebalances, DLQ,
+//!   shutdown, reload; [`runtime::admin`] serves metrics, health and the admin API.
+//! - [`metrics`] — the documented Prometheus names and the per-instance recorder.
 //! - [`config`] — layered TOML configuration (defaults < file < `SEGLOOP__*` env < CLI) with
 //!   errors that name the key, file and line.
 //! - [`bench`] — `segloop bench` figures and the counting allocator behind `bytes_per_segment`.
@@ -35,8 +38,10 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod controller;
+pub mod metrics;
 pub mod model;
 pub mod policy;
+pub mod runtime;
 pub mod schema;
 pub mod sketch;
 pub mod window;

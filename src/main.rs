@@ -18,7 +18,7 @@ fn main() -> ExitCode {
         Command::Decode(args) => cli::decode(&args),
         Command::Encode(args) => cli::encode(&args),
         Command::Schemas(args) => cli::schemas(&args),
-        Command::Run(_) => cli::not_yet("run", "the Kafka runtime, issue 5"),
+        Command::Run(args) => cli::run(&args, &env),
         Command::Demo(_) => cli::not_yet("demo", "the embedded demo, issue 6"),
         Command::Backtest(_) => cli::not_yet("backtest", "backtesting, issue 9"),
         Command::Bench(args) => cli::bench(&args, &env),

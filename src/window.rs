@@ -499,6 +499,32 @@ impl WindowEngine {
         self.partitions.get(&partition)
     }
 
+    /// The open panes of a segment as partial summaries (`[start, start + hop)`), oldest
+    /// first: what the admin API shows. Empty when the segment is not held here.
+    pub fn open_windows(&self, segment: &str) -> Vec<WindowSummary> {
+        for p in self.partitions.values() {
+            if let Some(i) = p.segments.find(segment) {
+                let seg = &p.segments.slots[i];
+                return seg
+                    .panes
+                    .iter()
+                    .map(|pane| {
+                        summary_of(
+                            seg,
+                            p.partition,
+                            pane.start_ms,
+                            pane.start_ms + self.spec.hop_ms,
+                            pane.count,
+                            pane.aggs.iter().cloned(),
+                            &self.names,
+                        )
+                    })
+                    .collect();
+            }
+        }
+        Vec::new()
+    }
+
     /// The offset to commit for a partition: the lowest offset still feeding an open window,
     /// or one past the last offset seen when no window is open. `None` before any input.
     pub fn committable_offset(&self, partition: i32) -> Option<i64> {

@@ -1,0 +1,242 @@
+//! Kafka plumbing: client configs, topic checks and creation, clocks of the live runtime.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::config::Config;
+
+/// A client config with the brokers, client id and the pass-through properties (which win).
+pub fn client_config(config: &Config, extra: &[(&str, &str)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.bootstrap_servers);
+    c.set("client.id", &config.kafka.client_id);
+    for (k, v) in extra {
+        c.set(*k, *v);
+    }
+    for (k, v) in config.kafka.librdkafka_properties() {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Partition counts of the configured topics, after creating missing ones when
+/// `create_topics = true`.
+///
+/// # Errors
+/// A missing topic (without `create_topics`), or telemetry and state with different partition
+/// counts: both name the topic and the fix.
+pub fn prepare_topics(config: &Config) -> anyhow::Result<BTreeMap<String, i32>> {
+    let probe: BaseConsumer = client_config(config, &[("allow.auto.create.topics", "false")])
+        .create()
+        .context("cannot create a Kafka client for metadata")?;
+    let t = &config.topics;
+    let wanted: Vec<(&str, &str, bool)> = vec![
+        ("telemetry", &t.telemetry.name, false),
+        ("state", &t.state.name, true),
+        ("actions", &t.actions.name, false),
+        ("outcomes", &t.outcomes.name, false),
+        ("dlq", &t.dlq.name, false),
+        ("decisions", &t.decisions.name, false),
+        ("control", &t.control.name, true),
+    ];
+    let mut counts = existing_partitions(&probe, wanted.iter().map(|w| w.1))?;
+    let missing: Vec<&(&str, &str, bool)> = wanted
+        .iter()
+        .filter(|w| !counts.contains_key(w.1))
+        .collect();
+    if !missing.is_empty() {
+        if !config.kafka.create_topics {
+            let names: Vec<String> = missing
+                .iter()
+                .map(|w| format!("{} ({})", w.1, w.0))
+                .collect();
+            bail!(
+                "topic{} {} do{} not exist; create {} (telemetry and state with the same \
+                 partition count) or set kafka.create_topics = true",
+                if names.len() > 1 { "s" } else { "" },
+                names.join(", "),
+                if names.len() > 1 { "" } else { "es" },
+                if names.len() > 1 { "them" } else { "it" }
+            );
+        }
+        // State follows telemetry's partition count when telemetry already exists.
+        let partitions = counts
+            .get(t.telemetry.name.as_str())
+            .copied()
+            .unwrap_or(config.kafka.partitions);
+        let new: Vec<NewTopic<'_>> = missing
+            .iter()
+            .map(|(_, name, compacted)| {
+                let n = NewTopic::new(
+                    name,
+                    partitions,
+                    TopicReplication::Fixed(config.kafka.replication_factor),
+                );
+                if *compacted {
+                    n.set("cleanup.policy", "compact")
+                } else {
+                    n
+                }
+            })
+            .collect();
+        let admin: AdminClient<DefaultClientContext> = client_config(config, &[])
+            .create()
+            .context("cannot create a Kafka admin client")?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start a runtime for the admin client")?;
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = rt
+            .block_on(admin.create_topics(new.iter(), &opts))
+            .context("creating topics failed (the embedded mock cluster cannot create topics this way: see create_embedded_topics)")?;
+        for r in results {
+            if let Err((topic, code)) = r {
+                if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                    bail!("cannot create topic {topic}: {code}");
+                }
+            }
+        }
+        // Metadata can lag creation by a moment.
+        for _ in 0..50 {
+            counts = existing_partitions(&probe, wanted.iter().map(|w| w.1))?;
+            if counts.len() == wanted.len() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let telemetry = counts.get(t.telemetry.name.as_str()).copied();
+    let state = counts.get(t.state.name.as_str()).copied();
+    match (telemetry, state) {
+        (Some(a), Some(b)) if a != b => bail!(
+            "telemetry topic {} has {a} partitions but state topic {} has {b}; they must be \
+             co-partitioned: recreate {} with {a} partitions",
+            t.telemetry.name,
+            t.state.name,
+            t.state.name
+        ),
+        (None, _) | (_, None) => bail!("topic metadata is incomplete after creating topics"),
+        _ => {}
+    }
+    Ok(counts)
+}
+
+/// Creates the configured topics on librdkafka's in-process mock cluster (which does not
+/// implement the CreateTopics API): telemetry and state co-partitioned, the others with the
+/// same count.
+///
+/// # Errors
+/// The mock refused a topic.
+pub fn create_embedded_topics<C: rdkafka::ClientContext>(
+    cluster: &rdkafka::mocking::MockCluster<'_, C>,
+    config: &Config,
+) -> anyhow::Result<()> {
+    let t = &config.topics;
+    for name in [
+        &t.telemetry.name,
+        &t.state.name,
+        &t.actions.name,
+        &t.outcomes.name,
+        &t.dlq.name,
+        &t.decisions.name,
+        &t.control.name,
+    ] {
+        cluster
+            .create_topic(name, config.kafka.partitions, 1)
+            .with_context(|| format!("the embedded cluster cannot create {name}"))?;
+    }
+    Ok(())
+}
+
+fn existing_partitions<'a>(
+    probe: &BaseConsumer,
+    names: impl Iterator<Item = &'a str>,
+) -> anyhow::Result<BTreeMap<String, i32>> {
+    let mut out = BTreeMap::new();
+    for name in names {
+        let md = probe
+            .fetch_metadata(Some(name), Duration::from_secs(10))
+            .with_context(|| format!("cannot fetch metadata for topic {name}"))?;
+        for topic in md.topics() {
+            if topic.error().is_none() && !topic.partitions().is_empty() {
+                out.insert(topic.name().to_string(), topic.partitions().len() as i32);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Java's murmur2 partitioner (what `partitioner=murmur2_random` does for keyed records):
+/// `(murmur2(key) & 0x7fffffff) % partitions`. Used to find a segment's partition without a
+/// broker (tests, the demo's ground truth).
+pub fn murmur2_partition(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) as i32 % partitions
+}
+
+/// Kafka's murmur2 (seed 0x9747b28c), as in `org.apache.kafka.common.utils.Utils.murmur2`.
+pub fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let len = data.len();
+    let mut h: u32 = 0x9747_b28c ^ len as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kafka's published vectors (clients/src/test/java/.../UtilsTest.java, testMurmur2).
+    #[test]
+    fn murmur2_matches_kafka_test_vectors() {
+        let cases: [(&[u8], i32); 6] = [
+            (b"21", -973932308),
+            (b"foobar", -790332482),
+            (b"a-little-bit-long-string", -985981536),
+            (b"a-little-bit-longer-string", -1486304829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
+            (b"abc", 479470107),
+        ];
+        for (key, want) in cases {
+            assert_eq!(
+                murmur2(key) as i32,
+                want,
+                "{}",
+                String::from_utf8_lossy(key)
+            );
+        }
+    }
+}

@@ -1,0 +1,940 @@
+//! `segloop run`: the engine and controller driven by Kafka.
+//!
+//! One engine thread owns the hot path: a `BaseConsumer` in the telemetry group (polled in
+//! batches), the window engine and the controller. Two group-less consumers read every
+//! partition of the outcomes topic (from the end) and of the control topic (from the start).
+//! One idempotent producer (`acks=all`, murmur2) writes commands, decisions and DLQ records.
+//!
+//! Delivery (at-least-once): telemetry offsets are committed every `commit_interval`, and only
+//! up to the engine's committable offset (the lowest offset still feeding an open window), and
+//! only after `flush` confirmed every record produced before it. On revoke the rebalance
+//! callback flushes and commits within a bound, then the partition's state is dropped; on
+//! assign, consumption resumes at the committed offset, rebuilding open windows.
+//!
+//! The admin thread ([`admin`]) serves `/metrics`, health, and the admin API; it locks the
+//! shared [`Core`] briefly and never across I/O.
+
+pub mod admin;
+pub mod kafka;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{build_codec, decode_record, Codec, DecodeError};
+use crate::config::Config;
+use crate::controller::{Controller, Effects, OutcomeDisposition};
+use crate::metrics::{Counters, Gauges, Metrics};
+use crate::model::{DecisionRecord, RemediationCommand, RemediationOutcome, TelemetryEvent};
+use crate::policy::{PolicySet, Silence};
+use crate::window::{Position, WindowEngine, WindowSpec, WindowSummary};
+
+/// The controller clock of the live runtime.
+pub trait Clock: Send + Sync {
+    fn now_ms(&self) -> i64;
+}
+
+/// Wall-clock time.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    }
+}
+
+/// Flags set by signal handlers (or tests) and read by the engine loop.
+#[derive(Debug, Default)]
+pub struct Control {
+    stop: AtomicBool,
+    reload: AtomicBool,
+}
+
+impl Control {
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+    pub fn request_reload(&self) {
+        self.reload.store(true, Ordering::SeqCst);
+    }
+}
+
+/// What a run did, for the caller (the demo's accounting, tests).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RunReport {
+    pub records_consumed: u64,
+    pub records_aggregated: u64,
+    pub records_dlq: u64,
+    pub commands: u64,
+    pub decisions: u64,
+    pub outcomes_applied: u64,
+    pub outcomes_skipped: u64,
+    pub commits: u64,
+}
+
+/// A silence as stored on the control topic (key `silence/<id>`; a null value deletes it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SilenceRecord {
+    pub id: String,
+    pub segments: String,
+    pub from_ms: i64,
+    pub until_ms: i64,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// State shared by the engine loop, the rebalance callback and the admin thread.
+pub struct Core {
+    pub engine: WindowEngine,
+    pub controller: Controller,
+    pub config: Config,
+    telemetry_codec: Box<dyn Codec<TelemetryEvent>>,
+    outcome_codec: Box<dyn Codec<RemediationOutcome>>,
+    command_codec: Box<dyn Codec<RemediationCommand>>,
+    decision_codec: Box<dyn Codec<DecisionRecord>>,
+    producer: Arc<ThreadedProducer<ProduceContext>>,
+    labels: HashMap<String, BTreeMap<String, String>>,
+    track_labels: bool,
+    closed: Vec<WindowSummary>,
+    effects: Effects,
+    counters: Counters,
+    pub report: RunReport,
+    /// Committable offsets per owned partition (computed after producing their effects).
+    pub pending_offsets: BTreeMap<i32, i64>,
+    pub assigned: Vec<i32>,
+    pub lag: BTreeMap<i32, i64>,
+    pub last_turn: Option<Instant>,
+}
+
+/// Rebalance events for the loop to apply (the callback runs inside `poll`).
+#[derive(Debug)]
+enum GroupEvent {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+struct GroupContext {
+    topic: String,
+    core: Arc<Mutex<Core>>,
+    producer: Arc<ThreadedProducer<ProduceContext>>,
+    events: Mutex<Vec<GroupEvent>>,
+    revoke_timeout: Duration,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            // Everything produced so far must be acknowledged before its offsets commit.
+            let flushed = self.producer.flush(self.revoke_timeout).is_ok()
+                && self.producer.context().take_errors() == 0;
+            if flushed {
+                let offsets = {
+                    let core = self.core.lock().expect("core lock");
+                    parts
+                        .iter()
+                        .filter_map(|p| core.pending_offsets.get(p).map(|o| (*p, *o)))
+                        .collect::<Vec<_>>()
+                };
+                if let Err(e) = commit(consumer, &self.topic, &offsets, CommitMode::Sync) {
+                    tracing::warn!(error = %e, "commit on revoke failed; the new owner re-reads");
+                }
+            } else {
+                tracing::warn!("produce not confirmed before revoke; not committing");
+            }
+            self.events
+                .lock()
+                .expect("events lock")
+                .push(GroupEvent::Revoked(parts));
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            self.events
+                .lock()
+                .expect("events lock")
+                .push(GroupEvent::Assigned(parts));
+        }
+    }
+}
+
+/// Producer callbacks: count failures; time commands from window close to broker ack.
+#[derive(Default)]
+pub struct ProduceContext {
+    errors: AtomicU64,
+    errors_total: AtomicU64,
+    close_to_ack: Mutex<Vec<f64>>,
+}
+
+impl ProduceContext {
+    fn take_errors(&self) -> u64 {
+        self.errors.swap(0, Ordering::SeqCst)
+    }
+}
+
+impl ClientContext for ProduceContext {}
+
+/// Process-relative microseconds (+1, so 0 means "not timed"): the delivery opaque of
+/// commands, the time their window closed.
+fn stamp(at: Instant) -> usize {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    at.saturating_duration_since(start).as_micros() as usize + 1
+}
+
+impl ProducerContext for ProduceContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        match result {
+            Ok(_) => {
+                if opaque > 0 {
+                    let secs = (stamp(Instant::now()).saturating_sub(opaque)) as f64 / 1e6;
+                    if let Ok(mut v) = self.close_to_ack.lock() {
+                        v.push(secs);
+                    }
+                }
+            }
+            Err((e, _)) => {
+                self.errors.fetch_add(1, Ordering::SeqCst);
+                self.errors_total.fetch_add(1, Ordering::SeqCst);
+                tracing::error!(error = %e, "record could not be delivered");
+            }
+        }
+    }
+}
+
+fn commit<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    offsets: &[(i32, i64)],
+    mode: CommitMode,
+) -> anyhow::Result<()> {
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in offsets {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
+    }
+    consumer.commit(&tpl, mode)?;
+    Ok(())
+}
+
+/// Shared state handed to callers that inspect it.
+pub type SharedCore = Arc<Mutex<Core>>;
+
+/// Options of one runtime instance.
+pub struct RunOptions {
+    pub config: Config,
+    pub policies: PolicySet,
+    /// Watched for changes (and re-read on SIGHUP).
+    pub policies_path: Option<PathBuf>,
+    pub control: Arc<Control>,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Metrics,
+    /// Called with the admin address once it listens.
+    pub on_admin: Option<Box<dyn FnOnce(std::net::SocketAddr) + Send>>,
+    /// Shared state, for callers that inspect it (the demo's terminal view, tests).
+    pub on_core: Option<Box<dyn FnOnce(SharedCore) + Send>>,
+}
+
+/// Runs until `control.stop()`; returns what it did.
+///
+/// # Errors
+/// Startup failures (brokers, topics, admin address) and fatal consumer errors.
+pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
+    let RunOptions {
+        config,
+        policies,
+        policies_path,
+        control,
+        clock,
+        metrics,
+        on_admin,
+        on_core,
+    } = opts;
+    let partitions = kafka::prepare_topics(&config)?;
+    let telemetry_partitions = partitions[config.topics.telemetry.name.as_str()];
+    tracing::info!(
+        brokers = %config.kafka.bootstrap_servers,
+        group = %config.kafka.group_id,
+        telemetry_partitions,
+        "starting segloop"
+    );
+
+    let producer: Arc<ThreadedProducer<ProduceContext>> = Arc::new(
+        kafka::client_config(
+            &config,
+            &[
+                ("enable.idempotence", "true"),
+                ("acks", "all"),
+                ("partitioner", "murmur2_random"),
+                ("linger.ms", "5"),
+                ("queue.buffering.max.messages", "100000"),
+            ],
+        )
+        .create_with_context(ProduceContext::default())
+        .context("cannot create the Kafka producer")?,
+    );
+
+    let t = &config.topics;
+    let spec = WindowSpec::from_config(&config.windows);
+    let track_labels = policies.policies.iter().any(|p| !p.labels.is_empty());
+    let codec_err = |topic: &str, e: String| anyhow::anyhow!("topics.{topic}: {e}");
+    let core = Arc::new(Mutex::new(Core {
+        engine: WindowEngine::new(spec),
+        controller: Controller::new(policies, telemetry_partitions as u32),
+        telemetry_codec: build_codec(t.telemetry.codec, &t.telemetry.schema_settings())
+            .map_err(|e| codec_err("telemetry", e))?,
+        outcome_codec: build_codec(t.outcomes.codec, &t.outcomes.schema_settings())
+            .map_err(|e| codec_err("outcomes", e))?,
+        command_codec: build_codec(t.actions.codec, &t.actions.schema_settings())
+            .map_err(|e| codec_err("actions", e))?,
+        decision_codec: build_codec(t.decisions.codec, &t.decisions.schema_settings())
+            .map_err(|e| codec_err("decisions", e))?,
+        producer: producer.clone(),
+        labels: HashMap::new(),
+        track_labels,
+        closed: Vec::new(),
+        effects: Effects::default(),
+        counters: Counters::default(),
+        report: RunReport::default(),
+        pending_offsets: BTreeMap::new(),
+        assigned: Vec::new(),
+        lag: BTreeMap::new(),
+        last_turn: None,
+        config: config.clone(),
+    }));
+    if let Some(f) = on_core {
+        f(core.clone());
+    }
+
+    let admin = admin::Admin::start(
+        &config.admin.listen,
+        core.clone(),
+        metrics.clone(),
+        control.clone(),
+    )?;
+    tracing::info!(address = %admin.addr, "admin and metrics listening");
+    if let Some(f) = on_admin {
+        f(admin.addr);
+    }
+
+    let session_timeout = config
+        .kafka
+        .librdkafka_properties()
+        .get("session.timeout.ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(45_000);
+    let group_ctx = GroupContext {
+        topic: t.telemetry.name.clone(),
+        core: core.clone(),
+        producer: producer.clone(),
+        events: Mutex::new(Vec::new()),
+        revoke_timeout: Duration::from_millis(session_timeout / 2)
+            .min(config.delivery.shutdown_timeout),
+    };
+    let consumer: BaseConsumer<GroupContext> = kafka::client_config(
+        &config,
+        &[
+            ("group.id", &config.kafka.group_id),
+            ("enable.auto.commit", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("enable.partition.eof", "false"),
+        ],
+    )
+    .create_with_context(group_ctx)
+    .context("cannot create the telemetry consumer")?;
+    consumer
+        .subscribe(&[&t.telemetry.name])
+        .context("cannot subscribe to the telemetry topic")?;
+
+    let outcomes: BaseConsumer = side_consumer(
+        &config,
+        &t.outcomes.name,
+        partitions[t.outcomes.name.as_str()],
+        Offset::End,
+    )?;
+    let controls: BaseConsumer = side_consumer(
+        &config,
+        &t.control.name,
+        partitions[t.control.name.as_str()],
+        Offset::Beginning,
+    )?;
+
+    let _guard = metrics::set_default_local_recorder(&*metrics.recorder);
+    let mut last_commit = Instant::now();
+    let mut last_lag = Instant::now();
+    let mut policy_mtime = policies_path.as_ref().and_then(|p| mtime(p));
+    let mut last_policy_check = Instant::now();
+    let commit_interval = config.delivery.commit_interval;
+    let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(512);
+
+    while !control.stopping() {
+        // Telemetry: block briefly for the first record, then take what is buffered.
+        batch.clear();
+        let mut poll_error = None;
+        let mut timeout = Duration::from_millis(50);
+        while batch.len() < 512 {
+            match consumer.poll(timeout) {
+                Some(Ok(m)) => batch.push(m),
+                Some(Err(e)) => {
+                    poll_error = Some(e);
+                    break;
+                }
+                None => break,
+            }
+            timeout = Duration::ZERO;
+        }
+        if let Some(e) = poll_error {
+            tracing::warn!(error = %e, "telemetry consumer error");
+        }
+        let events: Vec<GroupEvent> =
+            std::mem::take(&mut *consumer.context().events.lock().expect("events lock"));
+        let now = clock.now_ms();
+        {
+            let mut core = core.lock().expect("core lock");
+            let core = &mut *core;
+            for ev in events {
+                core.apply_group_event(ev);
+            }
+            for m in &batch {
+                core.on_telemetry(m, now);
+            }
+            // Outcomes and operator intents.
+            for _ in 0..256 {
+                match outcomes.poll(Duration::ZERO) {
+                    Some(Ok(m)) => core.on_outcome(&m, now),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "outcomes consumer error");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            for _ in 0..256 {
+                match controls.poll(Duration::ZERO) {
+                    Some(Ok(m)) => core.on_control(&m),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "control consumer error");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            // Quiet partitions and deadlines run on the controller clock.
+            let mut closed = std::mem::take(&mut core.closed);
+            core.engine.advance_idle(now, &mut closed);
+            core.judge(&mut closed, now);
+            core.closed = closed;
+            let mut fx = std::mem::take(&mut core.effects);
+            core.controller.tick(now, &mut fx);
+            core.emit(&mut fx, None);
+            core.effects = fx;
+            core.refresh_offsets();
+            core.last_turn = Some(Instant::now());
+        }
+
+        if last_commit.elapsed() >= commit_interval {
+            last_commit = Instant::now();
+            commit_owned(
+                &consumer,
+                &core,
+                &producer,
+                CommitMode::Async,
+                commit_interval,
+            );
+        }
+        if last_lag.elapsed() >= Duration::from_secs(2) {
+            last_lag = Instant::now();
+            let lag = measure_lag(&consumer, &t.telemetry.name);
+            core.lock().expect("core lock").lag = lag;
+        }
+        if let Some(path) = &policies_path {
+            let hup = control.reload.swap(false, Ordering::SeqCst);
+            if hup || last_policy_check.elapsed() >= Duration::from_secs(2) {
+                last_policy_check = Instant::now();
+                let m = mtime(path);
+                if hup || m != policy_mtime {
+                    policy_mtime = m;
+                    reload_policies(&core, path, &config, clock.now_ms());
+                }
+            }
+        }
+        publish(&core, &producer);
+    }
+
+    // Graceful shutdown: stop polling, flush, commit what is safe.
+    tracing::info!("shutting down: flushing and committing");
+    let deadline = config.delivery.shutdown_timeout;
+    commit_owned(&consumer, &core, &producer, CommitMode::Sync, deadline);
+    publish(&core, &producer);
+    admin.stop();
+    let report = core.lock().expect("core lock").report.clone();
+    drop(consumer);
+    Ok(report)
+}
+
+fn side_consumer(
+    config: &Config,
+    topic: &str,
+    partitions: i32,
+    start: Offset,
+) -> anyhow::Result<BaseConsumer> {
+    let c: BaseConsumer = kafka::client_config(
+        config,
+        &[
+            ("group.id", &format!("{}-side", config.kafka.group_id)),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "false"),
+        ],
+    )
+    .create()
+    .with_context(|| format!("cannot create a consumer for {topic}"))?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, start)?;
+    }
+    c.assign(&tpl)
+        .with_context(|| format!("cannot assign the partitions of {topic}"))?;
+    Ok(c)
+}
+
+fn mtime(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn reload_policies(core: &Arc<Mutex<Core>>, path: &std::path::Path, config: &Config, now: i64) {
+    match PolicySet::load(path) {
+        Ok(set) => {
+            let missing: Vec<String> = set
+                .quantile_measurements()
+                .into_iter()
+                .filter(|m| !config.windows.quantile_measurements.contains(m))
+                .collect();
+            if !missing.is_empty() {
+                tracing::error!(?missing, "policy reload refused: quantiles of unsketched measurements; keeping the old policies");
+                return;
+            }
+            let mut core = core.lock().expect("core lock");
+            let core = &mut *core;
+            let mut fx = std::mem::take(&mut core.effects);
+            core.track_labels = set.policies.iter().any(|p| !p.labels.is_empty());
+            core.controller.reload(set, now, &mut fx);
+            core.emit(&mut fx, None);
+            core.effects = fx;
+            tracing::info!(path = %path.display(), "policies reloaded");
+        }
+        Err(e) => {
+            tracing::error!(errors = %e, "policy reload refused; keeping the old policies");
+        }
+    }
+}
+
+fn commit_owned(
+    consumer: &BaseConsumer<GroupContext>,
+    core: &Arc<Mutex<Core>>,
+    producer: &ThreadedProducer<ProduceContext>,
+    mode: CommitMode,
+    flush_timeout: Duration,
+) {
+    // Offsets are read before the flush: everything they cover was produced before it.
+    let offsets: Vec<(i32, i64)> = {
+        let core = core.lock().expect("core lock");
+        core.pending_offsets.iter().map(|(p, o)| (*p, *o)).collect()
+    };
+    if producer.flush(flush_timeout).is_err() || producer.context().take_errors() > 0 {
+        tracing::warn!("produced records not confirmed; not committing this round");
+        core.lock().expect("core lock").counters.commit_errors += 1;
+        return;
+    }
+    let topic = consumer.context().topic.clone();
+    let result = commit(consumer, &topic, &offsets, mode);
+    let mut core = core.lock().expect("core lock");
+    match result {
+        Ok(()) => {
+            if !offsets.is_empty() {
+                core.counters.commits += 1;
+                core.report.commits += 1;
+            }
+        }
+        Err(e) => {
+            core.counters.commit_errors += 1;
+            tracing::warn!(error = %e, "offset commit failed");
+        }
+    }
+}
+
+fn measure_lag(consumer: &BaseConsumer<GroupContext>, topic: &str) -> BTreeMap<i32, i64> {
+    let mut lag = BTreeMap::new();
+    let positions = match consumer.position() {
+        Ok(p) => p
+            .elements()
+            .iter()
+            .map(|e| (e.partition(), e.offset()))
+            .collect::<Vec<_>>(),
+        Err(_) => return lag,
+    };
+    for (p, offset) in positions {
+        if let Ok((_, high)) = consumer.fetch_watermarks(topic, p, Duration::from_millis(500)) {
+            let pos = match offset {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            lag.insert(p, (high - pos).max(0));
+        }
+    }
+    lag
+}
+
+fn publish(core: &Arc<Mutex<Core>>, producer: &ThreadedProducer<ProduceContext>) {
+    let mut core = core.lock().expect("core lock");
+    let core = &mut *core;
+    if let Ok(mut v) = producer.context().close_to_ack.lock() {
+        core.counters.close_to_command_secs.append(&mut v);
+    }
+    let e = core.engine.stats();
+    let c = core.controller.stats();
+    let gauges = Gauges {
+        in_flight: core.controller.in_flight().count() as u64,
+        segments: e.segments,
+        windows_closed: e.windows_closed,
+        evaluations: c.evaluations,
+        firings: c.firings,
+        non_finite: e.non_finite_values,
+        evicted: e.evicted_segments,
+        produce_errors: producer.context().errors_total.load(Ordering::SeqCst),
+        suppressions: c.suppressed.clone(),
+        lag: core.lag.clone(),
+    };
+    crate::metrics::publish(&mut core.counters, &gauges);
+}
+
+impl Core {
+    fn apply_group_event(&mut self, ev: GroupEvent) {
+        self.counters.rebalances += 1;
+        match ev {
+            GroupEvent::Assigned(parts) => {
+                tracing::info!(?parts, "partitions assigned");
+                for p in parts {
+                    self.engine.assign(p);
+                    self.controller.assign(p);
+                    if !self.assigned.contains(&p) {
+                        self.assigned.push(p);
+                    }
+                }
+                self.assigned.sort_unstable();
+            }
+            GroupEvent::Revoked(parts) => {
+                tracing::info!(?parts, "partitions revoked");
+                for p in parts {
+                    self.engine.revoke(p);
+                    self.controller.revoke(p);
+                    self.pending_offsets.remove(&p);
+                    self.assigned.retain(|x| *x != p);
+                }
+            }
+        }
+    }
+
+    fn on_telemetry(&mut self, m: &BorrowedMessage<'_>, now: i64) {
+        let partition = m.partition();
+        if !self.assigned.contains(&partition) {
+            // Polled before a revoke took effect: the new owner reads it.
+            return;
+        }
+        self.report.records_consumed += 1;
+        let bytes = m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len);
+        let entry = self
+            .counters
+            .consumed
+            .entry(("telemetry", partition))
+            .or_default();
+        entry.0 += 1;
+        entry.1 += bytes as u64;
+        let event = match decode_record(self.telemetry_codec.as_ref(), m.key(), m.payload()) {
+            Ok(e) => e,
+            Err(e) => return self.dead_letter(m, &e),
+        };
+        if self.track_labels && !event.labels.is_empty() {
+            if self.labels.len() >= self.config.windows.max_segments {
+                self.labels.clear();
+            }
+            if self.labels.get(&event.segment) != Some(&event.labels) {
+                self.labels
+                    .insert(event.segment.clone(), event.labels.clone());
+            }
+        }
+        let mut closed = std::mem::take(&mut self.closed);
+        let result = self.engine.ingest(
+            Position {
+                partition,
+                offset: m.offset(),
+            },
+            &event.segment,
+            event.ts_ms,
+            event.measurements.iter().map(|(k, v)| (k.as_str(), *v)),
+            now,
+            &mut closed,
+        );
+        match result {
+            Ok(()) => self.report.records_aggregated += 1,
+            Err(e) => self.dead_letter(m, &e),
+        }
+        self.judge(&mut closed, now);
+        self.closed = closed;
+    }
+
+    /// Closed windows → controller → effects.
+    fn judge(&mut self, closed: &mut Vec<WindowSummary>, now: i64) {
+        if closed.is_empty() {
+            return;
+        }
+        let closed_at = Instant::now();
+        let mut fx = std::mem::take(&mut self.effects);
+        let empty = BTreeMap::new();
+        for w in closed.drain(..) {
+            let labels = self.labels.get(&*w.segment).unwrap_or(&empty);
+            self.controller.on_window(&w, labels, now, &mut fx);
+        }
+        self.emit(&mut fx, Some(closed_at));
+        self.effects = fx;
+    }
+
+    fn emit(&mut self, fx: &mut Effects, closed_at: Option<Instant>) {
+        let t = &self.config.topics;
+        for cmd in fx.commands.drain(..) {
+            let mut bytes = Vec::with_capacity(256);
+            if let Err(e) = self.command_codec.encode(&cmd, &mut bytes) {
+                tracing::error!(error = %e, "cannot encode a command");
+                continue;
+            }
+            *self
+                .counters
+                .commands
+                .entry((cmd.action.clone(), cmd.policy.clone()))
+                .or_default() += 1;
+            self.report.commands += 1;
+            tracing::info!(segment = %cmd.segment, policy = %cmd.policy, action = %cmd.action, attempt = cmd.attempt, command_id = %cmd.command_id, "command");
+            send(
+                &self.producer,
+                &t.actions.name,
+                cmd.segment.as_bytes(),
+                &bytes,
+                closed_at.map_or(0, stamp),
+            );
+        }
+        for d in fx.decisions.drain(..) {
+            let mut bytes = Vec::with_capacity(256);
+            if self.decision_codec.encode(&d, &mut bytes).is_ok() {
+                self.report.decisions += 1;
+                send(
+                    &self.producer,
+                    &t.decisions.name,
+                    d.segment.as_bytes(),
+                    &bytes,
+                    0,
+                );
+            }
+        }
+        for timing in fx.timings.drain(..) {
+            self.counters
+                .timings
+                .push((timing.kind, timing.policy, timing.ms as f64 / 1000.0));
+        }
+    }
+
+    fn dead_letter(&mut self, m: &BorrowedMessage<'_>, e: &DecodeError) {
+        let code = e.code.as_str();
+        *self.counters.decode_errors.entry(code).or_default() += 1;
+        *self.counters.dlq.entry(code).or_default() += 1;
+        self.report.records_dlq += 1;
+        let mut headers = OwnedHeaders::new();
+        if let Some(h) = m.headers() {
+            for header in h.iter() {
+                headers = headers.insert(Header {
+                    key: header.key,
+                    value: header.value,
+                });
+            }
+        }
+        let partition = m.partition().to_string();
+        let offset = m.offset().to_string();
+        headers = headers
+            .insert(Header {
+                key: "segloop.error.code",
+                value: Some(code),
+            })
+            .insert(Header {
+                key: "segloop.error.message",
+                value: Some(e.message.as_str()),
+            })
+            .insert(Header {
+                key: "segloop.source.topic",
+                value: Some(m.topic()),
+            })
+            .insert(Header {
+                key: "segloop.source.partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "segloop.source.offset",
+                value: Some(offset.as_str()),
+            });
+        let topic = self.config.topics.dlq.name.clone();
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&topic, 0).headers(headers);
+        if let Some(k) = m.key() {
+            record = record.key(k);
+        }
+        if let Some(v) = m.payload() {
+            record = record.payload(v);
+        }
+        send_record(&self.producer, record);
+    }
+
+    fn on_outcome(&mut self, m: &BorrowedMessage<'_>, now: i64) {
+        let entry = self
+            .counters
+            .consumed
+            .entry(("outcomes", m.partition()))
+            .or_default();
+        entry.0 += 1;
+        let o = match decode_record(self.outcome_codec.as_ref(), m.key(), m.payload()) {
+            Ok(o) => o,
+            Err(e) => return self.dead_letter(m, &e),
+        };
+        let mut fx = std::mem::take(&mut self.effects);
+        match self.controller.on_outcome(&o, now, &mut fx) {
+            OutcomeDisposition::Applied => {
+                self.report.outcomes_applied += 1;
+                *self.counters.outcomes.entry(o.status.as_str()).or_default() += 1;
+            }
+            OutcomeDisposition::NotOurs => {
+                self.report.outcomes_skipped += 1;
+                self.counters.outcomes_skipped += 1;
+            }
+            OutcomeDisposition::Unknown => self.counters.outcomes_unknown += 1,
+            OutcomeDisposition::Duplicate => {}
+        }
+        self.emit(&mut fx, None);
+        self.effects = fx;
+    }
+
+    fn on_control(&mut self, m: &BorrowedMessage<'_>) {
+        let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+            return;
+        };
+        let Some(id) = key.strip_prefix("silence/") else {
+            return;
+        };
+        match m.payload() {
+            None => {
+                self.controller.remove_silence(id);
+                tracing::info!(id, "silence removed");
+            }
+            Some(bytes) => match serde_json::from_slice::<SilenceRecord>(bytes) {
+                Ok(s) => match Silence::new(&s.id, &s.segments, s.from_ms, s.until_ms, &s.reason) {
+                    Ok(silence) => {
+                        tracing::info!(id = %s.id, segments = %s.segments, "silence applied");
+                        self.controller.add_silence(silence);
+                    }
+                    Err(e) => tracing::warn!(id, error = %e, "ignoring a silence with a bad glob"),
+                },
+                Err(e) => tracing::warn!(id, error = %e, "ignoring an unreadable control record"),
+            },
+        }
+    }
+
+    fn refresh_offsets(&mut self) {
+        for p in &self.assigned {
+            if let Some(o) = self.engine.committable_offset(*p) {
+                self.pending_offsets.insert(*p, o);
+            }
+        }
+    }
+
+    /// Writes a silence to the control topic (every instance applies it from there).
+    ///
+    /// # Errors
+    /// The record could not be queued.
+    pub fn publish_silence(&self, s: Option<&SilenceRecord>, id: &str) -> anyhow::Result<()> {
+        let key = format!("silence/{id}");
+        let topic = &self.config.topics.control.name;
+        let value = s.map(serde_json::to_vec).transpose()?;
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(topic, 0).key(key.as_bytes());
+        if let Some(v) = value.as_deref() {
+            record = record.payload(v);
+        }
+        send_record(&self.producer, record);
+        self.producer
+            .flush(Duration::from_secs(5))
+            .context("the silence was not acknowledged by the broker")?;
+        Ok(())
+    }
+}
+
+fn send(
+    producer: &ThreadedProducer<ProduceContext>,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+    opaque: usize,
+) {
+    send_record(
+        producer,
+        BaseRecord::with_opaque_to(topic, opaque)
+            .key(key)
+            .payload(payload),
+    );
+}
+
+/// Sends, waiting while the producer queue is full (backpressure, bounded queue).
+fn send_record<'a>(
+    producer: &ThreadedProducer<ProduceContext>,
+    mut record: BaseRecord<'a, [u8], [u8], usize>,
+) {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return,
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ),
+                r,
+            )) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => {
+                producer.context().errors.fetch_add(1, Ordering::SeqCst);
+                producer
+                    .context()
+                    .errors_total
+                    .fetch_add(1, Ordering::SeqCst);
+                tracing::error!(error = %e, "cannot queue a record");
+                return;
+            }
+        }
+    }
+}

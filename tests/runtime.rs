@@ -1,0 +1,478 @@
+//! `segloop run` on librdkafka's in-process mock cluster: the loop closes for exactly the
+//! faulty segment, bad records reach the DLQ with headers, metrics are exposed.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use segloop::codec::{build_codec, CodecKind};
+use segloop::config::{Config, Sources};
+use segloop::model::{
+    DecisionRecord, OutcomeStatus, RemediationCommand, RemediationOutcome, TelemetryEvent,
+};
+use segloop::policy::PolicySet;
+use segloop::runtime::{self, Clock, Control, RunOptions, RunReport, SystemClock};
+
+const POLICIES: &str = r#"
+[guardrails]
+max_in_flight = 100
+max_actions_per_minute = 600
+blast_radius = 1.0
+max_action_staleness = "30s"
+
+[[policies]]
+name = "errors"
+when = "mean(error) > 0.5 and count() >= 3"
+for = 1
+clear_for = 1
+action = "rollback"
+ack_timeout = "2s"
+verify_within = "5s"
+max_attempts = 2
+backoff = "300ms"
+backoff_max = "1s"
+escalate = "page"
+"#;
+
+fn config(bootstrap: &str, group: &str) -> Config {
+    let env = std::collections::HashMap::new();
+    let sets: Vec<String> = [
+        format!("kafka.bootstrap_servers={bootstrap}"),
+        format!("kafka.group_id={group}"),
+        "kafka.create_topics=false".into(),
+        "kafka.partitions=2".into(),
+        "windows.size=1s".into(),
+        "windows.out_of_orderness=100ms".into(),
+        "windows.idle_timeout=1s".into(),
+        "windows.max_clock_skew=10s".into(),
+        "windows.segment_ttl=30s".into(),
+        "delivery.commit_interval=200ms".into(),
+        "delivery.shutdown_timeout=5s".into(),
+        "admin.listen=127.0.0.1:0".into(),
+        "kafka.properties.\"session.timeout.ms\"=6000".into(),
+        "kafka.properties.\"heartbeat.interval.ms\"=500".into(),
+    ]
+    .into_iter()
+    .collect();
+    let c = Config::load(&Sources {
+        file: None,
+        env: &env,
+        overrides: &sets,
+    })
+    .unwrap();
+    assert_eq!(
+        c.kafka.librdkafka_properties()["session.timeout.ms"],
+        "6000"
+    );
+    c
+}
+
+struct Instance {
+    control: Arc<Control>,
+    admin: Arc<Mutex<Option<std::net::SocketAddr>>>,
+    handle: Option<std::thread::JoinHandle<anyhow::Result<RunReport>>>,
+}
+
+impl Instance {
+    fn start(config: Config) -> Instance {
+        let control = Arc::new(Control::default());
+        let admin = Arc::new(Mutex::new(None));
+        let (c2, a2) = (control.clone(), admin.clone());
+        let handle = std::thread::spawn(move || {
+            runtime::run(RunOptions {
+                config,
+                policies: PolicySet::parse(POLICIES, "test").unwrap(),
+                policies_path: None,
+                control: c2,
+                clock: Arc::new(SystemClock),
+                metrics: segloop::metrics::Metrics::new(),
+                on_admin: Some(Box::new(move |addr| *a2.lock().unwrap() = Some(addr))),
+                on_core: None,
+            })
+        });
+        Instance {
+            control,
+            admin,
+            handle: Some(handle),
+        }
+    }
+
+    fn admin(&mut self) -> std::net::SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(a) = *self.admin.lock().unwrap() {
+                return a;
+            }
+            if self.handle.as_ref().is_some_and(|h| h.is_finished()) {
+                let r = self.handle.take().unwrap().join().unwrap();
+                panic!("the runtime ended before listening: {r:?}");
+            }
+            assert!(Instant::now() < deadline, "admin never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(mut self) -> RunReport {
+        self.control.stop();
+        self.handle.take().unwrap().join().unwrap().unwrap()
+    }
+}
+
+fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn producer(bootstrap: &str) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap()
+}
+
+fn telemetry(p: &BaseProducer, topic: &str, seg: &str, ts: i64, error: f64) {
+    let codec =
+        build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default()).unwrap();
+    let e = TelemetryEvent {
+        segment: seg.into(),
+        ts_ms: ts,
+        measurements: BTreeMap::from([("error".into(), error), ("latency_ms".into(), 20.0)]),
+        labels: BTreeMap::new(),
+        event_id: None,
+    };
+    let mut bytes = Vec::new();
+    codec.encode(&e, &mut bytes).unwrap();
+    p.send(BaseRecord::to(topic).key(seg).payload(&bytes))
+        .unwrap();
+}
+
+fn outcome(
+    p: &BaseProducer,
+    topic: &str,
+    cmd: &RemediationCommand,
+    status: OutcomeStatus,
+    partition: Option<i32>,
+) {
+    let codec = build_codec::<RemediationOutcome>(CodecKind::AvroSingleObject, &Default::default())
+        .unwrap();
+    let o = RemediationOutcome {
+        command_id: cmd.command_id.clone(),
+        segment: cmd.segment.clone(),
+        status,
+        ts_ms: SystemClock.now_ms(),
+        actuator: "test".into(),
+        message: None,
+    };
+    let mut bytes = Vec::new();
+    codec.encode(&o, &mut bytes).unwrap();
+    let mut r = BaseRecord::to(topic).key(&cmd.segment).payload(&bytes);
+    if let Some(part) = partition {
+        r = r.partition(part);
+    }
+    p.send(r).unwrap();
+    p.flush(Duration::from_secs(5)).unwrap();
+}
+
+/// Reads a topic from the beginning (every partition).
+struct Reader {
+    c: BaseConsumer,
+}
+
+impl Reader {
+    fn new(bootstrap: &str, topic: &str, partitions: i32) -> Reader {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", "reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        c.assign(&tpl).unwrap();
+        Reader { c }
+    }
+
+    /// Polls until `f` returns Some or the timeout passes, while `tick` runs in between.
+    fn until<T>(
+        &self,
+        timeout: Duration,
+        mut tick: impl FnMut(),
+        mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            tick();
+            while let Some(Ok(m)) = self.c.poll(Duration::from_millis(20)) {
+                if let Some(t) = f(&m) {
+                    return Some(t);
+                }
+            }
+        }
+        None
+    }
+}
+
+fn decode_command(bytes: &[u8]) -> RemediationCommand {
+    build_codec::<RemediationCommand>(CodecKind::AvroSingleObject, &Default::default())
+        .unwrap()
+        .decode(bytes)
+        .unwrap()
+}
+
+fn decode_decision(bytes: &[u8]) -> DecisionRecord {
+    build_codec::<DecisionRecord>(CodecKind::AvroSingleObject, &Default::default())
+        .unwrap()
+        .decode(bytes)
+        .unwrap()
+}
+
+#[test]
+fn a_fault_in_one_segment_is_commanded_acknowledged_and_verified() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bs = cluster.bootstrap_servers();
+    runtime::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
+    let cfg = config(&bs, "g-loop");
+    let t = cfg.topics.clone();
+    let mut inst = Instance::start(cfg);
+    let admin = inst.admin();
+    let p = producer(&bs);
+    let actions = Reader::new(&bs, &t.actions.name, 2);
+    let mut feed = {
+        let p = &p;
+        let topic = t.telemetry.name.clone();
+        let mut bad = true;
+        move |set_bad: Option<bool>| {
+            if let Some(b) = set_bad {
+                bad = b;
+            }
+            let now = SystemClock.now_ms();
+            for seg in ["fleet/ok-1", "fleet/ok-2", "fleet/ok-3"] {
+                telemetry(p, &topic, seg, now, 0.0);
+            }
+            telemetry(p, &topic, "fleet/bad", now, if bad { 1.0 } else { 0.0 });
+            p.flush(Duration::from_secs(1)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let cmd = actions
+        .until(
+            Duration::from_secs(30),
+            || feed(None),
+            |m| Some(decode_command(m.payload()?)),
+        )
+        .expect("a command for the faulty segment");
+    assert_eq!(cmd.segment, "fleet/bad");
+    assert_eq!(cmd.action, "rollback");
+    assert_eq!(m_key(&cmd), "fleet/bad");
+
+    // The actuator acknowledges on a partition of its own choosing: the owner still gets it.
+    outcome(&p, &t.outcomes.name, &cmd, OutcomeStatus::Accepted, Some(1));
+    outcome(&p, &t.outcomes.name, &cmd, OutcomeStatus::Applied, Some(0));
+    let decisions = Reader::new(&bs, &t.decisions.name, 2);
+    let resolved = decisions.until(
+        Duration::from_secs(20),
+        || feed(Some(false)),
+        |m| {
+            let d = decode_decision(m.payload()?);
+            (d.segment == "fleet/bad" && d.to_state == "resolved").then_some(d)
+        },
+    );
+    assert!(
+        resolved.is_some(),
+        "verified after APPLIED and healthy windows"
+    );
+
+    // No other segment was ever commanded.
+    let others = actions.until(
+        Duration::from_millis(500),
+        || {},
+        |m| {
+            let c = decode_command(m.payload()?);
+            (c.segment != "fleet/bad").then_some(c)
+        },
+    );
+    assert!(others.is_none(), "{others:?}");
+
+    let (status, metrics) = http(admin, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    for name in segloop::metrics::ALL {
+        assert!(metrics.contains(name), "/metrics lacks {name}");
+    }
+    let (status, seg) = http(admin, "GET", "/segments/fleet%2Fbad", "");
+    assert_eq!(status, 200, "{seg}");
+    assert!(seg.contains("\"controller\""));
+    let (status, _) = http(admin, "GET", "/healthz", "");
+    assert_eq!(status, 200);
+    let report = inst.stop();
+    assert!(report.commits > 0, "{report:?}");
+    assert_eq!(
+        report.records_consumed,
+        report.records_aggregated + report.records_dlq
+    );
+}
+
+fn m_key(c: &RemediationCommand) -> &str {
+    &c.segment
+}
+
+#[test]
+fn no_ack_times_out_retries_and_escalates() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bs = cluster.bootstrap_servers();
+    runtime::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
+    let cfg = config(&bs, "g-esc");
+    let t = cfg.topics.clone();
+    let mut inst = Instance::start(cfg);
+    inst.admin();
+    let p = producer(&bs);
+    let actions = Reader::new(&bs, &t.actions.name, 2);
+    let mut seen = Vec::new();
+    let escalated = actions.until(
+        Duration::from_secs(40),
+        || {
+            telemetry(
+                &p,
+                &t.telemetry.name,
+                "fleet/silent-actuator",
+                SystemClock.now_ms(),
+                1.0,
+            );
+            p.flush(Duration::from_secs(1)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        },
+        |m| {
+            let c = decode_command(m.payload()?);
+            seen.push((c.action.clone(), c.attempt));
+            (c.action == "page").then_some(c)
+        },
+    );
+    assert!(escalated.is_some(), "escalation after retries: {seen:?}");
+    assert_eq!(
+        &seen[..2],
+        &[("rollback".to_string(), 1), ("rollback".to_string(), 2)]
+    );
+    inst.stop();
+}
+
+#[test]
+fn bad_records_land_in_the_dlq_with_headers_and_offsets_move_past_them() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bs = cluster.bootstrap_servers();
+    runtime::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
+    let cfg = config(&bs, "g-dlq");
+    let t = cfg.topics.clone();
+    let mut inst = Instance::start(cfg);
+    inst.admin();
+    let p = producer(&bs);
+    let now = SystemClock.now_ms();
+    // garbage, a key that is not the payload's segment, too far in the future, then late.
+    p.send(
+        BaseRecord::to(&t.telemetry.name)
+            .key("x/garbage")
+            .payload(&b"\xC3\x01garbage"[..])
+            .headers(OwnedHeaders::new().insert(Header {
+                key: "trace",
+                value: Some("abc"),
+            })),
+    )
+    .unwrap();
+    {
+        let codec = build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default())
+            .unwrap();
+        let e = TelemetryEvent {
+            segment: "x/real".into(),
+            ts_ms: now,
+            measurements: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            event_id: None,
+        };
+        let mut bytes = Vec::new();
+        codec.encode(&e, &mut bytes).unwrap();
+        p.send(
+            BaseRecord::to(&t.telemetry.name)
+                .key("x/other")
+                .payload(&bytes),
+        )
+        .unwrap();
+    }
+    telemetry(&p, &t.telemetry.name, "x/future", now + 3_600_000, 0.0);
+    // Same key → same partition: a watermark far ahead, then an old event.
+    telemetry(&p, &t.telemetry.name, "x/late", now, 0.0);
+    telemetry(&p, &t.telemetry.name, "x/late", now - 60_000, 0.0);
+    p.flush(Duration::from_secs(5)).unwrap();
+
+    let dlq = Reader::new(&bs, &t.dlq.name, 2);
+    let mut codes = BTreeMap::new();
+    dlq.until(
+        Duration::from_secs(30),
+        || {},
+        |m| {
+            let h = m.headers()?;
+            let get = |k: &str| {
+                h.iter()
+                    .find(|x| x.key == k)
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            };
+            let code = get("segloop.error.code")?;
+            assert!(get("segloop.error.message").is_some());
+            assert_eq!(
+                get("segloop.source.topic").as_deref(),
+                Some(t.telemetry.name.as_str())
+            );
+            assert!(
+                get("segloop.source.partition").is_some() && get("segloop.source.offset").is_some()
+            );
+            if code == "bad_magic" || code == "malformed" || code == "truncated" {
+                assert_eq!(
+                    get("trace").as_deref(),
+                    Some("abc"),
+                    "original headers kept"
+                );
+                assert_eq!(m.payload(), Some(&b"\xC3\x01garbage"[..]), "byte for byte");
+            }
+            codes.insert(
+                code,
+                m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            );
+            (codes.len() == 4).then_some(())
+        },
+    );
+    let keys: Vec<&str> = codes.keys().map(String::as_str).collect();
+    assert!(keys.contains(&"key_mismatch"), "{codes:?}");
+    assert!(keys.contains(&"clock_skew"), "{codes:?}");
+    assert!(keys.contains(&"late"), "{codes:?}");
+    assert_eq!(keys.len(), 4, "{codes:?}");
+    // Offsets move past poison records: the committed position covers them.
+    std::thread::sleep(Duration::from_millis(600));
+    let report = inst.stop();
+    assert_eq!(report.records_dlq, 4, "{report:?}");
+    assert_eq!(
+        report.records_consumed,
+        report.records_aggregated + report.records_dlq
+    );
+}
