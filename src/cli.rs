@@ -72,6 +72,40 @@ pub struct DemoArgs {
     /// Write the summary JSON here
     #[arg(long)]
     pub summary: Option<PathBuf>,
+    /// Demo configuration (window sizes, policies)
+    #[arg(long, default_value = "config/demo.toml")]
+    pub config: PathBuf,
+}
+
+/// `segloop demo`: exit 0 only when every scripted incident went as expected.
+pub fn demo(args: &DemoArgs) -> ExitCode {
+    let opts = crate::demo::DemoOptions {
+        duration_s: args.duration.max(30),
+        seed: args.seed,
+        config_path: args.config.clone(),
+        live: true,
+    };
+    match crate::demo::run(&opts) {
+        Ok(summary) => {
+            crate::demo::print_summary(&summary);
+            if let Some(path) = &args.summary {
+                if let Err(e) = crate::demo::write_summary(&summary, path) {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(1);
+                }
+                println!("summary written to {}", path.display());
+            }
+            if summary.passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 #[derive(Debug, Args)]

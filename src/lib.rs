@@ -25,6 +25,8 @@
 //! - [`metrics`] — the documented Prometheus names and the per-instance recorder.
 //! - [`config`] — layered TOML configuration (defaults < file < `SEGLOOP__*` env < CLI) with
 //!   errors that name the key, file and line.
+//! - [`demo`] — `segloop demo`: embedded Kafka, synthetic fleet, scripted faults, simulated
+//!   actuator, scored from what the topics say.
 //! - [`bench`] — `segloop bench` figures and the counting allocator behind `bytes_per_segment`.
 //! - [`cli`] — the `segloop` command line (parsing only; each subcommand calls into the
 //!   library).
@@ -38,6 +40,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod controller;
+pub mod demo;
 pub mod metrics;
 pub mod model;
 pub mod policy;

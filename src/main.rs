@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         Command::Encode(args) => cli::encode(&args),
         Command::Schemas(args) => cli::schemas(&args),
         Command::Run(args) => cli::run(&args, &env),
-        Command::Demo(_) => cli::not_yet("demo", "the embedded demo, issue 6"),
+        Command::Demo(args) => cli::demo(&args),
         Command::Backtest(_) => cli::not_yet("backtest", "backtesting, issue 9"),
         Command::Bench(args) => cli::bench(&args, &env),
     }
