@@ -19,8 +19,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
@@ -107,7 +107,10 @@ pub fn script(seed: u64, duration_s: u64) -> Vec<Incident> {
     let mut endpoint = |rng: &mut SplitMix| {
         let (r, s) = pick.next().expect("40 services cover the script");
         let e = rng.next() as usize % ENDPOINTS;
-        (format!("{}/{}", REGIONS[r], SERVICES[s]), format!("{}/{}/ep-{e:02}", REGIONS[r], SERVICES[s]))
+        (
+            format!("{}/{}", REGIONS[r], SERVICES[s]),
+            format!("{}/{}/ep-{e:02}", REGIONS[r], SERVICES[s]),
+        )
     };
     // Incidents start between 6 s and duration − 30 s (at least 1.5 s apart).
     let spacing = ((duration_s as f64 - 36.0) / 7.0).clamp(1.5, 3.5);
@@ -125,7 +128,11 @@ pub fn script(seed: u64, duration_s: u64) -> Vec<Incident> {
     let mut out = Vec::new();
     for (i, kind) in kinds.into_iter().enumerate() {
         let (service, ep) = endpoint(&mut rng);
-        let segment = if kind == FaultKind::ParentFault { service } else { ep };
+        let segment = if kind == FaultKind::ParentFault {
+            service
+        } else {
+            ep
+        };
         let start_s = at(i);
         let end_s = (kind == FaultKind::Silenced).then_some(start_s + 6.0);
         out.push(Incident {
@@ -331,7 +338,10 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
         }
     }
     let world = Arc::new(Mutex::new(World {
-        health: segments.iter().map(|s| (s.clone(), Health::default())).collect(),
+        health: segments
+            .iter()
+            .map(|s| (s.clone(), Health::default()))
+            .collect(),
         script: script.clone(),
     }));
 
@@ -340,21 +350,28 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
     let core_slot: Arc<Mutex<Option<SharedCore>>> = Arc::new(Mutex::new(None));
     let admin_slot: Arc<Mutex<Option<std::net::SocketAddr>>> = Arc::new(Mutex::new(None));
     let runtime_handle = {
-        let (control, core_slot, admin_slot) = (control.clone(), core_slot.clone(), admin_slot.clone());
+        let (control, core_slot, admin_slot) =
+            (control.clone(), core_slot.clone(), admin_slot.clone());
         let config = config.clone();
         let policies_path = config.policies.clone();
-        std::thread::Builder::new().name("segloop-run".into()).spawn(move || {
-            runtime::run(RunOptions {
-                config,
-                policies,
-                policies_path,
-                control,
-                clock: Arc::new(SystemClock),
-                metrics: crate::metrics::Metrics::new(),
-                on_admin: Some(Box::new(move |a| *admin_slot.lock().expect("lock") = Some(a))),
-                on_core: Some(Box::new(move |c| *core_slot.lock().expect("lock") = Some(c))),
-            })
-        })?
+        std::thread::Builder::new()
+            .name("segloop-run".into())
+            .spawn(move || {
+                runtime::run(RunOptions {
+                    config,
+                    policies,
+                    policies_path,
+                    control,
+                    clock: Arc::new(SystemClock),
+                    metrics: crate::metrics::Metrics::new(),
+                    on_admin: Some(Box::new(move |a| {
+                        *admin_slot.lock().expect("lock") = Some(a)
+                    })),
+                    on_core: Some(Box::new(move |c| {
+                        *core_slot.lock().expect("lock") = Some(c)
+                    })),
+                })
+            })?
     };
     let started = Instant::now();
     let admin = loop {
@@ -362,10 +379,15 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
             break a;
         }
         if runtime_handle.is_finished() {
-            let r = runtime_handle.join().map_err(|_| anyhow::anyhow!("runtime panicked"))?;
+            let r = runtime_handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("runtime panicked"))?;
             anyhow::bail!("the runtime stopped during startup: {:?}", r.err());
         }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "the runtime did not start");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the runtime did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     say(format!("metrics and admin API: http://{admin}/metrics  http://{admin}/actions  http://{admin}/segments/<id>\n"));
@@ -373,7 +395,10 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
     // The silence window of the silenced incident, posted through the admin API like an operator.
     let t0_ms = SystemClock.now_ms();
     if let Some(i) = script.iter().find(|i| i.kind == FaultKind::Silenced) {
-        let subtree = i.segment.rsplit_once('/').map_or(i.segment.clone(), |x| x.0.to_string());
+        let subtree = i
+            .segment
+            .rsplit_once('/')
+            .map_or(i.segment.clone(), |x| x.0.to_string());
         let body = serde_json::json!({
             "id": "demo-maintenance",
             "segments": format!("{subtree}/**"),
@@ -383,80 +408,127 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
         });
         let (status, resp) = http_post(admin, "/silences", &body.to_string())?;
         anyhow::ensure!(status == 201, "posting the silence failed: {status} {resp}");
-        say(format!("silence posted via POST /silences: {subtree}/** from t={:.0}s to t={:.0}s", i.start_s - 2.0, i.start_s + 12.0));
+        say(format!(
+            "silence posted via POST /silences: {subtree}/** from t={:.0}s to t={:.0}s",
+            i.start_s - 2.0,
+            i.start_s + 12.0
+        ));
     }
 
     let stop = Arc::new(AtomicBool::new(false));
     let produced = Arc::new(AtomicU64::new(0));
-    let commands_seen: Arc<Mutex<Vec<(f64, RemediationCommand)>>> = Arc::new(Mutex::new(Vec::new()));
+    let commands_seen: Arc<Mutex<Vec<(f64, RemediationCommand)>>> =
+        Arc::new(Mutex::new(Vec::new()));
     let resolved_seen: Arc<Mutex<BTreeMap<String, i64>>> = Arc::new(Mutex::new(BTreeMap::new()));
 
     // Simulated actuator: reads the actions topic, answers on the outcomes topic, heals.
     let actuator = {
-        let (stop, world, seen, bootstrap, t) = (stop.clone(), world.clone(), commands_seen.clone(), bootstrap.clone(), t.clone());
+        let (stop, world, seen, bootstrap, t) = (
+            stop.clone(),
+            world.clone(),
+            commands_seen.clone(),
+            bootstrap.clone(),
+            t.clone(),
+        );
         let partitions = config.kafka.partitions;
-        std::thread::Builder::new().name("demo-actuator".into()).spawn(move || -> anyhow::Result<()> {
-            let reader = reader(&bootstrap, &t.actions.name, partitions)?;
-            let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .create()?;
-            let cmd_codec = build_codec::<RemediationCommand>(t.actions.codec, &t.actions.schema_settings()).map_err(anyhow::Error::msg)?;
-            let out_codec = build_codec::<RemediationOutcome>(t.outcomes.codec, &t.outcomes.schema_settings()).map_err(anyhow::Error::msg)?;
-            let mut pending: Vec<(Instant, RemediationCommand)> = Vec::new();
-            let send = |cmd: &RemediationCommand, status: OutcomeStatus| {
-                let o = RemediationOutcome {
-                    command_id: cmd.command_id.clone(),
-                    segment: cmd.segment.clone(),
-                    status,
-                    ts_ms: SystemClock.now_ms(),
-                    actuator: "demo-actuator".into(),
-                    message: Some(format!("{} {}", cmd.action, status.as_str().to_lowercase())),
+        std::thread::Builder::new()
+            .name("demo-actuator".into())
+            .spawn(move || -> anyhow::Result<()> {
+                let reader = reader(&bootstrap, &t.actions.name, partitions)?;
+                let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+                    .set("bootstrap.servers", &bootstrap)
+                    .create()?;
+                let cmd_codec = build_codec::<RemediationCommand>(
+                    t.actions.codec,
+                    &t.actions.schema_settings(),
+                )
+                .map_err(anyhow::Error::msg)?;
+                let out_codec = build_codec::<RemediationOutcome>(
+                    t.outcomes.codec,
+                    &t.outcomes.schema_settings(),
+                )
+                .map_err(anyhow::Error::msg)?;
+                let mut pending: Vec<(Instant, RemediationCommand)> = Vec::new();
+                let send = |cmd: &RemediationCommand, status: OutcomeStatus| {
+                    let o = RemediationOutcome {
+                        command_id: cmd.command_id.clone(),
+                        segment: cmd.segment.clone(),
+                        status,
+                        ts_ms: SystemClock.now_ms(),
+                        actuator: "demo-actuator".into(),
+                        message: Some(format!("{} {}", cmd.action, status.as_str().to_lowercase())),
+                    };
+                    let mut bytes = Vec::new();
+                    if out_codec.encode(&o, &mut bytes).is_ok() {
+                        let _ = producer.send(
+                            BaseRecord::<str, [u8]>::to(&t.outcomes.name)
+                                .key(cmd.segment.as_str())
+                                .payload(&bytes),
+                        );
+                    }
                 };
-                let mut bytes = Vec::new();
-                if out_codec.encode(&o, &mut bytes).is_ok() {
-                    let _ = producer.send(BaseRecord::<str, [u8]>::to(&t.outcomes.name).key(cmd.segment.as_str()).payload(&bytes));
-                }
-            };
-            while !stop.load(Ordering::SeqCst) {
-                if let Some(Ok(m)) = reader.poll(Duration::from_millis(50)) {
-                    if let Some(cmd) = m.payload().and_then(|p| cmd_codec.decode(p).ok()) {
-                        let now_s = started.elapsed().as_secs_f64();
-                        seen.lock().expect("lock").push((now_s, cmd.clone()));
-                        let kind = world.lock().expect("lock").incident_of(&cmd.segment).map(|i| i.kind);
-                        if live {
-                            println!("  t={now_s:>5.1}s  command {:<8} attempt {} → {}", cmd.action, cmd.attempt, cmd.segment);
-                        }
-                        if cmd.action != "page" && kind != Some(FaultKind::NeverAcks) {
-                            send(&cmd, OutcomeStatus::Accepted);
-                            pending.push((Instant::now() + Duration::from_millis(500), cmd));
+                while !stop.load(Ordering::SeqCst) {
+                    if let Some(Ok(m)) = reader.poll(Duration::from_millis(50)) {
+                        if let Some(cmd) = m.payload().and_then(|p| cmd_codec.decode(p).ok()) {
+                            let now_s = started.elapsed().as_secs_f64();
+                            seen.lock().expect("lock").push((now_s, cmd.clone()));
+                            let kind = world
+                                .lock()
+                                .expect("lock")
+                                .incident_of(&cmd.segment)
+                                .map(|i| i.kind);
+                            if live {
+                                println!(
+                                    "  t={now_s:>5.1}s  command {:<8} attempt {} → {}",
+                                    cmd.action, cmd.attempt, cmd.segment
+                                );
+                            }
+                            if cmd.action != "page" && kind != Some(FaultKind::NeverAcks) {
+                                send(&cmd, OutcomeStatus::Accepted);
+                                pending.push((Instant::now() + Duration::from_millis(500), cmd));
+                            }
                         }
                     }
+                    let now = Instant::now();
+                    let (due, rest): (Vec<_>, Vec<_>) =
+                        pending.drain(..).partition(|(at, _)| *at <= now);
+                    pending = rest;
+                    for (_, cmd) in due {
+                        send(&cmd, OutcomeStatus::Applied);
+                        world
+                            .lock()
+                            .expect("lock")
+                            .heal(&cmd.segment, started.elapsed().as_secs_f64());
+                    }
                 }
-                let now = Instant::now();
-                let (due, rest): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(at, _)| *at <= now);
-                pending = rest;
-                for (_, cmd) in due {
-                    send(&cmd, OutcomeStatus::Applied);
-                    world.lock().expect("lock").heal(&cmd.segment, started.elapsed().as_secs_f64());
-                }
-            }
-            producer.flush(Duration::from_secs(5))?;
-            Ok(())
-        })?
+                producer.flush(Duration::from_secs(5))?;
+                Ok(())
+            })?
     };
 
     // Decisions reader: when each segment was verified.
     let decisions = {
-        let (stop, resolved, bootstrap, t) = (stop.clone(), resolved_seen.clone(), bootstrap.clone(), t.clone());
+        let (stop, resolved, bootstrap, t) = (
+            stop.clone(),
+            resolved_seen.clone(),
+            bootstrap.clone(),
+            t.clone(),
+        );
         let partitions = config.kafka.partitions;
         std::thread::spawn(move || -> anyhow::Result<()> {
             let reader = reader(&bootstrap, &t.decisions.name, partitions)?;
-            let codec = build_codec::<DecisionRecord>(t.decisions.codec, &t.decisions.schema_settings()).map_err(anyhow::Error::msg)?;
+            let codec =
+                build_codec::<DecisionRecord>(t.decisions.codec, &t.decisions.schema_settings())
+                    .map_err(anyhow::Error::msg)?;
             while !stop.load(Ordering::SeqCst) {
                 if let Some(Ok(m)) = reader.poll(Duration::from_millis(50)) {
                     if let Some(d) = m.payload().and_then(|p| codec.decode(p).ok()) {
                         if d.to_state == "resolved" {
-                            resolved.lock().expect("lock").entry(d.segment).or_insert(d.ts_ms);
+                            resolved
+                                .lock()
+                                .expect("lock")
+                                .entry(d.segment)
+                                .or_insert(d.ts_ms);
                         }
                     }
                 }
@@ -471,7 +543,8 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
         .create()?;
-    let codec = build_codec::<TelemetryEvent>(t.telemetry.codec, &t.telemetry.schema_settings()).map_err(anyhow::Error::msg)?;
+    let codec = build_codec::<TelemetryEvent>(t.telemetry.codec, &t.telemetry.schema_settings())
+        .map_err(anyhow::Error::msg)?;
     let mut rng = SplitMix(opts.seed);
     let tick = Duration::from_millis(1000 / RATE_HZ);
     let end = Duration::from_secs(opts.duration_s);
@@ -487,7 +560,12 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
             let starting: Vec<Incident> = w
                 .script
                 .iter()
-                .filter(|i| i.kind != FaultKind::NoisyHealthy && i.start_s <= now_s && w.health[&i.segment].fault.is_none() && w.health[&i.segment].heals == 0)
+                .filter(|i| {
+                    i.kind != FaultKind::NoisyHealthy
+                        && i.start_s <= now_s
+                        && w.health[&i.segment].fault.is_none()
+                        && w.health[&i.segment].heals == 0
+                })
                 .cloned()
                 .collect();
             for i in starting {
@@ -497,7 +575,11 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
                 if w.health[&i.segment].rebreak_at.is_some() {
                     continue;
                 }
-                say(format!("  t={now_s:>5.1}s  fault    {:<26} {}", i.segment, i.kind.describe()));
+                say(format!(
+                    "  t={now_s:>5.1}s  fault    {:<26} {}",
+                    i.segment,
+                    i.kind.describe()
+                ));
                 w.health.get_mut(&i.segment).expect("known").fault = Some((i.kind, now_s));
             }
             // Flapping segments break again; silenced faults end by themselves.
@@ -505,7 +587,9 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
                 if h.rebreak_at.is_some_and(|r| now_s >= r) {
                     h.rebreak_at = None;
                     h.fault = Some((FaultKind::Flapping, now_s));
-                    say(format!("  t={now_s:>5.1}s  fault    {seg:<26} breaks again (flapping)"));
+                    say(format!(
+                        "  t={now_s:>5.1}s  fault    {seg:<26} breaks again (flapping)"
+                    ));
                 }
             }
             for i in w.script.clone() {
@@ -537,7 +621,9 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
             }
             for seg in &segments {
                 let h = &w.health[seg];
-                let noisy = w.incident_of(seg).is_some_and(|i| i.kind == FaultKind::NoisyHealthy);
+                let noisy = w
+                    .incident_of(seg)
+                    .is_some_and(|i| i.kind == FaultKind::NoisyHealthy);
                 let (latency, error) = sample(&mut rng, h.fault, noisy, now_s);
                 let mut measurements = BTreeMap::new();
                 measurements.insert("latency_ms".to_string(), latency);
@@ -551,7 +637,9 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
                 };
                 bytes.clear();
                 if codec.encode(&e, &mut bytes).is_ok() {
-                    let mut rec = BaseRecord::<str, [u8]>::to(&t.telemetry.name).key(seg.as_str()).payload(&bytes);
+                    let mut rec = BaseRecord::<str, [u8]>::to(&t.telemetry.name)
+                        .key(seg.as_str())
+                        .payload(&bytes);
                     loop {
                         match producer.send(rec) {
                             Ok(()) => break,
@@ -607,8 +695,12 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
         .join()
         .map_err(|_| anyhow::anyhow!("the runtime panicked"))??;
     stop.store(true, Ordering::SeqCst);
-    actuator.join().map_err(|_| anyhow::anyhow!("actuator panicked"))??;
-    decisions.join().map_err(|_| anyhow::anyhow!("decision reader panicked"))??;
+    actuator
+        .join()
+        .map_err(|_| anyhow::anyhow!("actuator panicked"))??;
+    decisions
+        .join()
+        .map_err(|_| anyhow::anyhow!("decision reader panicked"))??;
     drop(cluster);
 
     let commands = commands_seen.lock().expect("lock").clone();
@@ -626,11 +718,24 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
 }
 
 /// One event's (latency, error) for a segment in a given state.
-fn sample(rng: &mut SplitMix, fault: Option<(FaultKind, f64)>, noisy: bool, now_s: f64) -> (f64, f64) {
+fn sample(
+    rng: &mut SplitMix,
+    fault: Option<(FaultKind, f64)>,
+    noisy: bool,
+    now_s: f64,
+) -> (f64, f64) {
     let u = rng.unit();
     let e = rng.unit();
-    let base_latency = if noisy { 50.0 + 370.0 * u } else { 50.0 + 150.0 * u };
-    let base_error = if e < if noisy { 0.02 } else { 0.002 } { 1.0 } else { 0.0 };
+    let base_latency = if noisy {
+        50.0 + 370.0 * u
+    } else {
+        50.0 + 150.0 * u
+    };
+    let base_error = if e < if noisy { 0.02 } else { 0.002 } {
+        1.0
+    } else {
+        0.0
+    };
     match fault {
         None => (base_latency, base_error),
         Some((kind, since)) => match kind {
@@ -683,7 +788,10 @@ fn score(
         // A parent-level fault must act on the parent only: its endpoints are inhibited.
         if i.kind == FaultKind::ParentFault {
             let prefix = format!("{}/", i.segment);
-            let children = commands.iter().filter(|(_, c)| c.segment.starts_with(&prefix)).count();
+            let children = commands
+                .iter()
+                .filter(|(_, c)| c.segment.starts_with(&prefix))
+                .count();
             if children > 0 {
                 actual = format!("{actual}+{children}_child_commands");
             }
@@ -699,7 +807,10 @@ fn score(
             start_s: i.start_s,
             expected: i.kind.expected(),
             actual,
-            commands: cmds.iter().map(|c| format!("{}#{}", c.action, c.attempt)).collect(),
+            commands: cmds
+                .iter()
+                .map(|c| format!("{}#{}", c.action, c.attempt))
+                .collect(),
             time_to_detect_ms: detect,
             time_to_resolve_ms: resolve.filter(|_| i.kind.expected() == "resolved"),
             ok,
@@ -710,12 +821,16 @@ fn score(
         .filter(|(_, c)| {
             !expected_targets.contains(c.segment.as_str())
                 && !script.iter().any(|i| {
-                    i.kind == FaultKind::ParentFault && c.segment.starts_with(&format!("{}/", i.segment))
+                    i.kind == FaultKind::ParentFault
+                        && c.segment.starts_with(&format!("{}/", i.segment))
                 })
         })
         .map(|(_, c)| format!("{} {}", c.action, c.segment))
         .collect();
-    let injected: Vec<&IncidentResult> = results.iter().filter(|r| r.kind != FaultKind::NoisyHealthy).collect();
+    let injected: Vec<&IncidentResult> = results
+        .iter()
+        .filter(|r| r.kind != FaultKind::NoisyHealthy)
+        .collect();
     let detected = injected.iter().filter(|r| !r.commands.is_empty()).count();
     let resolved_n = injected.iter().filter(|r| r.actual == "resolved").count();
     let escalated_n = injected.iter().filter(|r| r.actual == "escalated").count();
@@ -731,8 +846,19 @@ fn score(
         incidents_resolved: resolved_n,
         incidents_escalated: escalated_n,
         false_positives: false_positive_commands.len(),
-        time_to_detect_ms: Stat::of(results.iter().filter(|r| r.kind != FaultKind::NoisyHealthy).filter_map(|r| r.time_to_detect_ms).collect()),
-        time_to_resolve_ms: Stat::of(results.iter().filter_map(|r| r.time_to_resolve_ms).collect()),
+        time_to_detect_ms: Stat::of(
+            results
+                .iter()
+                .filter(|r| r.kind != FaultKind::NoisyHealthy)
+                .filter_map(|r| r.time_to_detect_ms)
+                .collect(),
+        ),
+        time_to_resolve_ms: Stat::of(
+            results
+                .iter()
+                .filter_map(|r| r.time_to_resolve_ms)
+                .collect(),
+        ),
         records_produced: produced,
         records_consumed: report.records_consumed,
         records_aggregated: report.records_aggregated,
@@ -746,9 +872,13 @@ fn score(
 
 /// The final table.
 pub fn print_summary(s: &Summary) {
-    println!("\n{:<14} {:<26} {:>8} {:<10} {:<24} {:>9} {:>10}  {}", "incident", "segment", "start", "expected", "actual", "detect", "resolve", "commands");
+    println!(
+        "\n{:<14} {:<26} {:>8} {:<10} {:<24} {:>9} {:>10}  commands",
+        "incident", "segment", "start", "expected", "actual", "detect", "resolve"
+    );
     for r in &s.incidents {
-        let ms = |v: Option<i64>| v.map_or("-".to_string(), |v| format!("{:.1}s", v as f64 / 1000.0));
+        let ms =
+            |v: Option<i64>| v.map_or("-".to_string(), |v| format!("{:.1}s", v as f64 / 1000.0));
         println!(
             "{:<14} {:<26} {:>7.1}s {:<10} {:<24} {:>9} {:>10}  {} {}",
             format!("{:?}", r.kind).chars().take(14).collect::<String>(),
@@ -764,17 +894,31 @@ pub fn print_summary(s: &Summary) {
     }
     println!(
         "\nincidents: {} injected, {} detected, {} resolved, {} escalated; false positives: {}",
-        s.incidents_injected, s.incidents_detected, s.incidents_resolved, s.incidents_escalated, s.false_positives
+        s.incidents_injected,
+        s.incidents_detected,
+        s.incidents_resolved,
+        s.incidents_escalated,
+        s.false_positives
     );
     println!(
         "time to detect: median {:?} ms, max {:?} ms; time to resolve: median {:?} ms, max {:?} ms",
-        s.time_to_detect_ms.median, s.time_to_detect_ms.max, s.time_to_resolve_ms.median, s.time_to_resolve_ms.max
+        s.time_to_detect_ms.median,
+        s.time_to_detect_ms.max,
+        s.time_to_resolve_ms.median,
+        s.time_to_resolve_ms.max
     );
     println!(
         "records: produced {}, consumed {} = aggregated {} + dlq {}",
         s.records_produced, s.records_consumed, s.records_aggregated, s.records_dlq
     );
-    println!("{}", if s.passed { "DEMO PASSED" } else { "DEMO FAILED" });
+    println!(
+        "{}",
+        if s.passed {
+            "DEMO PASSED"
+        } else {
+            "DEMO FAILED"
+        }
+    );
 }
 
 fn reader(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<BaseConsumer> {
@@ -802,7 +946,12 @@ fn http_post(addr: std::net::SocketAddr, path: &str, body: &str) -> anyhow::Resu
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Ok((status, out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default()))
+    Ok((
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default(),
+    ))
 }
 
 /// Writes the summary JSON.

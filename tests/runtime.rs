@@ -77,6 +77,7 @@ fn config(bootstrap: &str, group: &str) -> Config {
 struct Instance {
     control: Arc<Control>,
     admin: Arc<Mutex<Option<std::net::SocketAddr>>>,
+    core: Arc<Mutex<Option<runtime::SharedCore>>>,
     handle: Option<std::thread::JoinHandle<anyhow::Result<RunReport>>>,
 }
 
@@ -84,7 +85,8 @@ impl Instance {
     fn start(config: Config) -> Instance {
         let control = Arc::new(Control::default());
         let admin = Arc::new(Mutex::new(None));
-        let (c2, a2) = (control.clone(), admin.clone());
+        let core = Arc::new(Mutex::new(None));
+        let (c2, a2, k2) = (control.clone(), admin.clone(), core.clone());
         let handle = std::thread::spawn(move || {
             runtime::run(RunOptions {
                 config,
@@ -94,12 +96,13 @@ impl Instance {
                 clock: Arc::new(SystemClock),
                 metrics: segloop::metrics::Metrics::new(),
                 on_admin: Some(Box::new(move |addr| *a2.lock().unwrap() = Some(addr))),
-                on_core: None,
+                on_core: Some(Box::new(move |c| *k2.lock().unwrap() = Some(c))),
             })
         });
         Instance {
             control,
             admin,
+            core,
             handle: Some(handle),
         }
     }
@@ -117,6 +120,15 @@ impl Instance {
             assert!(Instant::now() < deadline, "admin never listened");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    fn assigned(&self) -> Vec<i32> {
+        self.core
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|c| c.lock().unwrap().assigned.clone())
+            .unwrap_or_default()
     }
 
     fn stop(mut self) -> RunReport {
@@ -475,4 +487,110 @@ fn bad_records_land_in_the_dlq_with_headers_and_offsets_move_past_them() {
         report.records_consumed,
         report.records_aggregated + report.records_dlq
     );
+}
+
+#[test]
+fn two_instances_split_partitions_and_a_silence_posted_to_one_reaches_the_other() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bs = cluster.bootstrap_servers();
+    runtime::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
+    let t = config(&bs, "g-two").topics;
+    let mut a = Instance::start(config(&bs, "g-two"));
+    let admin_a = a.admin();
+    let mut b = Instance::start(config(&bs, "g-two"));
+    b.admin();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !(a.assigned().len() == 1 && b.assigned().len() == 1) {
+        assert!(
+            Instant::now() < deadline,
+            "no split: a={:?} b={:?}",
+            a.assigned(),
+            b.assigned()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // One segment on each instance's partition (murmur2, as the Java client places keys).
+    let seg_on = |p: i32| {
+        (0..100)
+            .map(|i| format!("two/seg-{i}"))
+            .find(|s| runtime::kafka::murmur2_partition(s.as_bytes(), 2) == p)
+            .unwrap()
+    };
+    let seg_a = seg_on(a.assigned()[0]);
+    let seg_b = seg_on(b.assigned()[0]);
+
+    // An operator silences B's segment through A's admin API.
+    let body = format!(r#"{{"id":"op-1","segments":"{seg_b}","duration":"5m","reason":"test"}}"#);
+    let (status, resp) = http(admin_a, "POST", "/silences", &body);
+    assert_eq!(status, 201, "{resp}");
+    // Applied once read back from the control topic, like every instance's.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, list) = http(admin_a, "GET", "/silences", "");
+        if list.contains("op-1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{list}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let p = producer(&bs);
+    let decisions = Reader::new(&bs, &t.decisions.name, 2);
+    let suppressed = decisions.until(
+        Duration::from_secs(30),
+        || {
+            let now = SystemClock.now_ms();
+            telemetry(&p, &t.telemetry.name, &seg_a, now, 1.0);
+            telemetry(&p, &t.telemetry.name, &seg_b, now, 1.0);
+            p.flush(Duration::from_secs(1)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        },
+        |m| {
+            let d = decode_decision(m.payload()?);
+            (d.segment == seg_b && d.guardrail.as_deref() == Some("silence")).then_some(d)
+        },
+    );
+    assert!(
+        suppressed.is_some(),
+        "B applied the silence it read from the control topic"
+    );
+    let actions = Reader::new(&bs, &t.actions.name, 2);
+    let cmds: Vec<RemediationCommand> = {
+        let mut v = Vec::new();
+        actions.until(
+            Duration::from_secs(2),
+            || {},
+            |m| {
+                v.push(decode_command(m.payload()?));
+                None::<()>
+            },
+        );
+        v
+    };
+    assert!(cmds.iter().any(|c| c.segment == seg_a), "{cmds:?}");
+    assert!(cmds.iter().all(|c| c.segment != seg_b), "{cmds:?}");
+
+    // Each acted only on its own segments; graceful shutdown commits both partitions.
+    let (pa, pb) = (a.assigned()[0], b.assigned()[0]);
+    let ra = a.stop();
+    let rb = b.stop();
+    assert!(ra.commands >= 1 && rb.commands == 0, "a={ra:?} b={rb:?}");
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .set("group.id", "g-two")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&t.telemetry.name, pa);
+    tpl.add_partition(&t.telemetry.name, pb);
+    let committed = c.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
+    for e in committed.elements() {
+        assert!(
+            matches!(e.offset(), Offset::Offset(o) if o > 0),
+            "partition {} committed {:?}",
+            e.partition(),
+            e.offset()
+        );
+    }
+    drop(committed);
 }
