@@ -121,6 +121,9 @@ pub struct BenchArgs {
     /// Window settings from this config (default: built-in defaults, 10 s tumbling)
     #[arg(long, short)]
     pub config: Option<PathBuf>,
+    /// e2e: telemetry partitions on the embedded cluster
+    #[arg(long, default_value_t = 8)]
+    pub partitions: i32,
 }
 
 #[derive(Debug, Args)]
@@ -386,7 +389,16 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
             crate::bench::window_bench(spec, args.segments, args.events).print();
             ExitCode::SUCCESS
         }
-        "e2e" => not_yet("bench e2e", "the embedded demo, issue 6"),
+        "e2e" => match crate::bench::e2e_bench(args.events as u64, args.segments, args.partitions) {
+            Ok(r) => {
+                r.print();
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         "replay" => not_yet("bench replay", "backtesting, issue 9"),
         other => {
             eprintln!("error: unknown benchmark {other:?}; choose window, e2e or replay");

@@ -451,7 +451,7 @@ impl Controller {
                 return;
             }
         }
-        let selected: Vec<usize> = self
+        let selected: smallvec::SmallVec<[usize; 8]> = self
             .policies
             .policies
             .iter()
@@ -637,15 +637,18 @@ impl Controller {
     }
 
     fn loop_mut(&mut self, partition: i32, segment: &str, policy: &str) -> &mut LoopState {
-        self.partitions
+        let loops = &mut self
+            .partitions
             .get_mut(&partition)
             .expect("partition owned")
             .segments
             .get_mut(segment)
             .expect("segment known")
-            .loops
-            .entry(policy.to_string())
-            .or_insert_with(LoopState::new)
+            .loops;
+        if !loops.contains_key(policy) {
+            loops.insert(policy.to_string(), LoopState::new());
+        }
+        loops.get_mut(policy).expect("inserted above")
     }
 
     fn timing(&self, policy: &str, kind: TimingKind, ms: Option<i64>, out: &mut Effects) {
@@ -683,13 +686,26 @@ impl Controller {
     ) {
         let w = ctx.window.expect("window step has a window");
         let policy = &self.policies.policies[pi];
-        let name = policy.name.clone();
         let breach = policy.when.holds(w);
+        // Most windows of most segments change nothing: leave before any allocation.
+        if !breach {
+            let quiet = self
+                .partitions
+                .get(&partition)
+                .and_then(|p| p.segments.get(segment))
+                .is_none_or(|s| {
+                    s.loops
+                        .get(&policy.name)
+                        .is_none_or(|l| l.phase == Phase::Healthy && l.breaches == 0)
+                });
+            if quiet {
+                return;
+            }
+        }
+        let name = policy.name.clone();
         let clear_for = policy.clear_for;
         let for_windows = policy.for_windows;
         let verified = policy.verified_by(w);
-        let mut aggs = Vec::new();
-        policy.when.aggregates(w, &mut aggs);
         let l = self.loop_mut(partition, segment, &name);
         let from = l.phase;
         let mut fire = false;
@@ -757,6 +773,8 @@ impl Controller {
         l.phase = to;
         let id = l.command_id.clone();
         if to != from {
+            let mut aggs = Vec::new();
+            self.policies.policies[pi].when.aggregates(w, &mut aggs);
             out.decisions.push(decision(
                 segment, &name, from, to, trigger, ctx, id, None, aggs,
             ));

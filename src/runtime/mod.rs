@@ -74,7 +74,7 @@ impl Control {
 }
 
 /// What a run did, for the caller (the demo's accounting, tests).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RunReport {
     pub records_consumed: u64,
     pub records_aggregated: u64,
@@ -84,6 +84,9 @@ pub struct RunReport {
     pub outcomes_applied: u64,
     pub outcomes_skipped: u64,
     pub commits: u64,
+    /// Window close → command acknowledged by the broker, seconds (first 100,000 samples).
+    #[serde(skip)]
+    pub close_to_command_secs: Vec<f64>,
 }
 
 /// A silence as stored on the control topic (key `silence/<id>`; a null value deletes it).
@@ -360,6 +363,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             ("enable.auto.commit", "false"),
             ("auto.offset.reset", "earliest"),
             ("enable.partition.eof", "false"),
+            // librdkafka postpones a partition's next fetch by this long once its local queue
+            // is over the thresholds (default 1 s), which leaves a busy consumer idle in gaps.
+            ("fetch.queue.backoff.ms", "20"),
         ],
     )
     .create_with_context(group_ctx)
@@ -384,17 +390,21 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     let _guard = metrics::set_default_local_recorder(&*metrics.recorder);
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now();
+    let mut last_publish = Instant::now();
     let mut policy_mtime = policies_path.as_ref().and_then(|p| mtime(p));
     let mut last_policy_check = Instant::now();
     let commit_interval = config.delivery.commit_interval;
-    let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(512);
+    let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(4096);
 
+    let (mut poll_time, mut work_time, mut turns) = (Duration::ZERO, Duration::ZERO, 0u64);
     while !control.stopping() {
+        turns += 1;
+        let turn_start = Instant::now();
         // Telemetry: block briefly for the first record, then take what is buffered.
         batch.clear();
         let mut poll_error = None;
         let mut timeout = Duration::from_millis(50);
-        while batch.len() < 512 {
+        while batch.len() < 4096 {
             match consumer.poll(timeout) {
                 Some(Ok(m)) => batch.push(m),
                 Some(Err(e)) => {
@@ -408,6 +418,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         if let Some(e) = poll_error {
             tracing::warn!(error = %e, "telemetry consumer error");
         }
+        poll_time += turn_start.elapsed();
+        let work_start = Instant::now();
         let events: Vec<GroupEvent> =
             std::mem::take(&mut *consumer.context().events.lock().expect("events lock"));
         let now = clock.now_ms();
@@ -453,6 +465,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             core.refresh_offsets();
             core.last_turn = Some(Instant::now());
         }
+        work_time += work_start.elapsed();
 
         if last_commit.elapsed() >= commit_interval {
             last_commit = Instant::now();
@@ -480,11 +493,22 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
                 }
             }
         }
-        publish(&core, &producer);
+        if last_publish.elapsed() >= Duration::from_millis(250) {
+            last_publish = Instant::now();
+            publish(&core, &producer);
+        }
     }
 
     // Graceful shutdown: stop polling, flush, commit what is safe.
-    tracing::info!("shutting down: flushing and committing");
+    tracing::info!(
+        turns,
+        poll_secs = poll_time.as_secs_f64(),
+        work_secs = work_time.as_secs_f64(),
+        "shutting down: flushing and committing"
+    );
+    if std::env::var_os("SEGLOOP_LOOP_STATS").is_some() {
+        eprintln!("loop: turns={turns} poll_secs={:.3} work_secs={:.3}", poll_time.as_secs_f64(), work_time.as_secs_f64());
+    }
     let deadline = config.delivery.shutdown_timeout;
     commit_owned(&consumer, &core, &producer, CommitMode::Sync, deadline);
     publish(&core, &producer);
@@ -610,6 +634,10 @@ fn publish(core: &Arc<Mutex<Core>>, producer: &ThreadedProducer<ProduceContext>)
     let mut core = core.lock().expect("core lock");
     let core = &mut *core;
     if let Ok(mut v) = producer.context().close_to_ack.lock() {
+        let room = 100_000usize.saturating_sub(core.report.close_to_command_secs.len());
+        core.report
+            .close_to_command_secs
+            .extend(v.iter().take(room).copied());
         core.counters.close_to_command_secs.append(&mut v);
     }
     let e = core.engine.stats();
