@@ -203,8 +203,14 @@ impl E2eReport {
         println!("pipeline_to_raw_ratio={:.2}", self.ratio);
         println!("commands={}", self.commands);
         let ms = |v: Option<f64>| v.map_or("none".to_string(), |v| format!("{v:.1}"));
-        println!("window_close_to_command_p50_ms={}", ms(self.close_to_command_p50_ms));
-        println!("window_close_to_command_p99_ms={}", ms(self.close_to_command_p99_ms));
+        println!(
+            "window_close_to_command_p50_ms={}",
+            ms(self.close_to_command_p50_ms)
+        );
+        println!(
+            "window_close_to_command_p99_ms={}",
+            ms(self.close_to_command_p99_ms)
+        );
     }
 }
 
@@ -271,14 +277,13 @@ ack_timeout = "1h"
     let ids: Vec<String> = (0..segments.max(1))
         .map(|i| format!("r{}/svc-{}/ep-{i}", i % 4, i % 50))
         .collect();
-    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
-        ClientConfig::new()
-            .set("bootstrap.servers", &bs)
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "20")
-            .set("batch.num.messages", "10000")
-            .set("queue.buffering.max.messages", "500000")
-            .create()?;
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "500000")
+        .create()?;
     let codec = build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default())
         .map_err(anyhow::Error::msg)?;
     let start_ts = SystemClock.now_ms() - 30_000;
@@ -299,7 +304,9 @@ ack_timeout = "1h"
             event_id: None,
         };
         bytes.clear();
-        codec.encode(&e, &mut bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+        codec
+            .encode(&e, &mut bytes)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut rec = BaseRecord::<str, [u8]>::to(&config.topics.telemetry.name)
             .key(seg.as_str())
             .payload(&bytes);
@@ -334,25 +341,30 @@ ack_timeout = "1h"
         }
     }
     let raw_secs = first.map_or(f64::NAN, |f| f.elapsed().as_secs_f64());
-    anyhow::ensure!(n == records, "raw consumer read {n} of {records} records (mock retention?)");
+    anyhow::ensure!(
+        n == records,
+        "raw consumer read {n} of {records} records (mock retention?)"
+    );
     drop(raw);
 
     // Pipeline: the real run path over the same records.
     let control = Arc::new(Control::default());
     let core_slot: Arc<Mutex<Option<crate::runtime::SharedCore>>> = Arc::new(Mutex::new(None));
     let (c2, k2) = (control.clone(), core_slot.clone());
-    let handle = std::thread::Builder::new().name("pipeline".into()).spawn(move || {
-        runtime::run(RunOptions {
-            config,
-            policies,
-            policies_path: None,
-            control: c2,
-            clock: Arc::new(SystemClock),
-            metrics: crate::metrics::Metrics::new(),
-            on_admin: None,
-            on_core: Some(Box::new(move |c| *k2.lock().expect("lock") = Some(c))),
-        })
-    })?;
+    let handle = std::thread::Builder::new()
+        .name("pipeline".into())
+        .spawn(move || {
+            runtime::run(RunOptions {
+                config,
+                policies,
+                policies_path: None,
+                control: c2,
+                clock: Arc::new(SystemClock),
+                metrics: crate::metrics::Metrics::new(),
+                on_admin: None,
+                on_core: Some(Box::new(move |c| *k2.lock().expect("lock") = Some(c))),
+            })
+        })?;
     let mut first: Option<Instant> = None;
     let mut last_count = 0;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -385,7 +397,11 @@ ack_timeout = "1h"
     // The first poll includes the group join; both rates are counted from the first record.
     let events_per_sec = records as f64 / pipeline_secs;
     let raw_per_sec = records as f64 / raw_secs;
-    let mut lat: Vec<f64> = report.close_to_command_secs.iter().map(|s| s * 1000.0).collect();
+    let mut lat: Vec<f64> = report
+        .close_to_command_secs
+        .iter()
+        .map(|s| s * 1000.0)
+        .collect();
     lat.sort_by(f64::total_cmp);
     let q = |q: f64| (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * q) as usize]);
     let _ = SystemClock.now_ms();

@@ -389,16 +389,18 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
             crate::bench::window_bench(spec, args.segments, args.events).print();
             ExitCode::SUCCESS
         }
-        "e2e" => match crate::bench::e2e_bench(args.events as u64, args.segments, args.partitions) {
-            Ok(r) => {
-                r.print();
-                ExitCode::SUCCESS
+        "e2e" => {
+            match crate::bench::e2e_bench(args.events as u64, args.segments, args.partitions) {
+                Ok(r) => {
+                    r.print();
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
             }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(1)
-            }
-        },
+        }
         "replay" => not_yet("bench replay", "backtesting, issue 9"),
         other => {
             eprintln!("error: unknown benchmark {other:?}; choose window, e2e or replay");

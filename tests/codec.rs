@@ -439,3 +439,67 @@ fn older_writer_goes_through_resolution_and_gets_defaults() {
     assert_eq!(e.event_id, None);
     assert_eq!(e.segment, "eu-1/checkout/payments");
 }
+
+// ---- the telemetry fast path agrees with the general decoder --------------------------------
+
+fn fast_decoders() -> Vec<(
+    segloop::codec::fast::TelemetryDecoder,
+    Box<dyn Codec<TelemetryEvent>>,
+)> {
+    [
+        CodecKind::AvroSingleObject,
+        CodecKind::AvroConfluent,
+        CodecKind::AvroRaw,
+        CodecKind::Json,
+    ]
+    .into_iter()
+    .map(|k| {
+        let s = golden_settings("telemetry.v2");
+        (
+            segloop::codec::fast::TelemetryDecoder::new(k, &s).unwrap(),
+            build_codec::<TelemetryEvent>(k, &s).unwrap(),
+        )
+    })
+    .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn fast_path_equals_general_decoder_on_valid_records(e in arb_event()) {
+        for (fast, general) in fast_decoders() {
+            let bytes = encode(general.as_ref(), &e);
+            let got = fast.decode(Some(e.segment.as_bytes()), Some(&bytes)).map(|t| t.into_owned());
+            prop_assert_eq!(got, Ok(e.clone()), "codec {}", general.kind());
+        }
+    }
+
+    #[test]
+    fn fast_path_agrees_on_corrupted_and_random_bytes(
+        e in arb_event(),
+        pos in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+        cut in any::<prop::sample::Index>(),
+        noise in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        for (fast, general) in fast_decoders() {
+            let mut bytes = encode(general.as_ref(), &e);
+            let i = pos.index(bytes.len());
+            bytes[i] = byte;
+            let truncated = &bytes[..cut.index(bytes.len() + 1)];
+            for input in [&bytes[..], truncated, &noise[..]] {
+                let a = fast.decode(None, Some(input)).map(|t| t.into_owned()).map_err(|e| e.code);
+                let b = general.decode(input).map_err(|e| e.code);
+                // Key rule aside (no key given), both must agree on success and on the code.
+                let a = match a { Err(segloop::codec::ErrorCode::KeyMismatch) => Ok(()), Err(c) => Err(c), Ok(_) => Ok(()) };
+                let b = match b {
+                    Ok(ev) if ev.segment.is_empty() || ev.ts_ms < 0 => Err(segloop::codec::ErrorCode::InvalidValue),
+                    Ok(_) => Ok(()),
+                    Err(c) => Err(c),
+                };
+                prop_assert_eq!(a, b, "codec {} input {:02x?}", general.kind(), input);
+            }
+        }
+    }
+}

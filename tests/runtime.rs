@@ -594,3 +594,117 @@ fn two_instances_split_partitions_and_a_silence_posted_to_one_reaches_the_other(
     }
     drop(committed);
 }
+
+#[test]
+fn startup_fails_clearly_on_a_missing_topic_or_mismatched_partitions() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bs = cluster.bootstrap_servers();
+    let cfg = config(&bs, "g-start");
+    // Nothing created yet: the error names the missing topics and the fix.
+    let err = runtime::kafka::prepare_topics(&cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("segloop.telemetry (telemetry)"), "{err}");
+    assert!(err.contains("kafka.create_topics = true"), "{err}");
+    // Telemetry with 2 partitions, state with 3: not co-partitioned.
+    let t = &cfg.topics;
+    cluster.create_topic(&t.telemetry.name, 2, 1).unwrap();
+    cluster.create_topic(&t.state.name, 3, 1).unwrap();
+    for name in [
+        &t.actions.name,
+        &t.outcomes.name,
+        &t.dlq.name,
+        &t.decisions.name,
+        &t.control.name,
+    ] {
+        cluster.create_topic(name, 2, 1).unwrap();
+    }
+    let err = runtime::kafka::prepare_topics(&cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("has 2 partitions but state topic segloop.state has 3")
+            && err.contains("co-partitioned"),
+        "{err}"
+    );
+}
+
+#[test]
+fn editing_the_policy_file_reloads_policies_without_a_restart() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bs = cluster.bootstrap_servers();
+    runtime::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
+    let cfg = config(&bs, "g-reload");
+    let t = cfg.topics.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policies.toml");
+    // v1 never fires (threshold above any mean); v2 fires.
+    std::fs::write(
+        &path,
+        POLICIES.replace("mean(error) > 0.5", "mean(error) > 5"),
+    )
+    .unwrap();
+    let control = Arc::new(Control::default());
+    let c2 = control.clone();
+    let p2 = path.clone();
+    let handle = std::thread::spawn(move || {
+        runtime::run(RunOptions {
+            config: cfg,
+            policies: PolicySet::load(&p2).unwrap(),
+            policies_path: Some(p2),
+            control: c2,
+            clock: Arc::new(SystemClock),
+            metrics: segloop::metrics::Metrics::new(),
+            on_admin: None,
+            on_core: None,
+        })
+    });
+    let p = producer(&bs);
+    let feed = || {
+        telemetry(
+            &p,
+            &t.telemetry.name,
+            "reload/seg",
+            SystemClock.now_ms(),
+            1.0,
+        );
+        p.flush(Duration::from_secs(1)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let actions = Reader::new(&bs, &t.actions.name, 2);
+    let early = actions.until(Duration::from_secs(8), feed, |m| {
+        Some(decode_command(m.payload()?))
+    });
+    assert!(early.is_none(), "v1 must not fire: {early:?}");
+    // An invalid edit is refused and the old policies stay.
+    std::fs::write(
+        &path,
+        "[[policies]]\nname = \"broken\"\nwhen = \"p99(\"\naction = \"x\"\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(2_500));
+    std::fs::write(
+        &path,
+        POLICIES.replace("name = \"errors\"", "name = \"errors\"\nversion = 2"),
+    )
+    .unwrap();
+    let cmd = actions
+        .until(Duration::from_secs(20), feed, |m| {
+            Some(decode_command(m.payload()?))
+        })
+        .expect("the reloaded policy fires");
+    assert_eq!(cmd.policy_version, 2);
+    control.stop();
+    handle.join().unwrap().unwrap();
+}
+
+#[test]
+fn the_e2e_bench_accounts_for_every_record() {
+    let r = segloop::bench::e2e_bench(20_000, 300, 4).unwrap();
+    assert_eq!(r.consumed, 20_000);
+    assert_eq!(r.aggregated + r.dlq, r.consumed);
+    assert!(r.events_per_sec > 0.0 && r.raw_consume_per_sec > 0.0);
+    // 1% of segments fail: the policy acts on them.
+    assert!(r.commands >= 1, "{r:?}");
+    assert!(r.close_to_command_p50_ms.is_some());
+}

@@ -34,7 +34,7 @@ use crate::codec::{build_codec, decode_record, Codec, DecodeError};
 use crate::config::Config;
 use crate::controller::{Controller, Effects, OutcomeDisposition};
 use crate::metrics::{Counters, Gauges, Metrics};
-use crate::model::{DecisionRecord, RemediationCommand, RemediationOutcome, TelemetryEvent};
+use crate::model::{DecisionRecord, RemediationCommand, RemediationOutcome};
 use crate::policy::{PolicySet, Silence};
 use crate::window::{Position, WindowEngine, WindowSpec, WindowSummary};
 
@@ -105,7 +105,7 @@ pub struct Core {
     pub engine: WindowEngine,
     pub controller: Controller,
     pub config: Config,
-    telemetry_codec: Box<dyn Codec<TelemetryEvent>>,
+    telemetry: crate::codec::fast::TelemetryDecoder,
     outcome_codec: Box<dyn Codec<RemediationOutcome>>,
     command_codec: Box<dyn Codec<RemediationCommand>>,
     decision_codec: Box<dyn Codec<DecisionRecord>>,
@@ -306,8 +306,11 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     let core = Arc::new(Mutex::new(Core {
         engine: WindowEngine::new(spec),
         controller: Controller::new(policies, telemetry_partitions as u32),
-        telemetry_codec: build_codec(t.telemetry.codec, &t.telemetry.schema_settings())
-            .map_err(|e| codec_err("telemetry", e))?,
+        telemetry: crate::codec::fast::TelemetryDecoder::new(
+            t.telemetry.codec,
+            &t.telemetry.schema_settings(),
+        )
+        .map_err(|e| codec_err("telemetry", e))?,
         outcome_codec: build_codec(t.outcomes.codec, &t.outcomes.schema_settings())
             .map_err(|e| codec_err("outcomes", e))?,
         command_codec: build_codec(t.actions.codec, &t.actions.schema_settings())
@@ -365,7 +368,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             ("enable.partition.eof", "false"),
             // librdkafka postpones a partition's next fetch by this long once its local queue
             // is over the thresholds (default 1 s), which leaves a busy consumer idle in gaps.
-            ("fetch.queue.backoff.ms", "20"),
+            ("fetch.queue.backoff.ms", "5"),
         ],
     )
     .create_with_context(group_ctx)
@@ -507,7 +510,11 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         "shutting down: flushing and committing"
     );
     if std::env::var_os("SEGLOOP_LOOP_STATS").is_some() {
-        eprintln!("loop: turns={turns} poll_secs={:.3} work_secs={:.3}", poll_time.as_secs_f64(), work_time.as_secs_f64());
+        eprintln!(
+            "loop: turns={turns} poll_secs={:.3} work_secs={:.3}",
+            poll_time.as_secs_f64(),
+            work_time.as_secs_f64()
+        );
     }
     let deadline = config.delivery.shutdown_timeout;
     commit_owned(&consumer, &core, &producer, CommitMode::Sync, deadline);
@@ -699,17 +706,17 @@ impl Core {
             .or_default();
         entry.0 += 1;
         entry.1 += bytes as u64;
-        let event = match decode_record(self.telemetry_codec.as_ref(), m.key(), m.payload()) {
+        let event = match self.telemetry.decode(m.key(), m.payload()) {
             Ok(e) => e,
             Err(e) => return self.dead_letter(m, &e),
         };
-        if self.track_labels && !event.labels.is_empty() {
+        if self.track_labels && event.has_labels() {
             if self.labels.len() >= self.config.windows.max_segments {
                 self.labels.clear();
             }
-            if self.labels.get(&event.segment) != Some(&event.labels) {
-                self.labels
-                    .insert(event.segment.clone(), event.labels.clone());
+            let owned = event.clone().into_owned();
+            if self.labels.get(&owned.segment) != Some(&owned.labels) {
+                self.labels.insert(owned.segment, owned.labels);
             }
         }
         let mut closed = std::mem::take(&mut self.closed);
@@ -718,9 +725,9 @@ impl Core {
                 partition,
                 offset: m.offset(),
             },
-            &event.segment,
-            event.ts_ms,
-            event.measurements.iter().map(|(k, v)| (k.as_str(), *v)),
+            event.segment(),
+            event.ts_ms(),
+            event.measurements().iter().copied(),
             now,
             &mut closed,
         );

@@ -16,6 +16,8 @@
 //! Every failure is a [`DecodeError`] with a stable [`ErrorCode`] — the code the runtime puts in
 //! the DLQ header — and never a panic, whatever the bytes.
 
+pub mod fast;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
