@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# A single-node Apache Kafka (KRaft, combined broker + controller) on 127.0.0.1 for tests.
+#
+#   scripts/kafka.sh start    fetch the jars with Maven (once), format storage, start, wait
+#   scripts/kafka.sh status   print the bootstrap address; exit 1 when not running
+#   scripts/kafka.sh stop     stop it and remove its storage
+#
+# State lives in $SEGLOOP_KAFKA_DIR (default: /tmp/segloop-kafka): `bootstrap` holds the
+# address the tests read, `broker.log` the broker's log, `broker.pid` its pid.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+dir=${SEGLOOP_KAFKA_DIR:-/tmp/segloop-kafka}
+libs="$here/kafka/target/kafka-libs"
+log="$dir/broker.log"
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+running() {
+  [ -f "$dir/broker.pid" ] && kill -0 "$(cat "$dir/broker.pid")" 2>/dev/null
+}
+
+fail() {
+  echo "kafka.sh: $*" >&2
+  if [ -f "$log" ]; then
+    echo "---- last 80 lines of $log ----" >&2
+    tail -n 80 "$log" >&2
+  fi
+  exit 1
+}
+
+start() {
+  if running; then
+    echo "kafka already running at $(cat "$dir/bootstrap")"
+    return 0
+  fi
+  command -v java >/dev/null || fail "java is not installed (Java 17+ is needed)"
+  if [ ! -f "$libs/kafka_2.13-4.1.0.jar" ]; then
+    echo "fetching Apache Kafka jars with Maven..."
+    mvn -q -B -f "$here/kafka/pom.xml" dependency:copy-dependencies \
+      -DoutputDirectory="$libs" >"$dir.mvn.log" 2>&1 || { cat "$dir.mvn.log" >&2; fail "maven could not fetch the Kafka jars"; }
+  fi
+  rm -rf "$dir"
+  mkdir -p "$dir/data"
+  local port cport
+  port=$(free_port)
+  cport=$(free_port)
+  cat >"$dir/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$dir/data
+num.partitions=2
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+PROPS
+  local cp="$libs/*"
+  local t0=$SECONDS
+  java -cp "$cp" kafka.tools.StorageTool format -t "$(java -cp "$cp" kafka.tools.StorageTool random-uuid)" \
+    -c "$dir/server.properties" >"$log" 2>&1 || fail "formatting KRaft storage failed"
+  nohup java -Xms256m -Xmx768m -Dlog4j2.configurationFile="$here/kafka/log4j2.properties" \
+    -cp "$cp" kafka.Kafka "$dir/server.properties" >>"$log" 2>&1 &
+  echo $! >"$dir/broker.pid"
+  # Ready = the broker logged its start and the port accepts connections.
+  for _ in $(seq 1 240); do
+    running || fail "the broker exited during startup"
+    if grep -q "Kafka Server started" "$log" 2>/dev/null \
+      && python3 -c "import socket,sys; s=socket.socket(); s.settimeout(1); s.connect(('127.0.0.1', $port))" 2>/dev/null; then
+      echo "127.0.0.1:$port" >"$dir/bootstrap"
+      echo "kafka 4.1.0 started at 127.0.0.1:$port in $((SECONDS - t0)) s (log: $log)"
+      return 0
+    fi
+    sleep 0.5
+  done
+  fail "the broker did not become ready within 120 s"
+}
+
+status() {
+  if running && [ -f "$dir/bootstrap" ]; then
+    echo "kafka running at $(cat "$dir/bootstrap") (pid $(cat "$dir/broker.pid"))"
+  else
+    echo "kafka not running"
+    return 1
+  fi
+}
+
+stop() {
+  if running; then
+    local pid
+    pid=$(cat "$dir/broker.pid")
+    kill "$pid"
+    for _ in $(seq 1 60); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.5
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    echo "kafka stopped"
+  else
+    echo "kafka was not running"
+  fi
+  rm -rf "$dir"
+}
+
+case "${1:-}" in
+  start) start ;;
+  status) status ;;
+  stop) stop ;;
+  *) echo "usage: $0 start|status|stop" >&2; exit 2 ;;
+esac

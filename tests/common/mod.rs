@@ -1,0 +1,267 @@
+//! Helpers shared by the runtime suites (embedded mock cluster and real Kafka).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use segloop::codec::{build_codec, CodecKind};
+use segloop::config::{Config, Sources};
+use segloop::model::{
+    DecisionRecord, OutcomeStatus, RemediationCommand, RemediationOutcome, TelemetryEvent,
+};
+use segloop::policy::PolicySet;
+use segloop::runtime::{self, Clock, Control, RunOptions, RunReport, SystemClock};
+
+pub const POLICIES: &str = r#"
+[guardrails]
+max_in_flight = 100
+max_actions_per_minute = 600
+blast_radius = 1.0
+max_action_staleness = "30s"
+
+[[policies]]
+name = "errors"
+when = "mean(error) > 0.5 and count() >= 3"
+for = 1
+clear_for = 1
+action = "rollback"
+ack_timeout = "2s"
+verify_within = "5s"
+max_attempts = 2
+backoff = "300ms"
+backoff_max = "1s"
+escalate = "page"
+"#;
+
+pub fn config(bootstrap: &str, group: &str) -> Config {
+    config_with(bootstrap, group, &[])
+}
+
+/// The test config with extra `--set` overrides (e.g. unique topic names on a shared broker).
+pub fn config_with(bootstrap: &str, group: &str, extra: &[String]) -> Config {
+    let env = std::collections::HashMap::new();
+    let sets: Vec<String> = [
+        format!("kafka.bootstrap_servers={bootstrap}"),
+        format!("kafka.group_id={group}"),
+        "kafka.create_topics=false".into(),
+        "kafka.partitions=2".into(),
+        "windows.size=1s".into(),
+        "windows.out_of_orderness=100ms".into(),
+        "windows.idle_timeout=1s".into(),
+        "windows.max_clock_skew=10s".into(),
+        "windows.segment_ttl=30s".into(),
+        "delivery.commit_interval=200ms".into(),
+        "delivery.shutdown_timeout=5s".into(),
+        "admin.listen=127.0.0.1:0".into(),
+        "kafka.properties.\"session.timeout.ms\"=6000".into(),
+        "kafka.properties.\"heartbeat.interval.ms\"=500".into(),
+    ]
+    .into_iter()
+    .chain(extra.iter().cloned())
+    .collect();
+    let c = Config::load(&Sources {
+        file: None,
+        env: &env,
+        overrides: &sets,
+    })
+    .unwrap();
+    assert_eq!(
+        c.kafka.librdkafka_properties()["session.timeout.ms"],
+        "6000"
+    );
+    c
+}
+
+pub struct Instance {
+    control: Arc<Control>,
+    admin: Arc<Mutex<Option<std::net::SocketAddr>>>,
+    core: Arc<Mutex<Option<runtime::SharedCore>>>,
+    handle: Option<std::thread::JoinHandle<anyhow::Result<RunReport>>>,
+}
+
+impl Instance {
+    pub fn start(config: Config) -> Instance {
+        let control = Arc::new(Control::default());
+        let admin = Arc::new(Mutex::new(None));
+        let core = Arc::new(Mutex::new(None));
+        let (c2, a2, k2) = (control.clone(), admin.clone(), core.clone());
+        let handle = std::thread::spawn(move || {
+            runtime::run(RunOptions {
+                config,
+                policies: PolicySet::parse(POLICIES, "test").unwrap(),
+                policies_path: None,
+                control: c2,
+                clock: Arc::new(SystemClock),
+                metrics: segloop::metrics::Metrics::new(),
+                on_admin: Some(Box::new(move |addr| *a2.lock().unwrap() = Some(addr))),
+                on_core: Some(Box::new(move |c| *k2.lock().unwrap() = Some(c))),
+            })
+        });
+        Instance {
+            control,
+            admin,
+            core,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn admin(&mut self) -> std::net::SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(a) = *self.admin.lock().unwrap() {
+                return a;
+            }
+            if self.handle.as_ref().is_some_and(|h| h.is_finished()) {
+                let r = self.handle.take().unwrap().join().unwrap();
+                panic!("the runtime ended before listening: {r:?}");
+            }
+            assert!(Instant::now() < deadline, "admin never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn assigned(&self) -> Vec<i32> {
+        self.core
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|c| c.lock().unwrap().assigned.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn stop(mut self) -> RunReport {
+        self.control.stop();
+        self.handle.take().unwrap().join().unwrap().unwrap()
+    }
+}
+
+pub fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn producer(bootstrap: &str) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap()
+}
+
+pub fn telemetry(p: &BaseProducer, topic: &str, seg: &str, ts: i64, error: f64) {
+    let codec =
+        build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default()).unwrap();
+    let e = TelemetryEvent {
+        segment: seg.into(),
+        ts_ms: ts,
+        measurements: BTreeMap::from([("error".into(), error), ("latency_ms".into(), 20.0)]),
+        labels: BTreeMap::new(),
+        event_id: None,
+    };
+    let mut bytes = Vec::new();
+    codec.encode(&e, &mut bytes).unwrap();
+    p.send(BaseRecord::to(topic).key(seg).payload(&bytes))
+        .unwrap();
+}
+
+pub fn outcome(
+    p: &BaseProducer,
+    topic: &str,
+    cmd: &RemediationCommand,
+    status: OutcomeStatus,
+    partition: Option<i32>,
+) {
+    let codec = build_codec::<RemediationOutcome>(CodecKind::AvroSingleObject, &Default::default())
+        .unwrap();
+    let o = RemediationOutcome {
+        command_id: cmd.command_id.clone(),
+        segment: cmd.segment.clone(),
+        status,
+        ts_ms: SystemClock.now_ms(),
+        actuator: "test".into(),
+        message: None,
+    };
+    let mut bytes = Vec::new();
+    codec.encode(&o, &mut bytes).unwrap();
+    let mut r = BaseRecord::to(topic).key(&cmd.segment).payload(&bytes);
+    if let Some(part) = partition {
+        r = r.partition(part);
+    }
+    p.send(r).unwrap();
+    p.flush(Duration::from_secs(5)).unwrap();
+}
+
+/// Reads a topic from the beginning (every partition).
+pub struct Reader {
+    c: BaseConsumer,
+}
+
+impl Reader {
+    pub fn new(bootstrap: &str, topic: &str, partitions: i32) -> Reader {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", "reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        c.assign(&tpl).unwrap();
+        Reader { c }
+    }
+
+    /// Polls until `f` returns Some or the timeout passes, while `tick` runs in between.
+    pub fn until<T>(
+        &self,
+        timeout: Duration,
+        mut tick: impl FnMut(),
+        mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            tick();
+            while let Some(Ok(m)) = self.c.poll(Duration::from_millis(20)) {
+                if let Some(t) = f(&m) {
+                    return Some(t);
+                }
+            }
+        }
+        None
+    }
+}
+
+pub fn decode_command(bytes: &[u8]) -> RemediationCommand {
+    build_codec::<RemediationCommand>(CodecKind::AvroSingleObject, &Default::default())
+        .unwrap()
+        .decode(bytes)
+        .unwrap()
+}
+
+pub fn decode_decision(bytes: &[u8]) -> DecisionRecord {
+    build_codec::<DecisionRecord>(CodecKind::AvroSingleObject, &Default::default())
+        .unwrap()
+        .decode(bytes)
+        .unwrap()
+}

@@ -1,0 +1,281 @@
+//! The loop on a real Apache Kafka broker (KRaft, from `scripts/kafka.sh start`).
+//! Enabled by `--features kafka-broker-tests`; without a broker these tests fail, never skip.
+#![cfg(feature = "kafka-broker-tests")]
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, Producer};
+use segloop::codec::{build_codec, CodecKind};
+use segloop::model::{OutcomeStatus, TelemetryEvent};
+use segloop::runtime::{self, Clock, SystemClock};
+
+/// The broker address: `SEGLOOP_KAFKA_BOOTSTRAP`, or the file `scripts/kafka.sh` writes.
+fn bootstrap() -> String {
+    if let Ok(b) = std::env::var("SEGLOOP_KAFKA_BOOTSTRAP") {
+        return b;
+    }
+    let dir = std::env::var("SEGLOOP_KAFKA_DIR").unwrap_or_else(|_| "/tmp/segloop-kafka".into());
+    std::fs::read_to_string(format!("{dir}/bootstrap"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| {
+            panic!("no Kafka broker: run scripts/kafka.sh start (or set SEGLOOP_KAFKA_BOOTSTRAP)")
+        })
+}
+
+/// Unique topic names (the broker is shared by the suite) created by segloop itself.
+fn topics(test: &str) -> Vec<String> {
+    let tag = format!("{test}-{}-{}", std::process::id(), SystemClock.now_ms());
+    [
+        "telemetry",
+        "actions",
+        "outcomes",
+        "dlq",
+        "decisions",
+        "control",
+        "state",
+    ]
+    .iter()
+    .map(|t| format!("topics.{t}.name=rk.{tag}.{t}"))
+    .chain(["kafka.create_topics=true".to_string()])
+    .collect()
+}
+
+#[test]
+fn the_loop_closes_on_real_kafka() {
+    let bs = bootstrap();
+    let cfg = config_with(
+        &bs,
+        &format!("g-loop-{}", std::process::id()),
+        &topics("loop"),
+    );
+    let t = cfg.topics.clone();
+    let mut inst = Instance::start(cfg);
+    inst.admin();
+    let p = producer(&bs);
+    let actions = Reader::new(&bs, &t.actions.name, 2);
+    let mut bad = true;
+    let mut feed = |b: Option<bool>| {
+        if let Some(b) = b {
+            bad = b;
+        }
+        let now = SystemClock.now_ms();
+        telemetry(&p, &t.telemetry.name, "real/ok", now, 0.0);
+        telemetry(
+            &p,
+            &t.telemetry.name,
+            "real/bad",
+            now,
+            if bad { 1.0 } else { 0.0 },
+        );
+        p.flush(Duration::from_secs(5)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let cmd = actions
+        .until(
+            Duration::from_secs(60),
+            || feed(None),
+            |m| Some(decode_command(m.payload()?)),
+        )
+        .expect("a command on real Kafka");
+    assert_eq!(cmd.segment, "real/bad");
+    outcome(&p, &t.outcomes.name, &cmd, OutcomeStatus::Accepted, Some(1));
+    outcome(&p, &t.outcomes.name, &cmd, OutcomeStatus::Applied, Some(0));
+    let decisions = Reader::new(&bs, &t.decisions.name, 2);
+    let resolved = decisions.until(
+        Duration::from_secs(30),
+        || feed(Some(false)),
+        |m| {
+            let d = decode_decision(m.payload()?);
+            (d.segment == "real/bad" && d.to_state == "resolved").then_some(d)
+        },
+    );
+    assert!(resolved.is_some(), "verified after APPLIED");
+    let report = inst.stop();
+    assert!(
+        report.commits > 0,
+        "graceful shutdown committed: {report:?}"
+    );
+    assert_eq!(
+        report.records_consumed,
+        report.records_aggregated + report.records_dlq
+    );
+}
+
+#[test]
+fn undecodable_records_reach_the_dlq_on_real_kafka() {
+    let bs = bootstrap();
+    let cfg = config_with(
+        &bs,
+        &format!("g-dlq-{}", std::process::id()),
+        &topics("dlq"),
+    );
+    let t = cfg.topics.clone();
+    let mut inst = Instance::start(cfg);
+    inst.admin();
+    let p = producer(&bs);
+    p.send(
+        BaseRecord::to(&t.telemetry.name)
+            .key("x/y")
+            .payload(&b"not avro"[..]),
+    )
+    .unwrap();
+    p.flush(Duration::from_secs(5)).unwrap();
+    let dlq = Reader::new(&bs, &t.dlq.name, 2);
+    let code = dlq.until(
+        Duration::from_secs(60),
+        || {},
+        |m| {
+            use rdkafka::message::Headers;
+            let h = m.headers()?;
+            h.iter()
+                .find(|x| x.key == "segloop.error.code")
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        },
+    );
+    assert_eq!(code.as_deref(), Some("bad_magic"));
+    let report = inst.stop();
+    assert_eq!(report.records_dlq, 1);
+}
+
+#[test]
+fn two_instances_split_partitions_and_the_survivor_takes_over() {
+    let bs = bootstrap();
+    let group = format!("g-two-{}", std::process::id());
+    let sets = topics("two");
+    let a_cfg = config_with(&bs, &group, &sets);
+    let t = a_cfg.topics.clone();
+    let mut a = Instance::start(a_cfg);
+    a.admin();
+    let mut b = Instance::start(config_with(&bs, &group, &sets));
+    b.admin();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(a.assigned().len() == 1 && b.assigned().len() == 1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no split: a={:?} b={:?}",
+            a.assigned(),
+            b.assigned()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pa = a.assigned()[0];
+    let seg = (0..100)
+        .map(|i| format!("two/seg-{i}"))
+        .find(|s| runtime::kafka::murmur2_partition(s.as_bytes(), 2) == pa)
+        .unwrap();
+    // A stops gracefully; B takes its partition over and acts on its segment.
+    let ra = a.stop();
+    assert_eq!(ra.commands, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while b.assigned().len() != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "survivor never took over: {:?}",
+            b.assigned()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let p = producer(&bs);
+    let actions = Reader::new(&bs, &t.actions.name, 2);
+    let cmd = actions.until(
+        Duration::from_secs(60),
+        || {
+            telemetry(&p, &t.telemetry.name, &seg, SystemClock.now_ms(), 1.0);
+            p.flush(Duration::from_secs(5)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        },
+        |m| Some(decode_command(m.payload()?)),
+    );
+    assert_eq!(cmd.map(|c| c.segment), Some(seg));
+    let rb = b.stop();
+    assert!(rb.commands >= 1, "{rb:?}");
+}
+
+#[test]
+fn java_producers_land_keys_where_segloop_expects_them() {
+    let bs = bootstrap();
+    let cfg = config_with(
+        &bs,
+        &format!("g-java-{}", std::process::id()),
+        &topics("java"),
+    );
+    let t = cfg.topics.clone();
+    let mut inst = Instance::start(cfg);
+    inst.admin();
+    let codec =
+        build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default()).unwrap();
+    let libs = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/kafka/target/kafka-libs/*"
+    );
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/java/Produce.java");
+    let mut input = String::new();
+    let segs: Vec<String> = (0..40).map(|i| format!("java/svc-{i}")).collect();
+    // Four seconds of telemetry: java/svc-0 fails, the rest are healthy.
+    let start = SystemClock.now_ms();
+    for step in 0..40 {
+        for s in &segs {
+            let e = TelemetryEvent {
+                segment: s.clone(),
+                ts_ms: start + step * 100,
+                measurements: [(
+                    "error".to_string(),
+                    if s == "java/svc-0" { 1.0 } else { 0.0 },
+                )]
+                .into(),
+                labels: Default::default(),
+                event_id: None,
+            };
+            let mut bytes = Vec::new();
+            codec.encode(&e, &mut bytes).unwrap();
+            input.push_str(&format!("{s}\t{}\n", hex::encode(bytes)));
+        }
+    }
+    let mut child = Command::new("java")
+        .args(["-cp", libs, src, &bs, &t.telemetry.name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("java should run");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let placed = String::from_utf8_lossy(&out.stdout);
+    let mut checked = 0;
+    for line in placed.lines() {
+        let (key, part) = line.split_once('\t').unwrap();
+        assert_eq!(
+            runtime::kafka::murmur2_partition(key.as_bytes(), 2),
+            part.parse::<i32>().unwrap(),
+            "the Java client put {key} elsewhere"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 40 * 40);
+    // segloop acts on the failing segment the Java client produced.
+    let actions = Reader::new(&bs, &t.actions.name, 2);
+    let cmd = actions.until(
+        Duration::from_secs(60),
+        || {},
+        |m| Some(decode_command(m.payload()?)),
+    );
+    assert_eq!(cmd.map(|c| c.segment).as_deref(), Some("java/svc-0"));
+    inst.stop();
+}
