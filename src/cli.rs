@@ -39,6 +39,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Replay a telemetry topic through the policies and report what they would have done
     Backtest(ConfigArgs),
+    /// The reference actuator: run a handler per command, write outcomes
+    Actuator(ConfigArgs),
     /// Benchmarks that print key=value figures
     Bench(BenchArgs),
     /// Validate a config file and print the effective configuration
@@ -347,6 +349,42 @@ pub fn run(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
     match result {
         Ok(report) => {
             tracing::info!(?report, "stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `segloop actuator`: consume commands, run the configured handlers, write outcomes.
+pub fn actuator(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
+    let config = match Config::load(&Sources {
+        file: args.config.as_deref(),
+        env,
+        overrides: &args.overrides,
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: invalid configuration\n{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    init_logging(&config);
+    let control = std::sync::Arc::new(crate::runtime::Control::default());
+    install_signal_handlers(control.clone());
+    let handler = std::sync::Arc::new(crate::actuator::ConfiguredHandler::new(
+        config.actuator.clone(),
+    ));
+    tracing::info!(
+        actions = ?config.actuator.shell.keys().collect::<Vec<_>>(),
+        webhook = ?config.actuator.webhook,
+        "actuator starting"
+    );
+    match crate::actuator::run(&config, handler, control, |_| {}) {
+        Ok(report) => {
+            tracing::info!(?report, "actuator stopped");
             ExitCode::SUCCESS
         }
         Err(e) => {

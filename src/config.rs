@@ -31,6 +31,38 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub admin: AdminConfig,
     pub logging: LoggingConfig,
+    pub actuator: ActuatorConfig,
+}
+
+/// `segloop actuator`: the reference actuator's handlers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActuatorConfig {
+    /// Written in every outcome's `actuator` field.
+    pub name: String,
+    /// Consumer group of the actuators (instances share the actions topic).
+    pub group_id: String,
+    /// A shell command per action (run with `sh -c`; SEGLOOP_* variables describe the command;
+    /// exit 0 = APPLIED, otherwise FAILED with its output).
+    pub shell: BTreeMap<String, String>,
+    /// POST each command as JSON to this http:// URL when no shell command matches its action;
+    /// 2xx = APPLIED, 4xx = REJECTED, otherwise FAILED.
+    pub webhook: Option<String>,
+    /// A handler running longer than this fails.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ActuatorConfig {
+    fn default() -> Self {
+        ActuatorConfig {
+            name: "segloop-actuator".into(),
+            group_id: "segloop-actuator".into(),
+            shell: BTreeMap::new(),
+            webhook: None,
+            timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Brokers and client settings.
@@ -585,6 +617,17 @@ impl Config {
                 "topics.state.name",
                 "must differ from topics.telemetry.name".into(),
             );
+        }
+        if let Some(url) = &self.actuator.webhook {
+            if !url.starts_with("http://") {
+                err(
+                    "actuator.webhook",
+                    format!("{url} is not an http:// URL (TLS endpoints need a proxy)"),
+                );
+            }
+        }
+        if self.actuator.timeout.is_zero() {
+            err("actuator.timeout", "must be above 0".into());
         }
         if self.delivery.commit_interval.is_zero() {
             err("delivery.commit_interval", "must be above 0".into());

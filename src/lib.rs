@@ -25,6 +25,8 @@
 //! - [`metrics`] — the documented Prometheus names and the per-instance recorder.
 //! - [`config`] — layered TOML configuration (defaults < file < `SEGLOOP__*` env < CLI) with
 //!   errors that name the key, file and line.
+//! - [`actuator`] — `segloop actuator`, the reference actuator (shell or webhook handlers,
+//!   idempotent on `command_id`); the demo's simulated actuator runs on it.
 //! - [`demo`] — `segloop demo`: embedded Kafka, synthetic fleet, scripted faults, simulated
 //!   actuator, scored from what the topics say.
 //! - [`bench`] — `segloop bench` figures and the counting allocator behind `bytes_per_segment`.
@@ -35,6 +37,7 @@
 //! `controller`) never import Kafka, tokio I/O or
 //! HTTP; the runtime and the backtest are drivers of the same engine.
 
+pub mod actuator;
 pub mod bench;
 pub mod cli;
 pub mod codec;

@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Command::Encode(args) => cli::encode(&args),
         Command::Schemas(args) => cli::schemas(&args),
         Command::Run(args) => cli::run(&args, &env),
+        Command::Actuator(args) => cli::actuator(&args, &env),
         Command::Demo(args) => cli::demo(&args),
         Command::Backtest(_) => cli::not_yet("backtest", "backtesting, issue 9"),
         Command::Bench(args) => cli::bench(&args, &env),

@@ -466,3 +466,55 @@ fn the_e2e_bench_accounts_for_every_record() {
     assert!(r.commands >= 1, "{r:?}");
     assert!(r.close_to_command_p50_ms.is_some());
 }
+
+#[test]
+fn the_reference_actuator_closes_the_loop_with_a_shell_handler() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bs = cluster.bootstrap_servers();
+    runtime::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
+    let cfg = config(&bs, "g-act");
+    let t = cfg.topics.clone();
+    let mut inst = Instance::start(cfg.clone());
+    inst.admin();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("handled.log");
+    let mut act_cfg = cfg;
+    act_cfg.actuator.group_id = "actuators".into();
+    act_cfg.actuator.shell.insert(
+        "rollback".into(),
+        format!("echo \"$SEGLOOP_COMMAND_ID $SEGLOOP_SEGMENT\" >> {}", log.display()),
+    );
+    let stop = Arc::new(Control::default());
+    let s2 = stop.clone();
+    let actuator = std::thread::spawn(move || {
+        let handler = Arc::new(segloop::actuator::ConfiguredHandler::new(act_cfg.actuator.clone()));
+        segloop::actuator::run(&act_cfg, handler, s2, |_| {})
+    });
+    let p = producer(&bs);
+    let mut bad = true;
+    let decisions = Reader::new(&bs, &t.decisions.name, 2);
+    let resolved = decisions.until(
+        Duration::from_secs(40),
+        || {
+            let now = SystemClock.now_ms();
+            telemetry(&p, &t.telemetry.name, "act/seg", now, if bad { 1.0 } else { 0.0 });
+            p.flush(Duration::from_secs(1)).unwrap();
+            // The handler "fixes" the segment: once it ran, telemetry is healthy.
+            bad = !log.exists();
+            std::thread::sleep(Duration::from_millis(50));
+        },
+        |m| {
+            let d = decode_decision(m.payload()?);
+            (d.to_state == "resolved").then_some(d)
+        },
+    );
+    assert!(resolved.is_some(), "the loop closed through segloop actuator");
+    stop.stop();
+    let report = actuator.join().unwrap().unwrap();
+    inst.stop();
+    assert_eq!(report.commands, 1, "{report:?}");
+    assert_eq!(report.applied, 1);
+    let handled = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(handled.lines().count(), 1, "idempotent: ran once: {handled}");
+    assert!(handled.contains("act/seg"));
+}
