@@ -90,7 +90,13 @@ impl ConfiguredHandler {
         }
         match child.wait_with_output() {
             Ok(out) => {
-                let text = |b: &[u8]| String::from_utf8_lossy(b).trim().chars().take(2000).collect::<String>();
+                let text = |b: &[u8]| {
+                    String::from_utf8_lossy(b)
+                        .trim()
+                        .chars()
+                        .take(2000)
+                        .collect::<String>()
+                };
                 if out.status.success() {
                     HandlerOutcome::Applied(text(&out.stdout))
                 } else {
@@ -98,7 +104,10 @@ impl ConfiguredHandler {
                     if msg.is_empty() {
                         msg = text(&out.stdout);
                     }
-                    HandlerOutcome::Failed(format!("exit {}: {msg}", out.status.code().unwrap_or(-1)))
+                    HandlerOutcome::Failed(format!(
+                        "exit {}: {msg}",
+                        out.status.code().unwrap_or(-1)
+                    ))
                 }
             }
             Err(e) => HandlerOutcome::Failed(format!("handler output unreadable: {e}")),
@@ -219,8 +228,9 @@ pub fn run(
     .context("cannot create the outcomes producer")?;
     let commands = build_codec::<RemediationCommand>(t.actions.codec, &t.actions.schema_settings())
         .map_err(anyhow::Error::msg)?;
-    let outcomes = build_codec::<RemediationOutcome>(t.outcomes.codec, &t.outcomes.schema_settings())
-        .map_err(anyhow::Error::msg)?;
+    let outcomes =
+        build_codec::<RemediationOutcome>(t.outcomes.codec, &t.outcomes.schema_settings())
+            .map_err(anyhow::Error::msg)?;
     let mut seen = Seen::new(100_000);
     let mut report = ActuatorReport::default();
     let write = |cmd: &RemediationCommand, status: OutcomeStatus, message: Option<String>| {
@@ -273,7 +283,11 @@ pub fn run(
                 if cmd.dry_run {
                     tracing::info!(segment = %cmd.segment, action = %cmd.action, "dry run: not executed");
                     write(&cmd, OutcomeStatus::Accepted, None);
-                    write(&cmd, OutcomeStatus::Applied, Some("dry run: logged, not executed".into()));
+                    write(
+                        &cmd,
+                        OutcomeStatus::Applied,
+                        Some("dry run: logged, not executed".into()),
+                    );
                     continue;
                 }
                 let result = handler.handle(&cmd);
@@ -345,7 +359,10 @@ mod tests {
 
     fn handler(shell: &[(&str, &str)]) -> ConfiguredHandler {
         ConfiguredHandler::new(ActuatorConfig {
-            shell: shell.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            shell: shell
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             timeout: Duration::from_millis(500),
             ..Default::default()
         })
@@ -354,7 +371,10 @@ mod tests {
     #[test]
     fn shell_handlers_see_the_command_and_map_exit_codes() {
         let h = handler(&[
-            ("rollback", "echo \"$SEGLOOP_ACTION $SEGLOOP_SEGMENT #$SEGLOOP_ATTEMPT $SEGLOOP_PARAMS\""),
+            (
+                "rollback",
+                "echo \"$SEGLOOP_ACTION $SEGLOOP_SEGMENT #$SEGLOOP_ATTEMPT $SEGLOOP_PARAMS\"",
+            ),
             ("restart", "echo boom >&2; exit 3"),
             ("slow", "sleep 5"),
         ]);
@@ -362,9 +382,17 @@ mod tests {
             h.handle(&cmd("rollback")),
             HandlerOutcome::Applied("rollback eu-1/a #2 {\"to\":\"previous\"}".into())
         );
-        assert_eq!(h.handle(&cmd("restart")), HandlerOutcome::Failed("exit 3: boom".into()));
-        assert!(matches!(h.handle(&cmd("slow")), HandlerOutcome::Failed(m) if m.contains("timed out")));
-        assert!(matches!(h.handle(&cmd("scale")), HandlerOutcome::Rejected(_)));
+        assert_eq!(
+            h.handle(&cmd("restart")),
+            HandlerOutcome::Failed("exit 3: boom".into())
+        );
+        assert!(
+            matches!(h.handle(&cmd("slow")), HandlerOutcome::Failed(m) if m.contains("timed out"))
+        );
+        assert!(matches!(
+            h.handle(&cmd("scale")),
+            HandlerOutcome::Rejected(_)
+        ));
     }
 
     #[test]
@@ -378,16 +406,24 @@ mod tests {
                 req.as_reader().read_to_string(&mut body).unwrap();
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap();
                 assert_eq!(v["command_id"], "c-1", "{body}");
-                req.respond(tiny_http::Response::from_string("done").with_status_code(code)).unwrap();
+                req.respond(tiny_http::Response::from_string("done").with_status_code(code))
+                    .unwrap();
             }
         });
         let h = ConfiguredHandler::new(ActuatorConfig {
             webhook: Some(format!("http://{addr}/fix")),
             ..Default::default()
         });
-        assert_eq!(h.handle(&cmd("rollback")), HandlerOutcome::Applied("done".into()));
-        assert!(matches!(h.handle(&cmd("rollback")), HandlerOutcome::Rejected(m) if m.starts_with("HTTP 422")));
-        assert!(matches!(h.handle(&cmd("rollback")), HandlerOutcome::Failed(m) if m.starts_with("HTTP 503")));
+        assert_eq!(
+            h.handle(&cmd("rollback")),
+            HandlerOutcome::Applied("done".into())
+        );
+        assert!(
+            matches!(h.handle(&cmd("rollback")), HandlerOutcome::Rejected(m) if m.starts_with("HTTP 422"))
+        );
+        assert!(
+            matches!(h.handle(&cmd("rollback")), HandlerOutcome::Failed(m) if m.starts_with("HTTP 503"))
+        );
         t.join().unwrap();
     }
 
@@ -401,5 +437,4 @@ mod tests {
         assert!(s.first("a"));
         assert!(!s.first("c"));
     }
-
 }

@@ -26,9 +26,7 @@ use serde::Serialize;
 
 use crate::codec::build_codec;
 use crate::config::{Config, Sources};
-use crate::model::{
-    DecisionRecord, OutcomeStatus, RemediationCommand, RemediationOutcome, TelemetryEvent,
-};
+use crate::model::{DecisionRecord, RemediationCommand, TelemetryEvent};
 use crate::runtime::{self, Clock, Control, RunOptions, SharedCore, SystemClock};
 
 const REGIONS: [&str; 4] = ["eu-1", "us-1", "us-2", "ap-1"];
@@ -421,88 +419,32 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
         Arc::new(Mutex::new(Vec::new()));
     let resolved_seen: Arc<Mutex<BTreeMap<String, i64>>> = Arc::new(Mutex::new(BTreeMap::new()));
 
-    // Simulated actuator: reads the actions topic, answers on the outcomes topic, heals.
+    // Simulated actuator: the reference actuator (`segloop actuator`) with a handler that
+    // heals the fleet instead of running a shell command.
+    let actuator_control = Arc::new(Control::default());
     let actuator = {
-        let (stop, world, seen, bootstrap, t) = (
-            stop.clone(),
+        let (control, world, seen) = (
+            actuator_control.clone(),
             world.clone(),
             commands_seen.clone(),
-            bootstrap.clone(),
-            t.clone(),
         );
-        let partitions = config.kafka.partitions;
+        let mut act_config = config.clone();
+        act_config.actuator.name = "demo-actuator".into();
+        act_config.actuator.group_id = "demo-actuator".into();
         std::thread::Builder::new()
             .name("demo-actuator".into())
-            .spawn(move || -> anyhow::Result<()> {
-                let reader = reader(&bootstrap, &t.actions.name, partitions)?;
-                let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-                    .set("bootstrap.servers", &bootstrap)
-                    .create()?;
-                let cmd_codec = build_codec::<RemediationCommand>(
-                    t.actions.codec,
-                    &t.actions.schema_settings(),
-                )
-                .map_err(anyhow::Error::msg)?;
-                let out_codec = build_codec::<RemediationOutcome>(
-                    t.outcomes.codec,
-                    &t.outcomes.schema_settings(),
-                )
-                .map_err(anyhow::Error::msg)?;
-                let mut pending: Vec<(Instant, RemediationCommand)> = Vec::new();
-                let send = |cmd: &RemediationCommand, status: OutcomeStatus| {
-                    let o = RemediationOutcome {
-                        command_id: cmd.command_id.clone(),
-                        segment: cmd.segment.clone(),
-                        status,
-                        ts_ms: SystemClock.now_ms(),
-                        actuator: "demo-actuator".into(),
-                        message: Some(format!("{} {}", cmd.action, status.as_str().to_lowercase())),
-                    };
-                    let mut bytes = Vec::new();
-                    if out_codec.encode(&o, &mut bytes).is_ok() {
-                        let _ = producer.send(
-                            BaseRecord::<str, [u8]>::to(&t.outcomes.name)
-                                .key(cmd.segment.as_str())
-                                .payload(&bytes),
+            .spawn(move || {
+                let handler = Arc::new(SimulatedFix { world, started });
+                crate::actuator::run(&act_config, handler, control, |cmd| {
+                    let now_s = started.elapsed().as_secs_f64();
+                    seen.lock().expect("lock").push((now_s, cmd.clone()));
+                    if live {
+                        println!(
+                            "  t={now_s:>5.1}s  command {:<8} attempt {} → {}",
+                            cmd.action, cmd.attempt, cmd.segment
                         );
                     }
-                };
-                while !stop.load(Ordering::SeqCst) {
-                    if let Some(Ok(m)) = reader.poll(Duration::from_millis(50)) {
-                        if let Some(cmd) = m.payload().and_then(|p| cmd_codec.decode(p).ok()) {
-                            let now_s = started.elapsed().as_secs_f64();
-                            seen.lock().expect("lock").push((now_s, cmd.clone()));
-                            let kind = world
-                                .lock()
-                                .expect("lock")
-                                .incident_of(&cmd.segment)
-                                .map(|i| i.kind);
-                            if live {
-                                println!(
-                                    "  t={now_s:>5.1}s  command {:<8} attempt {} → {}",
-                                    cmd.action, cmd.attempt, cmd.segment
-                                );
-                            }
-                            if cmd.action != "page" && kind != Some(FaultKind::NeverAcks) {
-                                send(&cmd, OutcomeStatus::Accepted);
-                                pending.push((Instant::now() + Duration::from_millis(500), cmd));
-                            }
-                        }
-                    }
-                    let now = Instant::now();
-                    let (due, rest): (Vec<_>, Vec<_>) =
-                        pending.drain(..).partition(|(at, _)| *at <= now);
-                    pending = rest;
-                    for (_, cmd) in due {
-                        send(&cmd, OutcomeStatus::Applied);
-                        world
-                            .lock()
-                            .expect("lock")
-                            .heal(&cmd.segment, started.elapsed().as_secs_f64());
-                    }
-                }
-                producer.flush(Duration::from_secs(5))?;
-                Ok(())
+                })
             })?
     };
 
@@ -695,6 +637,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
         .join()
         .map_err(|_| anyhow::anyhow!("the runtime panicked"))??;
     stop.store(true, Ordering::SeqCst);
+    actuator_control.stop();
     actuator
         .join()
         .map_err(|_| anyhow::anyhow!("actuator panicked"))??;
@@ -715,6 +658,34 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
         produced_total,
         &report,
     ))
+}
+
+/// The demo's fix: a short delay, then the fleet's segment heals (or not, as scripted).
+struct SimulatedFix {
+    world: Arc<Mutex<World>>,
+    started: Instant,
+}
+
+impl crate::actuator::Handler for SimulatedFix {
+    fn handle(&self, cmd: &RemediationCommand) -> crate::actuator::HandlerOutcome {
+        use crate::actuator::HandlerOutcome;
+        let kind = self
+            .world
+            .lock()
+            .expect("lock")
+            .incident_of(&cmd.segment)
+            .map(|i| i.kind);
+        // Pages go to people; one actuator is scripted to be dead.
+        if cmd.action == "page" || kind == Some(FaultKind::NeverAcks) {
+            return HandlerOutcome::Silent;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        self.world
+            .lock()
+            .expect("lock")
+            .heal(&cmd.segment, self.started.elapsed().as_secs_f64());
+        HandlerOutcome::Applied(format!("{} done", cmd.action))
+    }
 }
 
 /// One event's (latency, error) for a segment in a given state.

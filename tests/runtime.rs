@@ -482,12 +482,17 @@ fn the_reference_actuator_closes_the_loop_with_a_shell_handler() {
     act_cfg.actuator.group_id = "actuators".into();
     act_cfg.actuator.shell.insert(
         "rollback".into(),
-        format!("echo \"$SEGLOOP_COMMAND_ID $SEGLOOP_SEGMENT\" >> {}", log.display()),
+        format!(
+            "echo \"$SEGLOOP_COMMAND_ID $SEGLOOP_SEGMENT\" >> {}",
+            log.display()
+        ),
     );
     let stop = Arc::new(Control::default());
     let s2 = stop.clone();
     let actuator = std::thread::spawn(move || {
-        let handler = Arc::new(segloop::actuator::ConfiguredHandler::new(act_cfg.actuator.clone()));
+        let handler = Arc::new(segloop::actuator::ConfiguredHandler::new(
+            act_cfg.actuator.clone(),
+        ));
         segloop::actuator::run(&act_cfg, handler, s2, |_| {})
     });
     let p = producer(&bs);
@@ -497,7 +502,13 @@ fn the_reference_actuator_closes_the_loop_with_a_shell_handler() {
         Duration::from_secs(40),
         || {
             let now = SystemClock.now_ms();
-            telemetry(&p, &t.telemetry.name, "act/seg", now, if bad { 1.0 } else { 0.0 });
+            telemetry(
+                &p,
+                &t.telemetry.name,
+                "act/seg",
+                now,
+                if bad { 1.0 } else { 0.0 },
+            );
             p.flush(Duration::from_secs(1)).unwrap();
             // The handler "fixes" the segment: once it ran, telemetry is healthy.
             bad = !log.exists();
@@ -508,13 +519,20 @@ fn the_reference_actuator_closes_the_loop_with_a_shell_handler() {
             (d.to_state == "resolved").then_some(d)
         },
     );
-    assert!(resolved.is_some(), "the loop closed through segloop actuator");
+    assert!(
+        resolved.is_some(),
+        "the loop closed through segloop actuator"
+    );
     stop.stop();
     let report = actuator.join().unwrap().unwrap();
     inst.stop();
     assert_eq!(report.commands, 1, "{report:?}");
     assert_eq!(report.applied, 1);
     let handled = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(handled.lines().count(), 1, "idempotent: ran once: {handled}");
+    assert_eq!(
+        handled.lines().count(),
+        1,
+        "idempotent: ran once: {handled}"
+    );
     assert!(handled.contains("act/seg"));
 }
