@@ -316,10 +316,10 @@ pub fn run(
         if uncommitted && last_commit.elapsed() >= Duration::from_millis(500) {
             last_commit = Instant::now();
             // Outcomes first, then the offsets of the commands they answer.
-            if producer.flush(Duration::from_secs(10)).is_ok() {
-                if consumer.commit_consumer_state(CommitMode::Async).is_ok() {
-                    uncommitted = false;
-                }
+            if producer.flush(Duration::from_secs(10)).is_ok()
+                && consumer.commit_consumer_state(CommitMode::Async).is_ok()
+            {
+                uncommitted = false;
             }
         }
     }
