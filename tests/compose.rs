@@ -1,17 +1,39 @@
-//! docker-compose.yml cannot run here (no Docker engine), so it is checked by parsing: the
-//! topics it creates are the configured ones, telemetry and state are co-partitioned, and the
-//! compacted topics are compacted.
+//! docker-compose.yml cannot run here (no Docker engine), so it is checked by parsing: every
+//! file it references exists, ports and addresses agree with the config the container runs,
+//! the topics it creates are the configured ones (telemetry and state co-partitioned), and the
+//! Grafana dashboard queries only documented metrics.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 
-use segloop::config::Config;
+use segloop::config::{Config, Sources};
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
 
 fn compose() -> serde_yaml_ng::Value {
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docker-compose.yml"))
-            .unwrap();
-    serde_yaml_ng::from_str(&text).unwrap()
+    serde_yaml_ng::from_str(&std::fs::read_to_string(repo("docker-compose.yml")).unwrap()).unwrap()
+}
+
+/// The config the segloop and actuator containers run (`/etc/segloop` is `config/`).
+fn container_config() -> Config {
+    let c = compose();
+    let cmd: Vec<&str> = c["services"]["segloop"]["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let at = cmd.iter().position(|a| *a == "--config").unwrap();
+    let file = cmd[at + 1].strip_prefix("/etc/segloop/").expect("config from /etc/segloop");
+    let env = HashMap::new();
+    Config::load(&Sources {
+        file: Some(&repo("config").join(file)),
+        env: &env,
+        overrides: &[],
+    })
+    .unwrap()
 }
 
 /// topic name → (partitions, compacted) from the kafka-init script.
@@ -34,8 +56,8 @@ fn created_topics() -> BTreeMap<String, (u32, bool)> {
 }
 
 #[test]
-fn compose_creates_every_configured_topic() {
-    let config = Config::default();
+fn compose_creates_every_configured_topic_co_partitioned() {
+    let config = container_config();
     let topics = created_topics();
     let t = &config.topics;
     for name in [
@@ -50,38 +72,102 @@ fn compose_creates_every_configured_topic() {
         assert!(topics.contains_key(name), "compose does not create {name}");
     }
     assert_eq!(topics.len(), 7);
-}
-
-#[test]
-fn telemetry_and_state_are_co_partitioned_and_compaction_is_set() {
-    let config = Config::default();
-    let topics = created_topics();
-    let telemetry = topics[&config.topics.telemetry.name];
-    let state = topics[&config.topics.state.name];
-    assert_eq!(
-        telemetry.0, state.0,
-        "telemetry and state must be co-partitioned"
-    );
+    let telemetry = topics[&t.telemetry.name];
+    let state = topics[&t.state.name];
+    assert_eq!(telemetry.0, state.0, "telemetry and state must be co-partitioned");
     assert_eq!(telemetry.0 as i32, config.kafka.partitions);
-    assert!(state.1 && topics[&config.topics.control.name].1);
-    assert!(!telemetry.1);
+    assert!(state.1 && topics[&t.control.name].1 && !telemetry.1);
 }
 
 #[test]
-fn kafka_is_published_on_the_default_bootstrap_port() {
+fn the_container_config_and_its_policies_are_valid() {
+    let config = container_config();
+    segloop::cli::load_policy_set(&config).unwrap();
+    // The brokers named in the config are the kafka service's internal listener.
     let c = compose();
-    let ports: Vec<&str> = c["services"]["kafka"]["ports"]
+    let listeners = c["services"]["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+        .as_str()
+        .unwrap();
+    assert!(
+        listeners.contains(&format!("PLAINTEXT://{}", config.kafka.bootstrap_servers)),
+        "{listeners} vs {}",
+        config.kafka.bootstrap_servers
+    );
+    // The actuator container runs the same config, and every action of the example policies
+    // (and their escalations) has a shell handler.
+    let set = segloop::cli::load_policy_set(&config).unwrap();
+    for p in &set.policies {
+        for action in std::iter::once(&p.action).chain(p.escalate.iter()) {
+            assert!(config.actuator.shell.contains_key(action), "no handler for {action}");
+        }
+    }
+}
+
+#[test]
+fn ports_agree_between_compose_config_and_prometheus() {
+    let config = container_config();
+    let admin_port = config.admin.listen.rsplit(':').next().unwrap().to_string();
+    let c = compose();
+    let ports: Vec<&str> = c["services"]["segloop"]["ports"]
         .as_sequence()
         .unwrap()
         .iter()
         .map(|p| p.as_str().unwrap())
         .collect();
-    let default_port = Config::default()
-        .kafka
-        .bootstrap_servers
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_string();
-    assert!(ports.contains(&format!("{default_port}:{default_port}").as_str()));
+    assert!(
+        ports.iter().any(|p| p.ends_with(&format!(":{admin_port}"))),
+        "segloop publishes {ports:?}, admin listens on {admin_port}"
+    );
+    let prom: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(repo("deploy/prometheus.yml")).unwrap())
+            .unwrap();
+    let target = prom["scrape_configs"][0]["static_configs"][0]["targets"][0]
+        .as_str()
+        .unwrap();
+    assert_eq!(target, format!("segloop:{admin_port}"));
+}
+
+#[test]
+fn every_referenced_file_exists() {
+    let c = compose();
+    let services = c["services"].as_mapping().unwrap();
+    for (name, svc) in services {
+        if let Some(build) = svc.get("build") {
+            let ctx = repo(build["context"].as_str().unwrap());
+            assert!(ctx.join(build["dockerfile"].as_str().unwrap()).is_file(), "{name:?}: Dockerfile");
+        }
+        for v in svc.get("volumes").and_then(|v| v.as_sequence()).into_iter().flatten() {
+            let src = v.as_str().unwrap().split(':').next().unwrap();
+            assert!(repo(src).exists(), "{name:?}: {src} is missing");
+        }
+    }
+    let dockerfile = std::fs::read_to_string(repo("Dockerfile")).unwrap();
+    for line in dockerfile.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        for src in &parts[1..parts.len() - 1] {
+            assert!(repo(src).exists(), "Dockerfile copies missing {src}");
+        }
+    }
+}
+
+#[test]
+fn the_dashboard_queries_only_documented_metrics() {
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("deploy/grafana/dashboards/segloop.json")).unwrap(),
+    )
+    .unwrap();
+    let mut used = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_alphanumeric() || c == '_')) {
+                if let Some(name) = word.strip_prefix("segloop_").map(|_| word) {
+                    let base = name.trim_end_matches("_bucket");
+                    assert!(segloop::metrics::ALL.contains(&base), "undocumented metric {name}");
+                    used += 1;
+                }
+            }
+        }
+    }
+    assert!(used >= 10);
 }
