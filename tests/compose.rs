@@ -26,7 +26,9 @@ fn container_config() -> Config {
         .map(|v| v.as_str().unwrap())
         .collect();
     let at = cmd.iter().position(|a| *a == "--config").unwrap();
-    let file = cmd[at + 1].strip_prefix("/etc/segloop/").expect("config from /etc/segloop");
+    let file = cmd[at + 1]
+        .strip_prefix("/etc/segloop/")
+        .expect("config from /etc/segloop");
     let env = HashMap::new();
     Config::load(&Sources {
         file: Some(&repo("config").join(file)),
@@ -74,7 +76,10 @@ fn compose_creates_every_configured_topic_co_partitioned() {
     assert_eq!(topics.len(), 7);
     let telemetry = topics[&t.telemetry.name];
     let state = topics[&t.state.name];
-    assert_eq!(telemetry.0, state.0, "telemetry and state must be co-partitioned");
+    assert_eq!(
+        telemetry.0, state.0,
+        "telemetry and state must be co-partitioned"
+    );
     assert_eq!(telemetry.0 as i32, config.kafka.partitions);
     assert!(state.1 && topics[&t.control.name].1 && !telemetry.1);
 }
@@ -98,7 +103,10 @@ fn the_container_config_and_its_policies_are_valid() {
     let set = segloop::cli::load_policy_set(&config).unwrap();
     for p in &set.policies {
         for action in std::iter::once(&p.action).chain(p.escalate.iter()) {
-            assert!(config.actuator.shell.contains_key(action), "no handler for {action}");
+            assert!(
+                config.actuator.shell.contains_key(action),
+                "no handler for {action}"
+            );
         }
     }
 }
@@ -134,15 +142,26 @@ fn every_referenced_file_exists() {
     for (name, svc) in services {
         if let Some(build) = svc.get("build") {
             let ctx = repo(build["context"].as_str().unwrap());
-            assert!(ctx.join(build["dockerfile"].as_str().unwrap()).is_file(), "{name:?}: Dockerfile");
+            assert!(
+                ctx.join(build["dockerfile"].as_str().unwrap()).is_file(),
+                "{name:?}: Dockerfile"
+            );
         }
-        for v in svc.get("volumes").and_then(|v| v.as_sequence()).into_iter().flatten() {
+        for v in svc
+            .get("volumes")
+            .and_then(|v| v.as_sequence())
+            .into_iter()
+            .flatten()
+        {
             let src = v.as_str().unwrap().split(':').next().unwrap();
             assert!(repo(src).exists(), "{name:?}: {src} is missing");
         }
     }
     let dockerfile = std::fs::read_to_string(repo("Dockerfile")).unwrap();
-    for line in dockerfile.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
+    for line in dockerfile
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
         let parts: Vec<&str> = line.split_whitespace().collect();
         for src in &parts[1..parts.len() - 1] {
             assert!(repo(src).exists(), "Dockerfile copies missing {src}");
@@ -163,7 +182,10 @@ fn the_dashboard_queries_only_documented_metrics() {
             for word in expr.split(|c: char| !(c.is_alphanumeric() || c == '_')) {
                 if let Some(name) = word.strip_prefix("segloop_").map(|_| word) {
                     let base = name.trim_end_matches("_bucket");
-                    assert!(segloop::metrics::ALL.contains(&base), "undocumented metric {name}");
+                    assert!(
+                        segloop::metrics::ALL.contains(&base),
+                        "undocumented metric {name}"
+                    );
                     used += 1;
                 }
             }

@@ -279,3 +279,140 @@ fn java_producers_land_keys_where_segloop_expects_them() {
     assert_eq!(cmd.map(|c| c.segment).as_deref(), Some("java/svc-0"));
     inst.stop();
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /readyz` of a process: its assigned partitions.
+fn assigned_of(port: u16) -> Vec<i64> {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return Vec::new();
+    };
+    use std::io::Read;
+    let _ = write!(
+        s,
+        "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("{}");
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["assigned"].as_array().cloned())
+        .map(|a| a.iter().filter_map(|x| x.as_i64()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn two_segloop_processes_split_and_sigterm_hands_over_gracefully() {
+    let bs = bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("proc-{}-{}", std::process::id(), SystemClock.now_ms());
+    let policies = dir.path().join("policies.toml");
+    std::fs::write(&policies, POLICIES).unwrap();
+    let config_file = |port: u16| {
+        let path = dir.path().join(format!("segloop-{port}.toml"));
+        let topics: String = [
+            "telemetry",
+            "actions",
+            "outcomes",
+            "dlq",
+            "decisions",
+            "control",
+            "state",
+        ]
+        .iter()
+        .map(|t| format!("[topics.{t}]\nname = \"rk.{tag}.{t}\"\n"))
+        .collect();
+        std::fs::write(
+            &path,
+            format!(
+                "policies = \"policies.toml\"\n[kafka]\nbootstrap_servers = \"{bs}\"\ngroup_id = \"g-{tag}\"\n\
+                 create_topics = true\npartitions = 2\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
+                 \"heartbeat.interval.ms\" = \"500\"\n[windows]\nsize = \"1s\"\nout_of_orderness = \"100ms\"\n\
+                 idle_timeout = \"1s\"\nmax_clock_skew = \"10s\"\nsegment_ttl = \"30s\"\n\
+                 [delivery]\ncommit_interval = \"200ms\"\nshutdown_timeout = \"5s\"\n\
+                 [admin]\nlisten = \"127.0.0.1:{port}\"\n[logging]\nlevel = \"warn\"\n{topics}"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let spawn = |port: u16| {
+        Command::new(env!("CARGO_BIN_EXE_segloop"))
+            .args(["run", "--config"])
+            .arg(config_file(port))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = spawn(port_a);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut b = spawn(port_b);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(assigned_of(port_a).len() == 1 && assigned_of(port_b).len() == 1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no split between the processes"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pa = assigned_of(port_a)[0] as i32;
+    let seg = (0..100)
+        .map(|i| format!("proc/seg-{i}"))
+        .find(|s| runtime::kafka::murmur2_partition(s.as_bytes(), 2) == pa)
+        .unwrap();
+    // SIGTERM: A stops polling, flushes, commits and exits 0 within its deadline.
+    let stopped = std::time::Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &a.id().to_string()])
+        .status()
+        .unwrap();
+    let status = a.wait().unwrap();
+    assert!(status.success(), "A exited with {status}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(15),
+        "graceful shutdown took {:?}",
+        stopped.elapsed()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while assigned_of(port_b).len() != 2 {
+        assert!(std::time::Instant::now() < deadline, "B never took over");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t = format!("rk.{tag}");
+    let p = producer(&bs);
+    let actions = Reader::new(&bs, &format!("{t}.actions"), 2);
+    let cmd = actions.until(
+        Duration::from_secs(60),
+        || {
+            telemetry(
+                &p,
+                &format!("{t}.telemetry"),
+                &seg,
+                SystemClock.now_ms(),
+                1.0,
+            );
+            p.flush(Duration::from_secs(5)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        },
+        |m| Some(decode_command(m.payload()?)),
+    );
+    assert_eq!(
+        cmd.map(|c| c.segment),
+        Some(seg),
+        "the survivor acts on the moved partition"
+    );
+    Command::new("kill")
+        .args(["-TERM", &b.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(b.wait().unwrap().success());
+}
