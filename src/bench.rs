@@ -220,18 +220,21 @@ impl E2eReport {
 ///
 /// # Errors
 /// The embedded cluster or the runtime failed, or not every record was consumed.
-pub fn e2e_bench(records: u64, segments: usize, partitions: i32) -> anyhow::Result<E2eReport> {
+pub fn e2e_bench(
+    records: u64,
+    segments: usize,
+    partitions: i32,
+    rounds: usize,
+) -> anyhow::Result<E2eReport> {
     use std::collections::BTreeMap;
-    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     use rdkafka::config::ClientConfig;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
     use crate::codec::{build_codec, CodecKind};
     use crate::model::TelemetryEvent;
-    use crate::runtime::{self, Clock, Control, RunOptions, SystemClock};
+    use crate::runtime::{self, Clock, SystemClock};
 
     let cluster = rdkafka::mocking::MockCluster::new(1)?;
     let bs = cluster.bootstrap_servers();
@@ -322,14 +325,67 @@ ack_timeout = "1h"
     }
     producer.flush(Duration::from_secs(60))?;
 
-    // Raw: a bare consumer reading the same records.
+    // Rounds of (raw, pipeline) over the same records, interleaved, each in a fresh consumer
+    // group; the fastest pass of each side counts (the embedded broker shares the 2 cores).
+    let mut raw_secs = f64::INFINITY;
+    let mut pipeline_secs = f64::INFINITY;
+    let mut report = None;
+    for round in 0..rounds.max(1) {
+        raw_secs = raw_secs.min(raw_pass(
+            &bs,
+            &config.topics.telemetry.name,
+            records,
+            round,
+        )?);
+        let mut cfg = config.clone();
+        cfg.kafka.group_id = format!("bench-e2e-{round}");
+        let (secs, r) = pipeline_pass(cfg, policies.clone(), records)?;
+        if secs < pipeline_secs {
+            pipeline_secs = secs;
+        }
+        report.get_or_insert(r);
+    }
+    let report = report.expect("at least one round");
+    // The first poll includes the group join; both rates are counted from the first record.
+    let events_per_sec = records as f64 / pipeline_secs;
+    let raw_per_sec = records as f64 / raw_secs;
+    let mut lat: Vec<f64> = report
+        .close_to_command_secs
+        .iter()
+        .map(|s| s * 1000.0)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let q = |q: f64| (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * q) as usize]);
+    Ok(E2eReport {
+        records,
+        partitions,
+        segments,
+        events_per_sec,
+        raw_consume_per_sec: raw_per_sec,
+        ratio: events_per_sec / raw_per_sec,
+        commands: report.commands,
+        close_to_command_p50_ms: q(0.5),
+        close_to_command_p99_ms: q(0.99),
+        consumed: report.records_consumed,
+        aggregated: report.records_aggregated,
+        dlq: report.records_dlq,
+    })
+}
+
+/// Seconds a bare consumer (fresh group) takes to read `records`, from its first record.
+fn raw_pass(bs: &str, topic: &str, records: u64, round: usize) -> anyhow::Result<f64> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::time::Duration;
     let raw: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bs)
-        .set("group.id", "bench-raw")
+        .set("bootstrap.servers", bs)
+        .set("group.id", format!("bench-raw-{round}"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
+        // The fetch settings the pipeline's telemetry consumer uses.
+        .set("fetch.queue.backoff.ms", "5")
         .create()?;
-    raw.subscribe(&[&config.topics.telemetry.name])?;
+    raw.subscribe(&[topic])?;
     let mut n = 0u64;
     let mut first: Option<Instant> = None;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -340,14 +396,22 @@ ack_timeout = "1h"
             std::hint::black_box(rdkafka::message::Message::payload(&m));
         }
     }
-    let raw_secs = first.map_or(f64::NAN, |f| f.elapsed().as_secs_f64());
     anyhow::ensure!(
         n == records,
         "raw consumer read {n} of {records} records (mock retention?)"
     );
-    drop(raw);
+    Ok(first.map_or(f64::NAN, |f| f.elapsed().as_secs_f64()))
+}
 
-    // Pipeline: the real run path over the same records.
+/// Seconds the `run` pipeline takes to consume `records`, from its first record, and its report.
+fn pipeline_pass(
+    config: crate::config::Config,
+    policies: crate::policy::PolicySet,
+    records: u64,
+) -> anyhow::Result<(f64, crate::runtime::RunReport)> {
+    use crate::runtime::{self, Control, RunOptions, SystemClock};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
     let control = Arc::new(Control::default());
     let core_slot: Arc<Mutex<Option<crate::runtime::SharedCore>>> = Arc::new(Mutex::new(None));
     let (c2, k2) = (control.clone(), core_slot.clone());
@@ -366,9 +430,8 @@ ack_timeout = "1h"
             })
         })?;
     let mut first: Option<Instant> = None;
-    let mut last_count = 0;
     let deadline = Instant::now() + Duration::from_secs(300);
-    let pipeline_secs = loop {
+    let secs = loop {
         let consumed = core_slot
             .lock()
             .expect("lock")
@@ -377,7 +440,6 @@ ack_timeout = "1h"
         if consumed > 0 && first.is_none() {
             first = Some(Instant::now());
         }
-        last_count = last_count.max(consumed);
         if consumed >= records || Instant::now() > deadline || handle.is_finished() {
             break first.map_or(f64::NAN, |f| f.elapsed().as_secs_f64());
         }
@@ -394,29 +456,5 @@ ack_timeout = "1h"
         "pipeline consumed {} of {records} records",
         report.records_consumed
     );
-    // The first poll includes the group join; both rates are counted from the first record.
-    let events_per_sec = records as f64 / pipeline_secs;
-    let raw_per_sec = records as f64 / raw_secs;
-    let mut lat: Vec<f64> = report
-        .close_to_command_secs
-        .iter()
-        .map(|s| s * 1000.0)
-        .collect();
-    lat.sort_by(f64::total_cmp);
-    let q = |q: f64| (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * q) as usize]);
-    let _ = SystemClock.now_ms();
-    Ok(E2eReport {
-        records,
-        partitions,
-        segments,
-        events_per_sec,
-        raw_consume_per_sec: raw_per_sec,
-        ratio: events_per_sec / raw_per_sec,
-        commands: report.commands,
-        close_to_command_p50_ms: q(0.5),
-        close_to_command_p99_ms: q(0.99),
-        consumed: report.records_consumed,
-        aggregated: report.records_aggregated,
-        dlq: report.records_dlq,
-    })
+    Ok((secs, report))
 }

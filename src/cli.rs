@@ -124,8 +124,11 @@ pub struct BenchArgs {
     #[arg(long, short)]
     pub config: Option<PathBuf>,
     /// e2e: telemetry partitions on the embedded cluster
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 32)]
     pub partitions: i32,
+    /// e2e: interleaved (raw, pipeline) rounds; the fastest pass of each counts
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 #[derive(Debug, Args)]
@@ -428,7 +431,12 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
             ExitCode::SUCCESS
         }
         "e2e" => {
-            match crate::bench::e2e_bench(args.events as u64, args.segments, args.partitions) {
+            match crate::bench::e2e_bench(
+                args.events as u64,
+                args.segments,
+                args.partitions,
+                args.rounds,
+            ) {
                 Ok(r) => {
                     r.print();
                     ExitCode::SUCCESS

@@ -458,7 +458,7 @@ fn editing_the_policy_file_reloads_policies_without_a_restart() {
 
 #[test]
 fn the_e2e_bench_accounts_for_every_record() {
-    let r = segloop::bench::e2e_bench(20_000, 300, 4).unwrap();
+    let r = segloop::bench::e2e_bench(20_000, 300, 4, 1).unwrap();
     assert_eq!(r.consumed, 20_000);
     assert_eq!(r.aggregated + r.dlq, r.consumed);
     assert!(r.events_per_sec > 0.0 && r.raw_consume_per_sec > 0.0);
