@@ -255,6 +255,23 @@ pub fn not_yet(what: &str, issue: &str) -> ExitCode {
     ExitCode::from(EXIT_USAGE)
 }
 
+/// Loads a config, printing its errors; the `Err` is the exit code to return.
+fn load_config(
+    file: Option<&Path>,
+    overrides: &[String],
+    env: &HashMap<String, String>,
+) -> Result<Config, ExitCode> {
+    Config::load(&Sources {
+        file,
+        env,
+        overrides,
+    })
+    .map_err(|e| {
+        eprintln!("error: invalid configuration\n{e}");
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
 /// Sets up `tracing` output as the config asks (text or JSON); `RUST_LOG` overrides the level.
 pub fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
@@ -318,16 +335,9 @@ pub fn install_signal_handlers(control: std::sync::Arc<crate::runtime::Control>)
 
 /// `segloop run`: the loop against Kafka brokers until a signal.
 pub fn run(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
-    let config = match Config::load(&Sources {
-        file: args.config.as_deref(),
-        env,
-        overrides: &args.overrides,
-    }) {
+    let config = match load_config(args.config.as_deref(), &args.overrides, env) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: invalid configuration\n{e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Err(code) => return code,
     };
     init_logging(&config);
     let policies = match load_policy_set(&config) {
@@ -363,16 +373,9 @@ pub fn run(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
 
 /// `segloop actuator`: consume commands, run the configured handlers, write outcomes.
 pub fn actuator(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
-    let config = match Config::load(&Sources {
-        file: args.config.as_deref(),
-        env,
-        overrides: &args.overrides,
-    }) {
+    let config = match load_config(args.config.as_deref(), &args.overrides, env) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: invalid configuration\n{e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Err(code) => return code,
     };
     init_logging(&config);
     let control = std::sync::Arc::new(crate::runtime::Control::default());
@@ -404,25 +407,17 @@ pub fn actuator(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
 pub fn load_policy_set(
     config: &Config,
 ) -> Result<crate::policy::PolicySet, crate::policy::PolicyErrors> {
-    load_policies(config)?;
     match &config.policies {
-        Some(path) => crate::policy::PolicySet::load(path),
+        Some(path) => crate::policy::PolicySet::load_for(path, &config.windows),
         None => crate::policy::PolicySet::compile(&Default::default()),
     }
 }
 
 /// `segloop bench <which>`: prints `key=value` figures.
 pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
-    let config = match Config::load(&Sources {
-        file: args.config.as_deref(),
-        env,
-        overrides: &[],
-    }) {
+    let config = match load_config(args.config.as_deref(), &[], env) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: invalid configuration\n{e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Err(code) => return code,
     };
     match args.which.as_str() {
         "window" => {
@@ -490,19 +485,7 @@ pub fn load_policies(config: &Config) -> Result<Option<String>, crate::policy::P
     let Some(path) = &config.policies else {
         return Ok(None);
     };
-    let set = crate::policy::PolicySet::load(path)?;
-    let missing: Vec<String> = set
-        .quantile_measurements()
-        .into_iter()
-        .filter(|m| !config.windows.quantile_measurements.contains(m))
-        .collect();
-    if !missing.is_empty() {
-        return Err(crate::policy::PolicyErrors(vec![format!(
-            "policies take quantiles of {} but windows.quantile_measurements lacks {}; add them",
-            missing.join(", "),
-            if missing.len() == 1 { "it" } else { "them" }
-        )]));
-    }
+    let set = crate::policy::PolicySet::load_for(path, &config.windows)?;
     let mut out = format!("\n# policies from {}\n", path.display());
     for p in &set.policies {
         out.push_str(&format!(

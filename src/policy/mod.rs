@@ -470,6 +470,31 @@ impl PolicySet {
         })
     }
 
+    /// Loads a policy file for windows configured as `windows`: every quantile a condition
+    /// takes must be of a measurement the windows sketch.
+    ///
+    /// # Errors
+    /// As [`PolicySet::load`], plus quantiles of unsketched measurements.
+    pub fn load_for(
+        path: &Path,
+        windows: &crate::config::WindowConfig,
+    ) -> Result<PolicySet, PolicyErrors> {
+        let set = PolicySet::load(path)?;
+        let missing: Vec<String> = set
+            .quantile_measurements()
+            .into_iter()
+            .filter(|m| !windows.quantile_measurements.contains(m))
+            .collect();
+        if !missing.is_empty() {
+            return Err(PolicyErrors(vec![format!(
+                "policies take quantiles of {} but windows.quantile_measurements lacks {}; add them",
+                missing.join(", "),
+                if missing.len() == 1 { "it" } else { "them" }
+            )]));
+        }
+        Ok(set)
+    }
+
     pub fn policy(&self, name: &str) -> Option<&Policy> {
         self.policies.iter().find(|p| p.name == name)
     }

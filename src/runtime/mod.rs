@@ -435,6 +435,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             for m in &batch {
                 core.on_telemetry(m, now);
             }
+            // Messages pin librdkafka state: release them now, never hold them across turns
+            // (a consumer destroyed with messages alive waits for them forever).
+            batch.clear();
             // Outcomes and operator intents.
             for _ in 0..256 {
                 match outcomes.poll(Duration::ZERO) {
@@ -521,6 +524,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     publish(&core, &producer);
     admin.stop();
     let report = core.lock().expect("core lock").report.clone();
+    drop(batch);
     drop(consumer);
     Ok(report)
 }
@@ -555,17 +559,8 @@ fn mtime(path: &std::path::Path) -> Option<SystemTime> {
 }
 
 fn reload_policies(core: &Arc<Mutex<Core>>, path: &std::path::Path, config: &Config, now: i64) {
-    match PolicySet::load(path) {
+    match PolicySet::load_for(path, &config.windows) {
         Ok(set) => {
-            let missing: Vec<String> = set
-                .quantile_measurements()
-                .into_iter()
-                .filter(|m| !config.windows.quantile_measurements.contains(m))
-                .collect();
-            if !missing.is_empty() {
-                tracing::error!(?missing, "policy reload refused: quantiles of unsketched measurements; keeping the old policies");
-                return;
-            }
             let mut core = core.lock().expect("core lock");
             let core = &mut *core;
             let mut fx = std::mem::take(&mut core.effects);
