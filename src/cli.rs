@@ -523,24 +523,32 @@ pub fn decode(args: &DecodeArgs) -> ExitCode {
     }
 }
 
-fn decode_as<T: Record + Serialize>(args: &DecodeArgs) -> ExitCode {
-    let codec = match args
-        .codec
+/// A codec and the bytes it is to read.
+type CodecInput<T> = (Box<dyn Codec<T>>, Vec<u8>);
+
+/// The codec the flags describe and the input bytes; the `Err` is the exit code to return.
+fn codec_and_input<T: Record>(
+    codec: &CodecArgs,
+    file: Option<&Path>,
+) -> Result<CodecInput<T>, ExitCode> {
+    let built = codec
         .settings()
-        .and_then(|s| build_codec::<T>(args.codec.codec.into(), &s))
-    {
-        Ok(c) => c,
-        Err(e) => {
+        .and_then(|s| build_codec::<T>(codec.codec.into(), &s))
+        .map_err(|e| {
             eprintln!("error: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    let input = match read_input(args.file.as_deref()) {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("error: cannot read input: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
+            ExitCode::from(EXIT_USAGE)
+        })?;
+    let input = read_input(file).map_err(|e| {
+        eprintln!("error: cannot read input: {e}");
+        ExitCode::from(EXIT_USAGE)
+    })?;
+    Ok((built, input))
+}
+
+fn decode_as<T: Record + Serialize>(args: &DecodeArgs) -> ExitCode {
+    let (codec, input) = match codec_and_input::<T>(&args.codec, args.file.as_deref()) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let records: Vec<(usize, Result<Vec<u8>, String>)> = if args.raw {
         vec![(1, Ok(input))]
@@ -606,23 +614,9 @@ pub fn encode(args: &EncodeArgs) -> ExitCode {
 }
 
 fn encode_as<T: Record>(args: &EncodeArgs) -> ExitCode {
-    let codec = match args
-        .codec
-        .settings()
-        .and_then(|s| build_codec::<T>(args.codec.codec.into(), &s))
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    let input = match read_input(args.file.as_deref()) {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("error: cannot read input: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
+    let (codec, input) = match codec_and_input::<T>(&args.codec, args.file.as_deref()) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let mut failed = 0;
     for (i, line) in input.lines().map_while(Result::ok).enumerate() {
