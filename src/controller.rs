@@ -840,14 +840,10 @@ impl Controller {
         l.command_id = Some(id.clone());
         l.issued_at_ms = Some(now);
         l.applied_at_ms = None;
-        let reason = l.reason.clone().unwrap_or_else(|| CommandReason {
-            condition: policy.when_text.clone(),
-            metric: String::new(),
-            observed: f64::NAN,
-            threshold: f64::NAN,
-            window_start_ms: start,
-            window_end_ms: start,
-        });
+        let reason = l
+            .reason
+            .clone()
+            .unwrap_or_else(|| reason_without_window(&policy, start));
         let to = if policy.dry_run {
             l.deadline_ms = None;
             l.healthy = 0;
@@ -1071,14 +1067,7 @@ impl Controller {
                 attempt: attempt as i32,
                 issued_at_ms: now,
                 ack_deadline_ms: now + policy.ack_timeout_ms,
-                reason: reason.unwrap_or_else(|| CommandReason {
-                    condition: policy.when_text.clone(),
-                    metric: String::new(),
-                    observed: f64::NAN,
-                    threshold: f64::NAN,
-                    window_start_ms: start,
-                    window_end_ms: start,
-                }),
+                reason: reason.unwrap_or_else(|| reason_without_window(&policy, start)),
                 dry_run: policy.dry_run,
             });
         }
@@ -1114,6 +1103,18 @@ fn backoff_ms(policy: &Policy, attempt: u32, seed: u64, command_id: &str) -> i64
     x ^= x >> 31;
     let unit = (x >> 11) as f64 / (1u64 << 53) as f64;
     ((exp as f64) * (0.5 + unit)).round() as i64
+}
+
+/// The reason of a command no window decided (a loop restored without its evidence).
+fn reason_without_window(policy: &Policy, start: i64) -> CommandReason {
+    CommandReason {
+        condition: policy.when_text.clone(),
+        metric: String::new(),
+        observed: f64::NAN,
+        threshold: f64::NAN,
+        window_start_ms: start,
+        window_end_ms: start,
+    }
 }
 
 fn policy_reason(policy: &Policy, w: &WindowSummary) -> Option<CommandReason> {
