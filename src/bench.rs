@@ -234,7 +234,7 @@ pub fn e2e_bench(
 
     use crate::codec::{build_codec, CodecKind};
     use crate::model::TelemetryEvent;
-    use crate::runtime::{self, Clock, SystemClock};
+    use crate::runtime::{Clock, SystemClock};
 
     let cluster = rdkafka::mocking::MockCluster::new(1)?;
     let bs = cluster.bootstrap_servers();
@@ -257,7 +257,7 @@ pub fn e2e_bench(
         env: &env,
         overrides: &sets,
     })?;
-    runtime::kafka::create_embedded_topics(&cluster, &config)?;
+    crate::kafka::create_embedded_topics(&cluster, &config)?;
     let policies = crate::policy::PolicySet::parse(
         r#"
 [guardrails]

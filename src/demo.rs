@@ -299,7 +299,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
         overrides: &overrides,
     })?;
     let policies = crate::cli::load_policy_set(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    runtime::kafka::create_embedded_topics(&cluster, &config)?;
+    crate::kafka::create_embedded_topics(&cluster, &config)?;
     let t = config.topics.clone();
     let script = script(opts.seed, opts.duration_s);
     let live = opts.live;

@@ -20,6 +20,8 @@
 //!   retries, escalation) and guardrails, compiled from TOML.
 //! - [`controller`] — the per-(segment, policy) state machine: fire, ack, verify, retry,
 //!   escalate; guardrails; decision records; loop timings; snapshot/restore.
+//! - [`kafka`] — Kafka adapters shared by the drivers: client configs, topic checks and
+//!   creation, the murmur2 partitioner.
 //! - [`runtime`] — `segloop run`: Kafka consumers/producer, offsets, rebalances, DLQ,
 //!   shutdown, reload; [`runtime::admin`] serves metrics, health and the admin API.
 //! - [`metrics`] — the documented Prometheus names and the per-instance recorder.
@@ -44,6 +46,7 @@ pub mod codec;
 pub mod config;
 pub mod controller;
 pub mod demo;
+pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod policy;

@@ -168,7 +168,7 @@ fn two_instances_split_partitions_and_the_survivor_takes_over() {
     let pa = a.assigned()[0];
     let seg = (0..100)
         .map(|i| format!("two/seg-{i}"))
-        .find(|s| runtime::kafka::murmur2_partition(s.as_bytes(), 2) == pa)
+        .find(|s| segloop::kafka::murmur2_partition(s.as_bytes(), 2) == pa)
         .unwrap();
     // A stops gracefully; B takes its partition over and acts on its segment.
     let ra = a.stop();
@@ -262,7 +262,7 @@ fn java_producers_land_keys_where_segloop_expects_them() {
     for line in placed.lines() {
         let (key, part) = line.split_once('\t').unwrap();
         assert_eq!(
-            runtime::kafka::murmur2_partition(key.as_bytes(), 2),
+            segloop::kafka::murmur2_partition(key.as_bytes(), 2),
             part.parse::<i32>().unwrap(),
             "the Java client put {key} elsewhere"
         );
@@ -367,7 +367,7 @@ fn two_segloop_processes_split_and_sigterm_hands_over_gracefully() {
     let pa = assigned_of(port_a)[0] as i32;
     let seg = (0..100)
         .map(|i| format!("proc/seg-{i}"))
-        .find(|s| runtime::kafka::murmur2_partition(s.as_bytes(), 2) == pa)
+        .find(|s| segloop::kafka::murmur2_partition(s.as_bytes(), 2) == pa)
         .unwrap();
     // SIGTERM: A stops polling, flushes, commits and exits 0 within its deadline.
     let stopped = std::time::Instant::now();

@@ -24,7 +24,7 @@ use segloop::runtime::{self, Clock, Control, RunOptions, SystemClock};
 fn a_fault_in_one_segment_is_commanded_acknowledged_and_verified() {
     let cluster = MockCluster::new(1).unwrap();
     let bs = cluster.bootstrap_servers();
-    runtime::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
+    segloop::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
     let cfg = config(&bs, "g-loop");
     let t = cfg.topics.clone();
     let mut inst = Instance::start(cfg);
@@ -113,7 +113,7 @@ fn m_key(c: &RemediationCommand) -> &str {
 fn no_ack_times_out_retries_and_escalates() {
     let cluster = MockCluster::new(1).unwrap();
     let bs = cluster.bootstrap_servers();
-    runtime::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
+    segloop::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
     let cfg = config(&bs, "g-esc");
     let t = cfg.topics.clone();
     let mut inst = Instance::start(cfg);
@@ -152,7 +152,7 @@ fn no_ack_times_out_retries_and_escalates() {
 fn bad_records_land_in_the_dlq_with_headers_and_offsets_move_past_them() {
     let cluster = MockCluster::new(1).unwrap();
     let bs = cluster.bootstrap_servers();
-    runtime::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
+    segloop::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
     let cfg = config(&bs, "g-dlq");
     let t = cfg.topics.clone();
     let mut inst = Instance::start(cfg);
@@ -251,7 +251,7 @@ fn bad_records_land_in_the_dlq_with_headers_and_offsets_move_past_them() {
 fn two_instances_split_partitions_and_a_silence_posted_to_one_reaches_the_other() {
     let cluster = MockCluster::new(1).unwrap();
     let bs = cluster.bootstrap_servers();
-    runtime::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
+    segloop::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
     let t = config(&bs, "g-two").topics;
     let mut a = Instance::start(config(&bs, "g-two"));
     let admin_a = a.admin();
@@ -271,7 +271,7 @@ fn two_instances_split_partitions_and_a_silence_posted_to_one_reaches_the_other(
     let seg_on = |p: i32| {
         (0..100)
             .map(|i| format!("two/seg-{i}"))
-            .find(|s| runtime::kafka::murmur2_partition(s.as_bytes(), 2) == p)
+            .find(|s| segloop::kafka::murmur2_partition(s.as_bytes(), 2) == p)
             .unwrap()
     };
     let seg_a = seg_on(a.assigned()[0]);
@@ -359,7 +359,7 @@ fn startup_fails_clearly_on_a_missing_topic_or_mismatched_partitions() {
     let bs = cluster.bootstrap_servers();
     let cfg = config(&bs, "g-start");
     // Nothing created yet: the error names the missing topics and the fix.
-    let err = runtime::kafka::prepare_topics(&cfg)
+    let err = segloop::kafka::prepare_topics(&cfg)
         .unwrap_err()
         .to_string();
     assert!(err.contains("segloop.telemetry (telemetry)"), "{err}");
@@ -377,7 +377,7 @@ fn startup_fails_clearly_on_a_missing_topic_or_mismatched_partitions() {
     ] {
         cluster.create_topic(name, 2, 1).unwrap();
     }
-    let err = runtime::kafka::prepare_topics(&cfg)
+    let err = segloop::kafka::prepare_topics(&cfg)
         .unwrap_err()
         .to_string();
     assert!(
@@ -391,7 +391,7 @@ fn startup_fails_clearly_on_a_missing_topic_or_mismatched_partitions() {
 fn editing_the_policy_file_reloads_policies_without_a_restart() {
     let cluster = MockCluster::new(1).unwrap();
     let bs = cluster.bootstrap_servers();
-    runtime::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
+    segloop::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
     let cfg = config(&bs, "g-reload");
     let t = cfg.topics.clone();
     let dir = tempfile::tempdir().unwrap();
@@ -471,7 +471,7 @@ fn the_e2e_bench_accounts_for_every_record() {
 fn the_reference_actuator_closes_the_loop_with_a_shell_handler() {
     let cluster = MockCluster::new(1).unwrap();
     let bs = cluster.bootstrap_servers();
-    runtime::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
+    segloop::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
     let cfg = config(&bs, "g-act");
     let t = cfg.topics.clone();
     let mut inst = Instance::start(cfg.clone());

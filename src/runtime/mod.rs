@@ -15,7 +15,6 @@
 //! shared [`Core`] briefly and never across I/O.
 
 pub mod admin;
-pub mod kafka;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -32,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{build_codec, decode_record, Codec, DecodeError};
 use crate::config::Config;
+use crate::kafka;
 use crate::controller::{Controller, Effects, OutcomeDisposition};
 use crate::metrics::{Counters, Gauges, Metrics};
 use crate::model::{DecisionRecord, RemediationCommand, RemediationOutcome};

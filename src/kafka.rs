@@ -1,4 +1,5 @@
-//! Kafka plumbing: client configs, topic checks and creation, clocks of the live runtime.
+//! Kafka adapters shared by the drivers (`run`, `backtest`, `demo`, the actuator): client configs,
+//! topic checks and creation, the murmur2 partitioner.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
