@@ -19,8 +19,8 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 
 use crate::codec::{build_codec, decode_record};
 use crate::config::{ActuatorConfig, Config};
-use crate::model::{OutcomeStatus, RemediationCommand, RemediationOutcome};
 use crate::kafka;
+use crate::model::{OutcomeStatus, RemediationCommand, RemediationOutcome};
 use crate::runtime::{Clock, Control, SystemClock};
 
 /// What a handler made of a command.

@@ -38,7 +38,7 @@ pub enum Command {
     /// Run the whole loop on an embedded Kafka with a synthetic fleet and scripted faults
     Demo(DemoArgs),
     /// Replay a telemetry topic through the policies and report what they would have done
-    Backtest(ConfigArgs),
+    Backtest(BacktestArgs),
     /// The reference actuator: run a handler per command, write outcomes
     Actuator(ConfigArgs),
     /// Benchmarks that print key=value figures
@@ -61,6 +61,68 @@ pub struct ConfigArgs {
     /// Override a config key, e.g. --set windows.size=5s (repeatable; beats env and file)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BacktestArgs {
+    /// Config file (TOML): brokers, topics, codecs, windows, policies
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Override a config key, e.g. --set windows.size=5s (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Replay from this event time: RFC 3339 or relative to now (-6h); default: the beginning
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Replay up to this event time (same forms); default: the end of the topic now
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Telemetry topic to replay (default: topics.telemetry.name)
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Policy file to backtest (default: the config's `policies`)
+    #[arg(long)]
+    pub policies: Option<PathBuf>,
+    /// Write the JSON report here
+    #[arg(long)]
+    pub report: PathBuf,
+    /// Also write a self-contained HTML report here
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// Also run this policy file over the same replay and report the differences
+    #[arg(long, value_name = "OTHER_POLICIES")]
+    pub compare: Option<PathBuf>,
+    /// Diff the would-be commands with the live actions topic over the same range
+    #[arg(long)]
+    pub against_live: bool,
+    /// Write the would-be commands to this topic (never the live actions topic)
+    #[arg(long)]
+    pub sandbox_topic: Option<String>,
+    /// Replay the outcomes topic's history instead of simulating the actuator
+    #[arg(long)]
+    pub outcomes_from_topic: bool,
+    /// Start an embedded Kafka, write the demo fleet's history with its scripted incidents,
+    /// and backtest that (nothing else needed)
+    #[arg(long)]
+    pub embedded_sample: bool,
+    /// Seed of the embedded sample
+    #[arg(long, default_value_t = 1)]
+    pub sample_seed: u64,
+    /// Seconds of history in the embedded sample
+    #[arg(long, default_value_t = 60)]
+    pub sample_duration: u64,
+    /// Simulated actuator: time from command to outcome
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub actuator_delay: std::time::Duration,
+    /// Simulated actuator: share of commands that succeed (0..=1)
+    #[arg(long, default_value_t = 1.0)]
+    pub actuator_success: f64,
+    /// Simulated actuator: seed of which commands fail
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Cap the consumer's fetch sizes in bytes (the report does not depend on them)
+    #[arg(long, hide = true)]
+    pub fetch_max_bytes: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -411,6 +473,93 @@ pub fn load_policy_set(
         Some(path) => crate::policy::PolicySet::load_for(path, &config.windows),
         None => crate::policy::PolicySet::compile(&Default::default()),
     }
+}
+
+/// `segloop backtest`: replay, print the summary, write the reports.
+pub fn backtest(args: &BacktestArgs, env: &HashMap<String, String>) -> ExitCode {
+    let mut config = match load_config(args.config.as_deref(), &args.overrides, env) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(&config);
+    if let Some(p) = &args.policies {
+        config.policies = Some(p.clone());
+    }
+    let usage = |m: String| {
+        eprintln!("error: {m}");
+        ExitCode::from(EXIT_USAGE)
+    };
+    if !(0.0..=1.0).contains(&args.actuator_success) {
+        return usage(format!(
+            "--actuator-success {} is not a share: give a number from 0 to 1",
+            args.actuator_success
+        ));
+    }
+    let now = crate::runtime::Clock::now_ms(&crate::runtime::SystemClock);
+    let time = |s: &Option<String>, flag: &str| -> Result<Option<i64>, String> {
+        s.as_deref()
+            .map(|s| crate::backtest::parse_time(s, now).map_err(|e| format!("--{flag} {e}")))
+            .transpose()
+    };
+    let (from_ms, to_ms) = match (time(&args.from, "from"), time(&args.to, "to")) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) | (_, Err(e)) => return usage(e),
+    };
+    if let (Some(f), Some(t)) = (from_ms, to_ms) {
+        if f > t {
+            return usage("--from is after --to: swap them".into());
+        }
+    }
+    let policies = match load_policy_set(&config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: invalid policies\n{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let inv = crate::backtest::Invocation {
+        options: crate::backtest::Options {
+            topic: args.topic.clone(),
+            from_ms,
+            to_ms,
+            actuator: crate::backtest::SimulatedActuator {
+                delay_ms: args.actuator_delay.as_millis() as i64,
+                success: args.actuator_success,
+                seed: args.seed,
+            },
+            outcomes_from_topic: args.outcomes_from_topic,
+            sandbox_topic: args.sandbox_topic.clone(),
+            fetch_max_bytes: args.fetch_max_bytes,
+            policies_label: config
+                .policies
+                .as_ref()
+                .map_or("(no policies)".into(), |p| p.display().to_string()),
+        },
+        compare: args.compare.clone(),
+        against_live: args.against_live,
+        embedded_sample: args
+            .embedded_sample
+            .then_some((args.sample_seed, args.sample_duration)),
+    };
+    let report = match crate::backtest::execute(config, policies, &inv, &mut |s| eprintln!("{s}")) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    print!("{}", report.render_text());
+    let mut writes = vec![(&args.report, report.to_json())];
+    if let Some(h) = &args.html {
+        writes.push((h, report.render_html()));
+    }
+    for (path, text) in writes {
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("error: cannot write {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// `segloop bench <which>`: prints `key=value` figures.

@@ -152,6 +152,137 @@ pub fn script(seed: u64, duration_s: u64) -> Vec<Incident> {
     out
 }
 
+/// The synthetic fleet: per region and service, the service and its endpoints.
+fn fleet() -> Vec<String> {
+    let mut segments = Vec::new();
+    for r in REGIONS {
+        for s in SERVICES {
+            segments.push(format!("{r}/{s}"));
+            for e in 0..ENDPOINTS {
+                segments.push(format!("{r}/{s}/ep-{e:02}"));
+            }
+        }
+    }
+    segments
+}
+
+/// Event time of the sample history's first event: 2026-01-01T00:00:00Z.
+pub const SAMPLE_EPOCH_MS: i64 = 1_767_225_600_000;
+
+/// When a scripted fault is on in the sample history (seconds from its start): the history is
+/// open-loop, as recorded on a day the fixes landed on their own schedule.
+fn sample_fault(kind: FaultKind, since: f64) -> bool {
+    match kind {
+        FaultKind::ErrorSpike | FaultKind::LatencyRegression | FaultKind::ParentFault => {
+            since < 3.5
+        }
+        FaultKind::SlowDrift => since < 7.0,
+        // Four bursts of 3.5 s, 2.5 s apart.
+        FaultKind::Flapping => since < 24.0 && since % 6.0 < 3.5,
+        FaultKind::NeverAcks | FaultKind::Ineffective => since < 20.0,
+        FaultKind::Silenced => since < 6.0,
+        FaultKind::NoisyHealthy => false,
+    }
+}
+
+/// The sample history for `segloop backtest --embedded-sample`: the demo's fleet (5 events per
+/// second per segment from [`SAMPLE_EPOCH_MS`]) with the demo's scripted incidents, each on
+/// for a fixed time. Returns the script; `emit` gets the events in time order.
+pub fn sample_history(
+    seed: u64,
+    duration_s: u64,
+    mut emit: impl FnMut(TelemetryEvent),
+) -> Vec<Incident> {
+    let script = script(seed, duration_s);
+    let segments = fleet();
+    let mut rng = SplitMix(seed);
+    let ticks = duration_s * RATE_HZ;
+    for n in 0..ticks {
+        let now_s = n as f64 / RATE_HZ as f64;
+        let ts = SAMPLE_EPOCH_MS + (n * 1000 / RATE_HZ) as i64;
+        for seg in &segments {
+            let mut fault = None;
+            let mut noisy = false;
+            for i in &script {
+                let since = now_s - i.start_s;
+                if i.segment == *seg {
+                    noisy |= i.kind == FaultKind::NoisyHealthy;
+                    if since >= 0.0 && sample_fault(i.kind, since) {
+                        fault = Some((i.kind, i.start_s));
+                    }
+                } else if i.kind == FaultKind::ParentFault
+                    && seg.starts_with(&i.segment)
+                    && seg.as_bytes().get(i.segment.len()) == Some(&b'/')
+                    && since >= 1.0
+                    && sample_fault(i.kind, since)
+                {
+                    // Its endpoints follow the service a second later.
+                    fault = Some((i.kind, i.start_s + 1.0));
+                }
+            }
+            let (latency, error) = sample(&mut rng, fault, noisy, now_s);
+            emit(TelemetryEvent {
+                segment: seg.clone(),
+                ts_ms: ts,
+                measurements: BTreeMap::from([
+                    ("error".to_string(), error),
+                    ("latency_ms".to_string(), latency),
+                ]),
+                labels: BTreeMap::new(),
+                event_id: None,
+            });
+        }
+    }
+    script
+}
+
+/// Writes the sample history to the configured telemetry topic (record timestamps = event
+/// times, keys = segments, murmur2 partitioning). Returns the records written.
+///
+/// # Errors
+/// The producer cannot be created or does not confirm every record.
+pub fn write_sample_history(config: &Config, seed: u64, duration_s: u64) -> anyhow::Result<u64> {
+    let t = &config.topics.telemetry;
+    let codec =
+        build_codec::<TelemetryEvent>(t.codec, &t.schema_settings()).map_err(anyhow::Error::msg)?;
+    let producer: ThreadedProducer<DefaultProducerContext> = crate::kafka::client_config(
+        config,
+        &[
+            ("partitioner", "murmur2_random"),
+            ("linger.ms", "20"),
+            ("enable.idempotence", "true"),
+        ],
+    )
+    .create()
+    .context("cannot create the sample producer")?;
+    let mut written = 0u64;
+    let mut bytes = Vec::with_capacity(128);
+    sample_history(seed, duration_s, |e| {
+        bytes.clear();
+        if codec.encode(&e, &mut bytes).is_err() {
+            return;
+        }
+        let mut rec = BaseRecord::<str, [u8]>::to(&t.name)
+            .key(e.segment.as_str())
+            .payload(&bytes)
+            .timestamp(e.ts_ms);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        written += 1;
+    });
+    producer
+        .flush(Duration::from_secs(30))
+        .context("the sample history was not fully written")?;
+    Ok(written)
+}
+
 /// SplitMix64: small, seeded, good enough for synthetic noise.
 struct SplitMix(u64);
 
@@ -325,16 +456,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
     }
     say(String::new());
 
-    // Fleet.
-    let mut segments: Vec<String> = Vec::new();
-    for r in REGIONS {
-        for s in SERVICES {
-            segments.push(format!("{r}/{s}"));
-            for e in 0..ENDPOINTS {
-                segments.push(format!("{r}/{s}/ep-{e:02}"));
-            }
-        }
-    }
+    let segments = fleet();
     let world = Arc::new(Mutex::new(World {
         health: segments
             .iter()

@@ -40,6 +40,7 @@
 //! HTTP; the runtime and the backtest are drivers of the same engine.
 
 pub mod actuator;
+pub mod backtest;
 pub mod bench;
 pub mod cli;
 pub mod codec;

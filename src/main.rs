@@ -21,7 +21,7 @@ fn main() -> ExitCode {
         Command::Run(args) => cli::run(&args, &env),
         Command::Actuator(args) => cli::actuator(&args, &env),
         Command::Demo(args) => cli::demo(&args),
-        Command::Backtest(_) => cli::not_yet("backtest", "backtesting, issue 9"),
+        Command::Backtest(args) => cli::backtest(&args, &env),
         Command::Bench(args) => cli::bench(&args, &env),
     }
 }

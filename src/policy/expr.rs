@@ -156,7 +156,8 @@ pub enum Num {
 }
 
 impl Num {
-    fn eval(&self, w: &WindowSummary) -> Option<f64> {
+    /// The expression's value in a window; `None` when an aggregate has no value.
+    pub fn eval(&self, w: &WindowSummary) -> Option<f64> {
         match self {
             Num::Lit(v) => Some(*v),
             Num::Agg(a) => a.value(w),
@@ -234,6 +235,18 @@ impl Cond {
                 _ => None,
             },
             Cond::Not(a) => a.eval(w).map(|b| !b),
+        }
+    }
+
+    /// The condition's headline comparison: the first (left to right) that compares an
+    /// expression with a literal, as (expression, literal). Reports plot this.
+    pub fn primary(&self) -> Option<(&Num, f64)> {
+        match self {
+            Cond::Cmp(_, Num::Lit(x), b) if !matches!(b, Num::Lit(_)) => Some((b, *x)),
+            Cond::Cmp(_, a, Num::Lit(x)) if !matches!(a, Num::Lit(_)) => Some((a, *x)),
+            Cond::Cmp(..) | Cond::NoData => None,
+            Cond::And(a, b) | Cond::Or(a, b) => a.primary().or_else(|| b.primary()),
+            Cond::Not(a) => a.primary(),
         }
     }
 

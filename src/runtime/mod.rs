@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{build_codec, decode_record, Codec, DecodeError};
 use crate::config::Config;
-use crate::kafka;
 use crate::controller::{Controller, Effects, OutcomeDisposition};
+use crate::kafka;
 use crate::metrics::{Counters, Gauges, Metrics};
 use crate::model::{DecisionRecord, RemediationCommand, RemediationOutcome};
 use crate::policy::{PolicySet, Silence};
