@@ -152,6 +152,9 @@ pub struct InputStats {
     pub open_windows_at_end: u64,
 }
 
+/// Where would-be commands go besides the report.
+type CommandSink = Box<dyn FnMut(&RemediationCommand)>;
+
 /// The replay driver: records in, the engine and controller of `segloop run`, a report out.
 pub struct Replay {
     engine: WindowEngine,
@@ -172,7 +175,7 @@ pub struct Replay {
     traces: HashMap<Arc<str>, SegmentTrace>,
     /// command_id → (segment, policy) of the loop that issued it.
     command_loops: HashMap<String, (String, String)>,
-    sink: Option<Box<dyn FnMut(&RemediationCommand)>>,
+    sink: Option<CommandSink>,
 }
 
 impl Replay {

@@ -12,6 +12,9 @@ use super::{InputStats, SimulatedActuator};
 use crate::model::{DecisionRecord, RemediationCommand};
 use crate::policy::PolicySet;
 
+/// (policy index, headline value, whether the condition held) in one window.
+pub type PolicyValue = (u16, Option<f64>, Option<bool>);
+
 /// One closed window of a traced segment: per selecting policy (by index), the value of the
 /// condition's headline expression and whether the condition held.
 #[derive(Debug, Clone)]
@@ -19,7 +22,7 @@ pub struct Point {
     pub start_ms: i64,
     pub end_ms: i64,
     pub count: u64,
-    pub values: SmallVec<[(u16, Option<f64>, Option<bool>); 2]>,
+    pub values: SmallVec<[PolicyValue; 2]>,
 }
 
 /// A would-be command, with the evidence behind it.
@@ -607,13 +610,16 @@ impl Report {
         let _ = writeln!(h, "<h1>segloop backtest</h1>");
         let _ = writeln!(h, "<pre>{}</pre>", esc(&self.render_text()));
         h.push_str("<p class=\"legend\"><span style=\"color:#1f5fbf\">— metric</span><span style=\"color:#c33\">- - threshold</span><span style=\"color:#c33\">▮ breaching window</span><span style=\"color:#333\">| command</span><span style=\"color:#2a2\">● applied</span><span style=\"color:#c33\">● failed/rejected</span></p>\n");
-        let mut drawn = 0;
-        for l in self.loops.iter().filter(|l| !l.commands.is_empty()) {
+        for (drawn, l) in self
+            .loops
+            .iter()
+            .filter(|l| !l.commands.is_empty())
+            .enumerate()
+        {
             if drawn == HTML_LOOPS {
                 let _ = writeln!(h, "<p>… more loops in the JSON report.</p>");
                 break;
             }
-            drawn += 1;
             let _ = writeln!(
                 h,
                 "<div class=\"loop\"><h3>{} · {}</h3><p>{} command(s), {} escalation(s), {} resolved; breaching {:.1} s; first detection {}</p>",
@@ -725,9 +731,9 @@ fn svg(l: &LoopReport) -> String {
         );
     }
     let metric = l.timeline.metric.as_deref().unwrap_or("");
-    let _ = write!(
+    let _ = writeln!(
         s,
-        "<text x=\"{pad}\" y=\"{:.1}\" font-size=\"10\">{} (max {})  {} → {}</text></svg>\n",
+        "<text x=\"{pad}\" y=\"{:.1}\" font-size=\"10\">{} (max {})  {} → {}</text></svg>",
         ht - 6.0,
         esc(metric),
         short(vmax / 1.1),

@@ -148,9 +148,27 @@ pub fn resolve_range(
         for &p in &partitions {
             tpl.add_partition_offset(topic, p, Offset::Offset(from.saturating_sub(margin_ms)))?;
         }
-        // The embedded mock cluster does not answer ListOffsets by time: the replay then starts
-        // at the beginning and the event-time filter does the rest.
-        if let Ok(found) = consumer.offsets_for_times(tpl, timeout) {
+        // The embedded mock cluster answers ListOffsets by time with the log end. A broker
+        // whose answer for time 0 is not the first offset does not keep a time index: the
+        // replay then starts at the beginning and the event-time filter does the rest.
+        let mut probe = TopicPartitionList::new();
+        for &p in &partitions {
+            probe.add_partition_offset(topic, p, Offset::Offset(0))?;
+        }
+        let indexed = consumer
+            .offsets_for_times(probe, timeout)
+            .is_ok_and(|found| {
+                found.elements().iter().all(|e| {
+                    let (low, high) = (start[&e.partition()], end[&e.partition()]);
+                    low == high || e.offset() == Offset::Offset(low)
+                })
+            });
+        let found = if indexed {
+            consumer.offsets_for_times(tpl, timeout).ok()
+        } else {
+            None
+        };
+        if let Some(found) = found {
             let mut resolved = BTreeMap::new();
             for e in found.elements() {
                 let (low, high) = (start[&e.partition()], end[&e.partition()]);
