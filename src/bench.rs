@@ -226,104 +226,12 @@ pub fn e2e_bench(
     partitions: i32,
     rounds: usize,
 ) -> anyhow::Result<E2eReport> {
-    use std::collections::BTreeMap;
-    use std::time::Duration;
-
-    use rdkafka::config::ClientConfig;
-    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-
-    use crate::codec::{build_codec, CodecKind};
-    use crate::model::TelemetryEvent;
-    use crate::runtime::{Clock, SystemClock};
-
-    let cluster = rdkafka::mocking::MockCluster::new(1)?;
-    let bs = cluster.bootstrap_servers();
-    let env = std::collections::HashMap::new();
-    let sets: Vec<String> = vec![
-        format!("kafka.bootstrap_servers={bs}"),
-        "kafka.group_id=bench-e2e".into(),
-        format!("kafka.partitions={partitions}"),
-        "windows.size=1s".into(),
-        "windows.out_of_orderness=100ms".into(),
-        "windows.idle_timeout=2s".into(),
-        "windows.max_clock_skew=1m".into(),
-        "windows.segment_ttl=5m".into(),
-        "delivery.commit_interval=1s".into(),
-        "admin.listen=127.0.0.1:0".into(),
-        "logging.level=warn".into(),
-    ];
-    let config = crate::config::Config::load(&crate::config::Sources {
-        file: None,
-        env: &env,
-        overrides: &sets,
-    })?;
-    crate::kafka::create_embedded_topics(&cluster, &config)?;
-    let policies = crate::policy::PolicySet::parse(
-        r#"
-[guardrails]
-max_in_flight = 100000
-max_actions_per_minute = 1000000
-blast_radius = 1.0
-max_action_staleness = "10m"
-[[policies]]
-name = "errors"
-when = "mean(error) > 0.5 and count() >= 2"
-for = 1
-action = "rollback"
-ack_timeout = "1h"
-"#,
-        "bench",
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-
-    // Produce: event times over the last 30 s, so windows close during the run.
-    let ids: Vec<String> = (0..segments.max(1))
-        .map(|i| format!("r{}/svc-{}/ep-{i}", i % 4, i % 50))
-        .collect();
-    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &bs)
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "500000")
-        .create()?;
-    let codec = build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default())
-        .map_err(anyhow::Error::msg)?;
-    let start_ts = SystemClock.now_ms() - 30_000;
-    let mut rng = XorShift(0x1234_5678_9ABC_DEF1);
-    let mut bytes = Vec::with_capacity(128);
-    for i in 0..records {
-        let r = rng.next();
-        let seg = &ids[(r % ids.len() as u64) as usize];
-        let failing = (r % ids.len() as u64) % 100 == 0;
-        let e = TelemetryEvent {
-            segment: seg.clone(),
-            ts_ms: start_ts + (i as i64 * 30_000) / records as i64,
-            measurements: BTreeMap::from([
-                ("latency_ms".to_string(), 20.0 + (r >> 40) as f64 % 300.0),
-                ("error".to_string(), if failing { 1.0 } else { 0.0 }),
-            ]),
-            labels: BTreeMap::new(),
-            event_id: None,
-        };
-        bytes.clear();
-        codec
-            .encode(&e, &mut bytes)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut rec = BaseRecord::<str, [u8]>::to(&config.topics.telemetry.name)
-            .key(seg.as_str())
-            .payload(&bytes);
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    rec = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        }
-    }
-    producer.flush(Duration::from_secs(60))?;
+    let BenchTopic {
+        cluster: _cluster,
+        config,
+        policies,
+    } = bench_topic(records, segments, partitions)?;
+    let bs = config.kafka.bootstrap_servers.clone();
 
     // Rounds of (raw, pipeline) over the same records, interleaved, each in a fresh consumer
     // group; the fastest pass of each side counts (the embedded broker shares the 2 cores).
@@ -457,4 +365,276 @@ fn pipeline_pass(
         report.records_consumed
     );
     Ok((secs, report))
+}
+
+/// An embedded cluster with `records` synthetic telemetry records (event times over the last
+/// 30 s, random segments, 1% of them failing) and the config and policies to process them.
+pub struct BenchTopic {
+    pub cluster: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    pub config: crate::config::Config,
+    pub policies: crate::policy::PolicySet,
+}
+
+/// Builds a [`BenchTopic`].
+///
+/// # Errors
+/// The embedded cluster, the config or the producer failed.
+pub fn bench_topic(records: u64, segments: usize, partitions: i32) -> anyhow::Result<BenchTopic> {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+
+    use crate::codec::{build_codec, CodecKind};
+    use crate::model::TelemetryEvent;
+    use crate::runtime::{Clock, SystemClock};
+
+    let cluster = rdkafka::mocking::MockCluster::new(1)?;
+    let bs = cluster.bootstrap_servers();
+    let env = std::collections::HashMap::new();
+    let sets: Vec<String> = vec![
+        format!("kafka.bootstrap_servers={bs}"),
+        "kafka.group_id=bench-e2e".into(),
+        format!("kafka.partitions={partitions}"),
+        "windows.size=1s".into(),
+        "windows.out_of_orderness=100ms".into(),
+        "windows.idle_timeout=2s".into(),
+        "windows.max_clock_skew=1m".into(),
+        "windows.segment_ttl=5m".into(),
+        "delivery.commit_interval=1s".into(),
+        "admin.listen=127.0.0.1:0".into(),
+        "logging.level=warn".into(),
+    ];
+    let config = crate::config::Config::load(&crate::config::Sources {
+        file: None,
+        env: &env,
+        overrides: &sets,
+    })?;
+    crate::kafka::create_embedded_topics(&cluster, &config)?;
+    let policies = crate::policy::PolicySet::parse(
+        r#"
+[guardrails]
+max_in_flight = 100000
+max_actions_per_minute = 1000000
+blast_radius = 1.0
+max_action_staleness = "10m"
+[[policies]]
+name = "errors"
+when = "mean(error) > 0.5 and count() >= 2"
+for = 1
+action = "rollback"
+ack_timeout = "1h"
+"#,
+        "bench",
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // Produce: event times over the last 30 s, so windows close during the run.
+    let ids: Vec<String> = (0..segments.max(1))
+        .map(|i| format!("r{}/svc-{}/ep-{i}", i % 4, i % 50))
+        .collect();
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "500000")
+        .create()?;
+    let codec = build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default())
+        .map_err(anyhow::Error::msg)?;
+    let start_ts = SystemClock.now_ms() - 30_000;
+    let mut rng = XorShift(0x1234_5678_9ABC_DEF1);
+    let mut bytes = Vec::with_capacity(128);
+    for i in 0..records {
+        let r = rng.next();
+        let seg = &ids[(r % ids.len() as u64) as usize];
+        let failing = (r % ids.len() as u64) % 100 == 0;
+        let e = TelemetryEvent {
+            segment: seg.clone(),
+            ts_ms: start_ts + (i as i64 * 30_000) / records as i64,
+            measurements: BTreeMap::from([
+                ("latency_ms".to_string(), 20.0 + (r >> 40) as f64 % 300.0),
+                ("error".to_string(), if failing { 1.0 } else { 0.0 }),
+            ]),
+            labels: BTreeMap::new(),
+            event_id: None,
+        };
+        bytes.clear();
+        codec
+            .encode(&e, &mut bytes)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut rec = BaseRecord::<str, [u8]>::to(&config.topics.telemetry.name)
+            .key(seg.as_str())
+            .payload(&bytes);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    rec = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60))?;
+    Ok(BenchTopic {
+        cluster,
+        config,
+        policies,
+    })
+}
+
+/// Figures of `segloop bench replay`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayReport {
+    pub records: u64,
+    pub partitions: i32,
+    pub segments: usize,
+    pub replay_events_per_sec: f64,
+    pub raw_consume_per_sec: f64,
+    pub ratio: f64,
+    /// The replay driver alone, records already in memory in merged order.
+    pub engine_events_per_sec: f64,
+    pub windows_closed: u64,
+    pub commands: u64,
+    /// CPU time of the whole process (broker included) per second of the last pass.
+    pub raw_cpu_cores: f64,
+    pub replay_cpu_cores: f64,
+}
+
+/// CPU seconds this process used so far (user + system), from `/proc/self/stat`; 0 elsewhere.
+fn cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |x| x.1);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+impl ReplayReport {
+    pub fn print(&self) {
+        println!("bench=replay");
+        println!("records={}", self.records);
+        println!("partitions={}", self.partitions);
+        println!("segments={}", self.segments);
+        println!("windows_closed={}", self.windows_closed);
+        println!("commands={}", self.commands);
+        println!("replay_events_per_sec={:.0}", self.replay_events_per_sec);
+        println!("raw_consume_per_sec={:.0}", self.raw_consume_per_sec);
+        println!("replay_to_raw_ratio={:.2}", self.ratio);
+        println!("engine_events_per_sec={:.0}", self.engine_events_per_sec);
+        println!("raw_cpu_cores={:.2}", self.raw_cpu_cores);
+        println!("replay_cpu_cores={:.2}", self.replay_cpu_cores);
+    }
+}
+
+/// `segloop bench replay`: over the same records on the embedded cluster, interleaved rounds
+/// of a bare consumer reading the range and of the backtest replaying it (merge, decode,
+/// windows, policies, controller, simulated actuator); the fastest pass of each counts. Then
+/// the replay driver alone over the records held in memory.
+///
+/// # Errors
+/// The embedded cluster failed, or a pass did not see every record.
+pub fn replay_bench(
+    records: u64,
+    segments: usize,
+    partitions: i32,
+    rounds: usize,
+) -> anyhow::Result<ReplayReport> {
+    use crate::backtest::{self, source, Options, Outcomes, Replay};
+
+    let topic = bench_topic(records, segments, partitions)?;
+    let config = &topic.config;
+    let range = source::resolve_range(config, &config.topics.telemetry.name, None, 0)?;
+    anyhow::ensure!(
+        range.len() == records,
+        "the embedded cluster kept {} of {records} records (retention): use more partitions",
+        range.len()
+    );
+    let (mut raw_secs, mut replay_secs) = (f64::INFINITY, f64::INFINITY);
+    let (mut raw_cores, mut replay_cores) = (0.0, 0.0);
+    let mut last = None;
+    for _ in 0..rounds.max(1) {
+        let (t, c) = (Instant::now(), cpu_secs());
+        let raw = source::read_raw(config, &range)?;
+        raw_secs = raw_secs.min(t.elapsed().as_secs_f64());
+        raw_cores = (cpu_secs() - c) / t.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            raw.records == records,
+            "raw pass read {} records",
+            raw.records
+        );
+        let (t, c) = (Instant::now(), cpu_secs());
+        let r = backtest::run(config, topic.policies.clone(), &range, &Options::default())?;
+        replay_secs = replay_secs.min(t.elapsed().as_secs_f64());
+        replay_cores = (cpu_secs() - c) / t.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            r.input.records_read == records,
+            "replay read {} records",
+            r.input.records_read
+        );
+        last = Some(r);
+    }
+    let report = last.expect("at least one round");
+
+    // Engine only: the merged records in memory, replayed by the driver.
+    // (partition, offset, broker time, key, value)
+    type Held = (i32, i64, Option<i64>, Vec<u8>, Vec<u8>);
+    let mut held: Vec<Held> = Vec::new();
+    let decoder = {
+        let t = &config.topics.telemetry;
+        crate::codec::fast::TelemetryDecoder::new(t.codec, &t.schema_settings())
+            .map_err(anyhow::Error::msg)?
+    };
+    source::read_merged(
+        config,
+        &range,
+        None,
+        |k, v| decoder.event_time(k, v),
+        |r| {
+            held.push((
+                r.partition,
+                r.offset,
+                r.broker_ts_ms,
+                r.key.unwrap_or_default().to_vec(),
+                r.value.unwrap_or_default().to_vec(),
+            ))
+        },
+    )?;
+    let parts: Vec<i32> = range.end.keys().copied().collect();
+    let mut engine_secs = f64::INFINITY;
+    for _ in 0..rounds.max(1) {
+        let mut replay = Replay::new(
+            config,
+            topic.policies.clone(),
+            &parts,
+            (None, None),
+            Outcomes::Simulated(Default::default()),
+        )?;
+        let t = Instant::now();
+        for (p, o, ts, k, v) in &held {
+            replay.on_record(*p, *o, *ts, Some(k), Some(v));
+        }
+        engine_secs = engine_secs.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(replay.clock_ms());
+    }
+    let replay_per_sec = records as f64 / replay_secs;
+    let raw_per_sec = records as f64 / raw_secs;
+    Ok(ReplayReport {
+        records,
+        partitions,
+        segments,
+        replay_events_per_sec: replay_per_sec,
+        raw_consume_per_sec: raw_per_sec,
+        ratio: replay_per_sec / raw_per_sec,
+        engine_events_per_sec: records as f64 / engine_secs,
+        windows_closed: report.input.windows_closed,
+        commands: report.totals.commands,
+        raw_cpu_cores: raw_cores,
+        replay_cpu_cores: replay_cores,
+    })
 }

@@ -14,7 +14,7 @@ use crate::config::{Config, Sources};
 use crate::model::{DecisionRecord, RemediationCommand, RemediationOutcome, TelemetryEvent};
 use crate::schema::{fingerprint, parsing_canonical_form, SchemaKind};
 
-/// Exit code for bad usage, bad config, or a subcommand not available yet.
+/// Exit code for bad usage or a bad config.
 pub const EXIT_USAGE: u8 = 2;
 
 #[derive(Debug, Parser)]
@@ -174,7 +174,7 @@ pub fn demo(args: &DemoArgs) -> ExitCode {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Which benchmark: window (e2e and replay arrive with the runtime and backtest)
+    /// Which benchmark: window, e2e or replay
     pub which: String,
     /// Distinct segments
     #[arg(long, default_value_t = 100_000)]
@@ -185,10 +185,10 @@ pub struct BenchArgs {
     /// Window settings from this config (default: built-in defaults, 10 s tumbling)
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// e2e: telemetry partitions on the embedded cluster
+    /// e2e, replay: telemetry partitions on the embedded cluster
     #[arg(long, default_value_t = 32)]
     pub partitions: i32,
-    /// e2e: interleaved (raw, pipeline) rounds; the fastest pass of each counts
+    /// e2e, replay: interleaved (raw, driver) rounds; the fastest pass of each counts
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
 }
@@ -309,12 +309,6 @@ pub struct SchemasArgs {
     /// Print the full schema JSON too
     #[arg(long)]
     pub full: bool,
-}
-
-/// Runs a parsed command line; subcommands that need the runtime are dispatched by `main`.
-pub fn not_yet(what: &str, issue: &str) -> ExitCode {
-    eprintln!("segloop {what}: not yet available in this build ({issue})");
-    ExitCode::from(EXIT_USAGE)
 }
 
 /// Loads a config, printing its errors; the `Err` is the exit code to return.
@@ -591,7 +585,21 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
                 }
             }
         }
-        "replay" => not_yet("bench replay", "backtesting, issue 9"),
+        "replay" => match crate::bench::replay_bench(
+            args.events as u64,
+            args.segments,
+            args.partitions,
+            args.rounds,
+        ) {
+            Ok(r) => {
+                r.print();
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         other => {
             eprintln!("error: unknown benchmark {other:?}; choose window, e2e or replay");
             ExitCode::from(EXIT_USAGE)

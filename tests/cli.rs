@@ -111,10 +111,33 @@ fn schemas_lists_fingerprints_matching_fastavro() {
 }
 
 #[test]
-fn unfinished_subcommands_exit_2_with_a_message() {
+fn backtest_usage_errors_exit_2_and_name_the_flag() {
     let out = segloop(&["backtest"], b"");
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("not yet available"));
+    assert!(
+        text(&out.stderr).contains("--report"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = segloop(
+        &["backtest", "--report", "/dev/null", "--from", "yesterday"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("--from") && err.contains("-6h"), "{err}");
+    let out = segloop(
+        &[
+            "backtest",
+            "--report",
+            "/dev/null",
+            "--actuator-success",
+            "2",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("from 0 to 1"));
 }
 
 #[test]

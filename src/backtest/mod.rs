@@ -18,7 +18,7 @@ pub mod report;
 pub mod source;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -124,6 +124,8 @@ impl Ord for Pending {
     }
 }
 
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
+
 /// Windows kept per segment before it is affected (context for the timeline).
 const CONTEXT_POINTS: usize = 12;
 /// Windows kept per affected segment.
@@ -224,13 +226,13 @@ impl Replay {
             outcomes,
             pending,
             seq,
-            labels: HashMap::new(),
+            labels: HashMap::default(),
             closed: Vec::new(),
             fx: Effects::default(),
             input: InputStats::default(),
             loops: BTreeMap::new(),
-            traces: HashMap::new(),
-            command_loops: HashMap::new(),
+            traces: HashMap::default(),
+            command_loops: HashMap::default(),
             sink: None,
         })
     }
@@ -605,7 +607,7 @@ pub fn run(
         config,
         range,
         opts.fetch_max_bytes,
-        |k, v| decoder.decode(k, v).ok().map(|e| e.ts_ms()),
+        move |k, v| decoder.event_time(k, v),
         |r| replay.on_record(r.partition, r.offset, r.broker_ts_ms, r.key, r.value),
     )?;
     let elapsed = started.elapsed();

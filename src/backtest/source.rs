@@ -196,6 +196,13 @@ pub fn resolve_range(
     })
 }
 
+/// Records of one partition, read in offset order, with their merge keys.
+#[derive(Default)]
+struct Chunk {
+    bytes: Vec<u8>,
+    recs: Vec<Meta>,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Meta {
     offset: i64,
@@ -205,23 +212,7 @@ struct Meta {
     value: Option<(usize, usize)>,
 }
 
-#[derive(Default)]
-struct PartBuf {
-    bytes: Vec<u8>,
-    /// Bytes before this were consumed (compacted away when the buffer drains or grows).
-    consumed: usize,
-    recs: VecDeque<Meta>,
-    finished: bool,
-    paused: bool,
-    /// Merge key of the last record read (records that do not decode sort with it).
-    last_ts: i64,
-}
-
-impl PartBuf {
-    fn buffered(&self) -> usize {
-        self.bytes.len() - self.consumed
-    }
-
+impl Chunk {
     fn push(
         &mut self,
         offset: i64,
@@ -230,23 +221,6 @@ impl PartBuf {
         key: Option<&[u8]>,
         value: Option<&[u8]>,
     ) {
-        if self.recs.is_empty() {
-            self.bytes.clear();
-            self.consumed = 0;
-        } else if self.consumed > (1 << 20) && self.consumed * 2 > self.bytes.len() {
-            // Slide the live tail to the front.
-            let c = self.consumed;
-            self.bytes.drain(..c);
-            for m in &mut self.recs {
-                if let Some(k) = &mut m.key {
-                    k.0 -= c;
-                }
-                if let Some(v) = &mut m.value {
-                    v.0 -= c;
-                }
-            }
-            self.consumed = 0;
-        }
         let mut span = |b: Option<&[u8]>| {
             b.map(|b| {
                 let at = self.bytes.len();
@@ -256,7 +230,7 @@ impl PartBuf {
         };
         let key = span(key);
         let value = span(value);
-        self.recs.push_back(Meta {
+        self.recs.push(Meta {
             offset,
             sort_ts,
             broker_ts,
@@ -264,6 +238,37 @@ impl PartBuf {
             value,
         });
     }
+
+    fn record(&self, i: usize, partition: i32) -> RawRecord<'_> {
+        let m = &self.recs[i];
+        let slice = |r: Option<(usize, usize)>| r.map(|(at, n)| &self.bytes[at..at + n]);
+        RawRecord {
+            partition,
+            offset: m.offset,
+            broker_ts_ms: m.broker_ts,
+            key: slice(m.key),
+            value: slice(m.value),
+        }
+    }
+}
+
+/// From the reader thread to the merge.
+enum Feed {
+    Chunk(i32, Chunk),
+    /// Nothing more will come from this partition.
+    Finished(i32),
+}
+
+/// Records per chunk at most (a chunk also leaves early when the merge waits for it).
+const CHUNK: usize = 512;
+
+/// Per partition, shared by the reader and the merge.
+#[derive(Default)]
+struct Shared {
+    /// Bytes handed over and not yet replayed.
+    buffered: std::sync::atomic::AtomicUsize,
+    /// The merge has nothing of this partition and waits for it: send what there is.
+    wanted: std::sync::atomic::AtomicBool,
 }
 
 /// What a read saw.
@@ -277,152 +282,288 @@ pub struct ReadStats {
 /// record's merge key (its event time; `None` for a record that does not decode, which then
 /// sorts with its partition's previous record).
 ///
+/// A reader thread polls, computes merge keys and copies records into per-partition chunks;
+/// the calling thread merges the chunks and runs `on_record`, so reading and replaying
+/// overlap. The merge releases a record only while every unfinished partition has one
+/// queued, so the order depends on the records alone.
+///
 /// # Errors
-/// The consumer cannot be created or assigned, or a fetch fails fatally.
+/// The consumer cannot be created or assigned, or the broker stops answering.
 pub fn read_merged(
     config: &Config,
     range: &Range,
     fetch_max_bytes: Option<usize>,
-    mut sort_ts: impl FnMut(Option<&[u8]>, Option<&[u8]>) -> Option<i64>,
+    sort_ts: impl FnMut(Option<&[u8]>, Option<&[u8]>) -> Option<i64> + Send,
     mut on_record: impl FnMut(RawRecord<'_>),
 ) -> anyhow::Result<ReadStats> {
+    use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+
+    let open: Vec<i32> = range
+        .start
+        .iter()
+        .filter(|(p, s)| **s < range.end[*p])
+        .map(|(p, _)| *p)
+        .collect();
+    if open.is_empty() {
+        return Ok(ReadStats::default());
+    }
+    let shared: BTreeMap<i32, Shared> = open.iter().map(|p| (*p, Shared::default())).collect();
+    for s in shared.values() {
+        s.wanted.store(true, SeqCst);
+    }
+    let high_water = (BUFFER_BYTES / open.len()).max(1 << 20);
     let consumer = reader(config, fetch_max_bytes)?;
     let mut tpl = TopicPartitionList::new();
-    let mut parts: BTreeMap<i32, PartBuf> = BTreeMap::new();
-    // Unfinished partitions with nothing buffered: nothing can be released while any exists.
-    let mut waiting = 0usize;
-    for (&p, &s) in &range.start {
-        let e = range.end[&p];
-        let finished = s >= e;
-        if !finished {
-            tpl.add_partition_offset(&range.topic, p, Offset::Offset(s))?;
-            waiting += 1;
-        }
-        parts.insert(
-            p,
-            PartBuf {
-                finished,
-                last_ts: i64::MIN,
-                ..PartBuf::default()
-            },
-        );
-    }
-    let mut stats = ReadStats::default();
-    if waiting == 0 {
-        return Ok(stats);
+    for p in &open {
+        tpl.add_partition_offset(&range.topic, *p, Offset::Offset(range.start[p]))?;
     }
     consumer
         .assign(&tpl)
         .context("cannot assign the replay's partitions")?;
-    let mut heap: BinaryHeap<Reverse<(i64, i32, i64)>> = BinaryHeap::new();
-    let mut idle_polls = 0u32;
-    let high_water = (BUFFER_BYTES / parts.len().max(1)).max(1 << 20);
-    let low_water = high_water / 4;
-    loop {
-        // Release in order while every unfinished partition has a head.
-        while waiting == 0 {
-            let Some(Reverse((_, p, _))) = heap.pop() else {
+
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Feed>(256);
+        let (recycle_tx, recycle_rx) = std::sync::mpsc::channel::<Chunk>();
+        let shared = &shared;
+        let reader = std::thread::Builder::new()
+            .name("backtest-reader".into())
+            .spawn_scoped(scope, move || {
+                read_chunks(
+                    &consumer,
+                    range,
+                    shared,
+                    high_water,
+                    sort_ts,
+                    &tx,
+                    &recycle_rx,
+                )
+            })
+            .context("cannot start the reader thread")?;
+
+        struct Queue {
+            chunks: VecDeque<Chunk>,
+            /// Next record of the front chunk.
+            at: usize,
+            finished: bool,
+        }
+        let mut queues: BTreeMap<i32, Queue> = open
+            .iter()
+            .map(|p| {
+                (
+                    *p,
+                    Queue {
+                        chunks: VecDeque::new(),
+                        at: 0,
+                        finished: false,
+                    },
+                )
+            })
+            .collect();
+        let mut waiting = open.len();
+        let mut heap: BinaryHeap<Reverse<(i64, i32, i64)>> = BinaryHeap::new();
+        loop {
+            while waiting == 0 {
+                let Some(Reverse((_, p, _))) = heap.pop() else {
+                    break;
+                };
+                let q = queues.get_mut(&p).expect("known partition");
+                let front = q.chunks.front().expect("a head was queued");
+                on_record(front.record(q.at, p));
+                q.at += 1;
+                if q.at == front.recs.len() {
+                    let mut done = q.chunks.pop_front().expect("front");
+                    q.at = 0;
+                    shared[&p].buffered.fetch_sub(done.bytes.len(), Relaxed);
+                    done.bytes.clear();
+                    done.recs.clear();
+                    let _ = recycle_tx.send(done);
+                }
+                match q.chunks.front() {
+                    Some(c) => {
+                        let m = &c.recs[q.at];
+                        heap.push(Reverse((m.sort_ts, p, m.offset)));
+                    }
+                    None if !q.finished => {
+                        waiting += 1;
+                        shared[&p].wanted.store(true, SeqCst);
+                    }
+                    None => {}
+                }
+            }
+            if heap.is_empty() && queues.values().all(|q| q.finished) {
+                break;
+            }
+            let Ok(feed) = rx.recv() else {
                 break;
             };
-            let pb = parts.get_mut(&p).expect("known partition");
-            let m = pb.recs.pop_front().expect("a head was queued");
-            let slice = |r: Option<(usize, usize)>| r.map(|(at, n)| &pb.bytes[at..at + n]);
-            on_record(RawRecord {
-                partition: p,
-                offset: m.offset,
-                broker_ts_ms: m.broker_ts,
-                key: slice(m.key),
-                value: slice(m.value),
-            });
-            let used = m
-                .key
-                .map_or(0, |k| k.0 + k.1)
-                .max(m.value.map_or(0, |v| v.0 + v.1));
-            pb.consumed = pb.consumed.max(used);
-            match pb.recs.front() {
-                Some(next) => heap.push(Reverse((next.sort_ts, p, next.offset))),
-                None if !pb.finished => waiting += 1,
-                None => {}
-            }
-            if pb.paused && pb.buffered() <= low_water && !pb.finished {
-                pb.paused = false;
-                let mut one = TopicPartitionList::new();
-                one.add_partition(&range.topic, p);
-                consumer.resume(&one)?;
+            match feed {
+                Feed::Chunk(p, chunk) => {
+                    let q = queues.get_mut(&p).expect("known partition");
+                    if q.chunks.is_empty() {
+                        let m = &chunk.recs[0];
+                        heap.push(Reverse((m.sort_ts, p, m.offset)));
+                        if !q.finished {
+                            waiting -= 1;
+                        }
+                    }
+                    q.chunks.push_back(chunk);
+                }
+                Feed::Finished(p) => {
+                    let q = queues.get_mut(&p).expect("known partition");
+                    if !q.finished && q.chunks.is_empty() {
+                        waiting -= 1;
+                    }
+                    q.finished = true;
+                }
             }
         }
-        if heap.is_empty() && parts.values().all(|pb| pb.finished) {
-            break;
+        drop(rx);
+        reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("the backtest reader panicked"))?
+    })
+}
+
+/// The reader thread: poll, key, chunk, hand over; pause partitions far ahead.
+fn read_chunks(
+    consumer: &BaseConsumer<ReplayContext>,
+    range: &Range,
+    shared: &BTreeMap<i32, Shared>,
+    high_water: usize,
+    mut sort_ts: impl FnMut(Option<&[u8]>, Option<&[u8]>) -> Option<i64>,
+    tx: &std::sync::mpsc::SyncSender<Feed>,
+    recycle: &std::sync::mpsc::Receiver<Chunk>,
+) -> anyhow::Result<ReadStats> {
+    use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+
+    struct Part {
+        chunk: Chunk,
+        last_ts: i64,
+        finished: bool,
+        paused: bool,
+    }
+    let mut parts: BTreeMap<i32, Part> = shared
+        .keys()
+        .map(|p| {
+            (
+                *p,
+                Part {
+                    chunk: Chunk::default(),
+                    last_ts: i64::MIN,
+                    finished: false,
+                    paused: false,
+                },
+            )
+        })
+        .collect();
+    let mut unfinished = parts.len();
+    let mut stats = ReadStats::default();
+    let mut idle_polls = 0u32;
+    // Hands a partition's chunk over; `false` once the merge is gone.
+    let send = |p: i32, part: &mut Part| -> bool {
+        if part.chunk.recs.is_empty() {
+            return true;
         }
-        match consumer.poll(Duration::from_millis(100)) {
+        let next = recycle.try_recv().unwrap_or_default();
+        let chunk = std::mem::replace(&mut part.chunk, next);
+        shared[&p].buffered.fetch_add(chunk.bytes.len(), Relaxed);
+        shared[&p].wanted.store(false, SeqCst);
+        tx.send(Feed::Chunk(p, chunk)).is_ok()
+    };
+    let one = |p: i32| -> anyhow::Result<TopicPartitionList> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&range.topic, p, Offset::Invalid)?;
+        Ok(tpl)
+    };
+    while unfinished > 0 {
+        for (p, part) in parts.iter_mut().filter(|(_, part)| part.paused) {
+            if shared[p].buffered.load(Relaxed) <= high_water / 4 {
+                part.paused = false;
+                consumer.resume(&one(*p)?)?;
+            }
+        }
+        let mut finish = None;
+        match poll(consumer) {
             Some(Ok(m)) => {
                 idle_polls = 0;
                 let p = m.partition();
                 let end = range.end.get(&p).copied().unwrap_or(0);
-                let Some(pb) = parts.get_mut(&p) else {
+                let Some(part) = parts.get_mut(&p) else {
                     continue;
                 };
-                if pb.finished {
+                if part.finished {
                     continue;
                 }
                 if m.offset() >= end {
-                    pb.finished = true;
-                    if pb.recs.is_empty() {
-                        waiting -= 1;
-                    }
-                    continue;
-                }
-                stats.records += 1;
-                stats.bytes +=
-                    (m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len)) as u64;
-                let ts = sort_ts(m.key(), m.payload()).unwrap_or(pb.last_ts);
-                pb.last_ts = ts;
-                let was_empty = pb.recs.is_empty();
-                pb.push(
-                    m.offset(),
-                    ts,
-                    m.timestamp().to_millis(),
-                    m.key(),
-                    m.payload(),
-                );
-                if was_empty {
-                    waiting -= 1;
-                    heap.push(Reverse((ts, p, m.offset())));
-                }
-                if m.offset() + 1 >= end {
-                    pb.finished = true;
-                }
-                if !pb.finished && !pb.paused && pb.buffered() >= high_water {
-                    pb.paused = true;
-                    let mut one = TopicPartitionList::new();
-                    one.add_partition(&range.topic, p);
-                    consumer.pause(&one)?;
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                if let Some(pb) = parts.get_mut(&p) {
-                    if !pb.finished {
-                        pb.finished = true;
-                        if pb.recs.is_empty() {
-                            waiting -= 1;
+                    finish = Some(p);
+                } else {
+                    stats.records += 1;
+                    stats.bytes += (m.key().map_or(0, <[u8]>::len)
+                        + m.payload().map_or(0, <[u8]>::len))
+                        as u64;
+                    let ts = sort_ts(m.key(), m.payload()).unwrap_or(part.last_ts);
+                    part.last_ts = ts;
+                    part.chunk.push(
+                        m.offset(),
+                        ts,
+                        m.timestamp().to_millis(),
+                        m.key(),
+                        m.payload(),
+                    );
+                    if m.offset() + 1 >= end {
+                        finish = Some(p);
+                    } else if part.chunk.recs.len() >= CHUNK || shared[&p].wanted.load(SeqCst) {
+                        if !send(p, part) {
+                            return Ok(stats);
+                        }
+                        if shared[&p].buffered.load(Relaxed) >= high_water {
+                            part.paused = true;
+                            consumer.pause(&one(p)?)?;
                         }
                     }
                 }
             }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "backtest consumer error");
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                if parts.get(&p).is_some_and(|x| !x.finished) {
+                    finish = Some(p);
+                }
             }
+            Some(Err(e)) => tracing::warn!(error = %e, "backtest consumer error"),
             None => {
+                // Idle: whatever is chunked goes now.
+                for (p, part) in parts.iter_mut() {
+                    if !send(*p, part) {
+                        return Ok(stats);
+                    }
+                }
                 idle_polls += 1;
                 anyhow::ensure!(
                     idle_polls < 300,
-                    "no records for 30 s while {waiting} partition(s) of {} were still expected to have some; is the broker up?",
+                    "no records for 30 s while {unfinished} partition(s) of {} were still expected to have some; is the broker up?",
                     range.topic
                 );
             }
         }
+        if let Some(p) = finish {
+            let part = parts.get_mut(&p).expect("known partition");
+            part.finished = true;
+            unfinished -= 1;
+            if !send(p, part) || tx.send(Feed::Finished(p)).is_err() {
+                return Ok(stats);
+            }
+        }
     }
     Ok(stats)
+}
+
+/// The next message: what is queued without waiting (librdkafka skips its clock reads on
+/// that path), else up to 100 ms.
+fn poll<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+) -> Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>> {
+    consumer
+        .poll(Duration::ZERO)
+        .or_else(|| consumer.poll(Duration::from_millis(100)))
 }
 
 /// Reads `range` in arrival order without merging or decoding (the replay benchmark's peer).
@@ -447,7 +588,7 @@ pub fn read_raw(config: &Config, range: &Range) -> anyhow::Result<ReadStats> {
     let mut done: BTreeMap<i32, bool> = BTreeMap::new();
     let mut idle_polls = 0u32;
     while done.len() < open {
-        match consumer.poll(Duration::from_millis(100)) {
+        match poll(&consumer) {
             Some(Ok(m)) => {
                 idle_polls = 0;
                 let end = range.end[&m.partition()];

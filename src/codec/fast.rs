@@ -272,6 +272,20 @@ impl TelemetryDecoder {
         })
     }
 
+    /// A record's event time, read without decoding the rest (a merge key: a replay orders
+    /// records by it before decoding them). `None` for a record that does not decode.
+    pub fn event_time(&self, key: Option<&[u8]>, value: Option<&[u8]>) -> Option<i64> {
+        let v = value?;
+        if let Some(p) = &self.fast_prefix {
+            if let Some(datum) = v.strip_prefix(p.as_slice()) {
+                let mut c = Cursor { rest: datum };
+                c.bytes().ok()?;
+                return c.long().ok();
+            }
+        }
+        self.decode(key, value).ok().map(|e| e.ts_ms())
+    }
+
     /// Decodes, validates and checks the key rule, like [`super::decode_record`].
     ///
     /// # Errors
