@@ -24,6 +24,9 @@
 //!   creation, the murmur2 partitioner.
 //! - [`runtime`] — `segloop run`: Kafka consumers/producer, offsets, rebalances, DLQ,
 //!   shutdown, reload; [`runtime::admin`] serves metrics, health and the admin API.
+//! - [`backtest`] — `segloop backtest`: a topic range replayed in (event time, partition,
+//!   offset) order through the same engine and controller, with a simulated or recorded
+//!   actuator; JSON, terminal and HTML reports; compare and against-live diffs.
 //! - [`metrics`] — the documented Prometheus names and the per-instance recorder.
 //! - [`config`] — layered TOML configuration (defaults < file < `SEGLOOP__*` env < CLI) with
 //!   errors that name the key, file and line.
