@@ -287,6 +287,13 @@ pub struct DeliveryConfig {
     /// Graceful shutdown deadline after SIGINT/SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// At startup, outcomes are read from this far back (acknowledgements that arrived while
+    /// this instance was down are applied after its state is restored).
+    #[serde(with = "humantime_serde")]
+    pub outcome_lookback: Duration,
+    /// Exactly-once: the producer's `transactional.id` (stable per instance, so a restart
+    /// fences its predecessor). Default: `<group_id>-<client_id>`.
+    pub transactional_id: Option<String>,
 }
 
 impl Default for DeliveryConfig {
@@ -295,6 +302,8 @@ impl Default for DeliveryConfig {
             mode: DeliveryMode::AtLeastOnce,
             commit_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(10),
+            outcome_lookback: Duration::from_secs(15 * 60),
+            transactional_id: None,
         }
     }
 }

@@ -167,6 +167,20 @@ impl SegmentState {
         self.loops.values().any(|l| l.phase.under_action())
     }
 
+    /// Whether a restart may forget this state at `now_ms`: every loop healthy, no freeze,
+    /// and no action recent enough (`memory_ms`) to count for cooldowns or the flap breaker.
+    pub fn is_quiet(&self, now_ms: i64, memory_ms: i64) -> bool {
+        self.loops
+            .values()
+            .all(|l| l.phase == Phase::Healthy && l.breaches == 0)
+            && self.frozen_until_ms.is_none_or(|f| f <= now_ms)
+            && self
+                .last_action_ms
+                .values()
+                .chain(&self.action_history)
+                .all(|&t| now_ms - t >= memory_ms)
+    }
+
     /// The state as changelog bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("controller state should serialize")
@@ -293,6 +307,18 @@ struct PartitionState {
     active: BTreeSet<Arc<str>>,
     tokens: f64,
     tokens_at_ms: Option<i64>,
+    /// Segments changed since the last [`Controller::take_changes`].
+    dirty: BTreeSet<Arc<str>>,
+    /// Segments whose state is in the changelog (a tombstone is due once they go quiet).
+    persisted: BTreeSet<Arc<str>>,
+}
+
+/// A changelog record for the state topic: a segment's state, or `None` to delete it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateChange {
+    pub partition: i32,
+    pub segment: String,
+    pub state: Option<Vec<u8>>,
 }
 
 /// The controller of the partitions this instance owns.
@@ -372,6 +398,7 @@ impl Controller {
                     p.active.remove(seg.segment.as_str());
                 }
             }
+            p.dirty.extend(p.segments.keys().cloned());
         }
     }
 
@@ -428,8 +455,46 @@ impl Controller {
         } else {
             p.active.remove(&name);
         }
+        p.persisted.insert(name.clone());
         p.segments.insert(name, state);
         Ok(())
+    }
+
+    /// The changelog records due since the last call: the state of every changed segment
+    /// that is not quiet, and a tombstone for each persisted one that went quiet.
+    pub fn take_changes(&mut self, now_ms: i64) -> Vec<StateChange> {
+        let g = &self.policies.guardrails;
+        let memory_ms = self
+            .policies
+            .policies
+            .iter()
+            .map(|p| p.cooldown_ms)
+            .chain([g.flap_window_ms])
+            .max()
+            .unwrap_or(0);
+        let mut out = Vec::new();
+        for (&partition, p) in &mut self.partitions {
+            for name in std::mem::take(&mut p.dirty) {
+                let Some(seg) = p.segments.get(&name) else {
+                    continue;
+                };
+                if !seg.is_quiet(now_ms, memory_ms) {
+                    p.persisted.insert(name.clone());
+                    out.push(StateChange {
+                        partition,
+                        segment: name.to_string(),
+                        state: Some(seg.to_bytes()),
+                    });
+                } else if p.persisted.remove(&name) {
+                    out.push(StateChange {
+                        partition,
+                        segment: name.to_string(),
+                        state: None,
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Evaluates every policy that covers the window's segment.
@@ -637,14 +702,15 @@ impl Controller {
     }
 
     fn loop_mut(&mut self, partition: i32, segment: &str, policy: &str) -> &mut LoopState {
-        let loops = &mut self
+        let p = self
             .partitions
             .get_mut(&partition)
-            .expect("partition owned")
-            .segments
-            .get_mut(segment)
-            .expect("segment known")
-            .loops;
+            .expect("partition owned");
+        if !p.dirty.contains(segment) {
+            let (name, _) = p.segments.get_key_value(segment).expect("segment known");
+            p.dirty.insert(name.clone());
+        }
+        let loops = &mut p.segments.get_mut(segment).expect("segment known").loops;
         if !loops.contains_key(policy) {
             loops.insert(policy.to_string(), LoopState::new());
         }

@@ -174,6 +174,126 @@ fn existing_partitions<'a>(
     Ok(out)
 }
 
+/// Callbacks of consumers that read to the end of a partition (`enable.partition.eof`):
+/// reaching the end is expected, not an error worth logging.
+pub struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::error::KafkaError;
+        let eof = match &error {
+            KafkaError::PartitionEOF(_) => true,
+            KafkaError::Global(code) => *code == rdkafka::types::RDKafkaErrorCode::PartitionEOF,
+            _ => false,
+        };
+        if !eof {
+            tracing::warn!(error = %error, reason, "kafka client");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
+/// Per-partition offsets of a topic: where to start, and the high watermarks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offsets {
+    pub start: BTreeMap<i32, i64>,
+    pub end: BTreeMap<i32, i64>,
+    /// Whether `start` came from the broker's time index (else: the beginning).
+    pub by_time: bool,
+}
+
+/// The offsets of `topic` from broker time `from_ms` on (the first record at or after it,
+/// by offsets-for-times), or from the beginning without a time or where the broker keeps no
+/// time index; `end` is the high watermark now.
+///
+/// The embedded mock cluster answers offsets-for-times with the log end: a broker whose
+/// answer for time 0 is not the first offset is treated as having no time index.
+///
+/// # Errors
+/// The topic does not exist or its metadata or watermarks cannot be read.
+pub fn offsets_from<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    from_ms: Option<i64>,
+) -> anyhow::Result<Offsets> {
+    use rdkafka::{Offset, TopicPartitionList};
+    let timeout = Duration::from_secs(10);
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .with_context(|| format!("cannot fetch metadata for topic {topic}"))?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    anyhow::ensure!(
+        !partitions.is_empty(),
+        "topic {topic} does not exist (or has no partitions); check the topic names in the config"
+    );
+    let mut start = BTreeMap::new();
+    let mut end = BTreeMap::new();
+    for &p in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, timeout)
+            .with_context(|| format!("cannot read the offsets of {topic}/{p}"))?;
+        start.insert(p, low);
+        end.insert(p, high);
+    }
+    let Some(from) = from_ms else {
+        return Ok(Offsets {
+            start,
+            end,
+            by_time: false,
+        });
+    };
+    let at = |ts: i64| -> anyhow::Result<TopicPartitionList> {
+        let mut tpl = TopicPartitionList::new();
+        for &p in &partitions {
+            tpl.add_partition_offset(topic, p, Offset::Offset(ts))?;
+        }
+        Ok(tpl)
+    };
+    let indexed = consumer
+        .offsets_for_times(at(0)?, timeout)
+        .is_ok_and(|found| {
+            found.elements().iter().all(|e| {
+                let (low, high) = (start[&e.partition()], end[&e.partition()]);
+                low == high || e.offset() == Offset::Offset(low)
+            })
+        });
+    if indexed {
+        if let Ok(found) = consumer.offsets_for_times(at(from)?, timeout) {
+            let mut resolved = BTreeMap::new();
+            for e in found.elements() {
+                let (low, high) = (start[&e.partition()], end[&e.partition()]);
+                match e.offset() {
+                    Offset::Offset(n) if (low..=high).contains(&n) => {
+                        resolved.insert(e.partition(), n);
+                    }
+                    Offset::End => {
+                        resolved.insert(e.partition(), high);
+                    }
+                    _ => {}
+                }
+            }
+            if resolved.len() == partitions.len() {
+                return Ok(Offsets {
+                    start: resolved,
+                    end,
+                    by_time: true,
+                });
+            }
+        }
+    }
+    Ok(Offsets {
+        start,
+        end,
+        by_time: false,
+    })
+}
+
 /// Java's murmur2 partitioner (what `partitioner=murmur2_random` does for keyed records):
 /// `(murmur2(key) & 0x7fffffff) % partitions`. Used to find a segment's partition without a
 /// broker (tests, the demo's ground truth).

@@ -39,6 +39,10 @@ pub const REBALANCES: &str = "segloop_rebalances_total";
 pub const COMMITS: &str = "segloop_commits_total";
 pub const COMMIT_ERRORS: &str = "segloop_commit_errors_total";
 pub const PRODUCE_ERRORS: &str = "segloop_produce_errors_total";
+pub const STATE_RECORDS: &str = "segloop_state_records_total";
+pub const STATE_RESTORED: &str = "segloop_state_restored_segments_total";
+pub const STATE_RESTORE_SECONDS: &str = "segloop_state_restore_seconds";
+pub const TRANSACTIONS: &str = "segloop_transactions_total";
 
 /// Every documented metric name (the README lists them; a test checks `/metrics` has them).
 pub const ALL: &[&str] = &[
@@ -69,6 +73,10 @@ pub const ALL: &[&str] = &[
     COMMITS,
     COMMIT_ERRORS,
     PRODUCE_ERRORS,
+    STATE_RECORDS,
+    STATE_RESTORED,
+    STATE_RESTORE_SECONDS,
+    TRANSACTIONS,
 ];
 
 /// One instance's recorder and the handle that renders it.
@@ -236,6 +244,26 @@ fn describe_all() {
         Unit::Count,
         "Records the producer could not deliver"
     );
+    describe_counter!(
+        STATE_RECORDS,
+        Unit::Count,
+        "Controller state records written to the state changelog (tombstones included)"
+    );
+    describe_counter!(
+        STATE_RESTORED,
+        Unit::Count,
+        "Segments whose controller state was restored from the changelog on assign"
+    );
+    describe_histogram!(
+        STATE_RESTORE_SECONDS,
+        Unit::Seconds,
+        "Time to restore one assigned partition's controller state from the changelog"
+    );
+    describe_counter!(
+        TRANSACTIONS,
+        Unit::Count,
+        "Exactly-once transactions, by result (committed, aborted)"
+    );
     // Zero-valued series so every documented name is exposed from the start.
     for name in [
         LATE_RECORDS,
@@ -251,8 +279,13 @@ fn describe_all() {
         COMMITS,
         COMMIT_ERRORS,
         PRODUCE_ERRORS,
+        STATE_RECORDS,
+        STATE_RESTORED,
     ] {
         metrics::counter!(name).increment(0);
+    }
+    for result in ["committed", "aborted"] {
+        metrics::counter!(TRANSACTIONS, "result" => result).increment(0);
     }
     for name in [IN_FLIGHT, SEGMENTS] {
         metrics::gauge!(name).set(0.0);
@@ -284,6 +317,10 @@ pub struct Counters {
     pub rebalances: u64,
     pub commits: u64,
     pub commit_errors: u64,
+    pub state_records: u64,
+    pub state_restored: u64,
+    pub restore_secs: Vec<f64>,
+    pub transactions: BTreeMap<&'static str, u64>,
 }
 
 /// Moves counter deltas and current gauges into the current thread's recorder.
@@ -327,6 +364,14 @@ pub fn publish(c: &mut Counters, gauges: &Gauges) {
     counter!(REBALANCES).increment(std::mem::take(&mut c.rebalances));
     counter!(COMMITS).increment(std::mem::take(&mut c.commits));
     counter!(COMMIT_ERRORS).increment(std::mem::take(&mut c.commit_errors));
+    counter!(STATE_RECORDS).increment(std::mem::take(&mut c.state_records));
+    counter!(STATE_RESTORED).increment(std::mem::take(&mut c.state_restored));
+    for s in c.restore_secs.drain(..) {
+        histogram!(STATE_RESTORE_SECONDS).record(s);
+    }
+    for (result, n) in std::mem::take(&mut c.transactions) {
+        counter!(TRANSACTIONS, "result" => result).increment(n);
+    }
     gauge!(IN_FLIGHT).set(gauges.in_flight as f64);
     gauge!(SEGMENTS).set(gauges.segments as f64);
     counter!(WINDOWS_CLOSED).absolute(gauges.windows_closed);

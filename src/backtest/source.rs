@@ -60,31 +60,12 @@ pub struct RawRecord<'a> {
     pub value: Option<&'a [u8]>,
 }
 
-/// The replay consumer's callbacks: partition ends are expected (they end the replay), not
-/// errors worth logging.
-pub struct ReplayContext;
-
-impl rdkafka::ClientContext for ReplayContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        let eof = match &error {
-            KafkaError::PartitionEOF(_) => true,
-            KafkaError::Global(code) => *code == rdkafka::types::RDKafkaErrorCode::PartitionEOF,
-            _ => false,
-        };
-        if !eof {
-            tracing::warn!(error = %error, reason, "backtest consumer");
-        }
-    }
-}
-
-impl rdkafka::consumer::ConsumerContext for ReplayContext {}
-
 /// A consumer of the replay's own: a group id of its own, never commits, reads committed data
 /// only, reports partition ends.
 fn reader(
     config: &Config,
     fetch_max_bytes: Option<usize>,
-) -> anyhow::Result<BaseConsumer<ReplayContext>> {
+) -> anyhow::Result<BaseConsumer<kafka::QuietEof>> {
     let group = format!("{}-backtest", config.kafka.group_id);
     let mut c = kafka::client_config(
         config,
@@ -102,7 +83,7 @@ fn reader(
         c.set("max.partition.fetch.bytes", &n);
         c.set("fetch.message.max.bytes", &n);
     }
-    c.create_with_context(ReplayContext)
+    c.create_with_context(kafka::QuietEof)
         .context("cannot create the backtest consumer")
 }
 
@@ -119,84 +100,23 @@ pub fn resolve_range(
     margin_ms: i64,
 ) -> anyhow::Result<Range> {
     let consumer = reader(config, None)?;
-    let timeout = Duration::from_secs(10);
-    let md = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("cannot fetch metadata for topic {topic}"))?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    anyhow::ensure!(
-        !partitions.is_empty(),
-        "topic {topic} does not exist (or has no partitions); check topics.telemetry.name or --topic"
-    );
-    let mut start = BTreeMap::new();
-    let mut end = BTreeMap::new();
-    for &p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, timeout)
-            .with_context(|| format!("cannot read the offsets of {topic}/{p}"))?;
-        start.insert(p, low);
-        end.insert(p, high);
-    }
-    let mut seek = "beginning";
-    if let Some(from) = from_ms {
-        let mut tpl = TopicPartitionList::new();
-        for &p in &partitions {
-            tpl.add_partition_offset(topic, p, Offset::Offset(from.saturating_sub(margin_ms)))?;
-        }
-        // The embedded mock cluster answers ListOffsets by time with the log end. A broker
-        // whose answer for time 0 is not the first offset does not keep a time index: the
-        // replay then starts at the beginning and the event-time filter does the rest.
-        let mut probe = TopicPartitionList::new();
-        for &p in &partitions {
-            probe.add_partition_offset(topic, p, Offset::Offset(0))?;
-        }
-        let indexed = consumer
-            .offsets_for_times(probe, timeout)
-            .is_ok_and(|found| {
-                found.elements().iter().all(|e| {
-                    let (low, high) = (start[&e.partition()], end[&e.partition()]);
-                    low == high || e.offset() == Offset::Offset(low)
-                })
-            });
-        let found = if indexed {
-            consumer.offsets_for_times(tpl, timeout).ok()
-        } else {
-            None
-        };
-        if let Some(found) = found {
-            let mut resolved = BTreeMap::new();
-            for e in found.elements() {
-                let (low, high) = (start[&e.partition()], end[&e.partition()]);
-                match e.offset() {
-                    Offset::Offset(n) if (low..=high).contains(&n) => {
-                        resolved.insert(e.partition(), n);
-                    }
-                    Offset::End => {
-                        resolved.insert(e.partition(), high);
-                    }
-                    _ => {}
-                }
-            }
-            if resolved.len() == partitions.len() {
-                start = resolved;
-                seek = "offsets_for_times";
-            }
-        }
-    }
+    let found = kafka::offsets_from(
+        &consumer,
+        topic,
+        from_ms.map(|f| f.saturating_sub(margin_ms)),
+    )?;
     Ok(Range {
         topic: topic.to_string(),
-        start,
-        end,
-        seek,
+        start: found.start,
+        end: found.end,
+        seek: if found.by_time {
+            "offsets_for_times"
+        } else {
+            "beginning"
+        },
     })
 }
 
-/// Records of one partition, read in offset order, with their merge keys.
 #[derive(Default)]
 struct Chunk {
     bytes: Vec<u8>,
@@ -426,7 +346,7 @@ pub fn read_merged(
 
 /// The reader thread: poll, key, chunk, hand over; pause partitions far ahead.
 fn read_chunks(
-    consumer: &BaseConsumer<ReplayContext>,
+    consumer: &BaseConsumer<kafka::QuietEof>,
     range: &Range,
     shared: &BTreeMap<i32, Shared>,
     high_water: usize,

@@ -121,7 +121,18 @@ pub struct Core {
     pub assigned: Vec<i32>,
     pub lag: BTreeMap<i32, i64>,
     pub last_turn: Option<Instant>,
+    /// Reads a partition of the state changelog on assign (read_committed).
+    state_reader: BaseConsumer<kafka::QuietEof>,
+    /// Outcomes for segments not owned when they arrived (newest last, bounded): replayed
+    /// after a partition's state is restored, so acks that raced a rebalance or a restart
+    /// still land.
+    recent_outcomes: std::collections::VecDeque<RemediationOutcome>,
+    /// Outcome partitions still behind the end they had at startup (deadlines wait for them).
+    outcomes_backlog: BTreeMap<i32, i64>,
 }
+
+/// Outcomes kept for replay after a restore.
+const RECENT_OUTCOMES: usize = 100_000;
 
 /// Rebalance events for the loop to apply (the callback runs inside `poll`).
 #[derive(Debug)]
@@ -132,6 +143,7 @@ enum GroupEvent {
 
 struct GroupContext {
     topic: String,
+    clock: Arc<dyn Clock>,
     core: Arc<Mutex<Core>>,
     producer: Arc<ThreadedProducer<ProduceContext>>,
     events: Mutex<Vec<GroupEvent>>,
@@ -144,6 +156,11 @@ impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            // The controller state of the partitions leaving goes to the changelog first.
+            self.core
+                .lock()
+                .expect("core lock")
+                .write_state(self.clock.now_ms());
             // Everything produced so far must be acknowledged before its offsets commit.
             let flushed = self.producer.flush(self.revoke_timeout).is_ok()
                 && self.producer.context().take_errors() == 0;
@@ -328,6 +345,19 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         assigned: Vec::new(),
         lag: BTreeMap::new(),
         last_turn: None,
+        state_reader: kafka::client_config(
+            &config,
+            &[
+                ("group.id", &format!("{}-state", config.kafka.group_id)),
+                ("enable.auto.commit", "false"),
+                ("enable.partition.eof", "true"),
+                ("isolation.level", "read_committed"),
+            ],
+        )
+        .create_with_context(kafka::QuietEof)
+        .context("cannot create the state changelog reader")?,
+        recent_outcomes: std::collections::VecDeque::new(),
+        outcomes_backlog: BTreeMap::new(),
         config: config.clone(),
     }));
     if let Some(f) = on_core {
@@ -353,6 +383,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         .unwrap_or(45_000);
     let group_ctx = GroupContext {
         topic: t.telemetry.name.clone(),
+        clock: clock.clone(),
         core: core.clone(),
         producer: producer.clone(),
         events: Mutex::new(Vec::new()),
@@ -377,12 +408,24 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         .subscribe(&[&t.telemetry.name])
         .context("cannot subscribe to the telemetry topic")?;
 
-    let outcomes: BaseConsumer = side_consumer(
-        &config,
-        &t.outcomes.name,
-        partitions[t.outcomes.name.as_str()],
-        Offset::End,
-    )?;
+    let outcomes: BaseConsumer = {
+        let c = side_consumer_unassigned(&config, &t.outcomes.name)?;
+        let lookback = config.delivery.outcome_lookback.as_millis() as i64;
+        let found = kafka::offsets_from(&c, &t.outcomes.name, Some(clock.now_ms() - lookback))?;
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &found.start {
+            tpl.add_partition_offset(&t.outcomes.name, *p, Offset::Offset(*o))?;
+        }
+        c.assign(&tpl)
+            .context("cannot assign the partitions of the outcomes topic")?;
+        core.lock().expect("core lock").outcomes_backlog = found
+            .start
+            .iter()
+            .filter(|(p, o)| found.end[*p] > **o)
+            .map(|(p, _)| (*p, found.end[p]))
+            .collect();
+        c
+    };
     let controls: BaseConsumer = side_consumer(
         &config,
         &t.control.name,
@@ -430,7 +473,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             let mut core = core.lock().expect("core lock");
             let core = &mut *core;
             for ev in events {
-                core.apply_group_event(ev);
+                core.apply_group_event(ev, now);
             }
             for m in &batch {
                 core.on_telemetry(m, now);
@@ -439,7 +482,12 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             // (a consumer destroyed with messages alive waits for them forever).
             batch.clear();
             // Outcomes and operator intents.
-            for _ in 0..256 {
+            let outcome_batch = if core.outcomes_backlog.is_empty() {
+                256
+            } else {
+                8192
+            };
+            for _ in 0..outcome_batch {
                 match outcomes.poll(Duration::ZERO) {
                     Some(Ok(m)) => core.on_outcome(&m, now),
                     Some(Err(e)) => {
@@ -465,9 +513,13 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             core.judge(&mut closed, now);
             core.closed = closed;
             let mut fx = std::mem::take(&mut core.effects);
-            core.controller.tick(now, &mut fx);
+            // Deadlines wait until the outcomes backlog is read: an ack may be in it.
+            if core.outcomes_backlog.is_empty() {
+                core.controller.tick(now, &mut fx);
+            }
             core.emit(&mut fx, None);
             core.effects = fx;
+            core.write_state(now);
             core.refresh_offsets();
             core.last_turn = Some(Instant::now());
         }
@@ -520,6 +572,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         );
     }
     let deadline = config.delivery.shutdown_timeout;
+    core.lock().expect("core lock").write_state(clock.now_ms());
     commit_owned(&consumer, &core, &producer, CommitMode::Sync, deadline);
     publish(&core, &producer);
     admin.stop();
@@ -535,6 +588,18 @@ fn side_consumer(
     partitions: i32,
     start: Offset,
 ) -> anyhow::Result<BaseConsumer> {
+    let c = side_consumer_unassigned(config, topic)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, start)?;
+    }
+    c.assign(&tpl)
+        .with_context(|| format!("cannot assign the partitions of {topic}"))?;
+    Ok(c)
+}
+
+/// A group-less reader of every partition of a side topic (it never commits).
+fn side_consumer_unassigned(config: &Config, topic: &str) -> anyhow::Result<BaseConsumer> {
     let c: BaseConsumer = kafka::client_config(
         config,
         &[
@@ -545,12 +610,6 @@ fn side_consumer(
     )
     .create()
     .with_context(|| format!("cannot create a consumer for {topic}"))?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, start)?;
-    }
-    c.assign(&tpl)
-        .with_context(|| format!("cannot assign the partitions of {topic}"))?;
     Ok(c)
 }
 
@@ -660,7 +719,7 @@ fn publish(core: &Arc<Mutex<Core>>, producer: &ThreadedProducer<ProduceContext>)
 }
 
 impl Core {
-    fn apply_group_event(&mut self, ev: GroupEvent) {
+    fn apply_group_event(&mut self, ev: GroupEvent, now: i64) {
         self.counters.rebalances += 1;
         match ev {
             GroupEvent::Assigned(parts) => {
@@ -671,8 +730,10 @@ impl Core {
                     if !self.assigned.contains(&p) {
                         self.assigned.push(p);
                     }
+                    self.restore_partition(p);
                 }
                 self.assigned.sort_unstable();
+                self.replay_recent_outcomes(now);
             }
             GroupEvent::Revoked(parts) => {
                 tracing::info!(?parts, "partitions revoked");
@@ -843,6 +904,14 @@ impl Core {
     }
 
     fn on_outcome(&mut self, m: &BorrowedMessage<'_>, now: i64) {
+        if let Some(end) = self.outcomes_backlog.get(&m.partition()) {
+            if m.offset() + 1 >= *end {
+                self.outcomes_backlog.remove(&m.partition());
+                if self.outcomes_backlog.is_empty() {
+                    tracing::info!("outcomes backlog read");
+                }
+            }
+        }
         let entry = self
             .counters
             .consumed
@@ -862,6 +931,10 @@ impl Core {
             OutcomeDisposition::NotOurs => {
                 self.report.outcomes_skipped += 1;
                 self.counters.outcomes_skipped += 1;
+                if self.recent_outcomes.len() >= RECENT_OUTCOMES {
+                    self.recent_outcomes.pop_front();
+                }
+                self.recent_outcomes.push_back(o);
             }
             OutcomeDisposition::Unknown => self.counters.outcomes_unknown += 1,
             OutcomeDisposition::Duplicate => {}
@@ -893,6 +966,121 @@ impl Core {
                 Err(e) => tracing::warn!(id, error = %e, "ignoring an unreadable control record"),
             },
         }
+    }
+
+    /// Writes the controller state changed since the last call to the state changelog
+    /// (key: segment; partition: the telemetry partition; a tombstone once a segment is
+    /// quiet again).
+    fn write_state(&mut self, now: i64) {
+        let topic = self.config.topics.state.name.clone();
+        for change in self.controller.take_changes(now) {
+            let mut record: BaseRecord<'_, [u8], [u8], usize> =
+                BaseRecord::with_opaque_to(&topic, 0)
+                    .key(change.segment.as_bytes())
+                    .partition(change.partition);
+            if let Some(v) = change.state.as_deref() {
+                record = record.payload(v);
+            }
+            send_record(&self.producer, record);
+            self.counters.state_records += 1;
+        }
+    }
+
+    /// Restores partition `p`'s controller state from the changelog: the latest record per
+    /// segment, read (committed records only) up to the end the partition has now.
+    fn restore_partition(&mut self, p: i32) {
+        let started = Instant::now();
+        let topic = self.config.topics.state.name.clone();
+        let result = (|| -> anyhow::Result<usize> {
+            let timeout = Duration::from_secs(10);
+            let (low, high) = self
+                .state_reader
+                .fetch_watermarks(&topic, p, timeout)
+                .with_context(|| format!("cannot read the offsets of {topic}/{p}"))?;
+            if high <= low {
+                return Ok(0);
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, p, Offset::Offset(low))?;
+            self.state_reader.assign(&tpl)?;
+            let mut latest: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                match self.state_reader.poll(Duration::from_millis(200)) {
+                    Some(Ok(m)) => {
+                        if let Some(k) = m.key() {
+                            latest.insert(k.to_vec(), m.payload().map(<[u8]>::to_vec));
+                        }
+                        if m.offset() + 1 >= high {
+                            break;
+                        }
+                    }
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+                    Some(Err(e)) => tracing::warn!(error = %e, "state changelog reader"),
+                    None => {}
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "restoring {topic}/{p} took over 120 s"
+                );
+            }
+            self.state_reader.unassign()?;
+            let mut restored = 0;
+            for (key, value) in latest {
+                let Some(bytes) = value else { continue };
+                match crate::controller::SegmentState::from_bytes(&bytes) {
+                    Ok(state) if state.partition == p => {
+                        self.controller.restore(state).map_err(anyhow::Error::msg)?;
+                        restored += 1;
+                    }
+                    Ok(state) => tracing::warn!(
+                        segment = %state.segment,
+                        "state record of partition {} found in partition {p}; ignored",
+                        state.partition
+                    ),
+                    Err(e) => tracing::warn!(
+                        key = %String::from_utf8_lossy(&key),
+                        error = %e,
+                        "unreadable state record ignored"
+                    ),
+                }
+            }
+            Ok(restored)
+        })();
+        let secs = started.elapsed().as_secs_f64();
+        self.counters.restore_secs.push(secs);
+        match result {
+            Ok(n) => {
+                self.counters.state_restored += n as u64;
+                tracing::info!(
+                    partition = p,
+                    segments = n,
+                    secs,
+                    "controller state restored"
+                );
+            }
+            Err(e) => {
+                tracing::error!(partition = p, error = %e, "controller state not restored; the partition starts from windows alone");
+            }
+        }
+    }
+
+    /// Applies buffered outcomes whose segments are owned now.
+    fn replay_recent_outcomes(&mut self, now: i64) {
+        let pending = std::mem::take(&mut self.recent_outcomes);
+        let mut fx = std::mem::take(&mut self.effects);
+        for o in pending {
+            match self.controller.on_outcome(&o, now, &mut fx) {
+                OutcomeDisposition::NotOurs => self.recent_outcomes.push_back(o),
+                OutcomeDisposition::Applied => {
+                    self.report.outcomes_applied += 1;
+                    *self.counters.outcomes.entry(o.status.as_str()).or_default() += 1;
+                }
+                OutcomeDisposition::Unknown | OutcomeDisposition::Duplicate => {}
+            }
+        }
+        self.emit(&mut fx, None);
+        self.effects = fx;
     }
 
     fn refresh_offsets(&mut self) {
