@@ -129,6 +129,14 @@ pub struct Core {
     recent_outcomes: std::collections::VecDeque<RemediationOutcome>,
     /// Outcome partitions still behind the end they had at startup (deadlines wait for them).
     outcomes_backlog: BTreeMap<i32, i64>,
+    /// Exactly-once: one transaction per commit interval.
+    eos: bool,
+    /// Exactly-once: outcomes applied in the open transaction (replayed if it aborts).
+    txn_outcomes: Vec<RemediationOutcome>,
+    /// Exactly-once: a transaction aborted; the owned partitions must rewind.
+    needs_rewind: bool,
+    /// A fatal producer error (e.g. fenced by a newer instance): the loop stops with it.
+    fatal: Option<String>,
 }
 
 /// Outcomes kept for replay after a restore.
@@ -161,6 +169,21 @@ impl ConsumerContext for GroupContext {
                 .lock()
                 .expect("core lock")
                 .write_state(self.clock.now_ms());
+            if self.core.lock().expect("core lock").eos {
+                // The open transaction takes the leaving partitions' offsets with it.
+                commit_transaction(
+                    consumer,
+                    &self.topic,
+                    &self.core,
+                    &self.producer,
+                    self.revoke_timeout,
+                );
+                self.events
+                    .lock()
+                    .expect("events lock")
+                    .push(GroupEvent::Revoked(parts));
+                return;
+            }
             // Everything produced so far must be acknowledged before its offsets commit.
             let flushed = self.producer.flush(self.revoke_timeout).is_ok()
                 && self.producer.context().take_errors() == 0;
@@ -301,20 +324,40 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         "starting segloop"
     );
 
+    let eos = config.delivery.mode == crate::config::DeliveryMode::ExactlyOnce;
+    let txn_id = config
+        .delivery
+        .transactional_id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", config.kafka.group_id, config.kafka.client_id));
+    let mut producer_props = vec![
+        ("enable.idempotence", "true"),
+        ("acks", "all"),
+        ("partitioner", "murmur2_random"),
+        ("linger.ms", "5"),
+        ("queue.buffering.max.messages", "100000"),
+    ];
+    if eos {
+        producer_props.push(("transactional.id", txn_id.as_str()));
+    }
     let producer: Arc<ThreadedProducer<ProduceContext>> = Arc::new(
-        kafka::client_config(
-            &config,
-            &[
-                ("enable.idempotence", "true"),
-                ("acks", "all"),
-                ("partitioner", "murmur2_random"),
-                ("linger.ms", "5"),
-                ("queue.buffering.max.messages", "100000"),
-            ],
-        )
-        .create_with_context(ProduceContext::default())
-        .context("cannot create the Kafka producer")?,
+        kafka::client_config(&config, &producer_props)
+            .create_with_context(ProduceContext::default())
+            .context("cannot create the Kafka producer")?,
     );
+    if eos {
+        // Fences any earlier producer with this id (a crashed predecessor) and aborts its
+        // open transaction.
+        producer
+            .init_transactions(Duration::from_secs(30))
+            .with_context(|| {
+                format!("cannot initialise transactions (transactional.id {txn_id})")
+            })?;
+        producer
+            .begin_transaction()
+            .context("cannot begin a transaction")?;
+        tracing::info!(transactional_id = %txn_id, "exactly-once: transactions on");
+    }
 
     let t = &config.topics;
     let spec = WindowSpec::from_config(&config.windows);
@@ -358,6 +401,10 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         .context("cannot create the state changelog reader")?,
         recent_outcomes: std::collections::VecDeque::new(),
         outcomes_backlog: BTreeMap::new(),
+        eos,
+        txn_outcomes: Vec::new(),
+        needs_rewind: false,
+        fatal: None,
         config: config.clone(),
     }));
     if let Some(f) = on_core {
@@ -535,6 +582,17 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
                 commit_interval,
             );
         }
+        {
+            let mut c = core.lock().expect("core lock");
+            if let Some(e) = c.fatal.take() {
+                drop(c);
+                admin.stop();
+                anyhow::bail!("exactly-once: {e}");
+            }
+            if std::mem::take(&mut c.needs_rewind) {
+                c.rewind(&consumer, clock.now_ms());
+            }
+        }
         if last_lag.elapsed() >= Duration::from_secs(2) {
             last_lag = Instant::now();
             let lag = measure_lag(&consumer, &t.telemetry.name);
@@ -642,6 +700,11 @@ fn commit_owned(
     mode: CommitMode,
     flush_timeout: Duration,
 ) {
+    if core.lock().expect("core lock").eos {
+        let topic = consumer.context().topic.clone();
+        commit_transaction(consumer, &topic, core, producer, flush_timeout);
+        return;
+    }
     // Offsets are read before the flush: everything they cover was produced before it.
     let offsets: Vec<(i32, i64)> = {
         let core = core.lock().expect("core lock");
@@ -666,6 +729,75 @@ fn commit_owned(
             core.counters.commit_errors += 1;
             tracing::warn!(error = %e, "offset commit failed");
         }
+    }
+}
+
+/// Exactly-once: commits the open transaction with the committable offsets of every owned
+/// partition, then begins the next. When the commit fails the transaction is aborted and
+/// the owned partitions are marked for a rewind to the last committed state; a fatal error
+/// (fenced by a newer instance) is kept for the loop to stop with.
+fn commit_transaction<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    core: &Arc<Mutex<Core>>,
+    producer: &ThreadedProducer<ProduceContext>,
+    timeout: Duration,
+) {
+    let offsets: Vec<(i32, i64)> = {
+        let core = core.lock().expect("core lock");
+        if core.fatal.is_some() {
+            return;
+        }
+        core.pending_offsets.iter().map(|(p, o)| (*p, *o)).collect()
+    };
+    let attempt = || -> rdkafka::error::KafkaResult<()> {
+        if !offsets.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for (p, o) in &offsets {
+                tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
+            }
+            let cgm =
+                consumer
+                    .group_metadata()
+                    .ok_or(rdkafka::error::KafkaError::ConsumerCommit(
+                        rdkafka::types::RDKafkaErrorCode::State,
+                    ))?;
+            producer.send_offsets_to_transaction(&tpl, &cgm, timeout)?;
+        }
+        producer.commit_transaction(timeout)
+    };
+    let result = attempt();
+    let mut core = core.lock().expect("core lock");
+    match result {
+        Ok(()) => {
+            *core.counters.transactions.entry("committed").or_default() += 1;
+            core.txn_outcomes.clear();
+            if !offsets.is_empty() {
+                core.counters.commits += 1;
+                core.report.commits += 1;
+            }
+        }
+        Err(e) => {
+            let fatal = matches!(&e, rdkafka::error::KafkaError::Transaction(t) if t.is_fatal());
+            if fatal {
+                tracing::error!(error = %e, "exactly-once: fatal transaction error (fenced by a newer instance?)");
+                core.fatal = Some(e.to_string());
+                return;
+            }
+            tracing::warn!(error = %e, "exactly-once: commit failed; aborting and rewinding");
+            core.counters.commit_errors += 1;
+            *core.counters.transactions.entry("aborted").or_default() += 1;
+            if let Err(e) = producer.abort_transaction(timeout) {
+                tracing::error!(error = %e, "exactly-once: abort failed");
+                core.fatal = Some(e.to_string());
+                return;
+            }
+            core.needs_rewind = true;
+        }
+    }
+    if let Err(e) = producer.begin_transaction() {
+        tracing::error!(error = %e, "exactly-once: cannot begin a transaction");
+        core.fatal = Some(e.to_string());
     }
 }
 
@@ -927,6 +1059,9 @@ impl Core {
             OutcomeDisposition::Applied => {
                 self.report.outcomes_applied += 1;
                 *self.counters.outcomes.entry(o.status.as_str()).or_default() += 1;
+                if self.eos {
+                    self.txn_outcomes.push(o);
+                }
             }
             OutcomeDisposition::NotOurs => {
                 self.report.outcomes_skipped += 1;
@@ -1065,6 +1200,44 @@ impl Core {
         }
     }
 
+    /// Exactly-once, after an aborted transaction: every owned partition goes back to its
+    /// last committed state (committed offset, changelog), and the outcomes the aborted
+    /// transaction had applied are applied again.
+    fn rewind(&mut self, consumer: &BaseConsumer<GroupContext>, now: i64) {
+        let topic = self.config.topics.telemetry.name.clone();
+        let parts = self.assigned.clone();
+        let committed = consumer
+            .committed(Duration::from_secs(10))
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| (e.partition(), e.offset()))
+                    .collect::<BTreeMap<_, _>>()
+            })
+            .unwrap_or_default();
+        for p in &parts {
+            self.engine.revoke(*p);
+            self.controller.revoke(*p);
+            self.pending_offsets.remove(p);
+            self.engine.assign(*p);
+            self.controller.assign(*p);
+            let to = match committed.get(p) {
+                Some(Offset::Offset(o)) => Offset::Offset(*o),
+                _ => Offset::Beginning,
+            };
+            if let Err(e) = consumer.seek(&topic, *p, to, Duration::from_secs(10)) {
+                tracing::error!(partition = p, error = %e, "rewind: seek failed");
+                self.fatal = Some(format!("rewind of partition {p} failed: {e}"));
+                return;
+            }
+            self.restore_partition(*p);
+        }
+        let applied = std::mem::take(&mut self.txn_outcomes);
+        self.recent_outcomes.extend(applied);
+        self.replay_recent_outcomes(now);
+        tracing::info!(?parts, "rewound to the last committed state");
+    }
+
     /// Applies buffered outcomes whose segments are owned now.
     fn replay_recent_outcomes(&mut self, now: i64) {
         let pending = std::mem::take(&mut self.recent_outcomes);
@@ -1075,6 +1248,9 @@ impl Core {
                 OutcomeDisposition::Applied => {
                     self.report.outcomes_applied += 1;
                     *self.counters.outcomes.entry(o.status.as_str()).or_default() += 1;
+                    if self.eos {
+                        self.txn_outcomes.push(o);
+                    }
                 }
                 OutcomeDisposition::Unknown | OutcomeDisposition::Duplicate => {}
             }
