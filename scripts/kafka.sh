@@ -3,6 +3,7 @@
 #
 #   scripts/kafka.sh start    fetch the jars with Maven (once), format storage, start, wait
 #   scripts/kafka.sh status   print the bootstrap address; exit 1 when not running
+#   scripts/kafka.sh restart  stop the broker and start it again on the same port and storage
 #   scripts/kafka.sh stop     stop it and remove its storage
 #
 # State lives in $SEGLOOP_KAFKA_DIR (default: /tmp/segloop-kafka): `bootstrap` holds the
@@ -69,21 +70,48 @@ PROPS
   local t0=$SECONDS
   java -cp "$cp" kafka.tools.StorageTool format -t "$(java -cp "$cp" kafka.tools.StorageTool random-uuid)" \
     -c "$dir/server.properties" >"$log" 2>&1 || fail "formatting KRaft storage failed"
+  launch "$port"
+  echo "127.0.0.1:$port" >"$dir/bootstrap"
+  echo "kafka 4.1.0 started at 127.0.0.1:$port in $((SECONDS - t0)) s (log: $log)"
+}
+
+# Starts the broker of $dir/server.properties and waits until it serves on port $1.
+launch() {
+  local port=$1 started
+  started=$(grep -c "Kafka Server started" "$log" 2>/dev/null || true)
   nohup java -Xms256m -Xmx768m -Dlog4j2.configurationFile="$here/kafka/log4j2.properties" \
-    -cp "$cp" kafka.Kafka "$dir/server.properties" >>"$log" 2>&1 &
+    -cp "$libs/*" kafka.Kafka "$dir/server.properties" >>"$log" 2>&1 &
   echo $! >"$dir/broker.pid"
-  # Ready = the broker logged its start and the port accepts connections.
+  # Ready = the broker logged a (new) start and the port accepts connections.
   for _ in $(seq 1 240); do
     running || fail "the broker exited during startup"
-    if grep -q "Kafka Server started" "$log" 2>/dev/null \
+    if [ "$(grep -c "Kafka Server started" "$log" 2>/dev/null || true)" -gt "${started:-0}" ] \
       && python3 -c "import socket,sys; s=socket.socket(); s.settimeout(1); s.connect(('127.0.0.1', $port))" 2>/dev/null; then
-      echo "127.0.0.1:$port" >"$dir/bootstrap"
-      echo "kafka 4.1.0 started at 127.0.0.1:$port in $((SECONDS - t0)) s (log: $log)"
       return 0
     fi
     sleep 0.5
   done
   fail "the broker did not become ready within 120 s"
+}
+
+halt() {
+  local pid
+  pid=$(cat "$dir/broker.pid")
+  kill "$pid"
+  for _ in $(seq 1 60); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.5
+  done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
+restart() {
+  running || fail "kafka is not running"
+  local port t0=$SECONDS
+  port=$(cut -d: -f2 <"$dir/bootstrap")
+  halt
+  launch "$port"
+  echo "kafka restarted at 127.0.0.1:$port in $((SECONDS - t0)) s"
 }
 
 status() {
@@ -97,14 +125,7 @@ status() {
 
 stop() {
   if running; then
-    local pid
-    pid=$(cat "$dir/broker.pid")
-    kill "$pid"
-    for _ in $(seq 1 60); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.5
-    done
-    kill -9 "$pid" 2>/dev/null || true
+    halt
     echo "kafka stopped"
   else
     echo "kafka was not running"
@@ -114,7 +135,8 @@ stop() {
 
 case "${1:-}" in
   start) start ;;
+  restart) restart ;;
   status) status ;;
   stop) stop ;;
-  *) echo "usage: $0 start|status|stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start|restart|status|stop" >&2; exit 2 ;;
 esac

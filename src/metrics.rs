@@ -39,6 +39,7 @@ pub const REBALANCES: &str = "segloop_rebalances_total";
 pub const COMMITS: &str = "segloop_commits_total";
 pub const COMMIT_ERRORS: &str = "segloop_commit_errors_total";
 pub const PRODUCE_ERRORS: &str = "segloop_produce_errors_total";
+pub const WINDOWED_EVENTS: &str = "segloop_windowed_events_total";
 pub const STATE_RECORDS: &str = "segloop_state_records_total";
 pub const STATE_RESTORED: &str = "segloop_state_restored_segments_total";
 pub const STATE_RESTORE_SECONDS: &str = "segloop_state_restore_seconds";
@@ -73,6 +74,7 @@ pub const ALL: &[&str] = &[
     COMMITS,
     COMMIT_ERRORS,
     PRODUCE_ERRORS,
+    WINDOWED_EVENTS,
     STATE_RECORDS,
     STATE_RESTORED,
     STATE_RESTORE_SECONDS,
@@ -245,6 +247,11 @@ fn describe_all() {
         "Records the producer could not deliver"
     );
     describe_counter!(
+        WINDOWED_EVENTS,
+        Unit::Count,
+        "Events in the windows judged (exactly-once: in committed transactions)"
+    );
+    describe_counter!(
         STATE_RECORDS,
         Unit::Count,
         "Controller state records written to the state changelog (tombstones included)"
@@ -279,6 +286,7 @@ fn describe_all() {
         COMMITS,
         COMMIT_ERRORS,
         PRODUCE_ERRORS,
+        WINDOWED_EVENTS,
         STATE_RECORDS,
         STATE_RESTORED,
     ] {
@@ -317,6 +325,7 @@ pub struct Counters {
     pub rebalances: u64,
     pub commits: u64,
     pub commit_errors: u64,
+    pub windowed: u64,
     pub state_records: u64,
     pub state_restored: u64,
     pub restore_secs: Vec<f64>,
@@ -364,6 +373,7 @@ pub fn publish(c: &mut Counters, gauges: &Gauges) {
     counter!(REBALANCES).increment(std::mem::take(&mut c.rebalances));
     counter!(COMMITS).increment(std::mem::take(&mut c.commits));
     counter!(COMMIT_ERRORS).increment(std::mem::take(&mut c.commit_errors));
+    counter!(WINDOWED_EVENTS).increment(std::mem::take(&mut c.windowed));
     counter!(STATE_RECORDS).increment(std::mem::take(&mut c.state_records));
     counter!(STATE_RESTORED).increment(std::mem::take(&mut c.state_restored));
     for s in c.restore_secs.drain(..) {

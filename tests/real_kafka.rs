@@ -15,19 +15,6 @@ use segloop::codec::{build_codec, CodecKind};
 use segloop::model::{OutcomeStatus, TelemetryEvent};
 use segloop::runtime::{Clock, SystemClock};
 
-/// The broker address: `SEGLOOP_KAFKA_BOOTSTRAP`, or the file `scripts/kafka.sh` writes.
-fn bootstrap() -> String {
-    if let Ok(b) = std::env::var("SEGLOOP_KAFKA_BOOTSTRAP") {
-        return b;
-    }
-    let dir = std::env::var("SEGLOOP_KAFKA_DIR").unwrap_or_else(|_| "/tmp/segloop-kafka".into());
-    std::fs::read_to_string(format!("{dir}/bootstrap"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| {
-            panic!("no Kafka broker: run scripts/kafka.sh start (or set SEGLOOP_KAFKA_BOOTSTRAP)")
-        })
-}
-
 /// Unique topic names (the broker is shared by the suite) created by segloop itself.
 fn topics(test: &str) -> Vec<String> {
     let tag = format!("{test}-{}-{}", std::process::id(), SystemClock.now_ms());
@@ -48,7 +35,7 @@ fn topics(test: &str) -> Vec<String> {
 
 #[test]
 fn the_loop_closes_on_real_kafka() {
-    let bs = bootstrap();
+    let bs = broker_bootstrap();
     let cfg = config_with(
         &bs,
         &format!("g-loop-{}", std::process::id()),
@@ -109,7 +96,7 @@ fn the_loop_closes_on_real_kafka() {
 
 #[test]
 fn undecodable_records_reach_the_dlq_on_real_kafka() {
-    let bs = bootstrap();
+    let bs = broker_bootstrap();
     let cfg = config_with(
         &bs,
         &format!("g-dlq-{}", std::process::id()),
@@ -146,7 +133,7 @@ fn undecodable_records_reach_the_dlq_on_real_kafka() {
 
 #[test]
 fn two_instances_split_partitions_and_the_survivor_takes_over() {
-    let bs = bootstrap();
+    let bs = broker_bootstrap();
     let group = format!("g-two-{}", std::process::id());
     let sets = topics("two");
     let a_cfg = config_with(&bs, &group, &sets);
@@ -200,7 +187,7 @@ fn two_instances_split_partitions_and_the_survivor_takes_over() {
 
 #[test]
 fn java_producers_land_keys_where_segloop_expects_them() {
-    let bs = bootstrap();
+    let bs = broker_bootstrap();
     let cfg = config_with(
         &bs,
         &format!("g-java-{}", std::process::id()),
@@ -280,69 +267,14 @@ fn java_producers_land_keys_where_segloop_expects_them() {
     inst.stop();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET /readyz` of a process: its assigned partitions.
-fn assigned_of(port: u16) -> Vec<i64> {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return Vec::new();
-    };
-    use std::io::Read;
-    let _ = write!(
-        s,
-        "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    );
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("{}");
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["assigned"].as_array().cloned())
-        .map(|a| a.iter().filter_map(|x| x.as_i64()).collect())
-        .unwrap_or_default()
-}
-
 #[test]
 fn two_segloop_processes_split_and_sigterm_hands_over_gracefully() {
-    let bs = bootstrap();
+    let bs = broker_bootstrap();
     let dir = tempfile::tempdir().unwrap();
     let tag = format!("proc-{}-{}", std::process::id(), SystemClock.now_ms());
     let policies = dir.path().join("policies.toml");
     std::fs::write(&policies, POLICIES).unwrap();
-    let config_file = |port: u16| {
-        let path = dir.path().join(format!("segloop-{port}.toml"));
-        let topics: String = [
-            "telemetry",
-            "actions",
-            "outcomes",
-            "dlq",
-            "decisions",
-            "control",
-            "state",
-        ]
-        .iter()
-        .map(|t| format!("[topics.{t}]\nname = \"rk.{tag}.{t}\"\n"))
-        .collect();
-        std::fs::write(
-            &path,
-            format!(
-                "policies = \"policies.toml\"\n[kafka]\nbootstrap_servers = \"{bs}\"\ngroup_id = \"g-{tag}\"\n\
-                 create_topics = true\npartitions = 2\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
-                 \"heartbeat.interval.ms\" = \"500\"\n[windows]\nsize = \"1s\"\nout_of_orderness = \"100ms\"\n\
-                 idle_timeout = \"1s\"\nmax_clock_skew = \"10s\"\nsegment_ttl = \"30s\"\n\
-                 [delivery]\ncommit_interval = \"200ms\"\nshutdown_timeout = \"5s\"\n\
-                 [admin]\nlisten = \"127.0.0.1:{port}\"\n[logging]\nlevel = \"warn\"\n{topics}"
-            ),
-        )
-        .unwrap();
-        path
-    };
+    let config_file = |port: u16| process_config(dir.path(), &bs, &tag, port, "");
     let spawn = |port: u16| {
         Command::new(env!("CARGO_BIN_EXE_segloop"))
             .args(["run", "--config"])
@@ -423,7 +355,7 @@ fn two_segloop_processes_split_and_sigterm_hands_over_gracefully() {
 #[test]
 fn backtest_replays_real_kafka_deterministically() {
     use segloop::backtest::{self, Invocation, Options};
-    let bs = bootstrap();
+    let bs = broker_bootstrap();
     let env = std::collections::HashMap::new();
     let mut overrides = topics("backtest");
     overrides.push(format!("kafka.bootstrap_servers={bs}"));

@@ -79,6 +79,8 @@ pub struct RunReport {
     pub records_consumed: u64,
     pub records_aggregated: u64,
     pub records_dlq: u64,
+    /// Events in the windows this run judged (exactly-once: committed transactions only).
+    pub records_windowed: u64,
     pub commands: u64,
     pub decisions: u64,
     pub outcomes_applied: u64,
@@ -137,6 +139,26 @@ pub struct Core {
     needs_rewind: bool,
     /// A fatal producer error (e.g. fenced by a newer instance): the loop stops with it.
     fatal: Option<String>,
+    /// Per partition: the end of the last window judged (windows close in end order, so every
+    /// window ending at or before it was judged).
+    closed_through: BTreeMap<i32, i64>,
+    /// Per partition: the `closed_through` last written to the changelog.
+    closed_written: BTreeMap<i32, i64>,
+    /// Per partition, after a restore: windows ending at or before this were judged before
+    /// the restart; re-read, they are rebuilt but not judged again.
+    replay_until: BTreeMap<i32, i64>,
+    /// Exactly-once: events of windows judged in the open transaction.
+    txn_windowed: u64,
+}
+
+/// The changelog key of a partition's own record (`closed_through`); segment ids are never
+/// empty, so it cannot collide with one.
+const PARTITION_KEY: &[u8] = b"";
+
+/// The partition record of the changelog.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct PartitionRecord {
+    closed_through_ms: i64,
 }
 
 /// Outcomes kept for replay after a restore.
@@ -405,6 +427,10 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         txn_outcomes: Vec::new(),
         needs_rewind: false,
         fatal: None,
+        closed_through: BTreeMap::new(),
+        closed_written: BTreeMap::new(),
+        replay_until: BTreeMap::new(),
+        txn_windowed: 0,
         config: config.clone(),
     }));
     if let Some(f) = on_core {
@@ -772,6 +798,9 @@ fn commit_transaction<C: ConsumerContext>(
         Ok(()) => {
             *core.counters.transactions.entry("committed").or_default() += 1;
             core.txn_outcomes.clear();
+            let n = std::mem::take(&mut core.txn_windowed);
+            core.report.records_windowed += n;
+            core.counters.windowed += n;
             if !offsets.is_empty() {
                 core.counters.commits += 1;
                 core.report.commits += 1;
@@ -874,6 +903,7 @@ impl Core {
                     self.controller.revoke(p);
                     self.pending_offsets.remove(&p);
                     self.assigned.retain(|x| *x != p);
+                    self.forget_partition(p);
                 }
             }
         }
@@ -936,8 +966,23 @@ impl Core {
         let mut fx = std::mem::take(&mut self.effects);
         let empty = BTreeMap::new();
         for w in closed.drain(..) {
+            if self
+                .replay_until
+                .get(&w.partition)
+                .is_some_and(|u| w.end_ms <= *u)
+            {
+                continue;
+            }
             let labels = self.labels.get(&*w.segment).unwrap_or(&empty);
             self.controller.on_window(&w, labels, now, &mut fx);
+            let through = self.closed_through.entry(w.partition).or_insert(i64::MIN);
+            *through = (*through).max(w.end_ms);
+            if self.eos {
+                self.txn_windowed += w.count;
+            } else {
+                self.report.records_windowed += w.count;
+                self.counters.windowed += w.count;
+            }
         }
         self.emit(&mut fx, Some(closed_at));
         self.effects = fx;
@@ -1119,6 +1164,27 @@ impl Core {
             send_record(&self.producer, record);
             self.counters.state_records += 1;
         }
+        for p in self.assigned.clone() {
+            let Some(&through) = self.closed_through.get(&p) else {
+                continue;
+            };
+            if self.closed_written.get(&p).is_some_and(|w| *w >= through) {
+                continue;
+            }
+            let value = serde_json::to_vec(&PartitionRecord {
+                closed_through_ms: through,
+            })
+            .expect("a partition record serializes");
+            send_record(
+                &self.producer,
+                BaseRecord::with_opaque_to(&topic, 0)
+                    .key(PARTITION_KEY)
+                    .payload(value.as_slice())
+                    .partition(p),
+            );
+            self.closed_written.insert(p, through);
+            self.counters.state_records += 1;
+        }
     }
 
     /// Restores partition `p`'s controller state from the changelog: the latest record per
@@ -1163,6 +1229,17 @@ impl Core {
             let mut restored = 0;
             for (key, value) in latest {
                 let Some(bytes) = value else { continue };
+                if key == PARTITION_KEY {
+                    match serde_json::from_slice::<PartitionRecord>(&bytes) {
+                        Ok(r) => {
+                            self.replay_until.insert(p, r.closed_through_ms);
+                            self.closed_through.insert(p, r.closed_through_ms);
+                            self.closed_written.insert(p, r.closed_through_ms);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "unreadable partition record ignored"),
+                    }
+                    continue;
+                }
                 match crate::controller::SegmentState::from_bytes(&bytes) {
                     Ok(state) if state.partition == p => {
                         self.controller.restore(state).map_err(anyhow::Error::msg)?;
@@ -1215,10 +1292,12 @@ impl Core {
                     .collect::<BTreeMap<_, _>>()
             })
             .unwrap_or_default();
+        self.txn_windowed = 0;
         for p in &parts {
             self.engine.revoke(*p);
             self.controller.revoke(*p);
             self.pending_offsets.remove(p);
+            self.forget_partition(*p);
             self.engine.assign(*p);
             self.controller.assign(*p);
             let to = match committed.get(p) {
@@ -1236,6 +1315,12 @@ impl Core {
         self.recent_outcomes.extend(applied);
         self.replay_recent_outcomes(now);
         tracing::info!(?parts, "rewound to the last committed state");
+    }
+
+    fn forget_partition(&mut self, p: i32) {
+        self.closed_through.remove(&p);
+        self.closed_written.remove(&p);
+        self.replay_until.remove(&p);
     }
 
     /// Applies buffered outcomes whose segments are owned now.

@@ -265,3 +265,83 @@ pub fn decode_decision(bytes: &[u8]) -> DecisionRecord {
         .decode(bytes)
         .unwrap()
 }
+
+/// The real broker's address: `SEGLOOP_KAFKA_BOOTSTRAP`, or the file `scripts/kafka.sh`
+/// writes (in `$SEGLOOP_KAFKA_DIR`, default `/tmp/segloop-kafka`).
+pub fn broker_bootstrap() -> String {
+    if let Ok(b) = std::env::var("SEGLOOP_KAFKA_BOOTSTRAP") {
+        return b;
+    }
+    let dir = std::env::var("SEGLOOP_KAFKA_DIR").unwrap_or_else(|_| "/tmp/segloop-kafka".into());
+    std::fs::read_to_string(format!("{dir}/bootstrap"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| {
+            panic!("no Kafka broker: run scripts/kafka.sh start (or set SEGLOOP_KAFKA_BOOTSTRAP)")
+        })
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /readyz` of a process: its assigned partitions.
+pub fn assigned_of(port: u16) -> Vec<i64> {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return Vec::new();
+    };
+    let _ = write!(
+        s,
+        "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("{}");
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["assigned"].as_array().cloned())
+        .map(|a| a.iter().filter_map(|x| x.as_i64()).collect())
+        .unwrap_or_default()
+}
+
+/// A `segloop run` config file for a process on a real broker: topics `rk.<tag>.*` created
+/// by segloop (2 partitions), 1 s windows, the test policies (written next to it), admin on
+/// `port`; `extra` is appended (e.g. a `[delivery]` table).
+pub fn process_config(
+    dir: &std::path::Path,
+    bs: &str,
+    tag: &str,
+    port: u16,
+    delivery: &str,
+) -> std::path::PathBuf {
+    std::fs::write(dir.join("policies.toml"), POLICIES).unwrap();
+    let path = dir.join(format!("segloop-{port}.toml"));
+    let topics: String = [
+        "telemetry",
+        "actions",
+        "outcomes",
+        "dlq",
+        "decisions",
+        "control",
+        "state",
+    ]
+    .iter()
+    .map(|t| format!("[topics.{t}]\nname = \"rk.{tag}.{t}\"\n"))
+    .collect();
+    std::fs::write(
+        &path,
+        format!(
+            "policies = \"policies.toml\"\n[kafka]\nbootstrap_servers = \"{bs}\"\ngroup_id = \"g-{tag}\"\n\
+             client_id = \"segloop-{port}\"\ncreate_topics = true\npartitions = 2\n[kafka.properties]\n\
+             \"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n[windows]\nsize = \"1s\"\n\
+             out_of_orderness = \"100ms\"\nidle_timeout = \"1s\"\nmax_clock_skew = \"10s\"\nsegment_ttl = \"30s\"\n\
+             [delivery]\ncommit_interval = \"200ms\"\nshutdown_timeout = \"5s\"\n{delivery}\n\
+             [admin]\nlisten = \"127.0.0.1:{port}\"\n[logging]\nlevel = \"warn\"\n{topics}"
+        ),
+    )
+    .unwrap();
+    path
+}

@@ -1,0 +1,345 @@
+//! Fault tests on a real Apache Kafka broker (`scripts/kafka.sh start`): kill -9 mid-incident
+//! in both delivery modes, acknowledgements that arrive while the owner is down, a rebalance
+//! that moves an in-flight command, and a broker restart mid-stream with record accounting.
+//! Enabled by `--features kafka-broker-tests`; without a broker these tests fail, never skip.
+#![cfg(feature = "kafka-broker-tests")]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::message::Message;
+use rdkafka::producer::Producer;
+use segloop::model::{OutcomeStatus, RemediationCommand};
+use segloop::runtime::{Clock, SystemClock};
+
+fn spawn(config: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_segloop"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_assigned(port: u16, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while assigned_of(port).len() != n {
+        assert!(
+            Instant::now() < deadline,
+            "the process on {port} never owned {n} partition(s)"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+}
+
+fn tag(test: &str) -> String {
+    format!("{test}-{}-{}", std::process::id(), SystemClock.now_ms())
+}
+
+/// Every record of a topic (committed records only), read until 2 s pass without one.
+fn read_all<T>(bs: &str, topic: &str, mut decode: impl FnMut(&[u8]) -> Option<T>) -> Vec<T> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bs)
+        .set("group.id", "read-all")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..2 {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < Duration::from_secs(2) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            last = Instant::now();
+            if let Some(t) = m.payload().and_then(&mut decode) {
+                out.push(t);
+            }
+        }
+    }
+    out
+}
+
+/// Feeds `seg` (error rate `error`) every 50 ms until a record of `topic` satisfies `f`.
+fn feed_until<T>(
+    bs: &str,
+    tag: &str,
+    topic: &str,
+    seg: &str,
+    error: f64,
+    f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Option<T>,
+) -> Option<T> {
+    let p = producer(bs);
+    let reader = Reader::new(bs, &format!("rk.{tag}.{topic}"), 2);
+    reader.until(
+        Duration::from_secs(90),
+        || {
+            telemetry(
+                &p,
+                &format!("rk.{tag}.telemetry"),
+                seg,
+                SystemClock.now_ms(),
+                error,
+            );
+            p.flush(Duration::from_secs(5)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        },
+        f,
+    )
+}
+
+fn command_for(
+    seg: &str,
+) -> impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Option<RemediationCommand> + '_ {
+    move |m| Some(decode_command(m.payload()?)).filter(|c| c.segment == seg)
+}
+
+fn resolved_for(
+    seg: &str,
+) -> impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Option<Option<String>> + '_ {
+    move |m| {
+        let d = decode_decision(m.payload()?);
+        (d.segment == seg && d.to_state == "resolved").then_some(d.command_id)
+    }
+}
+
+/// kill -9 mid-incident, the acknowledgement written while the process is down, restart:
+/// the restored state holds the in-flight command, the ack is applied, the fix verified.
+fn kill9_mid_incident(mode: &str) {
+    let bs = broker_bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tag = tag(&format!("kill9-{mode}"));
+    let port = free_port();
+    let cfg = process_config(
+        dir.path(),
+        &bs,
+        &tag,
+        port,
+        &format!("mode = \"{mode}\"\ntransactional_id = \"tx-{tag}\""),
+    );
+    let mut a = spawn(&cfg);
+    wait_assigned(port, 2);
+    let seg = "crash/seg-1";
+    let cmd = feed_until(&bs, &tag, "actions", seg, 1.0, command_for(seg))
+        .expect("a command for the failing segment");
+    assert_eq!(cmd.attempt, 1);
+    // Long enough for its state and offsets to be committed (commit interval 200 ms).
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(&a, "-KILL");
+    a.wait().unwrap();
+
+    // The actuator acknowledges while nobody owns the segment.
+    let p = producer(&bs);
+    outcome(
+        &p,
+        &format!("rk.{tag}.outcomes"),
+        &cmd,
+        OutcomeStatus::Applied,
+        None,
+    );
+
+    let mut b = spawn(&cfg);
+    wait_assigned(port, 2);
+    let resolved = feed_until(&bs, &tag, "decisions", seg, 0.0, resolved_for(seg))
+        .expect("the incident resolves after the restart");
+    assert_eq!(resolved.as_deref(), Some(cmd.command_id.as_str()));
+
+    let commands: Vec<RemediationCommand> = read_all(&bs, &format!("rk.{tag}.actions"), |b| {
+        Some(decode_command(b))
+    })
+    .into_iter()
+    .filter(|c| c.segment == seg)
+    .collect();
+    // No retry: the restored loop knew its command and took the ack from the downtime.
+    assert!(
+        commands.iter().all(|c| c.command_id == cmd.command_id),
+        "{commands:?}"
+    );
+    if mode == "exactly-once" {
+        assert_eq!(
+            commands.len(),
+            1,
+            "duplicates under exactly-once: {commands:?}"
+        );
+    }
+    signal(&b, "-TERM");
+    assert!(b.wait().unwrap().success());
+}
+
+#[test]
+fn kill9_mid_incident_at_least_once_restores_and_resolves() {
+    kill9_mid_incident("at-least-once");
+}
+
+#[test]
+fn kill9_mid_incident_exactly_once_restores_without_duplicates() {
+    kill9_mid_incident("exactly-once");
+}
+
+#[test]
+fn rebalance_moves_an_in_flight_command_and_the_new_owner_closes_the_loop() {
+    let bs = broker_bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tag = tag("moved");
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = spawn(&process_config(dir.path(), &bs, &tag, port_a, ""));
+    wait_assigned(port_a, 2);
+    let mut b = spawn(&process_config(dir.path(), &bs, &tag, port_b, ""));
+    wait_assigned(port_b, 1);
+    wait_assigned(port_a, 1);
+    let pa = assigned_of(port_a)[0] as i32;
+    let seg = (0..100)
+        .map(|i| format!("moved/seg-{i}"))
+        .find(|s| segloop::kafka::murmur2_partition(s.as_bytes(), 2) == pa)
+        .unwrap();
+    let cmd = feed_until(&bs, &tag, "actions", &seg, 1.0, command_for(&seg))
+        .expect("A commands its segment");
+    // A leaves (its partition moves to B with the command in flight).
+    signal(&a, "-TERM");
+    assert!(a.wait().unwrap().success());
+    wait_assigned(port_b, 2);
+    let p = producer(&bs);
+    outcome(
+        &p,
+        &format!("rk.{tag}.outcomes"),
+        &cmd,
+        OutcomeStatus::Applied,
+        None,
+    );
+    let resolved = feed_until(&bs, &tag, "decisions", &seg, 0.0, resolved_for(&seg))
+        .expect("B closes the loop A opened");
+    assert_eq!(resolved.as_deref(), Some(cmd.command_id.as_str()));
+    let retries = read_all(&bs, &format!("rk.{tag}.actions"), |b| {
+        Some(decode_command(b))
+    })
+    .into_iter()
+    .filter(|c| c.segment == seg && c.command_id != cmd.command_id)
+    .count();
+    assert_eq!(retries, 0, "B re-issued or retried the moved command");
+    signal(&b, "-TERM");
+    assert!(b.wait().unwrap().success());
+}
+
+/// `GET /metrics` of a process: the value of an unlabelled counter.
+fn metric(port: u16, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// A broker of its own, restarted while telemetry flows: segloop (exactly-once) reconnects,
+/// and every record produced is counted once, in a judged window or in the DLQ.
+#[test]
+fn broker_restart_mid_stream_loses_nothing_and_counts_every_record_once() {
+    let kdir = format!("/tmp/segloop-kafka-restart-{}", std::process::id());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka.sh");
+    let kafka = |cmd: &str| {
+        let out = Command::new(script)
+            .arg(cmd)
+            .env("SEGLOOP_KAFKA_DIR", &kdir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kafka.sh {cmd}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    kafka("start");
+    struct Stop<'a>(&'a dyn Fn(&str));
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            (self.0)("stop");
+        }
+    }
+    let _stop = Stop(&kafka);
+    let bs = std::fs::read_to_string(format!("{kdir}/bootstrap"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let tag = tag("restart");
+    let port = free_port();
+    let cfg = process_config(
+        dir.path(),
+        &bs,
+        &tag,
+        port,
+        &format!("mode = \"exactly-once\"\ntransactional_id = \"tx-{tag}\""),
+    );
+    let mut seg_proc = spawn(&cfg);
+    wait_assigned(port, 2);
+
+    // 30 segments, 10 events/s each for 16 s; the broker restarts 5 s in.
+    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .set("partitioner", "murmur2_random")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "120000")
+        .create()
+        .unwrap();
+    let topic = format!("rk.{tag}.telemetry");
+    let started = Instant::now();
+    let mut restarted = false;
+    let mut produced = 0u64;
+    while started.elapsed() < Duration::from_secs(16) {
+        if !restarted && started.elapsed() > Duration::from_secs(5) {
+            restarted = true;
+            kafka("restart");
+        }
+        let now = SystemClock.now_ms();
+        for i in 0..30 {
+            telemetry(&producer, &topic, &format!("rs/seg-{i}"), now, 0.0);
+            produced += 1;
+        }
+        producer.poll(Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+    assert!(restarted);
+
+    // Every record ends in a judged window or the DLQ, exactly once.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut windowed, mut dlq) = (0.0, 0usize);
+    while Instant::now() < deadline {
+        windowed = metric(port, "segloop_windowed_events_total").unwrap_or(0.0);
+        dlq = read_all(&bs, &format!("rk.{tag}.dlq"), |_| Some(())).len();
+        if windowed as u64 + dlq as u64 >= produced {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        windowed as u64 + dlq as u64,
+        produced,
+        "windowed {windowed} + dlq {dlq} != produced {produced}"
+    );
+    signal(&seg_proc, "-TERM");
+    assert!(seg_proc.wait().unwrap().success());
+}
