@@ -776,6 +776,9 @@ fn commit_transaction<C: ConsumerContext>(
         }
         core.pending_offsets.iter().map(|(p, o)| (*p, *o)).collect()
     };
+    // Broker outages surface as retriable errors ("retry call to resume"): keep calling
+    // until the transaction timeout would expire.
+    let deadline = Instant::now() + TXN_RETRY_FOR;
     let attempt = || -> rdkafka::error::KafkaResult<()> {
         if !offsets.is_empty() {
             let mut tpl = TopicPartitionList::new();
@@ -788,9 +791,11 @@ fn commit_transaction<C: ConsumerContext>(
                     .ok_or(rdkafka::error::KafkaError::ConsumerCommit(
                         rdkafka::types::RDKafkaErrorCode::State,
                     ))?;
-            producer.send_offsets_to_transaction(&tpl, &cgm, timeout)?;
+            txn_retry(deadline, || {
+                producer.send_offsets_to_transaction(&tpl, &cgm, timeout)
+            })?;
         }
-        producer.commit_transaction(timeout)
+        txn_retry(deadline, || producer.commit_transaction(timeout))
     };
     let result = attempt();
     let mut core = core.lock().expect("core lock");
@@ -816,7 +821,7 @@ fn commit_transaction<C: ConsumerContext>(
             tracing::warn!(error = %e, "exactly-once: commit failed; aborting and rewinding");
             core.counters.commit_errors += 1;
             *core.counters.transactions.entry("aborted").or_default() += 1;
-            if let Err(e) = producer.abort_transaction(timeout) {
+            if let Err(e) = txn_retry(deadline, || producer.abort_transaction(timeout)) {
                 tracing::error!(error = %e, "exactly-once: abort failed");
                 core.fatal = Some(e.to_string());
                 return;
@@ -827,6 +832,28 @@ fn commit_transaction<C: ConsumerContext>(
     if let Err(e) = producer.begin_transaction() {
         tracing::error!(error = %e, "exactly-once: cannot begin a transaction");
         core.fatal = Some(e.to_string());
+    }
+}
+
+/// How long transactional calls are retried through a broker outage (below the default
+/// `transaction.timeout.ms` of 60 s).
+const TXN_RETRY_FOR: Duration = Duration::from_secs(45);
+
+/// Calls `f` again while it fails with a retriable transaction error, until `deadline`.
+fn txn_retry(
+    deadline: Instant,
+    mut f: impl FnMut() -> rdkafka::error::KafkaResult<()>,
+) -> rdkafka::error::KafkaResult<()> {
+    loop {
+        match f() {
+            Err(rdkafka::error::KafkaError::Transaction(e))
+                if e.is_retriable() && Instant::now() < deadline =>
+            {
+                tracing::warn!(error = %e, "exactly-once: retrying a transactional call");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            other => return other,
+        }
     }
 }
 
