@@ -380,6 +380,20 @@ pub struct BenchTopic {
 /// # Errors
 /// The embedded cluster, the config or the producer failed.
 pub fn bench_topic(records: u64, segments: usize, partitions: i32) -> anyhow::Result<BenchTopic> {
+    bench_topic_on(None, records, segments, partitions)
+}
+
+/// A [`BenchTopic`] on the embedded cluster, or on the brokers at `bootstrap` (topics with
+/// names of their own, created through the admin API).
+///
+/// # Errors
+/// The cluster, the config or the producer failed.
+pub fn bench_topic_on(
+    bootstrap: Option<&str>,
+    records: u64,
+    segments: usize,
+    partitions: i32,
+) -> anyhow::Result<BenchTopic> {
     use std::collections::BTreeMap;
     use std::time::Duration;
 
@@ -391,11 +405,12 @@ pub fn bench_topic(records: u64, segments: usize, partitions: i32) -> anyhow::Re
     use crate::runtime::{Clock, SystemClock};
 
     let cluster = rdkafka::mocking::MockCluster::new(1)?;
-    let bs = cluster.bootstrap_servers();
+    let bs = bootstrap.map_or_else(|| cluster.bootstrap_servers(), str::to_string);
     let env = std::collections::HashMap::new();
-    let sets: Vec<String> = vec![
+    let tag = format!("bench-{}-{}", std::process::id(), SystemClock.now_ms());
+    let mut sets: Vec<String> = vec![
         format!("kafka.bootstrap_servers={bs}"),
-        "kafka.group_id=bench-e2e".into(),
+        format!("kafka.group_id={tag}"),
         format!("kafka.partitions={partitions}"),
         "windows.size=1s".into(),
         "windows.out_of_orderness=100ms".into(),
@@ -406,12 +421,30 @@ pub fn bench_topic(records: u64, segments: usize, partitions: i32) -> anyhow::Re
         "admin.listen=127.0.0.1:0".into(),
         "logging.level=warn".into(),
     ];
+    if bootstrap.is_some() {
+        for t in [
+            "telemetry",
+            "actions",
+            "outcomes",
+            "dlq",
+            "decisions",
+            "control",
+            "state",
+        ] {
+            sets.push(format!("topics.{t}.name={tag}.{t}"));
+        }
+        sets.push("kafka.create_topics=true".into());
+    }
     let config = crate::config::Config::load(&crate::config::Sources {
         file: None,
         env: &env,
         overrides: &sets,
     })?;
-    crate::kafka::create_embedded_topics(&cluster, &config)?;
+    if bootstrap.is_some() {
+        crate::kafka::prepare_topics(&config)?;
+    } else {
+        crate::kafka::create_embedded_topics(&cluster, &config)?;
+    }
     let policies = crate::policy::PolicySet::parse(
         r#"
 [guardrails]
@@ -637,4 +670,173 @@ pub fn replay_bench(
         raw_cpu_cores: raw_cores,
         replay_cpu_cores: replay_cores,
     })
+}
+
+/// Figures of `segloop bench delivery`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryReport {
+    pub records: u64,
+    pub partitions: i32,
+    pub segments: usize,
+    pub at_least_once_events_per_sec: f64,
+    pub exactly_once_events_per_sec: f64,
+    pub transactions: u64,
+}
+
+impl DeliveryReport {
+    pub fn print(&self) {
+        println!("bench=delivery");
+        println!("records={}", self.records);
+        println!("partitions={}", self.partitions);
+        println!("segments={}", self.segments);
+        println!(
+            "at_least_once_events_per_sec={:.0}",
+            self.at_least_once_events_per_sec
+        );
+        println!(
+            "exactly_once_events_per_sec={:.0}",
+            self.exactly_once_events_per_sec
+        );
+        println!(
+            "exactly_once_to_at_least_once_ratio={:.2}",
+            self.exactly_once_events_per_sec / self.at_least_once_events_per_sec
+        );
+        println!("exactly_once_commits={}", self.transactions);
+    }
+}
+
+/// `segloop bench delivery --bootstrap HOST:PORT`: the whole pipeline over the same records
+/// on a real broker (the embedded one has no transactions), in at-least-once and in
+/// exactly-once mode, interleaved rounds in fresh consumer groups; the fastest pass of each.
+///
+/// # Errors
+/// The broker, the topics or a pass failed.
+pub fn delivery_bench(
+    bootstrap: &str,
+    records: u64,
+    segments: usize,
+    partitions: i32,
+    rounds: usize,
+) -> anyhow::Result<DeliveryReport> {
+    let topic = bench_topic_on(Some(bootstrap), records, segments, partitions)?;
+    let (mut alo, mut eos, mut commits) = (f64::INFINITY, f64::INFINITY, 0);
+    for round in 0..rounds.max(1) {
+        for exactly_once in [false, true] {
+            let mut cfg = topic.config.clone();
+            cfg.kafka.group_id = format!("{}-{round}-{exactly_once}", topic.config.kafka.group_id);
+            if exactly_once {
+                cfg.delivery.mode = crate::config::DeliveryMode::ExactlyOnce;
+                cfg.delivery.transactional_id = Some(cfg.kafka.group_id.clone());
+            }
+            let (secs, report) = pipeline_pass(cfg, topic.policies.clone(), records)?;
+            if exactly_once {
+                eos = eos.min(secs);
+                commits = report.commits;
+            } else {
+                alo = alo.min(secs);
+            }
+        }
+    }
+    Ok(DeliveryReport {
+        records,
+        partitions,
+        segments,
+        at_least_once_events_per_sec: records as f64 / alo,
+        exactly_once_events_per_sec: records as f64 / eos,
+        transactions: commits,
+    })
+}
+
+/// `segloop bench restore`: writes the controller state of `segments` segments (each with a
+/// command in flight) to the state topic, then times restoring every partition into a fresh
+/// controller, as an assign after a restart does.
+///
+/// # Errors
+/// The cluster or the topics failed, or fewer segments came back than were written.
+pub fn restore_bench(
+    bootstrap: Option<&str>,
+    segments: usize,
+    partitions: i32,
+) -> anyhow::Result<(usize, f64)> {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let topic = bench_topic_on(bootstrap, 0, 1, partitions)?;
+    let config = &topic.config;
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        crate::kafka::client_config(config, &[("linger.ms", "20"), ("compression.type", "lz4")])
+            .create()?;
+    for i in 0..segments {
+        let segment = format!("r{}/svc-{}/ep-{i}", i % 4, i % 50);
+        let partition = crate::kafka::murmur2_partition(segment.as_bytes(), partitions);
+        let bytes = in_flight_state(&segment, partition, i as i64).to_bytes();
+        let mut rec = BaseRecord::<[u8], [u8]>::to(&config.topics.state.name)
+            .key(segment.as_bytes())
+            .payload(&bytes)
+            .partition(partition);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
+    }
+    producer.flush(std::time::Duration::from_secs(60))?;
+    let mut controller =
+        crate::controller::Controller::new(topic.policies.clone(), partitions as u32);
+    let reader = crate::runtime::state_reader(config)?;
+    let started = Instant::now();
+    let mut restored = 0;
+    for p in 0..partitions {
+        controller.assign(p);
+        let (states, _) =
+            crate::runtime::read_state_partition(&reader, &config.topics.state.name, p)?;
+        for s in states {
+            controller.restore(s).map_err(anyhow::Error::msg)?;
+            restored += 1;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        restored == segments,
+        "restored {restored} of {segments} segments (embedded retention? use more partitions)"
+    );
+    Ok((restored, secs))
+}
+
+/// A segment's controller state with one command awaiting its outcome.
+fn in_flight_state(segment: &str, partition: i32, at_ms: i64) -> crate::controller::SegmentState {
+    use crate::controller::{LoopState, Phase, SegmentState};
+    let id = crate::controller::command_id(segment, "errors", at_ms, 1);
+    SegmentState {
+        segment: segment.to_string(),
+        partition,
+        loops: std::collections::BTreeMap::from([(
+            "errors".to_string(),
+            LoopState {
+                phase: Phase::Commanded,
+                breaches: 2,
+                healthy: 0,
+                incident_start_ms: Some(at_ms),
+                attempt: 1,
+                command_id: Some(id),
+                deadline_ms: Some(at_ms + 30_000),
+                issued_at_ms: Some(at_ms + 2_000),
+                applied_at_ms: None,
+                reason: Some(crate::model::CommandReason {
+                    condition: "mean(error) > 0.5".into(),
+                    metric: "mean(error)".into(),
+                    observed: 0.9,
+                    threshold: 0.5,
+                    window_start_ms: at_ms,
+                    window_end_ms: at_ms + 1_000,
+                }),
+            },
+        )]),
+        last_action_ms: std::collections::BTreeMap::from([("rollback".to_string(), at_ms + 2_000)]),
+        action_history: vec![at_ms + 2_000],
+        frozen_until_ms: None,
+        last_window_end_ms: at_ms + 2_000,
+    }
 }

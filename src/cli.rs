@@ -174,7 +174,7 @@ pub fn demo(args: &DemoArgs) -> ExitCode {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Which benchmark: window, e2e or replay
+    /// Which benchmark: window, e2e, replay, delivery (a real broker) or restore
     pub which: String,
     /// Distinct segments
     #[arg(long, default_value_t = 100_000)]
@@ -191,6 +191,9 @@ pub struct BenchArgs {
     /// e2e, replay: interleaved (raw, driver) rounds; the fastest pass of each counts
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// delivery (required), restore: a real broker to run on (host:port)
+    #[arg(long)]
+    pub bootstrap: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -600,8 +603,53 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        "delivery" => {
+            let Some(bs) = args.bootstrap.as_deref() else {
+                eprintln!("error: bench delivery needs --bootstrap HOST:PORT (a real broker: the embedded one has no transactions)");
+                return ExitCode::from(EXIT_USAGE);
+            };
+            match crate::bench::delivery_bench(
+                bs,
+                args.events as u64,
+                args.segments,
+                args.partitions,
+                args.rounds,
+            ) {
+                Ok(r) => {
+                    r.print();
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        "restore" => {
+            match crate::bench::restore_bench(
+                args.bootstrap.as_deref(),
+                args.segments,
+                args.partitions,
+            ) {
+                Ok((n, secs)) => {
+                    println!("bench=restore");
+                    println!("segments={n}");
+                    println!("partitions={}", args.partitions);
+                    println!("broker={}", args.bootstrap.as_deref().unwrap_or("embedded"));
+                    println!("restore_secs={secs:.3}");
+                    println!("segments_per_sec={:.0}", n as f64 / secs);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         other => {
-            eprintln!("error: unknown benchmark {other:?}; choose window, e2e or replay");
+            eprintln!(
+                "error: unknown benchmark {other:?}; choose window, e2e, replay, delivery or restore"
+            );
             ExitCode::from(EXIT_USAGE)
         }
     }

@@ -530,6 +530,10 @@ impl Controller {
             .entry(w.segment.clone())
             .or_insert_with(|| SegmentState::new(&w.segment, w.partition));
         seg.last_window_end_ms = w.end_ms;
+        // A persisted segment is re-checked each window: it may have gone quiet with time.
+        if p.persisted.contains(&*w.segment) && !p.dirty.contains(&*w.segment) {
+            p.dirty.insert(w.segment.clone());
+        }
         let ctx = Ctx {
             now_ms,
             window: Some(w),

@@ -706,3 +706,42 @@ fn the_simulation_fires_and_hits_guardrails() {
     let suppressed: u64 = sim.c.stats().suppressed.values().sum();
     assert!(suppressed > 0, "{:?}", sim.c.stats());
 }
+
+#[test]
+fn changelog_holds_in_flight_state_and_tombstones_quiet_segments() {
+    let mut h = H::new(policies("", ""));
+    // Healthy windows change nothing worth keeping.
+    h.win("eu/ok", 0, 0.0);
+    assert!(h.c.take_changes(W).is_empty());
+    let id = fire(&mut h, "eu/a");
+    let changes = h.c.take_changes(2 * W + 1_000);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(
+        (changes[0].partition, changes[0].segment.as_str()),
+        (0, "eu/a")
+    );
+    // A fresh controller restored from the changelog knows the command in flight.
+    let mut b = H::new(policies("", ""));
+    let state = SegmentState::from_bytes(changes[0].state.as_deref().unwrap()).unwrap();
+    b.c.restore(state).unwrap();
+    assert_eq!(b.phase("eu/a"), Phase::Commanded);
+    let t = 2 * W + 1_000;
+    assert_eq!(
+        b.outcome("eu/a", &id, OutcomeStatus::Applied, t + 200),
+        OutcomeDisposition::Applied
+    );
+    b.win("eu/a", 2 * W, 0.0);
+    b.win("eu/a", 3 * W, 0.0);
+    b.win("eu/a", 4 * W, 0.0);
+    assert_eq!(b.phase("eu/a"), Phase::Healthy);
+    // Healthy again but the action is recent: kept while it counts for the cooldown.
+    let kept = b.c.take_changes(5 * W);
+    assert!(kept.iter().all(|c| c.state.is_some()), "{kept:?}");
+    // Long after: one tombstone, then nothing.
+    b.win("eu/a", 100 * W, 0.0);
+    let later = b.c.take_changes(100 * W + 3_600_000);
+    assert_eq!(later.len(), 1, "{later:?}");
+    assert_eq!(later[0].state, None);
+    b.win("eu/a", 101 * W, 0.0);
+    assert!(b.c.take_changes(101 * W + 3_600_000).is_empty());
+}

@@ -410,17 +410,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         assigned: Vec::new(),
         lag: BTreeMap::new(),
         last_turn: None,
-        state_reader: kafka::client_config(
-            &config,
-            &[
-                ("group.id", &format!("{}-state", config.kafka.group_id)),
-                ("enable.auto.commit", "false"),
-                ("enable.partition.eof", "true"),
-                ("isolation.level", "read_committed"),
-            ],
-        )
-        .create_with_context(kafka::QuietEof)
-        .context("cannot create the state changelog reader")?,
+        state_reader: state_reader(&config)?,
         recent_outcomes: std::collections::VecDeque::new(),
         outcomes_backlog: BTreeMap::new(),
         eos,
@@ -835,6 +825,97 @@ fn commit_transaction<C: ConsumerContext>(
     }
 }
 
+/// A reader of the state changelog (committed records only; it never joins the group).
+///
+/// # Errors
+/// The client cannot be created.
+pub fn state_reader(config: &Config) -> anyhow::Result<BaseConsumer<kafka::QuietEof>> {
+    kafka::client_config(
+        config,
+        &[
+            ("group.id", &format!("{}-state", config.kafka.group_id)),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "true"),
+            ("isolation.level", "read_committed"),
+            // A restore reads to the end as fast as it can: no waiting for full fetches.
+            ("fetch.wait.max.ms", "10"),
+            ("fetch.queue.backoff.ms", "5"),
+        ],
+    )
+    .create_with_context(kafka::QuietEof)
+    .context("cannot create the state changelog reader")
+}
+
+/// Reads partition `p` of the state changelog to its current end: the latest state of every
+/// segment (tombstoned ones left out) and the partition's `closed_through`, if recorded.
+///
+/// # Errors
+/// The partition cannot be read within 120 s, or holds another partition's state.
+pub fn read_state_partition(
+    reader: &BaseConsumer<kafka::QuietEof>,
+    topic: &str,
+    p: i32,
+) -> anyhow::Result<(Vec<crate::controller::SegmentState>, Option<i64>)> {
+    let timeout = Duration::from_secs(10);
+    let (low, high) = reader
+        .fetch_watermarks(topic, p, timeout)
+        .with_context(|| format!("cannot read the offsets of {topic}/{p}"))?;
+    if high <= low {
+        return Ok((Vec::new(), None));
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+    reader.assign(&tpl)?;
+    let mut latest: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match reader.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if let Some(k) = m.key() {
+                    latest.insert(k.to_vec(), m.payload().map(<[u8]>::to_vec));
+                }
+                if m.offset() + 1 >= high {
+                    break;
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => tracing::warn!(error = %e, "state changelog reader"),
+            None => {}
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "restoring {topic}/{p} took over 120 s"
+        );
+    }
+    reader.unassign()?;
+    let mut states = Vec::with_capacity(latest.len());
+    let mut through = None;
+    for (key, value) in latest {
+        let Some(bytes) = value else { continue };
+        if key == PARTITION_KEY {
+            match serde_json::from_slice::<PartitionRecord>(&bytes) {
+                Ok(r) => through = Some(r.closed_through_ms),
+                Err(e) => tracing::warn!(error = %e, "unreadable partition record ignored"),
+            }
+            continue;
+        }
+        match crate::controller::SegmentState::from_bytes(&bytes) {
+            Ok(state) if state.partition == p => states.push(state),
+            Ok(state) => tracing::warn!(
+                segment = %state.segment,
+                "state record of partition {} found in partition {p}; ignored",
+                state.partition
+            ),
+            Err(e) => tracing::warn!(
+                key = %String::from_utf8_lossy(&key),
+                error = %e,
+                "unreadable state record ignored"
+            ),
+        }
+    }
+    Ok((states, through))
+}
+
 /// How long transactional calls are retried through a broker outage (below the default
 /// `transaction.timeout.ms` of 60 s).
 const TXN_RETRY_FOR: Duration = Duration::from_secs(45);
@@ -1219,73 +1300,19 @@ impl Core {
     fn restore_partition(&mut self, p: i32) {
         let started = Instant::now();
         let topic = self.config.topics.state.name.clone();
-        let result = (|| -> anyhow::Result<usize> {
-            let timeout = Duration::from_secs(10);
-            let (low, high) = self
-                .state_reader
-                .fetch_watermarks(&topic, p, timeout)
-                .with_context(|| format!("cannot read the offsets of {topic}/{p}"))?;
-            if high <= low {
-                return Ok(0);
-            }
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&topic, p, Offset::Offset(low))?;
-            self.state_reader.assign(&tpl)?;
-            let mut latest: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
-            let deadline = Instant::now() + Duration::from_secs(120);
-            loop {
-                match self.state_reader.poll(Duration::from_millis(200)) {
-                    Some(Ok(m)) => {
-                        if let Some(k) = m.key() {
-                            latest.insert(k.to_vec(), m.payload().map(<[u8]>::to_vec));
-                        }
-                        if m.offset() + 1 >= high {
-                            break;
-                        }
-                    }
-                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
-                    Some(Err(e)) => tracing::warn!(error = %e, "state changelog reader"),
-                    None => {}
+        let result =
+            read_state_partition(&self.state_reader, &topic, p).and_then(|(states, through)| {
+                if let Some(t) = through {
+                    self.replay_until.insert(p, t);
+                    self.closed_through.insert(p, t);
+                    self.closed_written.insert(p, t);
                 }
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "restoring {topic}/{p} took over 120 s"
-                );
-            }
-            self.state_reader.unassign()?;
-            let mut restored = 0;
-            for (key, value) in latest {
-                let Some(bytes) = value else { continue };
-                if key == PARTITION_KEY {
-                    match serde_json::from_slice::<PartitionRecord>(&bytes) {
-                        Ok(r) => {
-                            self.replay_until.insert(p, r.closed_through_ms);
-                            self.closed_through.insert(p, r.closed_through_ms);
-                            self.closed_written.insert(p, r.closed_through_ms);
-                        }
-                        Err(e) => tracing::warn!(error = %e, "unreadable partition record ignored"),
-                    }
-                    continue;
+                let n = states.len();
+                for state in states {
+                    self.controller.restore(state).map_err(anyhow::Error::msg)?;
                 }
-                match crate::controller::SegmentState::from_bytes(&bytes) {
-                    Ok(state) if state.partition == p => {
-                        self.controller.restore(state).map_err(anyhow::Error::msg)?;
-                        restored += 1;
-                    }
-                    Ok(state) => tracing::warn!(
-                        segment = %state.segment,
-                        "state record of partition {} found in partition {p}; ignored",
-                        state.partition
-                    ),
-                    Err(e) => tracing::warn!(
-                        key = %String::from_utf8_lossy(&key),
-                        error = %e,
-                        "unreadable state record ignored"
-                    ),
-                }
-            }
-            Ok(restored)
-        })();
+                Ok(n)
+            });
         let secs = started.elapsed().as_secs_f64();
         self.counters.restore_secs.push(secs);
         match result {
