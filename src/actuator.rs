@@ -210,6 +210,8 @@ pub fn run(
             ("group.id", &a.group_id),
             ("enable.auto.commit", "false"),
             ("auto.offset.reset", "earliest"),
+            // Commands of aborted exactly-once transactions never reach an actuator.
+            ("isolation.level", "read_committed"),
         ],
     )
     .create()
