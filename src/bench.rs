@@ -838,5 +838,6 @@ fn in_flight_state(segment: &str, partition: i32, at_ms: i64) -> crate::controll
         action_history: vec![at_ms + 2_000],
         frozen_until_ms: None,
         last_window_end_ms: at_ms + 2_000,
+        last_window_end_by_group: std::collections::BTreeMap::new(),
     }
 }

@@ -249,6 +249,19 @@ pub struct WindowConfig {
     pub quantile_measurements: Vec<String>,
     /// Relative error bound of the quantile sketch (0 < x ≤ 0.01).
     pub relative_accuracy: f64,
+    /// Window groups with sizes of their own (`[windows.groups.slow] size = "5m"`); a policy
+    /// picks one with `window = "slow"`. Watermarks, lateness and limits are shared.
+    pub groups: BTreeMap<String, WindowGroup>,
+}
+
+/// A window group's geometry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowGroup {
+    #[serde(with = "humantime_serde")]
+    pub size: Duration,
+    #[serde(with = "humantime_serde", default)]
+    pub hop: Option<Duration>,
 }
 
 impl Default for WindowConfig {
@@ -264,6 +277,7 @@ impl Default for WindowConfig {
             max_segments: 1_000_000,
             quantile_measurements: vec!["latency_ms".into()],
             relative_accuracy: 0.01,
+            groups: BTreeMap::new(),
         }
     }
 }
@@ -502,6 +516,31 @@ impl Config {
 
     /// Cross-field checks. Returns every problem, each with the field and the fix.
     pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        /// `<prefix>.hop` must be whole milliseconds and divide `<prefix>.size`.
+        fn check_hop(
+            err: &mut impl FnMut(&str, String),
+            prefix: &str,
+            size: Duration,
+            hop: Option<Duration>,
+        ) {
+            let Some(hop) = hop else { return };
+            if hop.is_zero() || hop.subsec_nanos() % 1_000_000 != 0 {
+                err(
+                    &format!("{prefix}.hop"),
+                    "must be a whole number of milliseconds above 0".into(),
+                );
+            } else if hop > size || size.as_millis() % hop.as_millis() != 0 {
+                err(
+                    &format!("{prefix}.hop"),
+                    format!(
+                        "{} does not divide {prefix}.size {}; choose a hop such as {}",
+                        humantime::format_duration(hop),
+                        humantime::format_duration(size),
+                        humantime::format_duration(size / 2)
+                    ),
+                );
+            }
+        }
         let mut errors = Vec::new();
         let mut err = |field: &str, message: String| {
             errors.push(FieldError {
@@ -518,22 +557,16 @@ impl Config {
                 "must be a whole number of milliseconds".into(),
             );
         }
-        if let Some(hop) = w.hop {
-            if hop.is_zero() || hop.subsec_nanos() % 1_000_000 != 0 {
+        check_hop(&mut err, "windows", w.size, w.hop);
+        for (name, g) in &w.groups {
+            let prefix = format!("windows.groups.{name}");
+            if g.size.is_zero() || g.size.subsec_nanos() % 1_000_000 != 0 {
                 err(
-                    "windows.hop",
+                    &format!("{prefix}.size"),
                     "must be a whole number of milliseconds above 0".into(),
                 );
-            } else if hop > w.size || w.size.as_millis() % hop.as_millis() != 0 {
-                err(
-                    "windows.hop",
-                    format!(
-                        "{} does not divide windows.size {}; choose a hop such as {}",
-                        humantime::format_duration(hop),
-                        humantime::format_duration(w.size),
-                        humantime::format_duration(w.size / 2)
-                    ),
-                );
+            } else {
+                check_hop(&mut err, &prefix, g.size, g.hop);
             }
         }
         if w.idle_timeout.is_zero() {

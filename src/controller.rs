@@ -148,6 +148,9 @@ pub struct SegmentState {
     pub frozen_until_ms: Option<i64>,
     /// End of the last window seen: a replayed window is ignored.
     pub last_window_end_ms: i64,
+    /// The same, per window group.
+    #[serde(default)]
+    pub last_window_end_by_group: BTreeMap<String, i64>,
 }
 
 impl SegmentState {
@@ -160,6 +163,19 @@ impl SegmentState {
             action_history: Vec::new(),
             frozen_until_ms: None,
             last_window_end_ms: i64::MIN,
+            last_window_end_by_group: BTreeMap::new(),
+        }
+    }
+
+    /// End of the last window of `group` seen (`None`: the default windows).
+    fn last_window_end(&self, group: Option<&str>) -> i64 {
+        match group {
+            None => self.last_window_end_ms,
+            Some(g) => self
+                .last_window_end_by_group
+                .get(g)
+                .copied()
+                .unwrap_or(i64::MIN),
         }
     }
 
@@ -510,7 +526,7 @@ impl Controller {
             return;
         };
         if let Some(seg) = p.segments.get(&*w.segment) {
-            if w.end_ms <= seg.last_window_end_ms {
+            if w.end_ms <= seg.last_window_end(w.group.as_deref()) {
                 // Re-read after a restart: already judged.
                 self.stats.windows_replayed += 1;
                 return;
@@ -521,7 +537,9 @@ impl Controller {
             .policies
             .iter()
             .enumerate()
-            .filter(|(_, pol)| pol.selects(&w.segment, labels))
+            .filter(|(_, pol)| {
+                pol.window.as_deref() == w.group.as_deref() && pol.selects(&w.segment, labels)
+            })
             .map(|(i, _)| i)
             .collect();
         let p = self.partitions.get_mut(&w.partition).expect("checked");
@@ -529,7 +547,12 @@ impl Controller {
             .segments
             .entry(w.segment.clone())
             .or_insert_with(|| SegmentState::new(&w.segment, w.partition));
-        seg.last_window_end_ms = w.end_ms;
+        match &w.group {
+            None => seg.last_window_end_ms = w.end_ms,
+            Some(g) => {
+                seg.last_window_end_by_group.insert(g.to_string(), w.end_ms);
+            }
+        }
         // A persisted segment is re-checked each window: it may have gone quiet with time.
         if p.persisted.contains(&*w.segment) && !p.dirty.contains(&*w.segment) {
             p.dirty.insert(w.segment.clone());

@@ -56,6 +56,16 @@ pub struct WindowSpec {
 }
 
 impl WindowSpec {
+    /// The spec of a window group: the config's spec with the group's size and hop.
+    pub fn for_group(c: &WindowConfig, group: &crate::config::WindowGroup) -> Self {
+        let ms = |d: std::time::Duration| d.as_millis() as i64;
+        WindowSpec {
+            size_ms: ms(group.size),
+            hop_ms: group.hop.map_or(ms(group.size), ms),
+            ..WindowSpec::from_config(c)
+        }
+    }
+
     /// The spec of a validated config (see `Config::validate` for the invariants).
     pub fn from_config(c: &WindowConfig) -> Self {
         let ms = |d: std::time::Duration| d.as_millis() as i64;
@@ -165,6 +175,8 @@ pub struct WindowSummary {
     pub count: u64,
     /// Per measurement, sorted by name.
     pub measurements: Vec<(Arc<str>, MeasurementSummary)>,
+    /// The window group (`None`: the default windows); policies judge their group's windows.
+    pub group: Option<Arc<str>>,
 }
 
 impl WindowSummary {
@@ -199,6 +211,7 @@ impl WindowSummary {
             end_ms,
             count,
             measurements: ms,
+            group: None,
         }
     }
 
@@ -444,9 +457,71 @@ pub struct WindowEngine {
     segment_total: usize,
     seq: u64,
     stats: EngineStats,
+    /// The window group this engine serves (`None`: the default windows).
+    group: Option<Arc<str>>,
 }
 
 impl WindowEngine {
+    /// An engine for a named window group: its summaries carry the name.
+    pub fn for_group(spec: WindowSpec, group: &str) -> Self {
+        let mut e = WindowEngine::new(spec);
+        e.group = Some(Arc::from(group));
+        e
+    }
+
+    /// The window group this engine serves.
+    pub fn group(&self) -> Option<&str> {
+        self.group.as_deref()
+    }
+
+    /// Whether [`WindowEngine::ingest`] would take an event at `ts_ms` on `partition`
+    /// (clock skew, lateness), without changing anything.
+    ///
+    /// # Errors
+    /// As `ingest`.
+    pub fn check(&self, partition: i32, ts_ms: i64, now_ms: i64) -> Result<(), DecodeError> {
+        let spec = &self.spec;
+        let Some(p) = self.partitions.get(&partition) else {
+            return Err(DecodeError::new(
+                ErrorCode::InvalidValue,
+                format!("partition {partition} is not assigned to this instance"),
+            ));
+        };
+        if ts_ms > now_ms.saturating_add(spec.max_clock_skew_ms) {
+            return Err(DecodeError::new(
+                ErrorCode::ClockSkew,
+                format!(
+                    "event time {ts_ms} is {} ms ahead of the controller clock {now_ms} (max skew {} ms)",
+                    ts_ms - now_ms,
+                    spec.max_clock_skew_ms
+                ),
+            ));
+        }
+        let pane_ms = ts_ms.div_euclid(spec.hop_ms) * spec.hop_ms;
+        if p.next_end_ms
+            .is_some_and(|next_end| pane_ms + spec.size_ms < next_end)
+        {
+            return Err(DecodeError::new(
+                ErrorCode::Late,
+                format!(
+                    "event time {ts_ms} is behind the watermark {} beyond grace {} ms: its {}windows have closed",
+                    p.watermark_ms,
+                    spec.grace_ms,
+                    self.group.as_deref().map_or(String::new(), |g| format!("`{g}` "))
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn tag(&self, closed: &mut [WindowSummary]) {
+        if let Some(g) = &self.group {
+            for w in closed {
+                w.group = Some(g.clone());
+            }
+        }
+    }
+
     pub fn new(spec: WindowSpec) -> Self {
         let sketch = SketchParams::new(spec.relative_accuracy);
         let wanted_quantiles = spec.quantile_measurements.clone();
@@ -464,6 +539,7 @@ impl WindowEngine {
             segment_total: 0,
             seq: 0,
             stats: EngineStats::default(),
+            group: None,
         }
     }
 
@@ -519,6 +595,10 @@ impl WindowEngine {
                             &self.names,
                         )
                     })
+                    .map(|mut w| {
+                        w.group = self.group.clone();
+                        w
+                    })
                     .collect();
             }
         }
@@ -540,6 +620,22 @@ impl WindowEngine {
     /// [`ErrorCode::Late`], [`ErrorCode::ClockSkew`], or [`ErrorCode::InvalidValue`] for a
     /// partition that was not assigned.
     pub fn ingest<'a>(
+        &mut self,
+        at: Position,
+        segment: &str,
+        ts_ms: i64,
+        measurements: impl IntoIterator<Item = (&'a str, f64)>,
+        now_ms: i64,
+        closed: &mut Vec<WindowSummary>,
+    ) -> Result<(), DecodeError> {
+        let before = closed.len();
+        let r = self.ingest_inner(at, segment, ts_ms, measurements, now_ms, closed);
+        self.tag(&mut closed[before..]);
+        r
+    }
+
+    #[inline]
+    fn ingest_inner<'a>(
         &mut self,
         at: Position,
         segment: &str,
@@ -696,6 +792,12 @@ impl WindowEngine {
     /// for `idle_timeout` moves its watermark to `now − idle_timeout`, closing windows of quiet
     /// segments (with `count = 0`).
     pub fn advance_idle(&mut self, now_ms: i64, closed: &mut Vec<WindowSummary>) {
+        let before = closed.len();
+        self.advance_idle_inner(now_ms, closed);
+        self.tag(&mut closed[before..]);
+    }
+
+    fn advance_idle_inner(&mut self, now_ms: i64, closed: &mut Vec<WindowSummary>) {
         let spec = &self.spec;
         for p in self.partitions.values_mut() {
             if p.next_end_ms.is_none()
@@ -882,6 +984,7 @@ fn summary_of(
         end_ms,
         count,
         measurements,
+        group: None,
     }
 }
 
@@ -939,6 +1042,120 @@ fn merge_hopping(
         .unwrap_or(seg.panes.len());
     seg.panes.drain(..keep_from);
     summary_of(seg, partition, start, end, count, aggs, names)
+}
+
+/// The default windows and the named window groups (`windows.groups`), fed the same events.
+/// An event is taken only when every group takes it (one decision: aggregated everywhere or
+/// rejected once), so accounting stays exact.
+pub struct Windows {
+    main: WindowEngine,
+    groups: Vec<WindowEngine>,
+}
+
+impl Windows {
+    /// The engines a config asks for.
+    pub fn from_config(c: &WindowConfig) -> Self {
+        Windows {
+            main: WindowEngine::new(WindowSpec::from_config(c)),
+            groups: c
+                .groups
+                .iter()
+                .map(|(name, g)| WindowEngine::for_group(WindowSpec::for_group(c, g), name))
+                .collect(),
+        }
+    }
+
+    /// The default windows' engine.
+    pub fn main(&self) -> &WindowEngine {
+        &self.main
+    }
+
+    /// Every engine: the default first, then the groups by name.
+    pub fn engines(&self) -> impl Iterator<Item = &WindowEngine> {
+        std::iter::once(&self.main).chain(&self.groups)
+    }
+
+    pub fn spec(&self) -> &WindowSpec {
+        self.main.spec()
+    }
+
+    /// The default windows' counters (groups see the same events).
+    pub fn stats(&self) -> EngineStats {
+        self.main.stats()
+    }
+
+    pub fn assign(&mut self, partition: i32) {
+        self.main.assign(partition);
+        for g in &mut self.groups {
+            g.assign(partition);
+        }
+    }
+
+    pub fn revoke(&mut self, partition: i32) -> Option<usize> {
+        for g in &mut self.groups {
+            g.revoke(partition);
+        }
+        self.main.revoke(partition)
+    }
+
+    pub fn partitions(&self) -> impl Iterator<Item = &PartitionWindows> {
+        self.main.partitions()
+    }
+
+    /// Open windows of a segment in every group.
+    pub fn open_windows(&self, segment: &str) -> Vec<WindowSummary> {
+        self.engines()
+            .flat_map(|e| e.open_windows(segment))
+            .collect()
+    }
+
+    /// The lowest committable offset across the groups.
+    pub fn committable_offset(&self, partition: i32) -> Option<i64> {
+        self.engines()
+            .filter_map(|e| e.committable_offset(partition))
+            .min()
+    }
+
+    pub fn prefetch<'k>(&self, partition: i32, keys: impl IntoIterator<Item = &'k str>) {
+        self.main.prefetch(partition, keys);
+    }
+
+    /// Ingests into every engine, or into none (see the type's doc).
+    ///
+    /// # Errors
+    /// As [`WindowEngine::ingest`], from whichever engine refuses first.
+    pub fn ingest<'a, M>(
+        &mut self,
+        at: Position,
+        segment: &str,
+        ts_ms: i64,
+        measurements: M,
+        now_ms: i64,
+        closed: &mut Vec<WindowSummary>,
+    ) -> Result<(), DecodeError>
+    where
+        M: IntoIterator<Item = (&'a str, f64)> + Clone,
+    {
+        for g in &self.groups {
+            g.check(at.partition, ts_ms, now_ms)?;
+        }
+        self.main
+            .ingest(at, segment, ts_ms, measurements.clone(), now_ms, closed)?;
+        for g in &mut self.groups {
+            if let Err(e) = g.ingest(at, segment, ts_ms, measurements.clone(), now_ms, closed) {
+                // Checked above: only a bug gets here; say so rather than lose it silently.
+                tracing::error!(group = g.group().unwrap_or(""), error = %e, "window group refused a checked event");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn advance_idle(&mut self, now_ms: i64, closed: &mut Vec<WindowSummary>) {
+        self.main.advance_idle(now_ms, closed);
+        for g in &mut self.groups {
+            g.advance_idle(now_ms, closed);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -166,3 +166,42 @@ fn librdkafka_properties_pass_through_as_strings() {
     assert_eq!(p["fetch.max.bytes"], "1048576");
     assert_eq!(p["enable.idempotence"], "true");
 }
+
+#[test]
+fn window_groups_are_checked_and_policies_must_name_one_that_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(
+        &dir,
+        "[windows.groups.slow]\nsize = \"10s\"\nhop = \"3s\"\n",
+    );
+    let e = load(Some(&bad), &[], &[]).unwrap_err().to_string();
+    assert!(
+        e.contains("windows.groups.slow.hop") && e.contains("does not divide"),
+        "{e}"
+    );
+    let good = write(
+        &dir,
+        "[windows.groups.slow]\nsize = \"1m\"\nhop = \"10s\"\n",
+    );
+    let config = load(Some(&good), &[], &[]).unwrap();
+    let policies = dir.path().join("p.toml");
+    std::fs::write(
+        &policies,
+        "[[policies]]\nname = \"x\"\nwhen = \"mean(error) > 0.5\"\naction = \"rollback\"\nwindow = \"fast\"\n",
+    )
+    .unwrap();
+    let e = segloop::policy::PolicySet::load_for(&policies, &config.windows)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("policy `x`: window") && e.contains("[windows.groups.fast]"),
+        "{e}"
+    );
+    std::fs::write(
+        &policies,
+        "[[policies]]\nname = \"x\"\nwhen = \"mean(error) > 0.5\"\naction = \"rollback\"\nwindow = \"slow\"\n",
+    )
+    .unwrap();
+    let set = segloop::policy::PolicySet::load_for(&policies, &config.windows).unwrap();
+    assert_eq!(set.policies[0].window.as_deref(), Some("slow"));
+}

@@ -745,3 +745,28 @@ fn changelog_holds_in_flight_state_and_tombstones_quiet_segments() {
     b.win("eu/a", 101 * W, 0.0);
     assert!(b.c.take_changes(101 * W + 3_600_000).is_empty());
 }
+
+#[test]
+fn a_policy_judges_only_the_windows_of_its_group() {
+    let mut set = policies("", "");
+    set.policies[0].window = Some("slow".into());
+    let mut h = H::new(set);
+    // Breaching default windows: the policy does not see them.
+    h.win("eu/a", 0, 1.0);
+    h.win("eu/a", W, 1.0);
+    assert!(h.fx.commands.is_empty());
+    assert!(h.c.segment("eu/a").is_none_or(|s| s.loops.is_empty()));
+    // Breaching windows of its group: it fires.
+    for start in [0, W] {
+        let mut w = window("eu/a", 0, start, 1.0);
+        w.group = Some("slow".into());
+        h.c.on_window(&w, &h.labels, start + W + 1_000, &mut h.fx);
+    }
+    assert_eq!(h.commands().len(), 1);
+    // A slow window re-read after a restart is ignored, per group.
+    let mut again = window("eu/a", 0, W, 1.0);
+    again.group = Some("slow".into());
+    let replayed = h.c.stats().windows_replayed;
+    h.c.on_window(&again, &h.labels, 3 * W, &mut h.fx);
+    assert_eq!(h.c.stats().windows_replayed, replayed + 1);
+}

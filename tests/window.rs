@@ -468,3 +468,68 @@ proptest! {
         prop_assert_eq!(run(), run());
     }
 }
+
+#[test]
+fn window_groups_close_at_their_own_sizes_from_the_same_events() {
+    let mut c = segloop::config::WindowConfig {
+        size: std::time::Duration::from_secs(1),
+        out_of_orderness: std::time::Duration::from_millis(100),
+        ..Default::default()
+    };
+    c.groups.insert(
+        "slow".into(),
+        segloop::config::WindowGroup {
+            size: std::time::Duration::from_secs(5),
+            hop: None,
+        },
+    );
+    let mut w = segloop::window::Windows::from_config(&c);
+    w.assign(0);
+    let mut closed = Vec::new();
+    // 10 events per second for 12 s.
+    for i in 0..120i64 {
+        let ts = 100 * i;
+        w.ingest(
+            Position {
+                partition: 0,
+                offset: i,
+            },
+            "eu/a",
+            ts,
+            [("latency_ms", 10.0), ("error", 0.0)],
+            ts,
+            &mut closed,
+        )
+        .unwrap();
+    }
+    let fast: Vec<&WindowSummary> = closed.iter().filter(|s| s.group.is_none()).collect();
+    let slow: Vec<&WindowSummary> = closed
+        .iter()
+        .filter(|s| s.group.as_deref() == Some("slow"))
+        .collect();
+    assert_eq!(fast.len(), 11, "1 s windows up to the watermark (11.8 s)");
+    assert!(fast
+        .iter()
+        .all(|s| s.end_ms - s.start_ms == 1_000 && s.count == 10));
+    assert_eq!(slow.len(), 2, "5 s windows [0,5) and [5,10)");
+    assert!(slow
+        .iter()
+        .all(|s| s.end_ms - s.start_ms == 5_000 && s.count == 50));
+    // The open 5 s window [10, 15) holds offsets from 100 on: nothing below commits.
+    assert_eq!(w.committable_offset(0), Some(100));
+    // A late event for the slow group is refused once, for every group.
+    let before = closed.len();
+    let late = w.ingest(
+        Position {
+            partition: 0,
+            offset: 120,
+        },
+        "eu/a",
+        4_000,
+        [("latency_ms", 10.0)],
+        12_000,
+        &mut closed,
+    );
+    assert_eq!(late.unwrap_err().code, ErrorCode::Late);
+    assert_eq!(closed.len(), before);
+}

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::controller::{Controller, Effects};
 use crate::model::{DecisionRecord, OutcomeStatus, RemediationCommand, RemediationOutcome};
 use crate::policy::PolicySet;
-use crate::window::{Position, WindowEngine, WindowSpec, WindowSummary};
+use crate::window::{Position, WindowSpec, WindowSummary, Windows};
 
 pub use report::Report;
 use report::{CommandEntry, LoopRecord, OutcomeEntry, Point};
@@ -159,7 +159,7 @@ type CommandSink = Box<dyn FnMut(&RemediationCommand)>;
 
 /// The replay driver: records in, the engine and controller of `segloop run`, a report out.
 pub struct Replay {
-    engine: WindowEngine,
+    engine: Windows,
     controller: Controller,
     decoder: TelemetryDecoder,
     spec: WindowSpec,
@@ -197,7 +197,7 @@ impl Replay {
         let decoder =
             TelemetryDecoder::new(t.codec, &t.schema_settings()).map_err(anyhow::Error::msg)?;
         let spec = WindowSpec::from_config(&config.windows);
-        let mut engine = WindowEngine::new(spec.clone());
+        let mut engine = Windows::from_config(&config.windows);
         let mut controller = Controller::new(policies, partitions.len() as u32);
         for &p in partitions {
             engine.assign(p);
@@ -409,7 +409,7 @@ fn trace(
         .policies
         .iter()
         .enumerate()
-        .filter(|(_, p)| p.selects(&w.segment, labels))
+        .filter(|(_, p)| p.window.as_deref() == w.group.as_deref() && p.selects(&w.segment, labels))
         .map(|(i, p)| {
             let value = p.when.primary().and_then(|(n, _)| n.eval(w));
             (i as u16, value, p.when.eval(w))

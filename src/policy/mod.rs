@@ -93,6 +93,9 @@ pub struct PolicyConfig {
     /// Labels the segment must carry (exact values).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The window group this policy judges (`[windows.groups.<name>]`); default: `windows`.
+    #[serde(default)]
+    pub window: Option<String>,
     /// Condition over a closed window that counts as breaching.
     pub when: String,
     /// Consecutive breaching windows to fire.
@@ -169,6 +172,8 @@ pub struct Policy {
     pub segments_glob: String,
     segments: GlobMatcher,
     pub labels: BTreeMap<String, String>,
+    /// The window group judged (`None`: the default windows).
+    pub window: Option<String>,
     pub when: Cond,
     pub when_text: String,
     pub for_windows: u32,
@@ -432,6 +437,7 @@ impl PolicySet {
                     segments_glob: p.segments.clone(),
                     segments,
                     labels: p.labels.clone(),
+                    window: p.window.clone(),
                     when,
                     when_text: p.when.clone(),
                     for_windows: p.for_windows,
@@ -491,6 +497,22 @@ impl PolicySet {
                 missing.join(", "),
                 if missing.len() == 1 { "it" } else { "them" }
             )]));
+        }
+        let unknown: Vec<String> = set
+            .policies
+            .iter()
+            .filter_map(|p| {
+                let g = p.window.as_ref()?;
+                (!windows.groups.contains_key(g)).then(|| {
+                    format!(
+                        "policy `{}`: window: no window group `{g}`; define [windows.groups.{g}] (size, hop) in the config or remove the key",
+                        p.name
+                    )
+                })
+            })
+            .collect();
+        if !unknown.is_empty() {
+            return Err(PolicyErrors(unknown));
         }
         Ok(set)
     }

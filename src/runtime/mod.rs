@@ -36,7 +36,7 @@ use crate::kafka;
 use crate::metrics::{Counters, Gauges, Metrics};
 use crate::model::{DecisionRecord, RemediationCommand, RemediationOutcome};
 use crate::policy::{PolicySet, Silence};
-use crate::window::{Position, WindowEngine, WindowSpec, WindowSummary};
+use crate::window::{Position, WindowSummary, Windows};
 
 /// The controller clock of the live runtime.
 pub trait Clock: Send + Sync {
@@ -104,7 +104,7 @@ pub struct SilenceRecord {
 
 /// State shared by the engine loop, the rebalance callback and the admin thread.
 pub struct Core {
-    pub engine: WindowEngine,
+    pub engine: Windows,
     pub controller: Controller,
     pub config: Config,
     telemetry: crate::codec::fast::TelemetryDecoder,
@@ -382,11 +382,10 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     }
 
     let t = &config.topics;
-    let spec = WindowSpec::from_config(&config.windows);
     let track_labels = policies.policies.iter().any(|p| !p.labels.is_empty());
     let codec_err = |topic: &str, e: String| anyhow::anyhow!("topics.{topic}: {e}");
     let core = Arc::new(Mutex::new(Core {
-        engine: WindowEngine::new(spec),
+        engine: Windows::from_config(&config.windows),
         controller: Controller::new(policies, telemetry_partitions as u32),
         telemetry: crate::codec::fast::TelemetryDecoder::new(
             t.telemetry.codec,
@@ -1074,6 +1073,13 @@ impl Core {
         let mut fx = std::mem::take(&mut self.effects);
         let empty = BTreeMap::new();
         for w in closed.drain(..) {
+            let labels = self.labels.get(&*w.segment).unwrap_or(&empty);
+            if w.group.is_some() {
+                // Window groups: judged once per segment through the controller's own
+                // per-group record; accounting follows the default windows.
+                self.controller.on_window(&w, labels, now, &mut fx);
+                continue;
+            }
             if self
                 .replay_until
                 .get(&w.partition)
@@ -1081,7 +1087,6 @@ impl Core {
             {
                 continue;
             }
-            let labels = self.labels.get(&*w.segment).unwrap_or(&empty);
             self.controller.on_window(&w, labels, now, &mut fx);
             let through = self.closed_through.entry(w.partition).or_insert(i64::MIN);
             *through = (*through).max(w.end_ms);
