@@ -235,9 +235,7 @@ pub fn offsets_from<C: rdkafka::consumer::ConsumerContext>(
     let mut start = BTreeMap::new();
     let mut end = BTreeMap::new();
     for &p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, timeout)
-            .with_context(|| format!("cannot read the offsets of {topic}/{p}"))?;
+        let (low, high) = watermarks(consumer, topic, p)?;
         start.insert(p, low);
         end.insert(p, high);
     }
@@ -292,6 +290,32 @@ pub fn offsets_from<C: rdkafka::consumer::ConsumerContext>(
         end,
         by_time: false,
     })
+}
+
+/// The low and high watermarks of a partition, retried for up to 15 s while the broker is
+/// still electing its leader (right after the topic was created, or during a broker restart).
+///
+/// # Errors
+/// The offsets cannot be read within that time.
+pub fn watermarks<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> anyhow::Result<(i64, i64)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
+            Ok(w) => return Ok(w),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!(topic, partition, error = %e, "watermarks not available yet; retrying");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot read the offsets of {topic}/{partition}"))
+            }
+        }
+    }
 }
 
 /// Java's murmur2 partitioner (what `partitioner=murmur2_random` does for keyed records):

@@ -855,10 +855,7 @@ pub fn read_state_partition(
     topic: &str,
     p: i32,
 ) -> anyhow::Result<(Vec<crate::controller::SegmentState>, Option<i64>)> {
-    let timeout = Duration::from_secs(10);
-    let (low, high) = reader
-        .fetch_watermarks(topic, p, timeout)
-        .with_context(|| format!("cannot read the offsets of {topic}/{p}"))?;
+    let (low, high) = kafka::watermarks(reader, topic, p)?;
     if high <= low {
         return Ok((Vec::new(), None));
     }
