@@ -993,12 +993,13 @@ pub fn print_summary(s: &Summary) {
         s.incidents_escalated,
         s.false_positives
     );
+    let ms = |v: Option<i64>| v.map_or("-".to_string(), |v| format!("{v} ms"));
     println!(
-        "time to detect: median {:?} ms, max {:?} ms; time to resolve: median {:?} ms, max {:?} ms",
-        s.time_to_detect_ms.median,
-        s.time_to_detect_ms.max,
-        s.time_to_resolve_ms.median,
-        s.time_to_resolve_ms.max
+        "time to detect: median {}, max {}; time to resolve: median {}, max {}",
+        ms(s.time_to_detect_ms.median),
+        ms(s.time_to_detect_ms.max),
+        ms(s.time_to_resolve_ms.median),
+        ms(s.time_to_resolve_ms.max)
     );
     println!(
         "records: produced {}, consumed {} = aggregated {} + dlq {}",
