@@ -250,17 +250,11 @@ pub fn run(
             tracing::error!(error = %e, "cannot encode an outcome");
             return;
         }
-        let mut rec = BaseRecord::<str, [u8]>::to(&t.outcomes.name)
+        let rec = BaseRecord::<str, [u8]>::to(&t.outcomes.name)
             .key(cmd.segment.as_str())
             .payload(&bytes);
-        loop {
-            match producer.send(rec) {
-                Ok(()) => return,
-                Err((_, back)) => {
-                    rec = back;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
+        if let Err(e) = kafka::send_waiting(&producer, rec) {
+            tracing::error!(error = %e, command_id = %cmd.command_id, "cannot queue an outcome");
         }
     };
     let mut uncommitted = false;

@@ -422,15 +422,7 @@ pub fn bench_topic_on(
         "logging.level=warn".into(),
     ];
     if bootstrap.is_some() {
-        for t in [
-            "telemetry",
-            "actions",
-            "outcomes",
-            "dlq",
-            "decisions",
-            "control",
-            "state",
-        ] {
+        for (t, _) in crate::config::TopicsConfig::default().all() {
             sets.push(format!("topics.{t}.name={tag}.{t}"));
         }
         sets.push("kafka.create_topics=true".into());
@@ -497,18 +489,10 @@ ack_timeout = "1h"
         codec
             .encode(&e, &mut bytes)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut rec = BaseRecord::<str, [u8]>::to(&config.topics.telemetry.name)
+        let rec = BaseRecord::<str, [u8]>::to(&config.topics.telemetry.name)
             .key(seg.as_str())
             .payload(&bytes);
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    rec = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        }
+        crate::kafka::send_waiting(&producer, rec)?;
     }
     producer.flush(Duration::from_secs(60))?;
     Ok(BenchTopic {
@@ -768,19 +752,11 @@ pub fn restore_bench(
         let segment = format!("r{}/svc-{}/ep-{i}", i % 4, i % 50);
         let partition = crate::kafka::murmur2_partition(segment.as_bytes(), partitions);
         let bytes = in_flight_state(&segment, partition, i as i64).to_bytes();
-        let mut rec = BaseRecord::<[u8], [u8]>::to(&config.topics.state.name)
+        let rec = BaseRecord::<[u8], [u8]>::to(&config.topics.state.name)
             .key(segment.as_bytes())
             .payload(&bytes)
             .partition(partition);
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-            }
-        }
+        crate::kafka::send_waiting(&producer, rec)?;
     }
     producer.flush(std::time::Duration::from_secs(60))?;
     let mut controller =

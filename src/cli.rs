@@ -559,6 +559,20 @@ pub fn backtest(args: &BacktestArgs, env: &HashMap<String, String>) -> ExitCode 
     ExitCode::SUCCESS
 }
 
+/// A benchmark's figures, or its error (exit 1).
+fn finish_bench<R>(result: anyhow::Result<R>, print: impl FnOnce(R)) -> ExitCode {
+    match result {
+        Ok(r) => {
+            print(r);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// `segloop bench <which>`: prints `key=value` figures.
 pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
     let config = match load_config(args.config.as_deref(), &[], env) {
@@ -571,81 +585,51 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
             crate::bench::window_bench(spec, args.segments, args.events).print();
             ExitCode::SUCCESS
         }
-        "e2e" => {
-            match crate::bench::e2e_bench(
+        "e2e" => finish_bench(
+            crate::bench::e2e_bench(
                 args.events as u64,
                 args.segments,
                 args.partitions,
                 args.rounds,
-            ) {
-                Ok(r) => {
-                    r.print();
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        "replay" => match crate::bench::replay_bench(
-            args.events as u64,
-            args.segments,
-            args.partitions,
-            args.rounds,
-        ) {
-            Ok(r) => {
-                r.print();
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(1)
-            }
-        },
+            ),
+            |r| r.print(),
+        ),
+        "replay" => finish_bench(
+            crate::bench::replay_bench(
+                args.events as u64,
+                args.segments,
+                args.partitions,
+                args.rounds,
+            ),
+            |r| r.print(),
+        ),
         "delivery" => {
             let Some(bs) = args.bootstrap.as_deref() else {
                 eprintln!("error: bench delivery needs --bootstrap HOST:PORT (a real broker: the embedded one has no transactions)");
                 return ExitCode::from(EXIT_USAGE);
             };
-            match crate::bench::delivery_bench(
-                bs,
-                args.events as u64,
-                args.segments,
-                args.partitions,
-                args.rounds,
-            ) {
-                Ok(r) => {
-                    r.print();
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
+            finish_bench(
+                crate::bench::delivery_bench(
+                    bs,
+                    args.events as u64,
+                    args.segments,
+                    args.partitions,
+                    args.rounds,
+                ),
+                |r| r.print(),
+            )
         }
-        "restore" => {
-            match crate::bench::restore_bench(
-                args.bootstrap.as_deref(),
-                args.segments,
-                args.partitions,
-            ) {
-                Ok((n, secs)) => {
-                    println!("bench=restore");
-                    println!("segments={n}");
-                    println!("partitions={}", args.partitions);
-                    println!("broker={}", args.bootstrap.as_deref().unwrap_or("embedded"));
-                    println!("restore_secs={secs:.3}");
-                    println!("segments_per_sec={:.0}", n as f64 / secs);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
-        }
+        "restore" => finish_bench(
+            crate::bench::restore_bench(args.bootstrap.as_deref(), args.segments, args.partitions),
+            |(n, secs)| {
+                println!("bench=restore");
+                println!("segments={n}");
+                println!("partitions={}", args.partitions);
+                println!("broker={}", args.bootstrap.as_deref().unwrap_or("embedded"));
+                println!("restore_secs={secs:.3}");
+                println!("segments_per_sec={:.0}", n as f64 / secs);
+            },
+        ),
         other => {
             eprintln!(
                 "error: unknown benchmark {other:?}; choose window, e2e, replay, delivery or restore"

@@ -193,7 +193,9 @@ impl Default for TopicsConfig {
 }
 
 impl TopicsConfig {
-    fn all(&self) -> [(&'static str, &TopicConfig); 7] {
+    /// Every topic with its role (`telemetry`, `actions`, ..., `state`), the config key under
+    /// `topics.`.
+    pub fn all(&self) -> [(&'static str, &TopicConfig); 7] {
         [
             ("telemetry", &self.telemetry),
             ("actions", &self.actions),

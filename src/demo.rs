@@ -256,27 +256,25 @@ pub fn write_sample_history(config: &Config, seed: u64, duration_s: u64) -> anyh
     .create()
     .context("cannot create the sample producer")?;
     let mut written = 0u64;
+    let mut failed = None;
     let mut bytes = Vec::with_capacity(128);
     sample_history(seed, duration_s, |e| {
         bytes.clear();
-        if codec.encode(&e, &mut bytes).is_err() {
+        if failed.is_some() || codec.encode(&e, &mut bytes).is_err() {
             return;
         }
-        let mut rec = BaseRecord::<str, [u8]>::to(&t.name)
+        let rec = BaseRecord::<str, [u8]>::to(&t.name)
             .key(e.segment.as_str())
             .payload(&bytes)
             .timestamp(e.ts_ms);
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
+        match crate::kafka::send_waiting(&producer, rec) {
+            Ok(()) => written += 1,
+            Err(e) => failed = Some(e),
         }
-        written += 1;
     });
+    if let Some(e) = failed {
+        return Err(e).context("cannot write the sample history");
+    }
     producer
         .flush(Duration::from_secs(30))
         .context("the sample history was not fully written")?;
@@ -701,19 +699,15 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
                 };
                 bytes.clear();
                 if codec.encode(&e, &mut bytes).is_ok() {
-                    let mut rec = BaseRecord::<str, [u8]>::to(&t.telemetry.name)
+                    let rec = BaseRecord::<str, [u8]>::to(&t.telemetry.name)
                         .key(seg.as_str())
                         .payload(&bytes);
-                    loop {
-                        match producer.send(rec) {
-                            Ok(()) => break,
-                            Err((_, r)) => {
-                                rec = r;
-                                std::thread::sleep(Duration::from_millis(1));
-                            }
+                    match crate::kafka::send_waiting(&producer, rec) {
+                        Ok(()) => {
+                            produced.fetch_add(1, Ordering::Relaxed);
                         }
+                        Err(e) => tracing::error!(error = %e, "cannot queue telemetry"),
                     }
-                    produced.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }

@@ -37,15 +37,18 @@ pub fn prepare_topics(config: &Config) -> anyhow::Result<BTreeMap<String, i32>> 
         .create()
         .context("cannot create a Kafka client for metadata")?;
     let t = &config.topics;
-    let wanted: Vec<(&str, &str, bool)> = vec![
-        ("telemetry", &t.telemetry.name, false),
-        ("state", &t.state.name, true),
-        ("actions", &t.actions.name, false),
-        ("outcomes", &t.outcomes.name, false),
-        ("dlq", &t.dlq.name, false),
-        ("decisions", &t.decisions.name, false),
-        ("control", &t.control.name, true),
-    ];
+    // The state changelog and the control topic keep the latest record per key.
+    let wanted: Vec<(&str, &str, bool)> = t
+        .all()
+        .into_iter()
+        .map(|(role, topic)| {
+            (
+                role,
+                topic.name.as_str(),
+                matches!(role, "state" | "control"),
+            )
+        })
+        .collect();
     let mut counts = existing_partitions(&probe, wanted.iter().map(|w| w.1))?;
     let missing: Vec<&(&str, &str, bool)> = wanted
         .iter()
@@ -139,16 +142,8 @@ pub fn create_embedded_topics<C: rdkafka::ClientContext>(
     cluster: &rdkafka::mocking::MockCluster<'_, C>,
     config: &Config,
 ) -> anyhow::Result<()> {
-    let t = &config.topics;
-    for name in [
-        &t.telemetry.name,
-        &t.state.name,
-        &t.actions.name,
-        &t.outcomes.name,
-        &t.dlq.name,
-        &t.decisions.name,
-        &t.control.name,
-    ] {
+    for (_, topic) in config.topics.all() {
+        let name = &topic.name;
         cluster
             .create_topic(name, config.kafka.partitions, 1)
             .with_context(|| format!("the embedded cluster cannot create {name}"))?;
@@ -314,6 +309,36 @@ pub fn watermarks<C: rdkafka::consumer::ConsumerContext>(
                 return Err(e)
                     .with_context(|| format!("cannot read the offsets of {topic}/{partition}"))
             }
+        }
+    }
+}
+
+/// Sends a record, waiting while the producer's bounded queue is full (backpressure).
+///
+/// # Errors
+/// Any error but a full queue (the record cannot be queued at all).
+pub fn send_waiting<C, K, P>(
+    producer: &rdkafka::producer::ThreadedProducer<C>,
+    mut record: rdkafka::producer::BaseRecord<'_, K, P, C::DeliveryOpaque>,
+) -> rdkafka::error::KafkaResult<()>
+where
+    C: rdkafka::producer::ProducerContext + 'static,
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ),
+                back,
+            )) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
         }
     }
 }

@@ -645,38 +645,21 @@ impl WindowEngine {
         closed: &mut Vec<WindowSummary>,
     ) -> Result<(), DecodeError> {
         let Position { partition, offset } = at;
+        let checked = self.check(partition, ts_ms, now_ms);
         let spec = &self.spec;
         let Some(p) = self.partitions.get_mut(&partition) else {
-            return Err(DecodeError::new(
-                ErrorCode::InvalidValue,
-                format!("partition {partition} is not assigned to this instance"),
-            ));
+            return checked;
         };
         p.next_offset = Some(p.next_offset.map_or(offset + 1, |n| n.max(offset + 1)));
-        if ts_ms > now_ms.saturating_add(spec.max_clock_skew_ms) {
-            self.stats.clock_skew += 1;
-            return Err(DecodeError::new(
-                ErrorCode::ClockSkew,
-                format!(
-                    "event time {ts_ms} is {} ms ahead of the controller clock {now_ms} (max skew {} ms)",
-                    ts_ms - now_ms,
-                    spec.max_clock_skew_ms
-                ),
-            ));
+        if let Err(e) = checked {
+            match e.code {
+                ErrorCode::ClockSkew => self.stats.clock_skew += 1,
+                ErrorCode::Late => self.stats.late += 1,
+                _ => {}
+            }
+            return Err(e);
         }
         let pane_ms = ts_ms.div_euclid(spec.hop_ms) * spec.hop_ms;
-        if let Some(next_end) = p.next_end_ms {
-            if pane_ms + spec.size_ms < next_end {
-                self.stats.late += 1;
-                return Err(DecodeError::new(
-                    ErrorCode::Late,
-                    format!(
-                        "event time {ts_ms} is behind the watermark {} beyond grace {} ms: its windows have closed",
-                        p.watermark_ms, spec.grace_ms
-                    ),
-                ));
-            }
-        }
 
         // Watermark first: windows it closes are emitted before this event lands (it cannot
         // belong to them: they end at or before watermark − grace ≤ ts).
@@ -1063,11 +1046,6 @@ impl Windows {
                 .map(|(name, g)| WindowEngine::for_group(WindowSpec::for_group(c, g), name))
                 .collect(),
         }
-    }
-
-    /// The default windows' engine.
-    pub fn main(&self) -> &WindowEngine {
-        &self.main
     }
 
     /// Every engine: the default first, then the groups by name.

@@ -144,6 +144,18 @@ fn resolved_for(
     }
 }
 
+/// The actuator's APPLIED for `cmd`, on the test's outcomes topic.
+fn applied(bs: &str, tag: &str, cmd: &RemediationCommand) {
+    let p = producer(bs);
+    outcome(
+        &p,
+        &format!("rk.{tag}.outcomes"),
+        cmd,
+        OutcomeStatus::Applied,
+        None,
+    );
+}
+
 /// kill -9 mid-incident, the acknowledgement written while the process is down, restart:
 /// the restored state holds the in-flight command, the ack is applied, the fix verified.
 fn kill9_mid_incident(mode: &str) {
@@ -170,14 +182,7 @@ fn kill9_mid_incident(mode: &str) {
     a.wait().unwrap();
 
     // The actuator acknowledges while nobody owns the segment.
-    let p = producer(&bs);
-    outcome(
-        &p,
-        &format!("rk.{tag}.outcomes"),
-        &cmd,
-        OutcomeStatus::Applied,
-        None,
-    );
+    applied(&bs, &tag, &cmd);
 
     let mut b = spawn(&cfg);
     wait_assigned(port, 2);
@@ -239,14 +244,7 @@ fn rebalance_moves_an_in_flight_command_and_the_new_owner_closes_the_loop() {
     signal(&a, "-TERM");
     assert!(a.wait().unwrap().success());
     wait_assigned(port_b, 2);
-    let p = producer(&bs);
-    outcome(
-        &p,
-        &format!("rk.{tag}.outcomes"),
-        &cmd,
-        OutcomeStatus::Applied,
-        None,
-    );
+    applied(&bs, &tag, &cmd);
     let resolved = feed_until(&bs, &tag, "decisions", &seg, 0.0, resolved_for(&seg))
         .expect("B closes the loop A opened");
     assert_eq!(resolved.as_deref(), Some(cmd.command_id.as_str()));

@@ -18,19 +18,12 @@ use segloop::runtime::{Clock, SystemClock};
 /// Unique topic names (the broker is shared by the suite) created by segloop itself.
 fn topics(test: &str) -> Vec<String> {
     let tag = format!("{test}-{}-{}", std::process::id(), SystemClock.now_ms());
-    [
-        "telemetry",
-        "actions",
-        "outcomes",
-        "dlq",
-        "decisions",
-        "control",
-        "state",
-    ]
-    .iter()
-    .map(|t| format!("topics.{t}.name=rk.{tag}.{t}"))
-    .chain(["kafka.create_topics=true".to_string()])
-    .collect()
+    segloop::config::TopicsConfig::default()
+        .all()
+        .iter()
+        .map(|(t, _)| format!("topics.{t}.name=rk.{tag}.{t}"))
+        .chain(["kafka.create_topics=true".to_string()])
+        .collect()
 }
 
 #[test]

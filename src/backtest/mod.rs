@@ -662,17 +662,11 @@ impl Sandbox {
         if self.codec.encode(cmd, &mut bytes).is_err() {
             return;
         }
-        let mut rec = BaseRecord::<[u8], [u8]>::to(&self.topic)
+        let rec = BaseRecord::<[u8], [u8]>::to(&self.topic)
             .key(cmd.segment.as_bytes())
             .payload(&bytes);
-        loop {
-            match self.producer.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-            }
+        if let Err(e) = crate::kafka::send_waiting(&self.producer, rec) {
+            tracing::error!(error = %e, command_id = %cmd.command_id, "cannot queue a command for the sandbox topic");
         }
     }
 
@@ -684,26 +678,40 @@ impl Sandbox {
     }
 }
 
-/// The outcomes topic's whole history (committed records), oldest first by (time, partition,
-/// offset).
-fn read_outcomes(config: &Config, opts: &Options) -> anyhow::Result<Vec<RemediationOutcome>> {
-    let o = &config.topics.outcomes;
-    let codec = build_codec::<RemediationOutcome>(o.codec, &o.schema_settings())
-        .map_err(anyhow::Error::msg)?;
-    let range = source::resolve_range(config, &o.name, None, 0)?;
+/// Every record of a topic (committed records only) that decodes, oldest first by (`time`,
+/// partition, offset).
+fn read_topic<T: crate::codec::Record>(
+    config: &Config,
+    topic: &crate::config::TopicConfig,
+    fetch_max_bytes: Option<usize>,
+    time: fn(&T) -> i64,
+) -> anyhow::Result<Vec<T>> {
+    let codec =
+        build_codec::<T>(topic.codec, &topic.schema_settings()).map_err(anyhow::Error::msg)?;
+    let range = source::resolve_range(config, &topic.name, None, 0)?;
     let mut out = Vec::new();
     source::read_merged(
         config,
         &range,
-        opts.fetch_max_bytes,
-        |_, v| v.and_then(|v| codec.decode(v).ok()).map(|o| o.ts_ms),
+        fetch_max_bytes,
+        |_, v| v.and_then(|v| codec.decode(v).ok()).map(|r| time(&r)),
         |r| {
-            if let Some(o) = r.value.and_then(|v| codec.decode(v).ok()) {
-                out.push(o);
+            if let Some(record) = r.value.and_then(|v| codec.decode(v).ok()) {
+                out.push(record);
             }
         },
     )?;
     Ok(out)
+}
+
+/// The outcomes topic's whole history, oldest first.
+fn read_outcomes(config: &Config, opts: &Options) -> anyhow::Result<Vec<RemediationOutcome>> {
+    read_topic(
+        config,
+        &config.topics.outcomes,
+        opts.fetch_max_bytes,
+        |o: &RemediationOutcome| o.ts_ms,
+    )
 }
 
 /// Commands the live loop issued (the actions topic), for `--against-live`.
@@ -714,23 +722,12 @@ pub fn read_live_commands(
     config: &Config,
     fetch_max_bytes: Option<usize>,
 ) -> anyhow::Result<Vec<RemediationCommand>> {
-    let a = &config.topics.actions;
-    let codec = build_codec::<RemediationCommand>(a.codec, &a.schema_settings())
-        .map_err(anyhow::Error::msg)?;
-    let range = source::resolve_range(config, &a.name, None, 0)?;
-    let mut out = Vec::new();
-    source::read_merged(
+    read_topic(
         config,
-        &range,
+        &config.topics.actions,
         fetch_max_bytes,
-        |_, v| v.and_then(|v| codec.decode(v).ok()).map(|c| c.issued_at_ms),
-        |r| {
-            if let Some(c) = r.value.and_then(|v| codec.decode(v).ok()) {
-                out.push(c);
-            }
-        },
-    )?;
-    Ok(out)
+        |c: &RemediationCommand| c.issued_at_ms,
+    )
 }
 
 /// Telemetry partitions of the embedded sample (at least).

@@ -1444,32 +1444,18 @@ fn send(
     );
 }
 
-/// Sends, waiting while the producer queue is full (backpressure, bounded queue).
-fn send_record<'a>(
+/// Sends, waiting while the producer queue is full (backpressure, bounded queue); a record
+/// that cannot be queued at all counts as a produce error.
+fn send_record(
     producer: &ThreadedProducer<ProduceContext>,
-    mut record: BaseRecord<'a, [u8], [u8], usize>,
+    record: BaseRecord<'_, [u8], [u8], usize>,
 ) {
-    loop {
-        match producer.send(record) {
-            Ok(()) => return,
-            Err((
-                rdkafka::error::KafkaError::MessageProduction(
-                    rdkafka::types::RDKafkaErrorCode::QueueFull,
-                ),
-                r,
-            )) => {
-                record = r;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err((e, _)) => {
-                producer.context().errors.fetch_add(1, Ordering::SeqCst);
-                producer
-                    .context()
-                    .errors_total
-                    .fetch_add(1, Ordering::SeqCst);
-                tracing::error!(error = %e, "cannot queue a record");
-                return;
-            }
-        }
+    if let Err(e) = kafka::send_waiting(producer, record) {
+        producer.context().errors.fetch_add(1, Ordering::SeqCst);
+        producer
+            .context()
+            .errors_total
+            .fetch_add(1, Ordering::SeqCst);
+        tracing::error!(error = %e, "cannot queue a record");
     }
 }

@@ -319,18 +319,11 @@ pub fn process_config(
 ) -> std::path::PathBuf {
     std::fs::write(dir.join("policies.toml"), POLICIES).unwrap();
     let path = dir.join(format!("segloop-{port}.toml"));
-    let topics: String = [
-        "telemetry",
-        "actions",
-        "outcomes",
-        "dlq",
-        "decisions",
-        "control",
-        "state",
-    ]
-    .iter()
-    .map(|t| format!("[topics.{t}]\nname = \"rk.{tag}.{t}\"\n"))
-    .collect();
+    let topics: String = segloop::config::TopicsConfig::default()
+        .all()
+        .iter()
+        .map(|(t, _)| format!("[topics.{t}]\nname = \"rk.{tag}.{t}\"\n"))
+        .collect();
     std::fs::write(
         &path,
         format!(
