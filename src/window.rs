@@ -285,28 +285,38 @@ struct SegmentWindows {
     expired: bool,
 }
 
-/// Segments of a partition: a dense slab (iterated in a deterministic order) plus an index of
-/// slot numbers. The index holds 4-byte entries, so it stays in cache even at 100k+ segments,
-/// and keys are compared against the copy stored inline in the slot, which the event touches
-/// next anyway: one cache miss per event where a map keyed by heap strings costs three.
+/// Segments of a partition: a dense slab (iterated in a deterministic order) plus an
+/// open-addressing index of slot numbers.
+///
+/// An index entry is 8 bytes, `(hash tag << 32) | (slot + 1)` (0 = empty), found by linear
+/// probing from `hash & mask`. Its address is known from the hash alone, so a batch of lookups
+/// can start loading all their entries before the first is read ([`SegmentTable::prefetch`]),
+/// and the tag settles nearly every probe without touching a slot. Keys are compared against
+/// the copy stored inline in the slot, which the event touches next anyway.
 struct SegmentTable {
     hasher: foldhash::fast::FixedState,
-    index: hashbrown::HashTable<u32>,
-    /// `hashes[i]` is the hash of `slots[i]`'s name: dense, so probes and prefetch hints read
-    /// 8 bytes per candidate instead of a slot.
+    entries: Vec<u64>,
+    /// `hashes[i]` is the hash of `slots[i]`'s name (for growing and removing).
     hashes: Vec<u64>,
     slots: Vec<SegmentWindows>,
 }
+
+const EMPTY: u64 = 0;
 
 impl Default for SegmentTable {
     fn default() -> Self {
         SegmentTable {
             hasher: foldhash::fast::FixedState::with_seed(0x5e6_1009),
-            index: hashbrown::HashTable::new(),
+            entries: vec![EMPTY; 16],
             hashes: Vec::new(),
             slots: Vec::new(),
         }
     }
+}
+
+#[inline]
+fn entry_of(hash: u64, slot: usize) -> u64 {
+    (hash & 0xffff_ffff_0000_0000) | (slot as u64 + 1)
 }
 
 impl SegmentTable {
@@ -315,63 +325,137 @@ impl SegmentTable {
     }
 
     #[inline]
+    fn mask(&self) -> usize {
+        self.entries.len() - 1
+    }
+
+    #[inline]
     fn hash(&self, name: &str) -> u64 {
         use std::hash::BuildHasher;
         self.hasher.hash_one(name.as_bytes())
     }
 
+    /// Starts loading the index entry a hash probes first.
+    #[inline]
+    fn prefetch_entry(&self, hash: u64) {
+        prefetch_read(self.entries[hash as usize & self.mask()..].as_ptr() as *const u8);
+    }
+
+    /// The index position and slot of the first entry whose tag matches and for which `eq`
+    /// holds.
+    #[inline]
+    fn probe(&self, hash: u64, mut eq: impl FnMut(usize) -> bool) -> Option<(usize, usize)> {
+        let mask = self.mask();
+        let tag = hash & 0xffff_ffff_0000_0000;
+        let mut at = hash as usize & mask;
+        loop {
+            let e = self.entries[at];
+            if e == EMPTY {
+                return None;
+            }
+            if e & 0xffff_ffff_0000_0000 == tag {
+                let slot = (e & 0xffff_ffff) as usize - 1;
+                if eq(slot) {
+                    return Some((at, slot));
+                }
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    #[inline]
+    fn find_hashed(&self, hash: u64, name: &str) -> Option<usize> {
+        self.probe(hash, |i| self.slots[i].key.as_slice() == name.as_bytes())
+            .map(|(_, slot)| slot)
+    }
+
     #[inline]
     fn find(&self, name: &str) -> Option<usize> {
-        let hash = self.hash(name);
-        let (slots, hashes) = (&self.slots, &self.hashes);
-        self.index
-            .find(hash, |&i| {
-                hashes[i as usize] == hash && slots[i as usize].key.as_slice() == name.as_bytes()
-            })
-            .map(|&i| i as usize)
+        self.find_hashed(self.hash(name), name)
     }
 
-    /// The slot a name most likely occupies (hash match only): for prefetch hints.
+    /// The slot a hash most likely belongs to (tag match only): for prefetch hints.
     #[inline]
-    fn probable_slot(&self, name: &str) -> Option<&SegmentWindows> {
-        let hash = self.hash(name);
-        let hashes = &self.hashes;
-        self.index
-            .find(hash, |&i| hashes[i as usize] == hash)
-            .map(|&i| &self.slots[i as usize])
+    fn probable_slot(&self, hash: u64) -> Option<&SegmentWindows> {
+        self.probe(hash, |_| true).map(|(_, i)| &self.slots[i])
     }
 
-    fn insert(&mut self, seg: SegmentWindows) -> usize {
-        let i = self.slots.len();
-        let hash = self.hash(&seg.name);
-        let hashes = &self.hashes;
-        self.index.insert_unique(hash, i as u32, |&j| {
-            if j as usize == i {
-                hash
-            } else {
-                hashes[j as usize]
+    fn place(entries: &mut [u64], hash: u64, entry: u64) {
+        let mask = entries.len() - 1;
+        let mut at = hash as usize & mask;
+        while entries[at] != EMPTY {
+            at = (at + 1) & mask;
+        }
+        entries[at] = entry;
+    }
+
+    fn insert_hashed(&mut self, hash: u64, seg: SegmentWindows) -> usize {
+        assert!(self.slots.len() < u32::MAX as usize - 1, "segment table is full");
+        if (self.slots.len() + 1) * 2 > self.entries.len() {
+            let mut entries = vec![EMPTY; self.entries.len() * 2];
+            for (i, &h) in self.hashes.iter().enumerate() {
+                Self::place(&mut entries, h, entry_of(h, i));
             }
-        });
+            self.entries = entries;
+        }
+        let i = self.slots.len();
+        Self::place(&mut self.entries, hash, entry_of(hash, i));
         self.hashes.push(hash);
         self.slots.push(seg);
         i
     }
 
+    #[cfg(test)]
+    fn insert(&mut self, seg: SegmentWindows) -> usize {
+        let hash = self.hash(&seg.name);
+        self.insert_hashed(hash, seg)
+    }
+
+    /// Empties index position `at` by shifting later entries of its probe run back (linear
+    /// probing's deletion: no tombstones, so lookups never slow down with churn).
+    fn delete_at(&mut self, mut at: usize) {
+        let mask = self.mask();
+        let mut next = at;
+        loop {
+            next = (next + 1) & mask;
+            let e = self.entries[next];
+            if e == EMPTY {
+                break;
+            }
+            let home = self.hashes[(e & 0xffff_ffff) as usize - 1] as usize & mask;
+            // The entry may move back to `at` unless its home lies cyclically in (at, next].
+            let stays = if at <= next {
+                at < home && home <= next
+            } else {
+                at < home || home <= next
+            };
+            if !stays {
+                self.entries[at] = e;
+                at = next;
+            }
+        }
+        self.entries[at] = EMPTY;
+    }
+
     fn remove(&mut self, name: &str) -> bool {
-        let Some(i) = self.find(name) else {
+        let hash = self.hash(name);
+        let Some((at, i)) = self.probe(hash, |i| self.slots[i].key.as_slice() == name.as_bytes())
+        else {
             return false;
         };
-        let hash = self.hashes[i];
-        if let Ok(entry) = self.index.find_entry(hash, |&j| j as usize == i) {
-            entry.remove();
-        }
+        self.delete_at(at);
+        let last = self.slots.len() - 1;
         self.slots.swap_remove(i);
         self.hashes.swap_remove(i);
-        if let Some(&moved_hash) = self.hashes.get(i) {
-            let old = self.slots.len() as u32;
-            if let Some(slot) = self.index.find_mut(moved_hash, |&j| j == old) {
-                *slot = i as u32;
+        if i != last {
+            // The last slot moved to `i`: repoint its entry.
+            let moved = self.hashes[i];
+            let mask = self.mask();
+            let mut at = moved as usize & mask;
+            while self.entries[at] & 0xffff_ffff != last as u64 + 1 {
+                at = (at + 1) & mask;
             }
+            self.entries[at] = entry_of(moved, i);
         }
         true
     }
@@ -682,7 +766,8 @@ impl WindowEngine {
 
         self.seq += 1;
         let seq = self.seq;
-        let mut slot = p.segments.find(segment);
+        let hash = p.segments.hash(segment);
+        let mut slot = p.segments.find_hashed(hash, segment);
         if slot.is_none() {
             if self.segment_total >= self.spec.max_segments {
                 self.evict();
@@ -691,7 +776,7 @@ impl WindowEngine {
                 .partitions
                 .get_mut(&partition)
                 .expect("partition checked above");
-            slot = Some(p.segments.insert(SegmentWindows {
+            slot = Some(p.segments.insert_hashed(hash, SegmentWindows {
                 name: Arc::from(segment),
                 key: SmallVec::from_slice(segment.as_bytes()),
                 panes: SmallVec::new(),
@@ -745,21 +830,28 @@ impl WindowEngine {
         let Some(p) = self.partitions.get(&partition) else {
             return;
         };
-        // Pass 1: the slots (header and the newest pane's aggregates span several lines).
+        let table = &p.segments;
+        // Three passes, each loading what the next one reads, so a batch's misses overlap:
+        // the index entries (addressed by the hash alone), then the slots they point to,
+        // then the sketch buckets those slots point to.
+        let hashes: SmallVec<[u64; 128]> = keys
+            .into_iter()
+            .map(|key| {
+                let h = table.hash(key);
+                table.prefetch_entry(h);
+                h
+            })
+            .collect();
         let mut found: SmallVec<[&SegmentWindows; 128]> = SmallVec::new();
-        for key in keys {
-            if let Some(seg) = p.segments.probable_slot(key) {
-                prefetch_span(seg as *const SegmentWindows as *const u8, 64);
-                if let Some(pane) = seg.panes.last() {
-                    prefetch_span(
-                        pane as *const Pane as *const u8,
-                        std::mem::size_of::<Pane>(),
-                    );
-                }
+        for &h in &hashes {
+            if let Some(seg) = table.probable_slot(h) {
+                prefetch_span(
+                    seg as *const SegmentWindows as *const u8,
+                    std::mem::size_of::<SegmentWindows>(),
+                );
                 found.push(seg);
             }
         }
-        // Pass 2: by now the first slots have arrived; start loading their sketches' buckets.
         for seg in found {
             if let Some(pane) = seg.panes.last() {
                 for (_, agg) in &pane.aggs {
