@@ -142,11 +142,18 @@ pub fn window_bench(spec: WindowSpec, segments: usize, events: usize) -> WindowB
     // before ingesting it.
     const BATCH: usize = 48;
     let key_of = |d: &(u32, u32, f64, f64)| &keys[d.0 as usize..(d.0 + d.1) as usize];
+    let ts_of = |i: usize| (i as i64 * span_ms) / events.max(1) as i64;
     for (i, (at, len, latency, error)) in draws.iter().enumerate() {
         if i % BATCH == 0 {
-            engine.prefetch(0, draws[i..(i + BATCH).min(events)].iter().map(key_of));
+            let end = (i + BATCH).min(events);
+            engine.prefetch(
+                draws[i..end]
+                    .iter()
+                    .zip(i..end)
+                    .map(|(d, j)| (0, key_of(d), ts_of(j))),
+            );
         }
-        let ts = (i as i64 * span_ms) / events.max(1) as i64;
+        let ts = ts_of(i);
         let _ = engine.ingest(
             Position {
                 partition: 0,

@@ -262,6 +262,10 @@ pub struct EngineStats {
 /// Measurements kept inline in a pane before spilling to the heap (latency + error is typical).
 const INLINE_MEASUREMENTS: usize = 2;
 
+/// `start_ms` of an unused pane position.
+const NO_PANE: i64 = i64::MIN;
+
+/// One hop of one segment: the unit events are added to (128 bytes with two measurements).
 struct Pane {
     start_ms: i64,
     count: u64,
@@ -269,20 +273,162 @@ struct Pane {
     aggs: SmallVec<[(u16, Agg); INLINE_MEASUREMENTS]>,
 }
 
+impl Pane {
+    const UNUSED: Pane = Pane {
+        start_ms: NO_PANE,
+        count: 0,
+        min_offset: i64::MAX,
+        aggs: SmallVec::new_const(),
+    };
+
+    fn new(start_ms: i64, offset: i64) -> Self {
+        Pane {
+            start_ms,
+            min_offset: offset,
+            ..Pane::UNUSED
+        }
+    }
+
+    fn is_used(&self) -> bool {
+        self.start_ms != NO_PANE
+    }
+}
+
+/// The open panes of a segment. A pane lives in `ring[(start / hop) % 2]` when that position
+/// is free, else in `extra` (sorted by start). Tumbling windows whose lateness is shorter than a
+/// window (the default) never need `extra`: the open pane and the one before it alternate
+/// positions. So the position an event goes to is known from its timestamp alone, before its
+/// segment is read, and a prefetch can load exactly that pane.
+struct Panes {
+    ring: [Pane; 2],
+    extra: Vec<Pane>,
+}
+
+impl Panes {
+    const EMPTY: Panes = Panes {
+        ring: [Pane::UNUSED, Pane::UNUSED],
+        extra: Vec::new(),
+    };
+
+    #[inline]
+    fn ring_index(start_ms: i64, hop_ms: i64) -> usize {
+        (start_ms.div_euclid(hop_ms) & 1) as usize
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.ring[0].is_used() && !self.ring[1].is_used() && self.extra.is_empty()
+    }
+
+    /// The pane starting at `start_ms`, created if missing.
+    #[inline]
+    fn pane_mut(&mut self, start_ms: i64, hop_ms: i64, offset: i64) -> &mut Pane {
+        let r = Self::ring_index(start_ms, hop_ms);
+        if self.ring[r].start_ms == start_ms {
+            return &mut self.ring[r];
+        }
+        if !self.ring[r].is_used() && !self.extra.iter().any(|p| p.start_ms == start_ms) {
+            self.ring[r] = Pane::new(start_ms, offset);
+            return &mut self.ring[r];
+        }
+        let i = match self.extra.binary_search_by_key(&start_ms, |p| p.start_ms) {
+            Ok(i) => i,
+            Err(i) => {
+                self.extra.insert(i, Pane::new(start_ms, offset));
+                i
+            }
+        };
+        &mut self.extra[i]
+    }
+
+    /// Every open pane, in no particular order.
+    fn iter(&self) -> impl Iterator<Item = &Pane> {
+        self.ring.iter().filter(|p| p.is_used()).chain(&self.extra)
+    }
+
+    /// Every open pane, oldest first.
+    fn sorted(&self) -> SmallVec<[&Pane; 4]> {
+        let mut v: SmallVec<[&Pane; 4]> = self.iter().collect();
+        v.sort_unstable_by_key(|p| p.start_ms);
+        v
+    }
+
+    /// Removes and returns the pane starting at `start_ms`.
+    fn take(&mut self, start_ms: i64, hop_ms: i64) -> Option<Pane> {
+        let r = Self::ring_index(start_ms, hop_ms);
+        if self.ring[r].start_ms == start_ms {
+            return Some(std::mem::replace(&mut self.ring[r], Pane::UNUSED));
+        }
+        let i = self.extra.iter().position(|p| p.start_ms == start_ms)?;
+        Some(self.extra.remove(i))
+    }
+
+    /// Drops every pane starting before `start_ms`.
+    fn drop_before(&mut self, start_ms: i64) {
+        for p in &mut self.ring {
+            if p.is_used() && p.start_ms < start_ms {
+                *p = Pane::UNUSED;
+            }
+        }
+        self.extra.retain(|p| p.start_ms >= start_ms);
+    }
+}
+
+/// Bytes of a segment name kept inline in its slot (longer names compare the rest through
+/// `name`).
+const INLINE_KEY: usize = 28;
+
+/// One segment's windows. Laid out for the ingest path: the first cache line holds the key and
+/// the bookkeeping an event updates, each ring pane fills the next two lines.
+#[repr(C, align(64))]
 struct SegmentWindows {
-    name: Arc<str>,
-    /// The name's bytes inline (up to 40), compared on lookup without another cache miss.
-    key: SmallVec<[u8; 40]>,
-    /// Open panes, oldest first, distinct starts in increasing order. Tumbling windows rarely
-    /// hold more than one, so one lives inline in the segment's slab slot.
-    panes: SmallVec<[Pane; 1]>,
-    /// Start of the pane of the segment's first accepted event: no window ends before it.
-    first_pane_ms: i64,
-    last_event_ms: i64,
+    key_len: u32,
+    key: [u8; INLINE_KEY],
     /// Engine-wide ingest sequence number of the last event: eviction order (longest idle).
     last_seq: u64,
+    last_event_ms: i64,
+    /// Start of the pane of the segment's first accepted event: no window ends before it.
+    first_pane_ms: i64,
     /// Past its TTL during a close; removed when the close finishes.
     expired: bool,
+    panes: Panes,
+    name: Arc<str>,
+}
+
+impl SegmentWindows {
+    fn new(name: &str, first_pane_ms: i64, last_event_ms: i64, last_seq: u64) -> Self {
+        let mut key = [0u8; INLINE_KEY];
+        let inline = name.len().min(INLINE_KEY);
+        key[..inline].copy_from_slice(&name.as_bytes()[..inline]);
+        SegmentWindows {
+            key_len: name.len() as u32,
+            key,
+            last_seq,
+            last_event_ms,
+            first_pane_ms,
+            expired: false,
+            panes: Panes::EMPTY,
+            name: Arc::from(name),
+        }
+    }
+
+    #[inline]
+    fn is(&self, name: &str) -> bool {
+        let b = name.as_bytes();
+        if self.key_len as usize != b.len() {
+            return false;
+        }
+        if b.len() <= INLINE_KEY {
+            self.key[..b.len()] == *b
+        } else {
+            self.key == b[..INLINE_KEY] && *self.name == *name
+        }
+    }
+
+    /// Address of the ring pane an event at `pane_ms` goes to.
+    #[inline]
+    fn ring_pane(&self, pane_ms: i64, hop_ms: i64) -> &Pane {
+        &self.panes.ring[Panes::ring_index(pane_ms, hop_ms)]
+    }
 }
 
 /// Segments of a partition: a dense slab (iterated in a deterministic order) plus an
@@ -365,7 +511,7 @@ impl SegmentTable {
 
     #[inline]
     fn find_hashed(&self, hash: u64, name: &str) -> Option<usize> {
-        self.probe(hash, |i| self.slots[i].key.as_slice() == name.as_bytes())
+        self.probe(hash, |i| self.slots[i].is(name))
             .map(|(_, slot)| slot)
     }
 
@@ -390,7 +536,10 @@ impl SegmentTable {
     }
 
     fn insert_hashed(&mut self, hash: u64, seg: SegmentWindows) -> usize {
-        assert!(self.slots.len() < u32::MAX as usize - 1, "segment table is full");
+        assert!(
+            self.slots.len() < u32::MAX as usize - 1,
+            "segment table is full"
+        );
         if (self.slots.len() + 1) * 2 > self.entries.len() {
             let mut entries = vec![EMPTY; self.entries.len() * 2];
             for (i, &h) in self.hashes.iter().enumerate() {
@@ -439,8 +588,7 @@ impl SegmentTable {
 
     fn remove(&mut self, name: &str) -> bool {
         let hash = self.hash(name);
-        let Some((at, i)) = self.probe(hash, |i| self.slots[i].key.as_slice() == name.as_bytes())
-        else {
+        let Some((at, i)) = self.probe(hash, |i| self.slots[i].is(name)) else {
             return false;
         };
         self.delete_at(at);
@@ -564,38 +712,13 @@ impl WindowEngine {
     /// # Errors
     /// As `ingest`.
     pub fn check(&self, partition: i32, ts_ms: i64, now_ms: i64) -> Result<(), DecodeError> {
-        let spec = &self.spec;
         let Some(p) = self.partitions.get(&partition) else {
             return Err(DecodeError::new(
                 ErrorCode::InvalidValue,
                 format!("partition {partition} is not assigned to this instance"),
             ));
         };
-        if ts_ms > now_ms.saturating_add(spec.max_clock_skew_ms) {
-            return Err(DecodeError::new(
-                ErrorCode::ClockSkew,
-                format!(
-                    "event time {ts_ms} is {} ms ahead of the controller clock {now_ms} (max skew {} ms)",
-                    ts_ms - now_ms,
-                    spec.max_clock_skew_ms
-                ),
-            ));
-        }
-        let pane_ms = ts_ms.div_euclid(spec.hop_ms) * spec.hop_ms;
-        if p.next_end_ms
-            .is_some_and(|next_end| pane_ms + spec.size_ms < next_end)
-        {
-            return Err(DecodeError::new(
-                ErrorCode::Late,
-                format!(
-                    "event time {ts_ms} is behind the watermark {} beyond grace {} ms: its {}windows have closed",
-                    p.watermark_ms,
-                    spec.grace_ms,
-                    self.group.as_deref().map_or(String::new(), |g| format!("`{g}` "))
-                ),
-            ));
-        }
-        Ok(())
+        check_in(p, &self.spec, self.group.as_deref(), ts_ms, now_ms)
     }
 
     fn tag(&self, closed: &mut [WindowSummary]) {
@@ -667,7 +790,8 @@ impl WindowEngine {
                 let seg = &p.segments.slots[i];
                 return seg
                     .panes
-                    .iter()
+                    .sorted()
+                    .into_iter()
                     .map(|pane| {
                         summary_of(
                             seg,
@@ -729,13 +853,15 @@ impl WindowEngine {
         closed: &mut Vec<WindowSummary>,
     ) -> Result<(), DecodeError> {
         let Position { partition, offset } = at;
-        let checked = self.check(partition, ts_ms, now_ms);
         let spec = &self.spec;
         let Some(p) = self.partitions.get_mut(&partition) else {
-            return checked;
+            return Err(DecodeError::new(
+                ErrorCode::InvalidValue,
+                format!("partition {partition} is not assigned to this instance"),
+            ));
         };
         p.next_offset = Some(p.next_offset.map_or(offset + 1, |n| n.max(offset + 1)));
-        if let Err(e) = checked {
+        if let Err(e) = check_in(p, spec, self.group.as_deref(), ts_ms, now_ms) {
             match e.code {
                 ErrorCode::ClockSkew => self.stats.clock_skew += 1,
                 ErrorCode::Late => self.stats.late += 1,
@@ -767,35 +893,30 @@ impl WindowEngine {
         self.seq += 1;
         let seq = self.seq;
         let hash = p.segments.hash(segment);
-        let mut slot = p.segments.find_hashed(hash, segment);
-        if slot.is_none() {
-            if self.segment_total >= self.spec.max_segments {
-                self.evict();
+        let slot = match p.segments.find_hashed(hash, segment) {
+            Some(slot) => slot,
+            None => {
+                if self.segment_total >= spec.max_segments {
+                    self.evict();
+                }
+                self.segment_total += 1;
+                let p = self
+                    .partitions
+                    .get_mut(&partition)
+                    .expect("partition checked above");
+                p.segments
+                    .insert_hashed(hash, SegmentWindows::new(segment, pane_ms, ts_ms, seq))
             }
-            let p = self
-                .partitions
-                .get_mut(&partition)
-                .expect("partition checked above");
-            slot = Some(p.segments.insert_hashed(hash, SegmentWindows {
-                name: Arc::from(segment),
-                key: SmallVec::from_slice(segment.as_bytes()),
-                panes: SmallVec::new(),
-                first_pane_ms: pane_ms,
-                last_event_ms: ts_ms,
-                last_seq: seq,
-                expired: false,
-            }));
-            self.segment_total += 1;
-        }
+        };
         let p = self
             .partitions
             .get_mut(&partition)
             .expect("partition checked above");
-        let seg = &mut p.segments.slots[slot.expect("found or inserted")];
+        let seg = &mut p.segments.slots[slot];
         seg.last_seq = seq;
         seg.last_event_ms = seg.last_event_ms.max(ts_ms);
         seg.first_pane_ms = seg.first_pane_ms.min(pane_ms);
-        let pane = pane_for(&mut seg.panes, pane_ms, offset);
+        let pane = seg.panes.pane_mut(pane_ms, self.spec.hop_ms, offset);
         pane.count += 1;
         pane.min_offset = pane.min_offset.min(offset);
         for (name, v) in measurements {
@@ -822,42 +943,48 @@ impl WindowEngine {
         Ok(())
     }
 
-    /// A hint before ingesting a batch of records of one partition: looks up each key's
-    /// segment and asks the CPU to start loading its state, so the misses of a whole batch
-    /// overlap instead of stalling one event at a time. Changes nothing; skipping it changes
-    /// nothing but speed.
-    pub fn prefetch<'k>(&self, partition: i32, keys: impl IntoIterator<Item = &'k str>) {
-        let Some(p) = self.partitions.get(&partition) else {
-            return;
-        };
-        let table = &p.segments;
-        // Three passes, each loading what the next one reads, so a batch's misses overlap:
-        // the index entries (addressed by the hash alone), then the slots they point to,
-        // then the sketch buckets those slots point to.
-        let hashes: SmallVec<[u64; 128]> = keys
-            .into_iter()
-            .map(|key| {
-                let h = table.hash(key);
-                table.prefetch_entry(h);
-                h
-            })
-            .collect();
-        let mut found: SmallVec<[&SegmentWindows; 128]> = SmallVec::new();
-        for &h in &hashes {
+    /// A hint before ingesting a batch of events, given as `(partition, segment, event time)`:
+    /// loads what ingesting them will touch, so the cache misses of a whole batch overlap
+    /// instead of stalling one event at a time. Changes nothing; skipping it changes nothing
+    /// but speed. Batches of 16 to 64 events work best.
+    pub fn prefetch<'k>(&self, events: impl IntoIterator<Item = (i32, &'k str, i64)>) {
+        let hop = self.spec.hop_ms;
+        // Three passes, each loading what the next one reads: the index entries (addressed by
+        // the hash alone), then the slot lines the event updates (its header and the ring pane
+        // its timestamp maps to), then the sketch buckets that pane points to.
+        let mut last: Option<(i32, &PartitionWindows)> = None;
+        let mut hashed: SmallVec<[(&SegmentTable, u64, i64); 64]> = SmallVec::new();
+        for (partition, key, ts_ms) in events {
+            let table = match last {
+                Some((lp, p)) if lp == partition => &p.segments,
+                _ => match self.partitions.get(&partition) {
+                    Some(p) => {
+                        last = Some((partition, p));
+                        &p.segments
+                    }
+                    None => continue,
+                },
+            };
+            let h = table.hash(key);
+            table.prefetch_entry(h);
+            hashed.push((table, h, ts_ms.div_euclid(hop) * hop));
+        }
+        let mut panes: SmallVec<[&Pane; 64]> = SmallVec::new();
+        for &(table, h, pane_ms) in &hashed {
             if let Some(seg) = table.probable_slot(h) {
+                let pane = seg.ring_pane(pane_ms, hop);
+                prefetch_read(seg as *const SegmentWindows as *const u8);
                 prefetch_span(
-                    seg as *const SegmentWindows as *const u8,
-                    std::mem::size_of::<SegmentWindows>(),
+                    pane as *const Pane as *const u8,
+                    std::mem::size_of::<Pane>(),
                 );
-                found.push(seg);
+                panes.push(pane);
             }
         }
-        for seg in found {
-            if let Some(pane) = seg.panes.last() {
-                for (_, agg) in &pane.aggs {
-                    if let Some(ptr) = agg.sketch.as_ref().and_then(|s| s.data_ptr()) {
-                        prefetch_read(ptr);
-                    }
+        for pane in panes {
+            for (_, agg) in &pane.aggs {
+                if let Some(ptr) = agg.sketch.as_ref().and_then(|s| s.data_ptr()) {
+                    prefetch_read(ptr);
                 }
             }
         }
@@ -941,37 +1068,40 @@ fn prefetch_read(ptr: *const u8) {
     let _ = ptr;
 }
 
-/// The pane starting at `pane_ms`, created in order if missing.
-fn pane_for(panes: &mut SmallVec<[Pane; 1]>, pane_ms: i64, offset: i64) -> &mut Pane {
-    // Nearly always the newest pane: check it first.
-    let idx = match panes.last() {
-        Some(last) if last.start_ms == pane_ms => panes.len() - 1,
-        Some(last) if last.start_ms < pane_ms => {
-            panes.push(new_pane(pane_ms, offset));
-            panes.len() - 1
-        }
-        None => {
-            panes.push(new_pane(pane_ms, offset));
-            0
-        }
-        Some(_) => match panes.binary_search_by_key(&pane_ms, |p| p.start_ms) {
-            Ok(i) => i,
-            Err(i) => {
-                panes.insert(i, new_pane(pane_ms, offset));
-                i
-            }
-        },
-    };
-    &mut panes[idx]
-}
-
-fn new_pane(start_ms: i64, offset: i64) -> Pane {
-    Pane {
-        start_ms,
-        count: 0,
-        min_offset: offset,
-        aggs: SmallVec::new(),
+/// Clock-skew and lateness checks of an event at `ts_ms` on partition `p`.
+#[inline]
+fn check_in(
+    p: &PartitionWindows,
+    spec: &WindowSpec,
+    group: Option<&str>,
+    ts_ms: i64,
+    now_ms: i64,
+) -> Result<(), DecodeError> {
+    if ts_ms > now_ms.saturating_add(spec.max_clock_skew_ms) {
+        return Err(DecodeError::new(
+            ErrorCode::ClockSkew,
+            format!(
+                "event time {ts_ms} is {} ms ahead of the controller clock {now_ms} (max skew {} ms)",
+                ts_ms - now_ms,
+                spec.max_clock_skew_ms
+            ),
+        ));
     }
+    let pane_ms = ts_ms.div_euclid(spec.hop_ms) * spec.hop_ms;
+    if p.next_end_ms
+        .is_some_and(|next_end| pane_ms + spec.size_ms < next_end)
+    {
+        return Err(DecodeError::new(
+            ErrorCode::Late,
+            format!(
+                "event time {ts_ms} is behind the watermark {} beyond grace {} ms: its {}windows have closed",
+                p.watermark_ms,
+                spec.grace_ms,
+                group.map_or(String::new(), |g| format!("`{g}` "))
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Closes every window with `end + grace ≤ watermark`, for every segment of the partition, in
@@ -1071,17 +1201,12 @@ fn take_tumbling(
     partition: i32,
     names: &Names,
 ) -> WindowSummary {
-    // Panes older than this window cannot exist (they closed earlier); take ours if present.
-    while seg.panes.first().is_some_and(|p| p.start_ms < start) {
-        seg.panes.remove(0);
-    }
-    let (count, aggs) = match seg.panes.first() {
-        Some(p) if p.start_ms == start => {
-            let p = seg.panes.remove(0);
-            (p.count, p.aggs)
-        }
-        _ => (0, SmallVec::new()),
+    let (count, aggs) = match seg.panes.take(start, end - start) {
+        Some(p) => (p.count, p.aggs),
+        None => (0, SmallVec::new()),
     };
+    // Panes older than this window cannot exist (they closed earlier).
+    seg.panes.drop_before(start);
     summary_of(seg, partition, start, end, count, aggs, names)
 }
 
@@ -1098,7 +1223,8 @@ fn merge_hopping(
     let mut aggs: Vec<(u16, Agg)> = Vec::new();
     for pane in seg
         .panes
-        .iter()
+        .sorted()
+        .into_iter()
         .filter(|p| p.start_ms >= start && p.start_ms < end)
     {
         count += pane.count;
@@ -1110,12 +1236,7 @@ fn merge_hopping(
         }
     }
     // The next window starts at start + hop.
-    let keep_from = seg
-        .panes
-        .iter()
-        .position(|p| p.start_ms >= start + hop)
-        .unwrap_or(seg.panes.len());
-    seg.panes.drain(..keep_from);
+    seg.panes.drop_before(start + hop);
     summary_of(seg, partition, start, end, count, aggs, names)
 }
 
@@ -1186,8 +1307,9 @@ impl Windows {
             .min()
     }
 
-    pub fn prefetch<'k>(&self, partition: i32, keys: impl IntoIterator<Item = &'k str>) {
-        self.main.prefetch(partition, keys);
+    /// See [`WindowEngine::prefetch`] (the default windows; groups are rarely hot).
+    pub fn prefetch<'k>(&self, events: impl IntoIterator<Item = (i32, &'k str, i64)>) {
+        self.main.prefetch(events);
     }
 
     /// Ingests into every engine, or into none (see the type's doc).
@@ -1233,15 +1355,21 @@ mod tests {
     use super::*;
 
     fn seg(name: &str) -> SegmentWindows {
-        SegmentWindows {
-            name: Arc::from(name),
-            key: SmallVec::from_slice(name.as_bytes()),
-            panes: SmallVec::new(),
-            first_pane_ms: 0,
-            last_event_ms: 0,
-            last_seq: 0,
-            expired: false,
-        }
+        SegmentWindows::new(name, 0, 0, 0)
+    }
+
+    #[test]
+    fn slots_tell_apart_long_names_that_share_the_inline_prefix() {
+        let long = "region-0/cluster-07/service-checkout/endpoint-";
+        let a = seg(&format!("{long}1"));
+        assert!(a.is(&format!("{long}1")));
+        assert!(!a.is(&format!("{long}2")));
+        assert!(!a.is(&format!("{long}10")));
+        assert!(!a.is(long));
+        let short = seg("us-1/auth");
+        assert!(short.is("us-1/auth"));
+        assert!(!short.is("us-1/autH"));
+        assert!(!short.is("us-1/auth/"));
     }
 
     #[test]
@@ -1259,6 +1387,12 @@ mod tests {
             } else if t.find(&name).is_none() {
                 t.insert(seg(&name));
                 model.insert(name);
+            }
+            if x % 97 == 0 {
+                for name in &model {
+                    let i = t.find(name).expect("present");
+                    assert_eq!(&*t.slots[i].name, name.as_str());
+                }
             }
         }
         assert_eq!(t.len(), model.len());
