@@ -145,11 +145,13 @@ pub fn window_bench(spec: WindowSpec, segments: usize, events: usize) -> WindowB
     let ts_of = |i: usize| (i as i64 * span_ms) / events.max(1) as i64;
     for (i, (at, len, latency, error)) in draws.iter().enumerate() {
         if i % BATCH == 0 {
-            let end = (i + BATCH).min(events);
+            // One batch ahead: its loads land while this batch is ingested.
+            let from = if i == 0 { 0 } else { (i + BATCH).min(events) };
+            let end = (i + 2 * BATCH).min(events);
             engine.prefetch(
-                draws[i..end]
+                draws[from..end]
                     .iter()
-                    .zip(i..end)
+                    .zip(from..end)
                     .map(|(d, j)| (0, key_of(d), ts_of(j))),
             );
         }

@@ -164,6 +164,9 @@ impl MeasurementSummary {
     }
 }
 
+/// A window's measurements, sorted by name (the usual one or two live inline).
+pub type Measurements = SmallVec<[(Arc<str>, MeasurementSummary); INLINE_MEASUREMENTS]>;
+
 /// One closed window of one segment: the immutable input to policies.
 #[derive(Debug, Clone)]
 pub struct WindowSummary {
@@ -174,7 +177,7 @@ pub struct WindowSummary {
     /// Events in the window (0 = no data).
     pub count: u64,
     /// Per measurement, sorted by name.
-    pub measurements: Vec<(Arc<str>, MeasurementSummary)>,
+    pub measurements: Measurements,
     /// The window group (`None`: the default windows); policies judge their group's windows.
     pub group: Option<Arc<str>>,
 }
@@ -193,7 +196,7 @@ impl WindowSummary {
         relative_accuracy: f64,
     ) -> WindowSummary {
         let params = SketchParams::new(relative_accuracy);
-        let mut ms: Vec<(Arc<str>, MeasurementSummary)> = measurements
+        let mut ms: Measurements = measurements
             .iter()
             .map(|(name, values)| {
                 let mut agg = Agg::new(quantile.contains(name));
@@ -319,10 +322,9 @@ impl Panes {
         !self.ring[0].is_used() && !self.ring[1].is_used() && self.extra.is_empty()
     }
 
-    /// The pane starting at `start_ms`, created if missing.
+    /// The pane starting at `start_ms` (ring position `r`), created if missing.
     #[inline]
-    fn pane_mut(&mut self, start_ms: i64, hop_ms: i64, offset: i64) -> &mut Pane {
-        let r = Self::ring_index(start_ms, hop_ms);
+    fn pane_mut(&mut self, start_ms: i64, r: usize, offset: i64) -> &mut Pane {
         if self.ring[r].start_ms == start_ms {
             return &mut self.ring[r];
         }
@@ -373,6 +375,28 @@ impl Panes {
     }
 }
 
+/// Equality of two short byte strings of equal length, eight bytes at a time: keys and
+/// measurement names are compared on every event, and a libc call per compare showed in
+/// profiles.
+#[inline]
+fn short_eq(a: &[u8], b: &[u8]) -> bool {
+    debug_assert_eq!(a.len(), b.len());
+    let n = a.len();
+    let word = |s: &[u8], at: usize| u64::from_ne_bytes(s[at..at + 8].try_into().expect("8 bytes"));
+    if n < 8 {
+        return a.iter().zip(b).all(|(x, y)| x == y);
+    }
+    // Whole words, then the last eight bytes (overlapping the previous word when n % 8 != 0).
+    let mut at = 0;
+    while at + 8 <= n {
+        if word(a, at) != word(b, at) {
+            return false;
+        }
+        at += 8;
+    }
+    at == n || word(a, n - 8) == word(b, n - 8)
+}
+
 /// Bytes of a segment name kept inline in its slot (longer names compare the rest through
 /// `name`).
 const INLINE_KEY: usize = 28;
@@ -418,16 +442,10 @@ impl SegmentWindows {
             return false;
         }
         if b.len() <= INLINE_KEY {
-            self.key[..b.len()] == *b
+            short_eq(&self.key[..b.len()], b)
         } else {
             self.key == b[..INLINE_KEY] && *self.name == *name
         }
-    }
-
-    /// Address of the ring pane an event at `pane_ms` goes to.
-    #[inline]
-    fn ring_pane(&self, pane_ms: i64, hop_ms: i64) -> &Pane {
-        &self.panes.ring[Panes::ring_index(pane_ms, hop_ms)]
     }
 }
 
@@ -518,12 +536,6 @@ impl SegmentTable {
     #[inline]
     fn find(&self, name: &str) -> Option<usize> {
         self.find_hashed(self.hash(name), name)
-    }
-
-    /// The slot a hash most likely belongs to (tag match only): for prefetch hints.
-    #[inline]
-    fn probable_slot(&self, hash: u64) -> Option<&SegmentWindows> {
-        self.probe(hash, |_| true).map(|(_, i)| &self.slots[i])
     }
 
     fn place(entries: &mut [u64], hash: u64, entry: u64) {
@@ -648,6 +660,74 @@ impl PartitionWindows {
     }
 }
 
+/// Partitions by number: direct indexing for Kafka's partition numbers (the lookup is on every
+/// event), a map for anything outside that range. Iterates in partition order.
+#[derive(Default)]
+struct PartitionMap {
+    dense: Vec<Option<PartitionWindows>>,
+    other: BTreeMap<i32, PartitionWindows>,
+}
+
+/// Partition numbers below this are indexed directly.
+const DENSE_PARTITIONS: i32 = 1 << 16;
+
+impl PartitionMap {
+    #[inline]
+    fn get(&self, partition: i32) -> Option<&PartitionWindows> {
+        if (0..DENSE_PARTITIONS).contains(&partition) {
+            self.dense.get(partition as usize)?.as_ref()
+        } else {
+            self.other.get(&partition)
+        }
+    }
+
+    #[inline]
+    fn get_mut(&mut self, partition: i32) -> Option<&mut PartitionWindows> {
+        if (0..DENSE_PARTITIONS).contains(&partition) {
+            self.dense.get_mut(partition as usize)?.as_mut()
+        } else {
+            self.other.get_mut(&partition)
+        }
+    }
+
+    fn get_or_insert(&mut self, partition: i32) -> &mut PartitionWindows {
+        if (0..DENSE_PARTITIONS).contains(&partition) {
+            let i = partition as usize;
+            if self.dense.len() <= i {
+                self.dense.resize_with(i + 1, || None);
+            }
+            self.dense[i].get_or_insert_with(|| PartitionWindows::new(partition))
+        } else {
+            self.other
+                .entry(partition)
+                .or_insert_with(|| PartitionWindows::new(partition))
+        }
+    }
+
+    fn remove(&mut self, partition: i32) -> Option<PartitionWindows> {
+        if (0..DENSE_PARTITIONS).contains(&partition) {
+            self.dense.get_mut(partition as usize)?.take()
+        } else {
+            self.other.remove(&partition)
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &PartitionWindows> {
+        let below = self.other.range(..0).map(|(_, p)| p);
+        let above = self.other.range(0..).map(|(_, p)| p);
+        below.chain(self.dense.iter().flatten()).chain(above)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut PartitionWindows> {
+        let (below, above): (Vec<_>, Vec<_>) =
+            self.other.values_mut().partition(|p| p.partition < 0);
+        below
+            .into_iter()
+            .chain(self.dense.iter_mut().flatten())
+            .chain(above)
+    }
+}
+
 /// Interned measurement names.
 struct Names {
     params: SketchParams,
@@ -661,7 +741,11 @@ impl Names {
     fn id(&mut self, name: &str) -> Option<u16> {
         // A handful of names is the norm: comparing them beats hashing.
         if self.names.len() <= 8 {
-            if let Some(i) = self.names.iter().position(|n| **n == *name) {
+            if let Some(i) = self
+                .names
+                .iter()
+                .position(|n| n.len() == name.len() && short_eq(n.as_bytes(), name.as_bytes()))
+            {
                 return Some(i as u16);
             }
         } else if let Some(&id) = self.ids.get(name) {
@@ -684,14 +768,39 @@ pub struct WindowEngine {
     spec: WindowSpec,
     sketch: SketchParams,
     names: Names,
-    partitions: BTreeMap<i32, PartitionWindows>,
+    partitions: PartitionMap,
     /// Segments held across all partitions.
     segment_total: usize,
     seq: u64,
     stats: EngineStats,
     /// The window group this engine serves (`None`: the default windows).
     group: Option<Arc<str>>,
+    /// Prefetch hints in flight (see [`WindowEngine::prefetch`]).
+    hints: Hints,
 }
+
+/// Software-pipelined prefetch: `prefetch` hashes a batch of upcoming events and starts loading
+/// their index entries. A few ingests later (time for those loads to land) an ingest probes
+/// the entries and starts loading the slot lines they point to; a few ingests after that, one
+/// reads the pane for its sketch's address and loads the sketch. Each stage reads only what an
+/// earlier stage loaded long enough ago, so nothing stalls on a load issued just before. Hints
+/// are positions, re-checked when used, never pointers: a stale one costs a useless prefetch.
+#[derive(Default)]
+struct Hints {
+    /// Ingests so far: the pipeline's clock.
+    tick: u64,
+    /// Stage 2 input: (ready at tick, partition, hash, ring position).
+    hashed: std::collections::VecDeque<(u64, i32, u64, u8)>,
+    /// Stage 3 input: (ready at tick, partition, slot, ring position).
+    slots: std::collections::VecDeque<(u64, i32, u32, u8)>,
+}
+
+/// Hints kept at most (older ones are dropped).
+const MAX_HINTS: usize = 512;
+/// Ingests between a stage's loads and the stage that reads them.
+const HINT_LAG: u64 = 6;
+/// Hints a stage advances per ingest at most (a batch drains while it is ingested).
+const HINTS_PER_INGEST: usize = 3;
 
 impl WindowEngine {
     /// An engine for a named window group: its summaries carry the name.
@@ -712,13 +821,14 @@ impl WindowEngine {
     /// # Errors
     /// As `ingest`.
     pub fn check(&self, partition: i32, ts_ms: i64, now_ms: i64) -> Result<(), DecodeError> {
-        let Some(p) = self.partitions.get(&partition) else {
+        let Some(p) = self.partitions.get(partition) else {
             return Err(DecodeError::new(
                 ErrorCode::InvalidValue,
                 format!("partition {partition} is not assigned to this instance"),
             ));
         };
-        check_in(p, &self.spec, self.group.as_deref(), ts_ms, now_ms)
+        let pane_ms = ts_ms.div_euclid(self.spec.hop_ms) * self.spec.hop_ms;
+        check_in(p, &self.spec, self.group.as_deref(), ts_ms, pane_ms, now_ms)
     }
 
     fn tag(&self, closed: &mut [WindowSummary]) {
@@ -742,11 +852,12 @@ impl WindowEngine {
                 quantile: Vec::new(),
                 wanted_quantiles,
             },
-            partitions: BTreeMap::new(),
+            partitions: PartitionMap::default(),
             segment_total: 0,
             seq: 0,
             stats: EngineStats::default(),
             group: None,
+            hints: Hints::default(),
         }
     }
 
@@ -762,14 +873,12 @@ impl WindowEngine {
 
     /// Takes ownership of a partition (empty; the runtime re-reads from the committed offset).
     pub fn assign(&mut self, partition: i32) {
-        self.partitions
-            .entry(partition)
-            .or_insert_with(|| PartitionWindows::new(partition));
+        self.partitions.get_or_insert(partition);
     }
 
     /// Drops a partition's state; returns how many segments it held.
     pub fn revoke(&mut self, partition: i32) -> Option<usize> {
-        let removed = self.partitions.remove(&partition)?.segments.len();
+        let removed = self.partitions.remove(partition)?.segments.len();
         self.segment_total -= removed;
         Some(removed)
     }
@@ -779,7 +888,7 @@ impl WindowEngine {
     }
 
     pub fn partition(&self, partition: i32) -> Option<&PartitionWindows> {
-        self.partitions.get(&partition)
+        self.partitions.get(partition)
     }
 
     /// The open panes of a segment as partial summaries (`[start, start + hop)`), oldest
@@ -816,7 +925,7 @@ impl WindowEngine {
     /// The offset to commit for a partition: the lowest offset still feeding an open window,
     /// or one past the last offset seen when no window is open. `None` before any input.
     pub fn committable_offset(&self, partition: i32) -> Option<i64> {
-        let p = self.partitions.get(&partition)?;
+        let p = self.partitions.get(partition)?;
         p.low_offset.or(p.next_offset)
     }
 
@@ -836,6 +945,7 @@ impl WindowEngine {
         now_ms: i64,
         closed: &mut Vec<WindowSummary>,
     ) -> Result<(), DecodeError> {
+        self.advance_hints();
         let before = closed.len();
         let r = self.ingest_inner(at, segment, ts_ms, measurements, now_ms, closed);
         self.tag(&mut closed[before..]);
@@ -854,14 +964,16 @@ impl WindowEngine {
     ) -> Result<(), DecodeError> {
         let Position { partition, offset } = at;
         let spec = &self.spec;
-        let Some(p) = self.partitions.get_mut(&partition) else {
+        let Some(p) = self.partitions.get_mut(partition) else {
             return Err(DecodeError::new(
                 ErrorCode::InvalidValue,
                 format!("partition {partition} is not assigned to this instance"),
             ));
         };
         p.next_offset = Some(p.next_offset.map_or(offset + 1, |n| n.max(offset + 1)));
-        if let Err(e) = check_in(p, spec, self.group.as_deref(), ts_ms, now_ms) {
+        let pane_no = ts_ms.div_euclid(spec.hop_ms);
+        let pane_ms = pane_no * spec.hop_ms;
+        if let Err(e) = check_in(p, spec, self.group.as_deref(), ts_ms, pane_ms, now_ms) {
             match e.code {
                 ErrorCode::ClockSkew => self.stats.clock_skew += 1,
                 ErrorCode::Late => self.stats.late += 1,
@@ -869,7 +981,6 @@ impl WindowEngine {
             }
             return Err(e);
         }
-        let pane_ms = ts_ms.div_euclid(spec.hop_ms) * spec.hop_ms;
 
         // Watermark first: windows it closes are emitted before this event lands (it cannot
         // belong to them: they end at or before watermark − grace ≤ ts).
@@ -893,6 +1004,7 @@ impl WindowEngine {
         self.seq += 1;
         let seq = self.seq;
         let hash = p.segments.hash(segment);
+        let mut p = p;
         let slot = match p.segments.find_hashed(hash, segment) {
             Some(slot) => slot,
             None => {
@@ -900,23 +1012,19 @@ impl WindowEngine {
                     self.evict();
                 }
                 self.segment_total += 1;
-                let p = self
+                p = self
                     .partitions
-                    .get_mut(&partition)
+                    .get_mut(partition)
                     .expect("partition checked above");
                 p.segments
                     .insert_hashed(hash, SegmentWindows::new(segment, pane_ms, ts_ms, seq))
             }
         };
-        let p = self
-            .partitions
-            .get_mut(&partition)
-            .expect("partition checked above");
         let seg = &mut p.segments.slots[slot];
         seg.last_seq = seq;
         seg.last_event_ms = seg.last_event_ms.max(ts_ms);
         seg.first_pane_ms = seg.first_pane_ms.min(pane_ms);
-        let pane = seg.panes.pane_mut(pane_ms, self.spec.hop_ms, offset);
+        let pane = seg.panes.pane_mut(pane_ms, (pane_no & 1) as usize, offset);
         pane.count += 1;
         pane.min_offset = pane.min_offset.min(offset);
         for (name, v) in measurements {
@@ -943,21 +1051,17 @@ impl WindowEngine {
         Ok(())
     }
 
-    /// A hint before ingesting a batch of events, given as `(partition, segment, event time)`:
-    /// loads what ingesting them will touch, so the cache misses of a whole batch overlap
-    /// instead of stalling one event at a time. Changes nothing; skipping it changes nothing
-    /// but speed. Batches of 16 to 64 events work best.
-    pub fn prefetch<'k>(&self, events: impl IntoIterator<Item = (i32, &'k str, i64)>) {
+    /// A hint about events that will be ingested soon, given as `(partition, segment, event
+    /// time)`: their index entries start loading now, and the ingests that follow load their
+    /// slots and sketches ahead of need. Changes nothing but speed. Callers hint one batch
+    /// (16 to 64 events) ahead of the batch they ingest.
+    pub fn prefetch<'k>(&mut self, events: impl IntoIterator<Item = (i32, &'k str, i64)>) {
         let hop = self.spec.hop_ms;
-        // Three passes, each loading what the next one reads: the index entries (addressed by
-        // the hash alone), then the slot lines the event updates (its header and the ring pane
-        // its timestamp maps to), then the sketch buckets that pane points to.
         let mut last: Option<(i32, &PartitionWindows)> = None;
-        let mut hashed: SmallVec<[(&SegmentTable, u64, i64); 64]> = SmallVec::new();
         for (partition, key, ts_ms) in events {
             let table = match last {
                 Some((lp, p)) if lp == partition => &p.segments,
-                _ => match self.partitions.get(&partition) {
+                _ => match self.partitions.get(partition) {
                     Some(p) => {
                         last = Some((partition, p));
                         &p.segments
@@ -967,25 +1071,67 @@ impl WindowEngine {
             };
             let h = table.hash(key);
             table.prefetch_entry(h);
-            hashed.push((table, h, ts_ms.div_euclid(hop) * hop));
+            if self.hints.hashed.len() >= MAX_HINTS {
+                self.hints.hashed.pop_front();
+            }
+            let ready = self.hints.tick + HINT_LAG;
+            self.hints
+                .hashed
+                .push_back((ready, partition, h, (ts_ms.div_euclid(hop) & 1) as u8));
         }
-        let mut panes: SmallVec<[&Pane; 64]> = SmallVec::new();
-        for &(table, h, pane_ms) in &hashed {
-            if let Some(seg) = table.probable_slot(h) {
-                let pane = seg.ring_pane(pane_ms, hop);
-                prefetch_read(seg as *const SegmentWindows as *const u8);
-                prefetch_span(
-                    pane as *const Pane as *const u8,
-                    std::mem::size_of::<Pane>(),
-                );
-                panes.push(pane);
+    }
+
+    /// Advances the prefetch pipeline by one ingest (see [`Hints`]).
+    #[inline]
+    fn advance_hints(&mut self) {
+        let hints = &mut self.hints;
+        hints.tick += 1;
+        let tick = hints.tick;
+        for _ in 0..HINTS_PER_INGEST {
+            match hints.hashed.front() {
+                Some(&(ready, partition, h, ring)) if ready <= tick => {
+                    hints.hashed.pop_front();
+                    let Some(p) = self.partitions.get(partition) else {
+                        continue;
+                    };
+                    let Some((_, slot)) = p.segments.probe(h, |_| true) else {
+                        continue;
+                    };
+                    let seg = &p.segments.slots[slot];
+                    prefetch_read(seg as *const SegmentWindows as *const u8);
+                    let pane = &seg.panes.ring[ring as usize];
+                    prefetch_span(
+                        pane as *const Pane as *const u8,
+                        std::mem::size_of::<Pane>(),
+                    );
+                    if hints.slots.len() >= MAX_HINTS {
+                        hints.slots.pop_front();
+                    }
+                    hints
+                        .slots
+                        .push_back((tick + HINT_LAG, partition, slot as u32, ring));
+                }
+                _ => break,
             }
         }
-        for pane in panes {
-            for (_, agg) in &pane.aggs {
-                if let Some(ptr) = agg.sketch.as_ref().and_then(|s| s.data_ptr()) {
-                    prefetch_read(ptr);
+        for _ in 0..HINTS_PER_INGEST {
+            match hints.slots.front() {
+                Some(&(ready, partition, slot, ring)) if ready <= tick => {
+                    hints.slots.pop_front();
+                    let pane = self
+                        .partitions
+                        .get(partition)
+                        .and_then(|p| p.segments.slots.get(slot as usize))
+                        .map(|seg| &seg.panes.ring[ring as usize]);
+                    // A window's sketch usually holds a few buckets: two lines cover its
+                    // header and buckets.
+                    for (_, agg) in pane.into_iter().flat_map(|pane| &pane.aggs) {
+                        if let Some(sketch) = &agg.sketch {
+                            prefetch_span(sketch.store_addr(), 128);
+                        }
+                    }
                 }
+                _ => break,
             }
         }
     }
@@ -1035,7 +1181,7 @@ impl WindowEngine {
         }
         all.select_nth_unstable_by_key(batch - 1, |(seq, _, _)| *seq);
         for (_, partition, name) in all.into_iter().take(batch) {
-            if let Some(p) = self.partitions.get_mut(&partition) {
+            if let Some(p) = self.partitions.get_mut(partition) {
                 if p.segments.remove(&name) {
                     self.segment_total -= 1;
                     self.stats.evicted_segments += 1;
@@ -1068,13 +1214,15 @@ fn prefetch_read(ptr: *const u8) {
     let _ = ptr;
 }
 
-/// Clock-skew and lateness checks of an event at `ts_ms` on partition `p`.
+/// Clock-skew and lateness checks of an event at `ts_ms` (in the pane starting at `pane_ms`)
+/// on partition `p`.
 #[inline]
 fn check_in(
     p: &PartitionWindows,
     spec: &WindowSpec,
     group: Option<&str>,
     ts_ms: i64,
+    pane_ms: i64,
     now_ms: i64,
 ) -> Result<(), DecodeError> {
     if ts_ms > now_ms.saturating_add(spec.max_clock_skew_ms) {
@@ -1087,7 +1235,6 @@ fn check_in(
             ),
         ));
     }
-    let pane_ms = ts_ms.div_euclid(spec.hop_ms) * spec.hop_ms;
     if p.next_end_ms
         .is_some_and(|next_end| pane_ms + spec.size_ms < next_end)
     {
@@ -1172,7 +1319,7 @@ fn summary_of(
     aggs: impl IntoIterator<Item = (u16, Agg)>,
     names: &Names,
 ) -> WindowSummary {
-    let mut measurements: Vec<(Arc<str>, MeasurementSummary)> = aggs
+    let mut measurements: Measurements = aggs
         .into_iter()
         .map(|(id, m)| {
             (
@@ -1308,7 +1455,7 @@ impl Windows {
     }
 
     /// See [`WindowEngine::prefetch`] (the default windows; groups are rarely hot).
-    pub fn prefetch<'k>(&self, events: impl IntoIterator<Item = (i32, &'k str, i64)>) {
+    pub fn prefetch<'k>(&mut self, events: impl IntoIterator<Item = (i32, &'k str, i64)>) {
         self.main.prefetch(events);
     }
 
@@ -1356,6 +1503,19 @@ mod tests {
 
     fn seg(name: &str) -> SegmentWindows {
         SegmentWindows::new(name, 0, 0, 0)
+    }
+
+    #[test]
+    fn short_eq_finds_a_difference_at_any_position() {
+        for n in 0..=INLINE_KEY {
+            let a: Vec<u8> = (0..n as u8).map(|i| i.wrapping_mul(37)).collect();
+            assert!(short_eq(&a, &a.clone()));
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 0x40;
+                assert!(!short_eq(&a, &b), "n={n} at={at}");
+            }
+        }
     }
 
     #[test]
