@@ -275,15 +275,18 @@ impl TelemetryDecoder {
     /// A record's event time, read without decoding the rest (a merge key: a replay orders
     /// records by it before decoding them). `None` for a record that does not decode.
     pub fn event_time(&self, key: Option<&[u8]>, value: Option<&[u8]>) -> Option<i64> {
-        let v = value?;
-        if let Some(p) = &self.fast_prefix {
-            if let Some(datum) = v.strip_prefix(p.as_slice()) {
-                let mut c = Cursor { rest: datum };
-                c.bytes().ok()?;
-                return c.long().ok();
-            }
-        }
-        self.decode(key, value).ok().map(|e| e.ts_ms())
+        self.fast_event_time(value)
+            .or_else(|| self.decode(key, value).ok().map(|e| e.ts_ms()))
+    }
+
+    /// The event time of a current-schema record, read off its first fields; `None` for any
+    /// other record (which this never decodes: it is for hints, cheap or nothing).
+    #[inline]
+    pub fn fast_event_time(&self, value: Option<&[u8]>) -> Option<i64> {
+        let datum = value?.strip_prefix(self.fast_prefix.as_deref()?)?;
+        let mut c = Cursor { rest: datum };
+        c.bytes().ok()?;
+        c.long().ok()
     }
 
     /// Decodes, validates and checks the key rule, like [`super::decode_record`].

@@ -537,8 +537,19 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             for ev in events {
                 core.apply_group_event(ev, now);
             }
-            for m in &batch {
-                core.on_telemetry(m, now);
+            // Each chunk's records are hinted to the windows one chunk ahead, so the segments'
+            // state loads while the chunk before is processed.
+            let mut chunks = batch.chunks(HINT_CHUNK).peekable();
+            if let Some(first) = chunks.peek() {
+                core.hint(first);
+            }
+            while let Some(chunk) = chunks.next() {
+                if let Some(next) = chunks.peek() {
+                    core.hint(next);
+                }
+                for m in chunk {
+                    core.on_telemetry(m, now);
+                }
             }
             // Messages pin librdkafka state: release them now, never hold them across turns
             // (a consumer destroyed with messages alive waits for them forever).
@@ -983,6 +994,9 @@ fn publish(core: &Arc<Mutex<Core>>, producer: &ThreadedProducer<ProduceContext>)
     crate::metrics::publish(&mut core.counters, &gauges);
 }
 
+/// Records per prefetch hint to the windows.
+const HINT_CHUNK: usize = 32;
+
 impl Core {
     fn apply_group_event(&mut self, ev: GroupEvent, now: i64) {
         self.counters.rebalances += 1;
@@ -1011,6 +1025,17 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// Tells the windows which segments the next records will touch (see
+    /// [`crate::window::WindowEngine::prefetch`]): keys and event times read without decoding.
+    fn hint(&mut self, records: &[BorrowedMessage<'_>]) {
+        let telemetry = &self.telemetry;
+        self.engine.prefetch(records.iter().filter_map(|m| {
+            let key = std::str::from_utf8(m.key()?).ok()?;
+            let ts = telemetry.fast_event_time(m.payload())?;
+            Some((m.partition(), key, ts))
+        }));
     }
 
     fn on_telemetry(&mut self, m: &BorrowedMessage<'_>, now: i64) {
