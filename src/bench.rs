@@ -140,20 +140,27 @@ pub fn window_bench(spec: WindowSpec, segments: usize, events: usize) -> WindowB
     let mut closed_count = 0u64;
     // Records arrive in batches, as from a consumer poll; the engine is told a batch's keys
     // before ingesting it.
-    const BATCH: usize = 48;
+    const BATCH: usize = crate::window::HINT_BATCH;
+    const HINT_AHEAD: usize = crate::window::HINT_AHEAD;
     let key_of = |d: &(u32, u32, f64, f64)| &keys[d.0 as usize..(d.0 + d.1) as usize];
     let ts_of = |i: usize| (i as i64 * span_ms) / events.max(1) as i64;
+    let hint = |engine: &mut WindowEngine, batch: usize| {
+        let from = (batch * BATCH).min(events);
+        let end = ((batch + 1) * BATCH).min(events);
+        engine.prefetch(
+            draws[from..end]
+                .iter()
+                .zip(from..end)
+                .map(|(d, j)| (0, key_of(d), ts_of(j))),
+        );
+    };
+    // As the runtime does: each batch is hinted three batches ahead of its ingest.
+    for batch in 0..HINT_AHEAD {
+        hint(&mut engine, batch);
+    }
     for (i, (at, len, latency, error)) in draws.iter().enumerate() {
         if i % BATCH == 0 {
-            // One batch ahead: its loads land while this batch is ingested.
-            let from = if i == 0 { 0 } else { (i + BATCH).min(events) };
-            let end = (i + 2 * BATCH).min(events);
-            engine.prefetch(
-                draws[from..end]
-                    .iter()
-                    .zip(from..end)
-                    .map(|(d, j)| (0, key_of(d), ts_of(j))),
-            );
+            hint(&mut engine, i / BATCH + HINT_AHEAD);
         }
         let ts = ts_of(i);
         let _ = engine.ingest(

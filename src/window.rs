@@ -779,28 +779,29 @@ pub struct WindowEngine {
     hints: Hints,
 }
 
-/// Software-pipelined prefetch: `prefetch` hashes a batch of upcoming events and starts loading
-/// their index entries. A few ingests later (time for those loads to land) an ingest probes
-/// the entries and starts loading the slot lines they point to; a few ingests after that, one
-/// reads the pane for its sketch's address and loads the sketch. Each stage reads only what an
-/// earlier stage loaded long enough ago, so nothing stalls on a load issued just before. Hints
-/// are positions, re-checked when used, never pointers: a stale one costs a useless prefetch.
+/// Events per [`WindowEngine::prefetch`] call that work well here.
+pub const HINT_BATCH: usize = 32;
+/// How many batches ahead of its ingest a batch is hinted.
+pub const HINT_AHEAD: usize = 3;
+
+/// Software-pipelined prefetch across hint calls. Each [`WindowEngine::prefetch`] call (one
+/// batch of upcoming events) advances three stages, each on a different batch:
+/// 1. this batch: hash the keys and start loading their index entries;
+/// 2. the batch hinted one call earlier: probe its index entries (loaded by now) and start
+///    loading the slot lines and the ring pane each event will update;
+/// 3. the batch hinted two calls earlier: read those panes (loaded by now) for their sketches'
+///    addresses and start loading the sketches.
+///
+/// Every stage reads only what an earlier call loaded a whole batch of ingests ago, so nothing
+/// stalls on a load issued just before, and ingest itself does no hint work. Hints are
+/// positions, re-checked when used, never pointers: a stale one costs a useless prefetch.
 #[derive(Default)]
 struct Hints {
-    /// Ingests so far: the pipeline's clock.
-    tick: u64,
-    /// Stage 2 input: (ready at tick, partition, hash, ring position).
-    hashed: std::collections::VecDeque<(u64, i32, u64, u8)>,
-    /// Stage 3 input: (ready at tick, partition, slot, ring position).
-    slots: std::collections::VecDeque<(u64, i32, u32, u8)>,
+    /// Stage 2 input: (partition, hash, ring position).
+    hashed: Vec<(i32, u64, u8)>,
+    /// Stage 3 input: (partition, slot, ring position).
+    slots: Vec<(i32, u32, u8)>,
 }
-
-/// Hints kept at most (older ones are dropped).
-const MAX_HINTS: usize = 512;
-/// Ingests between a stage's loads and the stage that reads them.
-const HINT_LAG: u64 = 6;
-/// Hints a stage advances per ingest at most (a batch drains while it is ingested).
-const HINTS_PER_INGEST: usize = 3;
 
 impl WindowEngine {
     /// An engine for a named window group: its summaries carry the name.
@@ -945,7 +946,6 @@ impl WindowEngine {
         now_ms: i64,
         closed: &mut Vec<WindowSummary>,
     ) -> Result<(), DecodeError> {
-        self.advance_hints();
         let before = closed.len();
         let r = self.ingest_inner(at, segment, ts_ms, measurements, now_ms, closed);
         self.tag(&mut closed[before..]);
@@ -1051,89 +1051,61 @@ impl WindowEngine {
         Ok(())
     }
 
-    /// A hint about events that will be ingested soon, given as `(partition, segment, event
-    /// time)`: their index entries start loading now, and the ingests that follow load their
-    /// slots and sketches ahead of need. Changes nothing but speed. Callers hint one batch
-    /// (16 to 64 events) ahead of the batch they ingest.
+    /// A hint about a batch of events that will be ingested soon, given as `(partition,
+    /// segment, event time)`. Hint batches in order, three batches (16 to 64 events each)
+    /// ahead of the batch being ingested: each call starts loading this batch's index entries,
+    /// the previous batch's segment state and the batch before that's sketches (see
+    /// [`Hints`]), so the sketches load one batch ahead of their use. Changes nothing but
+    /// speed.
     pub fn prefetch<'k>(&mut self, events: impl IntoIterator<Item = (i32, &'k str, i64)>) {
-        let hop = self.spec.hop_ms;
-        let mut last: Option<(i32, &PartitionWindows)> = None;
-        for (partition, key, ts_ms) in events {
-            let table = match last {
-                Some((lp, p)) if lp == partition => &p.segments,
-                _ => match self.partitions.get(partition) {
-                    Some(p) => {
-                        last = Some((partition, p));
-                        &p.segments
-                    }
-                    None => continue,
-                },
+        let mut hints = std::mem::take(&mut self.hints);
+        // Stage 3: sketches of the batch before last.
+        for &(partition, slot, ring) in &hints.slots {
+            let pane = self
+                .partitions
+                .get(partition)
+                .and_then(|p| p.segments.slots.get(slot as usize))
+                .map(|seg| &seg.panes.ring[ring as usize]);
+            // A window's sketch usually holds a few buckets: two lines cover its header and
+            // buckets.
+            for (_, agg) in pane.into_iter().flat_map(|pane| &pane.aggs) {
+                if let Some(sketch) = &agg.sketch {
+                    prefetch_span(sketch.store_addr(), 128);
+                }
+            }
+        }
+        // Stage 2: segment state of the previous batch.
+        hints.slots.clear();
+        for &(partition, h, ring) in &hints.hashed {
+            let Some(p) = self.partitions.get(partition) else {
+                continue;
             };
-            let h = table.hash(key);
-            table.prefetch_entry(h);
-            if self.hints.hashed.len() >= MAX_HINTS {
-                self.hints.hashed.pop_front();
-            }
-            let ready = self.hints.tick + HINT_LAG;
-            self.hints
+            let Some((_, slot)) = p.segments.probe(h, |_| true) else {
+                continue;
+            };
+            let seg = &p.segments.slots[slot];
+            prefetch_read(seg as *const SegmentWindows as *const u8);
+            let pane = &seg.panes.ring[ring as usize];
+            prefetch_span(
+                pane as *const Pane as *const u8,
+                std::mem::size_of::<Pane>(),
+            );
+            hints.slots.push((partition, slot as u32, ring));
+        }
+        // Stage 1: index entries of this batch.
+        hints.hashed.clear();
+        let hop = self.spec.hop_ms;
+        for (partition, key, ts_ms) in events {
+            let Some(p) = self.partitions.get(partition) else {
+                continue;
+            };
+            let h = p.segments.hash(key);
+            p.segments.prefetch_entry(h);
+            hints
                 .hashed
-                .push_back((ready, partition, h, (ts_ms.div_euclid(hop) & 1) as u8));
+                .push((partition, h, (ts_ms.div_euclid(hop) & 1) as u8));
         }
-    }
-
-    /// Advances the prefetch pipeline by one ingest (see [`Hints`]).
-    #[inline]
-    fn advance_hints(&mut self) {
-        let hints = &mut self.hints;
-        hints.tick += 1;
-        let tick = hints.tick;
-        for _ in 0..HINTS_PER_INGEST {
-            match hints.hashed.front() {
-                Some(&(ready, partition, h, ring)) if ready <= tick => {
-                    hints.hashed.pop_front();
-                    let Some(p) = self.partitions.get(partition) else {
-                        continue;
-                    };
-                    let Some((_, slot)) = p.segments.probe(h, |_| true) else {
-                        continue;
-                    };
-                    let seg = &p.segments.slots[slot];
-                    prefetch_read(seg as *const SegmentWindows as *const u8);
-                    let pane = &seg.panes.ring[ring as usize];
-                    prefetch_span(
-                        pane as *const Pane as *const u8,
-                        std::mem::size_of::<Pane>(),
-                    );
-                    if hints.slots.len() >= MAX_HINTS {
-                        hints.slots.pop_front();
-                    }
-                    hints
-                        .slots
-                        .push_back((tick + HINT_LAG, partition, slot as u32, ring));
-                }
-                _ => break,
-            }
-        }
-        for _ in 0..HINTS_PER_INGEST {
-            match hints.slots.front() {
-                Some(&(ready, partition, slot, ring)) if ready <= tick => {
-                    hints.slots.pop_front();
-                    let pane = self
-                        .partitions
-                        .get(partition)
-                        .and_then(|p| p.segments.slots.get(slot as usize))
-                        .map(|seg| &seg.panes.ring[ring as usize]);
-                    // A window's sketch usually holds a few buckets: two lines cover its
-                    // header and buckets.
-                    for (_, agg) in pane.into_iter().flat_map(|pane| &pane.aggs) {
-                        if let Some(sketch) = &agg.sketch {
-                            prefetch_span(sketch.store_addr(), 128);
-                        }
-                    }
-                }
-                _ => break,
-            }
-        }
+        self.hints = hints;
     }
 
     /// Advances idle partitions on the controller clock: a partition without an accepted event

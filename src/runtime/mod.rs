@@ -36,7 +36,7 @@ use crate::kafka;
 use crate::metrics::{Counters, Gauges, Metrics};
 use crate::model::{DecisionRecord, RemediationCommand, RemediationOutcome};
 use crate::policy::{PolicySet, Silence};
-use crate::window::{Position, WindowSummary, Windows};
+use crate::window::{Position, WindowSummary, Windows, HINT_AHEAD, HINT_BATCH};
 
 /// The controller clock of the live runtime.
 pub trait Clock: Send + Sync {
@@ -537,17 +537,17 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             for ev in events {
                 core.apply_group_event(ev, now);
             }
-            // Each chunk's records are hinted to the windows one chunk ahead, so the segments'
-            // state loads while the chunk before is processed.
-            let mut chunks = batch.chunks(HINT_CHUNK).peekable();
-            if let Some(first) = chunks.peek() {
-                core.hint(first);
+            // Chunks of records are hinted to the windows a few chunks ahead of processing, so
+            // their segments' state loads meanwhile (see `WindowEngine::prefetch`).
+            let chunk = |i: usize| {
+                &batch[(i * HINT_BATCH).min(batch.len())..((i + 1) * HINT_BATCH).min(batch.len())]
+            };
+            for i in 0..HINT_AHEAD {
+                core.hint(chunk(i));
             }
-            while let Some(chunk) = chunks.next() {
-                if let Some(next) = chunks.peek() {
-                    core.hint(next);
-                }
-                for m in chunk {
+            for i in 0..batch.len().div_ceil(HINT_BATCH) {
+                core.hint(chunk(i + HINT_AHEAD));
+                for m in chunk(i) {
                     core.on_telemetry(m, now);
                 }
             }
@@ -993,9 +993,6 @@ fn publish(core: &Arc<Mutex<Core>>, producer: &ThreadedProducer<ProduceContext>)
     };
     crate::metrics::publish(&mut core.counters, &gauges);
 }
-
-/// Records per prefetch hint to the windows.
-const HINT_CHUNK: usize = 32;
 
 impl Core {
     fn apply_group_event(&mut self, ev: GroupEvent, now: i64) {
