@@ -832,14 +832,6 @@ impl WindowEngine {
         check_in(p, &self.spec, self.group.as_deref(), ts_ms, pane_ms, now_ms)
     }
 
-    fn tag(&self, closed: &mut [WindowSummary]) {
-        if let Some(g) = &self.group {
-            for w in closed {
-                w.group = Some(g.clone());
-            }
-        }
-    }
-
     pub fn new(spec: WindowSpec) -> Self {
         let sketch = SketchParams::new(spec.relative_accuracy);
         let wanted_quantiles = spec.quantile_measurements.clone();
@@ -946,10 +938,7 @@ impl WindowEngine {
         now_ms: i64,
         closed: &mut Vec<WindowSummary>,
     ) -> Result<(), DecodeError> {
-        let before = closed.len();
-        let r = self.ingest_inner(at, segment, ts_ms, measurements, now_ms, closed);
-        self.tag(&mut closed[before..]);
-        r
+        self.ingest_inner(at, segment, ts_ms, measurements, now_ms, closed)
     }
 
     #[inline]
@@ -997,7 +986,14 @@ impl WindowEngine {
             }
             if wm > p.watermark_ms {
                 p.watermark_ms = wm;
-                self.segment_total -= close_windows(p, spec, &self.names, &mut self.stats, closed);
+                self.segment_total -= close_windows(
+                    p,
+                    spec,
+                    &self.names,
+                    self.group.as_ref(),
+                    &mut self.stats,
+                    closed,
+                );
             }
         }
 
@@ -1112,12 +1108,6 @@ impl WindowEngine {
     /// for `idle_timeout` moves its watermark to `now − idle_timeout`, closing windows of quiet
     /// segments (with `count = 0`).
     pub fn advance_idle(&mut self, now_ms: i64, closed: &mut Vec<WindowSummary>) {
-        let before = closed.len();
-        self.advance_idle_inner(now_ms, closed);
-        self.tag(&mut closed[before..]);
-    }
-
-    fn advance_idle_inner(&mut self, now_ms: i64, closed: &mut Vec<WindowSummary>) {
         let spec = &self.spec;
         for p in self.partitions.values_mut() {
             if p.next_end_ms.is_none()
@@ -1128,7 +1118,14 @@ impl WindowEngine {
             let wm = now_ms - spec.idle_timeout_ms;
             if wm > p.watermark_ms {
                 p.watermark_ms = wm;
-                self.segment_total -= close_windows(p, spec, &self.names, &mut self.stats, closed);
+                self.segment_total -= close_windows(
+                    p,
+                    spec,
+                    &self.names,
+                    self.group.as_ref(),
+                    &mut self.stats,
+                    closed,
+                );
             }
         }
     }
@@ -1229,6 +1226,7 @@ fn close_windows(
     p: &mut PartitionWindows,
     spec: &WindowSpec,
     names: &Names,
+    group: Option<&Arc<str>>,
     stats: &mut EngineStats,
     closed: &mut Vec<WindowSummary>,
 ) -> usize {
@@ -1247,11 +1245,12 @@ fn close_windows(
             if seg.expired || next_end <= seg.first_pane_ms {
                 continue;
             }
-            let summary = if tumbling {
+            let mut summary = if tumbling {
                 take_tumbling(seg, start, next_end, p.partition, names)
             } else {
                 merge_hopping(seg, start, next_end, spec.hop_ms, p.partition, names)
             };
+            summary.group = group.cloned();
             closed.push(summary);
             stats.windows_closed += 1;
             if seg.panes.is_empty() && next_end - seg.last_event_ms > spec.segment_ttl_ms {
