@@ -465,6 +465,47 @@ proptest! {
     }
 
     #[test]
+    fn prefetch_hints_change_nothing_but_speed(
+        events in arb_stream(),
+        batch in 1usize..40,
+        ahead in 0usize..5,
+        junk in any::<bool>(),
+    ) {
+        let describe = |closed: &[segloop::window::WindowSummary]| {
+            closed.iter().map(|w| format!("{}:{}:{}:{:?}", w.segment, w.start_ms, w.count,
+                w.measurement("latency_ms").map(|m| (m.sum, m.min, m.max, m.quantile(0.9)))))
+                .collect::<Vec<_>>()
+        };
+        let run = |hinted: bool| {
+            let mut engine = WindowEngine::new(spec(200, 200));
+            engine.assign(0);
+            let mut closed = Vec::new();
+            let names: Vec<String> = events.iter().map(|e| seg_name(e.seg)).collect();
+            for (i, e) in events.iter().enumerate() {
+                if hinted && i % batch == 0 {
+                    let from = (i + ahead * batch).min(events.len());
+                    let to = (from + batch).min(events.len());
+                    let mut hints: Vec<(i32, &str, i64)> =
+                        (from..to).map(|j| (0, names[j].as_str(), events[j].ts)).collect();
+                    if junk {
+                        // Unassigned partitions, unknown segments, wild times.
+                        hints.push((7, "nobody", 0));
+                        hints.push((-3, "s1", i64::MIN / 4));
+                        hints.push((0, "never-seen", i64::MAX / 4));
+                    }
+                    engine.prefetch(hints);
+                }
+                let _ = engine.ingest(Position { partition: 0, offset: i as i64 }, &names[i], e.ts,
+                    [("latency_ms", e.lat as f64)], e.ts, &mut closed);
+            }
+            let last = events.iter().map(|e| e.ts).max().unwrap();
+            engine.advance_idle(last + 10_000, &mut closed);
+            (describe(&closed), engine.stats(), engine.committable_offset(0))
+        };
+        prop_assert_eq!(run(false), run(true));
+    }
+
+    #[test]
     fn same_input_same_output(events in arb_stream()) {
         let run = || {
             let mut engine = WindowEngine::new(spec(200, 100));
