@@ -2,9 +2,9 @@
 //! lets them measure memory instead of estimating it.
 //!
 //! The binary installs [`CountingAllocator`] as its global allocator: mimalloc (the window
-//! engine allocates and frees a summary per segment per window; mimalloc's thread-local free
-//! lists halved the cost of that churn against glibc's malloc), plus one relaxed atomic add per
-//! allocation and free.
+//! engine allocates and frees per segment per window; against glibc's malloc, mimalloc took
+//! `bench window` from 1.94 to 2.29 M events/s at 100k segments and from 0.63 to 0.79 M/s at
+//! 1M), plus one relaxed atomic add per allocation and free.
 
 use std::alloc::{GlobalAlloc, Layout};
 

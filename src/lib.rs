@@ -16,7 +16,8 @@
 //! - [`sketch`] — compact mergeable quantile sketch (DDSketch mapping, ≤ 1% relative error).
 //! - [`window`] — event-time windows per segment: panes, watermarks, late/skew rejection,
 //!   idle advance, quantile sketches, TTL and eviction, committable offsets; window groups
-//!   with sizes of their own ([`window::Windows`]).
+//!   with sizes of their own ([`window::Windows`]); a cache-conscious segment table fed by
+//!   prefetch hints ([`window::WindowEngine::prefetch`]).
 //! - [`policy`] — policies (segment selector, condition language, hysteresis, actions,
 //!   retries, escalation) and guardrails, compiled from TOML.
 //! - [`controller`] — the per-(segment, policy) state machine: fire, ack, verify, retry,
