@@ -955,14 +955,33 @@ fn measure_lag(consumer: &BaseConsumer<GroupContext>, topic: &str) -> BTreeMap<i
             .collect::<Vec<_>>(),
         Err(_) => return lag,
     };
+    let Ok(topic) = std::ffi::CString::new(topic) else {
+        return lag;
+    };
     for (p, offset) in positions {
-        if let Ok((_, high)) = consumer.fetch_watermarks(topic, p, Duration::from_millis(500)) {
-            let pos = match offset {
-                Offset::Offset(o) => o,
-                _ => 0,
-            };
-            lag.insert(p, (high - pos).max(0));
+        // The high watermark as of the partition's last fetch response, kept by librdkafka: a
+        // local read. (Asking the broker, 500 ms per partition at worst, stalled the loop for
+        // seconds whenever the embedded cluster was slow to answer.)
+        let (mut low, mut high) = (0i64, 0i64);
+        // SAFETY: the client handle lives as long as `consumer`; the topic is a valid C string
+        // and both out-pointers point at live locals.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                consumer.client().native_ptr(),
+                topic.as_ptr(),
+                p,
+                &mut low,
+                &mut high,
+            )
+        };
+        if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || high < 0 {
+            continue;
         }
+        let pos = match offset {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        lag.insert(p, (high - pos).max(0));
     }
     lag
 }
