@@ -27,7 +27,7 @@
 //!
 //! # Layout (for speed)
 //! An event touches about five cache lines in a working set of tens of megabytes: its index
-//! entry (`SegmentTable`), its slot's first line (key and bookkeeping), the two lines of the
+//! entry (`SegmentTable`), its slot's first line (key and bookkeeping), the lines of the
 //! ring pane its timestamp maps to (`Panes`), and its sketch. [`WindowEngine::prefetch`]
 //! starts those loads batches ahead (see `Hints`), so they overlap instead of stalling one
 //! after another; `segloop bench window` measures the result.
@@ -275,7 +275,7 @@ const INLINE_MEASUREMENTS: usize = 2;
 /// `start_ms` of an unused pane position.
 const NO_PANE: i64 = i64::MIN;
 
-/// One hop of one segment: the unit events are added to (128 bytes with two measurements).
+/// One hop of one segment: the unit events are added to (160 bytes with two measurements).
 struct Pane {
     start_ms: i64,
     count: u64,
@@ -409,7 +409,7 @@ fn short_eq(a: &[u8], b: &[u8]) -> bool {
 const INLINE_KEY: usize = 28;
 
 /// One segment's windows. Laid out for the ingest path: the first cache line holds the key and
-/// the bookkeeping an event updates, each ring pane fills the next two lines.
+/// the bookkeeping an event updates, each ring pane follows in the next lines.
 #[repr(C, align(64))]
 struct SegmentWindows {
     key_len: u32,
@@ -1069,8 +1069,7 @@ impl WindowEngine {
                 .get(partition)
                 .and_then(|p| p.segments.slots.get(slot as usize))
                 .map(|seg| &seg.panes.ring[ring as usize]);
-            // A window's sketch usually holds a few buckets: two lines cover its header and
-            // buckets.
+            // A window's sketch usually holds a few buckets: two lines cover them.
             for (_, agg) in pane.into_iter().flat_map(|pane| &pane.aggs) {
                 if let Some(sketch) = &agg.sketch {
                     prefetch_span(sketch.store_addr(), 128);
