@@ -129,6 +129,35 @@ fn feed_until<T>(
     )
 }
 
+/// Waits (up to 60 s) until the state topic holds a record for `seg` (read committed).
+fn wait_for_state(bs: &str, tag: &str, seg: &str) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bs)
+        .set("group.id", "wait-state")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let topic = format!("rk.{tag}.state");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..2 {
+        tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            if m.key() == Some(seg.as_bytes()) && m.payload().is_some_and(|p| !p.is_empty()) {
+                return;
+            }
+        }
+    }
+    panic!("no state record for {seg} in {topic} within 60 s");
+}
+
 fn command_for(
     seg: &str,
 ) -> impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Option<RemediationCommand> + '_ {
@@ -176,8 +205,11 @@ fn kill9_mid_incident(mode: &str) {
     let cmd = feed_until(&bs, &tag, "actions", seg, 1.0, command_for(seg))
         .expect("a command for the failing segment");
     assert_eq!(cmd.attempt, 1);
-    // Long enough for its state and offsets to be committed (commit interval 200 ms).
-    std::thread::sleep(Duration::from_millis(1500));
+    // The in-flight command is in the changelog (committed, in exactly-once mode), and a few
+    // commit intervals (200 ms) pass for the offsets. A fixed sleep alone was not enough on a
+    // loaded CI machine: killed before its state was written, the process lost the command.
+    wait_for_state(&bs, &tag, seg);
+    std::thread::sleep(Duration::from_millis(1000));
     signal(&a, "-KILL");
     a.wait().unwrap();
 

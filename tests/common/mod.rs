@@ -308,8 +308,13 @@ pub fn assigned_of(port: u16) -> Vec<i64> {
 }
 
 /// A `segloop run` config file for a process on a real broker: topics `rk.<tag>.*` created
-/// by segloop (2 partitions), 1 s windows, the test policies (written next to it), admin on
-/// `port`; `extra` is appended (e.g. a `[delivery]` table).
+/// by segloop (2 partitions), 1 s windows, the test policies (written next to it) with a 15 s
+/// ack timeout, admin on `port`; `extra` is appended (e.g. a `[delivery]` table).
+///
+/// The process tests kill, stop or move a process with a command in flight and then
+/// acknowledge it: the ack must reach the command they saw. With the 2 s timeout of the
+/// in-process tests, a loaded machine sometimes retried before the kill, and the ack then went
+/// to a superseded attempt.
 pub fn process_config(
     dir: &std::path::Path,
     bs: &str,
@@ -317,7 +322,9 @@ pub fn process_config(
     port: u16,
     delivery: &str,
 ) -> std::path::PathBuf {
-    std::fs::write(dir.join("policies.toml"), POLICIES).unwrap();
+    let policies = POLICIES.replace("ack_timeout = \"2s\"", "ack_timeout = \"15s\"");
+    assert_ne!(policies, POLICIES, "the test policies name an ack_timeout");
+    std::fs::write(dir.join("policies.toml"), policies).unwrap();
     let path = dir.join(format!("segloop-{port}.toml"));
     let topics: String = segloop::config::TopicsConfig::default()
         .all()
