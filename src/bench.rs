@@ -7,10 +7,10 @@
 //! 1M), plus one relaxed atomic add per allocation and free.
 
 use std::alloc::{GlobalAlloc, Layout};
-
-use mimalloc::MiMalloc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
+
+use mimalloc::MiMalloc;
 
 use crate::window::{Position, WindowEngine, WindowSpec, WindowSummary};
 

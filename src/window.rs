@@ -461,7 +461,7 @@ impl SegmentWindows {
 ///
 /// An index entry is 8 bytes, `(hash tag << 32) | (slot + 1)` (0 = empty), found by linear
 /// probing from `hash & mask`. Its address is known from the hash alone, so a batch of lookups
-/// can start loading all their entries before the first is read ([`SegmentTable::prefetch`]),
+/// can start loading all their entries before the first is read (`SegmentTable::prefetch_entry`),
 /// and the tag settles nearly every probe without touching a slot. Keys are compared against
 /// the copy stored inline in the slot, which the event touches next anyway.
 struct SegmentTable {
@@ -617,11 +617,9 @@ impl SegmentTable {
         if i != last {
             // The last slot moved to `i`: repoint its entry.
             let moved = self.hashes[i];
-            let mask = self.mask();
-            let mut at = moved as usize & mask;
-            while self.entries[at] & 0xffff_ffff != last as u64 + 1 {
-                at = (at + 1) & mask;
-            }
+            let (at, _) = self
+                .probe(moved, |slot| slot == last)
+                .expect("every slot has an index entry");
             self.entries[at] = entry_of(moved, i);
         }
         true
@@ -830,10 +828,7 @@ impl WindowEngine {
     /// As `ingest`.
     pub fn check(&self, partition: i32, ts_ms: i64, now_ms: i64) -> Result<(), DecodeError> {
         let Some(p) = self.partitions.get(partition) else {
-            return Err(DecodeError::new(
-                ErrorCode::InvalidValue,
-                format!("partition {partition} is not assigned to this instance"),
-            ));
+            return Err(not_assigned(partition));
         };
         let pane_ms = ts_ms.div_euclid(self.spec.hop_ms) * self.spec.hop_ms;
         check_in(p, &self.spec, self.group.as_deref(), ts_ms, pane_ms, now_ms)
@@ -961,10 +956,7 @@ impl WindowEngine {
         let Position { partition, offset } = at;
         let spec = &self.spec;
         let Some(p) = self.partitions.get_mut(partition) else {
-            return Err(DecodeError::new(
-                ErrorCode::InvalidValue,
-                format!("partition {partition} is not assigned to this instance"),
-            ));
+            return Err(not_assigned(partition));
         };
         p.next_offset = Some(p.next_offset.map_or(offset + 1, |n| n.max(offset + 1)));
         let pane_no = ts_ms.div_euclid(spec.hop_ms);
@@ -991,17 +983,15 @@ impl WindowEngine {
                     (wm - spec.grace_ms).div_euclid(spec.hop_ms) * spec.hop_ms + spec.hop_ms;
                 p.next_end_ms = Some(first);
             }
-            if wm > p.watermark_ms {
-                p.watermark_ms = wm;
-                self.segment_total -= close_windows(
-                    p,
-                    spec,
-                    &self.names,
-                    self.group.as_ref(),
-                    &mut self.stats,
-                    closed,
-                );
-            }
+            self.segment_total -= advance_watermark(
+                p,
+                wm,
+                spec,
+                &self.names,
+                self.group.as_ref(),
+                &mut self.stats,
+                closed,
+            );
         }
 
         self.seq += 1;
@@ -1122,17 +1112,15 @@ impl WindowEngine {
                 continue;
             }
             let wm = now_ms - spec.idle_timeout_ms;
-            if wm > p.watermark_ms {
-                p.watermark_ms = wm;
-                self.segment_total -= close_windows(
-                    p,
-                    spec,
-                    &self.names,
-                    self.group.as_ref(),
-                    &mut self.stats,
-                    closed,
-                );
-            }
+            self.segment_total -= advance_watermark(
+                p,
+                wm,
+                spec,
+                &self.names,
+                self.group.as_ref(),
+                &mut self.stats,
+                closed,
+            );
         }
     }
 
@@ -1189,6 +1177,13 @@ fn prefetch_read(ptr: *const u8) {
     let _ = ptr;
 }
 
+fn not_assigned(partition: i32) -> DecodeError {
+    DecodeError::new(
+        ErrorCode::InvalidValue,
+        format!("partition {partition} is not assigned to this instance"),
+    )
+}
+
 /// Clock-skew and lateness checks of an event at `ts_ms` (in the pane starting at `pane_ms`)
 /// on partition `p`.
 #[inline]
@@ -1224,6 +1219,24 @@ fn check_in(
         ));
     }
     Ok(())
+}
+
+/// Moves the partition's watermark to `wm` if that is later, closing what it passes (see
+/// `close_windows`). Returns how many segments expired.
+fn advance_watermark(
+    p: &mut PartitionWindows,
+    wm: i64,
+    spec: &WindowSpec,
+    names: &Names,
+    group: Option<&Arc<str>>,
+    stats: &mut EngineStats,
+    closed: &mut Vec<WindowSummary>,
+) -> usize {
+    if wm <= p.watermark_ms {
+        return 0;
+    }
+    p.watermark_ms = wm;
+    close_windows(p, spec, names, group, stats, closed)
 }
 
 /// Closes every window with `end + grace ≤ watermark`, for every segment of the partition, in

@@ -73,7 +73,8 @@ fn tag(test: &str) -> String {
 }
 
 /// Every record of a topic (committed records only), read until 2 s pass without one.
-fn read_all<T>(bs: &str, topic: &str, mut decode: impl FnMut(&[u8]) -> Option<T>) -> Vec<T> {
+/// A consumer of both partitions of `topic` from the beginning, committed records only.
+fn from_beginning(bs: &str, topic: &str) -> rdkafka::consumer::BaseConsumer {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let c: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bs)
@@ -88,6 +89,11 @@ fn read_all<T>(bs: &str, topic: &str, mut decode: impl FnMut(&[u8]) -> Option<T>
             .unwrap();
     }
     c.assign(&tpl).unwrap();
+    c
+}
+
+fn read_all<T>(bs: &str, topic: &str, mut decode: impl FnMut(&[u8]) -> Option<T>) -> Vec<T> {
+    let c = from_beginning(bs, topic);
     let mut out = Vec::new();
     let mut last = Instant::now();
     while last.elapsed() < Duration::from_secs(2) {
@@ -131,22 +137,9 @@ fn feed_until<T>(
 
 /// Waits (up to 60 s) until the state topic holds a record for `seg` (read committed).
 fn wait_for_state(bs: &str, tag: &str, seg: &str) {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::Message;
-    let c: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bs)
-        .set("group.id", "wait-state")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
     let topic = format!("rk.{tag}.state");
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..2 {
-        tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)
-            .unwrap();
-    }
-    c.assign(&tpl).unwrap();
+    let c = from_beginning(bs, &topic);
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
@@ -206,8 +199,8 @@ fn kill9_mid_incident(mode: &str) {
         .expect("a command for the failing segment");
     assert_eq!(cmd.attempt, 1);
     // The in-flight command is in the changelog (committed, in exactly-once mode), and a few
-    // commit intervals (200 ms) pass for the offsets. A fixed sleep alone was not enough on a
-    // loaded CI machine: killed before its state was written, the process lost the command.
+    // commit intervals (200 ms) pass for the offsets: the kill waits for the state it tests
+    // instead of guessing how long writing it takes.
     wait_for_state(&bs, &tag, seg);
     std::thread::sleep(Duration::from_millis(1000));
     signal(&a, "-KILL");
