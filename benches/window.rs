@@ -6,7 +6,7 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use segloop::config::WindowConfig;
-use segloop::window::{Position, WindowEngine, WindowSpec, HINT_AHEAD, HINT_BATCH};
+use segloop::window::{with_hints, Position, WindowEngine, WindowSpec};
 
 /// Events in random segment order, keys laid out one after another as in a Kafka fetch:
 /// the key buffer and (key start, key end, event time, latency) per event.
@@ -66,25 +66,10 @@ fn bench(c: &mut Criterion) {
                         e
                     },
                     |mut engine| {
-                        let hint = |engine: &mut WindowEngine, batch: usize| {
-                            let from = (batch * HINT_BATCH).min(events);
-                            let to = ((batch + 1) * HINT_BATCH).min(events);
-                            engine.prefetch(
-                                input[from..to]
-                                    .iter()
-                                    .map(|&(a, b, ts, _)| (0, &keys[a..b], ts)),
-                            );
-                        };
-                        if hinted {
-                            for batch in 0..HINT_AHEAD {
-                                hint(&mut engine, batch);
-                            }
-                        }
                         let mut closed = Vec::new();
-                        for (i, &(a, b, ts, latency)) in input.iter().enumerate() {
-                            if hinted && i % HINT_BATCH == 0 {
-                                hint(&mut engine, i / HINT_BATCH + HINT_AHEAD);
-                            }
+                        let mut each = |engine: &mut WindowEngine,
+                                        i: usize,
+                                        &(a, b, ts, latency): &(usize, usize, i64, f64)| {
                             let _ = engine.ingest(
                                 Position {
                                     partition: 0,
@@ -97,6 +82,22 @@ fn bench(c: &mut Criterion) {
                                 &mut closed,
                             );
                             closed.clear();
+                        };
+                        if hinted {
+                            with_hints(
+                                &mut engine,
+                                &input,
+                                |engine, _, chunk| {
+                                    engine.prefetch(
+                                        chunk.iter().map(|&(a, b, ts, _)| (0, &keys[a..b], ts)),
+                                    );
+                                },
+                                each,
+                            );
+                        } else {
+                            for (i, item) in input.iter().enumerate() {
+                                each(&mut engine, i, item);
+                            }
                         }
                         engine
                     },

@@ -17,11 +17,11 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
+use crate::clock::{Clock, Control, SystemClock};
 use crate::codec::{build_codec, decode_record};
 use crate::config::{ActuatorConfig, Config};
 use crate::kafka;
 use crate::model::{OutcomeStatus, RemediationCommand, RemediationOutcome};
-use crate::runtime::{Clock, Control, SystemClock};
 
 /// What a handler made of a command.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -139,46 +139,39 @@ pub fn window_bench(spec: WindowSpec, segments: usize, events: usize) -> WindowB
     let start = Instant::now();
     let mut closed_count = 0u64;
     // Records arrive in batches, as from a consumer poll; the engine is told a batch's keys
-    // before ingesting it.
-    const BATCH: usize = crate::window::HINT_BATCH;
-    const HINT_AHEAD: usize = crate::window::HINT_AHEAD;
+    // ahead of ingesting it, on the schedule the pipeline uses.
     let key_of = |d: &(u32, u32, f64, f64)| &keys[d.0 as usize..(d.0 + d.1) as usize];
     let ts_of = |i: usize| (i as i64 * span_ms) / events.max(1) as i64;
-    let hint = |engine: &mut WindowEngine, batch: usize| {
-        let from = (batch * BATCH).min(events);
-        let end = ((batch + 1) * BATCH).min(events);
-        engine.prefetch(
-            draws[from..end]
-                .iter()
-                .zip(from..end)
-                .map(|(d, j)| (0, key_of(d), ts_of(j))),
-        );
-    };
-    // As the runtime does: each batch is hinted three batches ahead of its ingest.
-    for batch in 0..HINT_AHEAD {
-        hint(&mut engine, batch);
-    }
-    for (i, (at, len, latency, error)) in draws.iter().enumerate() {
-        if i % BATCH == 0 {
-            hint(&mut engine, i / BATCH + HINT_AHEAD);
-        }
-        let ts = ts_of(i);
-        let _ = engine.ingest(
-            Position {
-                partition: 0,
-                offset: (segments + i) as i64,
-            },
-            &keys[*at as usize..(*at + *len) as usize],
-            ts,
-            [("latency_ms", *latency), ("error", *error)],
-            ts,
-            &mut closed,
-        );
-        if closed.len() >= 4096 {
-            closed_count += closed.len() as u64;
-            closed.clear();
-        }
-    }
+    crate::window::with_hints(
+        &mut engine,
+        &draws,
+        |engine, from, chunk| {
+            engine.prefetch(
+                chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(j, d)| (0, key_of(d), ts_of(from + j))),
+            );
+        },
+        |engine, i, d| {
+            let ts = ts_of(i);
+            let _ = engine.ingest(
+                Position {
+                    partition: 0,
+                    offset: (segments + i) as i64,
+                },
+                key_of(d),
+                ts,
+                [("latency_ms", d.2), ("error", d.3)],
+                ts,
+                &mut closed,
+            );
+            if closed.len() >= 4096 {
+                closed_count += closed.len() as u64;
+                closed.clear();
+            }
+        },
+    );
     closed_count += closed.len() as u64;
     let elapsed = start.elapsed().as_secs_f64();
     WindowBenchReport {
@@ -337,7 +330,8 @@ fn pipeline_pass(
     policies: crate::policy::PolicySet,
     records: u64,
 ) -> anyhow::Result<(f64, crate::runtime::RunReport)> {
-    use crate::runtime::{self, Control, RunOptions, SystemClock};
+    use crate::clock::{Control, SystemClock};
+    use crate::runtime::{self, RunOptions};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
     let control = Arc::new(Control::default());
@@ -360,11 +354,9 @@ fn pipeline_pass(
     let mut first: Option<Instant> = None;
     let deadline = Instant::now() + Duration::from_secs(300);
     let secs = loop {
-        let consumed = core_slot
-            .lock()
-            .expect("lock")
-            .as_ref()
-            .map_or(0, |c| c.lock().expect("core lock").report.records_consumed);
+        let consumed = core_slot.lock().expect("lock").as_ref().map_or(0, |c| {
+            c.lock().expect("core lock").report().records_consumed
+        });
         if consumed > 0 && first.is_none() {
             first = Some(Instant::now());
         }
@@ -420,9 +412,9 @@ pub fn bench_topic_on(
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
+    use crate::clock::{Clock, SystemClock};
     use crate::codec::{build_codec, CodecKind};
     use crate::model::TelemetryEvent;
-    use crate::runtime::{Clock, SystemClock};
 
     let cluster = rdkafka::mocking::MockCluster::new(1)?;
     let bs = bootstrap.map_or_else(|| cluster.bootstrap_servers(), str::to_string);

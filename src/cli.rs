@@ -331,89 +331,28 @@ fn load_config(
     })
 }
 
-/// Sets up `tracing` output as the config asks (text or JSON); `RUST_LOG` overrides the level.
-pub fn init_logging(config: &Config) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.logging.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match config.logging.format {
-        crate::config::LogFormat::Json => builder.json().try_init(),
-        crate::config::LogFormat::Text => builder.try_init(),
-    };
-}
-
-/// SIGINT/SIGTERM stop gracefully (a second one exits at once); SIGHUP reloads policies.
-pub fn install_signal_handlers(control: std::sync::Arc<crate::runtime::Control>) {
-    std::thread::Builder::new()
-        .name("segloop-signals".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot install signal handlers: {e}");
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-                    signal(SignalKind::terminate()),
-                    signal(SignalKind::interrupt()),
-                    signal(SignalKind::hangup()),
-                ) else {
-                    eprintln!("error: cannot install signal handlers");
-                    return;
-                };
-                loop {
-                    let stop = tokio::select! {
-                        _ = term.recv() => true,
-                        _ = int.recv() => true,
-                        _ = hup.recv() => false,
-                    };
-                    if !stop {
-                        tracing::info!("SIGHUP: reloading policies");
-                        control.request_reload();
-                    } else if control.stopping() {
-                        eprintln!("second signal: exiting now");
-                        std::process::exit(130);
-                    } else {
-                        tracing::info!("signal: stopping gracefully (again to exit at once)");
-                        control.stop();
-                    }
-                }
-            });
-        })
-        .expect("the signal thread should start");
-}
-
 /// `segloop run`: the loop against Kafka brokers until a signal.
 pub fn run(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
     let config = match load_config(args.config.as_deref(), &args.overrides, env) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(&config);
-    let policies = match load_policy_set(&config) {
+    crate::process::init_logging(&config);
+    let policies = match crate::policy::PolicySet::for_config(&config) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: invalid policies\n{e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let control = std::sync::Arc::new(crate::runtime::Control::default());
-    install_signal_handlers(control.clone());
+    let control = std::sync::Arc::new(crate::clock::Control::default());
+    crate::process::install_signal_handlers(control.clone());
     let result = crate::runtime::run(crate::runtime::RunOptions {
         policies_path: config.policies.clone(),
         config,
         policies,
         control,
-        clock: std::sync::Arc::new(crate::runtime::SystemClock),
+        clock: std::sync::Arc::new(crate::clock::SystemClock),
         metrics: crate::metrics::Metrics::new(),
         on_admin: None,
         on_core: None,
@@ -436,9 +375,9 @@ pub fn actuator(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(&config);
-    let control = std::sync::Arc::new(crate::runtime::Control::default());
-    install_signal_handlers(control.clone());
+    crate::process::init_logging(&config);
+    let control = std::sync::Arc::new(crate::clock::Control::default());
+    crate::process::install_signal_handlers(control.clone());
     let handler = std::sync::Arc::new(crate::actuator::ConfiguredHandler::new(
         config.actuator.clone(),
     ));
@@ -459,26 +398,13 @@ pub fn actuator(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
     }
 }
 
-/// The config's policy set (empty when it names no policy file), checked against the windows.
-///
-/// # Errors
-/// As [`load_policies`].
-pub fn load_policy_set(
-    config: &Config,
-) -> Result<crate::policy::PolicySet, crate::policy::PolicyErrors> {
-    match &config.policies {
-        Some(path) => crate::policy::PolicySet::load_for(path, &config.windows),
-        None => crate::policy::PolicySet::compile(&Default::default()),
-    }
-}
-
 /// `segloop backtest`: replay, print the summary, write the reports.
 pub fn backtest(args: &BacktestArgs, env: &HashMap<String, String>) -> ExitCode {
     let mut config = match load_config(args.config.as_deref(), &args.overrides, env) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(&config);
+    crate::process::init_logging(&config);
     if let Some(p) = &args.policies {
         config.policies = Some(p.clone());
     }
@@ -492,7 +418,7 @@ pub fn backtest(args: &BacktestArgs, env: &HashMap<String, String>) -> ExitCode 
             args.actuator_success
         ));
     }
-    let now = crate::runtime::Clock::now_ms(&crate::runtime::SystemClock);
+    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
     let time = |s: &Option<String>, flag: &str| -> Result<Option<i64>, String> {
         s.as_deref()
             .map(|s| crate::backtest::parse_time(s, now).map_err(|e| format!("--{flag} {e}")))
@@ -507,7 +433,7 @@ pub fn backtest(args: &BacktestArgs, env: &HashMap<String, String>) -> ExitCode 
             return usage("--from is after --to: swap them".into());
         }
     }
-    let policies = match load_policy_set(&config) {
+    let policies = match crate::policy::PolicySet::for_config(&config) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: invalid policies\n{e}");

@@ -7,7 +7,7 @@
 //!
 //! # Layout
 //!
-//! An event's way through the code, top to bottom:
+//! An event's way through the code, top to bottom (`ARCHITECTURE.md` walks it in detail):
 //!
 //! - [`model`] — the wire contract as Rust types (telemetry, command, outcome, decision).
 //! - [`schema`] — the embedded Avro schemas (`schemas/*.avsc`), fingerprints, known versions.
@@ -17,45 +17,60 @@
 //! - [`window`] — event-time windows per segment: panes, watermarks, late/skew rejection,
 //!   idle advance, quantile sketches, TTL and eviction, committable offsets; window groups
 //!   with sizes of their own ([`window::Windows`]); a cache-conscious segment table fed by
-//!   prefetch hints ([`window::WindowEngine::prefetch`]).
+//!   prefetch hints on one schedule ([`window::with_hints`]).
 //! - [`policy`] — policies (segment selector, condition language, hysteresis, actions,
 //!   retries, escalation) and guardrails, compiled from TOML.
 //! - [`controller`] — the per-(segment, policy) state machine: fire, ack, verify, retry,
 //!   escalate; guardrails; decision records; loop timings; snapshot/restore.
-//! - [`kafka`] — Kafka adapters shared by the drivers: client configs, topic checks and
-//!   creation, the murmur2 partitioner.
-//! - [`runtime`] — `segloop run`: Kafka consumers/producer, offsets, rebalances, DLQ,
-//!   shutdown, reload; [`runtime::admin`] serves metrics, health and the admin API.
-//! - [`backtest`] — `segloop backtest`: a topic range replayed in (event time, partition,
-//!   offset) order through the same engine and controller, with a simulated or recorded
-//!   actuator; JSON, terminal and HTML reports; compare and against-live diffs.
-//! - [`metrics`] — the documented Prometheus names and the per-instance recorder.
+//! - [`pipeline`] — the one step every driver runs: record → decode → labels → prefetch →
+//!   windows → judge → controller → effects to the driver's [`pipeline::Sink`]; the
+//!   [`pipeline::ReadModel`] the admin API reads without the engine's lock.
 //! - [`config`] — layered TOML configuration (defaults < file < `SEGLOOP__*` env < CLI) with
 //!   errors that name the key, file and line.
+//!
+//! Drivers and what they share:
+//!
+//! - [`runtime`] — `segloop run`: Kafka consumers/producer, offsets, rebalances, DLQ,
+//!   changelog, exactly-once, reload; [`runtime::admin`] serves metrics, health and the admin
+//!   API.
+//! - [`backtest`] — `segloop backtest`: a topic range replayed in (event time, partition,
+//!   offset) order through the pipeline, with a simulated or recorded actuator; JSON, terminal
+//!   and HTML reports; compare and against-live diffs.
+//! - [`bench`] — `segloop bench` figures and the counting allocator behind `bytes_per_segment`.
+//! - [`demo`] — `segloop demo`: embedded Kafka, the synthetic fleet, simulated actuator,
+//!   scored from what the topics say.
 //! - [`actuator`] — `segloop actuator`, the reference actuator (shell or webhook handlers,
 //!   idempotent on `command_id`); the demo's simulated actuator runs on it.
-//! - [`demo`] — `segloop demo`: embedded Kafka, synthetic fleet, scripted faults, simulated
-//!   actuator, scored from what the topics say.
-//! - [`bench`] — `segloop bench` figures and the counting allocator behind `bytes_per_segment`.
-//! - [`cli`] — the `segloop` command line (parsing only; each subcommand calls into the
-//!   library).
+//! - [`fleet`] — the synthetic fleet and scripted incidents (demo and the backtest sample).
+//! - [`kafka`] — Kafka adapters shared by the drivers: client configs, topic checks and
+//!   creation, watermarks, the murmur2 partitioner.
+//! - [`metrics`] — the documented Prometheus names and the per-instance recorder.
+//! - [`clock`] — the injected controller clock and the stop/reload flags.
+//! - [`process`] — logging and signal handling of the long-running subcommands.
+//! - [`cli`] — the `segloop` command line: parses, loads config, calls one library function
+//!   per subcommand, prints, maps the result to an exit code.
 //!
 //! The engine modules (`codec`, `config`, `model`, `schema`, `sketch`, `window`, `policy`,
-//! `controller`) never import Kafka, tokio I/O or
-//! HTTP; the runtime and the backtest are drivers of the same engine.
+//! `controller`, `pipeline`) never import Kafka, tokio I/O or HTTP; `runtime` and `backtest`
+//! are two drivers of the same pipeline and import neither each other nor `demo`
+//! (`tests/architecture.rs` checks these rules).
 
 pub mod actuator;
 pub mod backtest;
 pub mod bench;
 pub mod cli;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod controller;
 pub mod demo;
+pub mod fleet;
 pub mod kafka;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
 pub mod policy;
+pub mod process;
 pub mod runtime;
 pub mod schema;
 pub mod sketch;

@@ -789,6 +789,34 @@ pub const HINT_BATCH: usize = 32;
 /// How many batches ahead of its ingest a batch is hinted.
 pub const HINT_AHEAD: usize = 3;
 
+/// The prefetch schedule every caller of [`WindowEngine::prefetch`] uses: `items` in chunks of
+/// [`HINT_BATCH`], each chunk hinted [`HINT_AHEAD`] chunks before its items are processed.
+/// `hint` gets the index of a chunk's first item and the chunk (empty past the end); `each`
+/// gets an item's index and the item.
+pub fn with_hints<S: ?Sized, T>(
+    state: &mut S,
+    items: &[T],
+    mut hint: impl FnMut(&mut S, usize, &[T]),
+    mut each: impl FnMut(&mut S, usize, &T),
+) {
+    let chunk = |i: usize| {
+        let from = (i * HINT_BATCH).min(items.len());
+        (from, &items[from..((i + 1) * HINT_BATCH).min(items.len())])
+    };
+    for i in 0..HINT_AHEAD {
+        let (from, c) = chunk(i);
+        hint(state, from, c);
+    }
+    for i in 0..items.len().div_ceil(HINT_BATCH) {
+        let (from, c) = chunk(i + HINT_AHEAD);
+        hint(state, from, c);
+        let (first, c) = chunk(i);
+        for (j, item) in c.iter().enumerate() {
+            each(state, first + j, item);
+        }
+    }
+}
+
 /// Software-pipelined prefetch across hint calls. Each [`WindowEngine::prefetch`] call (one
 /// batch of upcoming events) advances three stages, each on a different batch:
 /// 1. this batch: hash the keys and start loading their index entries;

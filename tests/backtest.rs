@@ -12,7 +12,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use segloop::backtest::{self, Invocation, Options, Report};
 use segloop::config::{Config, Sources};
-use segloop::demo::{FaultKind, Incident};
+use segloop::fleet::{FaultKind, Incident};
 use segloop::policy::PolicySet;
 
 const SAMPLE_SECS: u64 = 40;
@@ -38,7 +38,7 @@ fn demo_config(bootstrap: &str) -> Config {
 }
 
 fn policies(config: &Config) -> PolicySet {
-    segloop::cli::load_policy_set(config).expect("demo policies")
+    segloop::policy::PolicySet::for_config(config).expect("demo policies")
 }
 
 /// An embedded cluster holding the sample history (seed 1).
@@ -53,8 +53,8 @@ fn sample() -> Sample {
     let cluster = MockCluster::new(1).expect("mock cluster");
     let config = demo_config(&cluster.bootstrap_servers());
     segloop::kafka::create_embedded_topics(&cluster, &config).unwrap();
-    let records = segloop::demo::write_sample_history(&config, 1, SAMPLE_SECS).unwrap();
-    let script = segloop::demo::sample_history(1, SAMPLE_SECS, |_| {});
+    let records = segloop::fleet::write_sample_history(&config, 1, SAMPLE_SECS).unwrap();
+    let script = segloop::fleet::sample_history(1, SAMPLE_SECS, |_| {});
     Sample {
         cluster,
         config,
@@ -392,7 +392,7 @@ fn html_report_is_self_contained() {
 #[test]
 fn time_range_filters_by_event_time() {
     let s = sample();
-    let from = segloop::demo::SAMPLE_EPOCH_MS + 20_000;
+    let from = segloop::fleet::SAMPLE_EPOCH_MS + 20_000;
     let inv = Invocation {
         options: Options {
             from_ms: Some(from),

@@ -87,7 +87,7 @@ fn compose_creates_every_configured_topic_co_partitioned() {
 #[test]
 fn the_container_config_and_its_policies_are_valid() {
     let config = container_config();
-    segloop::cli::load_policy_set(&config).unwrap();
+    segloop::policy::PolicySet::for_config(&config).unwrap();
     // The brokers named in the config are the kafka service's internal listener.
     let c = compose();
     let listeners = c["services"]["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
@@ -100,7 +100,7 @@ fn the_container_config_and_its_policies_are_valid() {
     );
     // The actuator container runs the same config, and every action of the example policies
     // (and their escalations) has a shell handler.
-    let set = segloop::cli::load_policy_set(&config).unwrap();
+    let set = segloop::policy::PolicySet::for_config(&config).unwrap();
     for p in &set.policies {
         for action in std::iter::once(&p.action).chain(p.escalate.iter()) {
             assert!(

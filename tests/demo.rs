@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use segloop::demo::{run, DemoOptions, FaultKind};
+use segloop::demo::{run, DemoOptions};
+use segloop::fleet::FaultKind;
 
 #[test]
 fn the_scripted_story_goes_as_expected() {

@@ -15,10 +15,11 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use segloop::clock::{Clock, Control, SystemClock};
 use segloop::codec::{build_codec, CodecKind};
 use segloop::model::{OutcomeStatus, RemediationCommand, TelemetryEvent};
 use segloop::policy::PolicySet;
-use segloop::runtime::{self, Clock, Control, RunOptions, SystemClock};
+use segloop::runtime::{self, RunOptions};
 
 #[test]
 fn a_fault_in_one_segment_is_commanded_acknowledged_and_verified() {

@@ -24,12 +24,15 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use crate::codec::fast::TelemetryDecoder;
-use crate::codec::{build_codec, ErrorCode};
+use crate::codec::{build_codec, DecodeError};
 use crate::config::Config;
-use crate::controller::{Controller, Effects};
+use crate::controller::Effects;
 use crate::model::{DecisionRecord, OutcomeStatus, RemediationCommand, RemediationOutcome};
+use crate::pipeline::{Cause, Options as PipelineOptions, Pipeline, Record, Sink, SkewReference};
 use crate::policy::PolicySet;
-use crate::window::{Position, WindowSpec, WindowSummary, Windows};
+use crate::window::{WindowSpec, WindowSummary};
+
+pub use crate::pipeline::InputStats;
 
 pub use report::Report;
 use report::{CommandEntry, LoopRecord, OutcomeEntry, Point};
@@ -138,41 +141,24 @@ struct SegmentTrace {
     affected: bool,
 }
 
-/// Input accounting of a replay.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct InputStats {
-    pub records_read: u64,
-    pub records_in_range: u64,
-    pub records_aggregated: u64,
-    pub records_before_range: u64,
-    pub records_after_range: u64,
-    /// Records the live runtime would have sent to the DLQ, by reason.
-    pub rejected: BTreeMap<String, u64>,
-    pub first_event_ms: Option<i64>,
-    pub last_event_ms: Option<i64>,
-    pub windows_closed: u64,
-    pub open_windows_at_end: u64,
-}
-
 /// Where would-be commands go besides the report.
 type CommandSink = Box<dyn FnMut(&RemediationCommand)>;
 
-/// The replay driver: records in, the engine and controller of `segloop run`, a report out.
+/// The replay driver: records in, the pipeline of `segloop run`, a report out. Its clock is the
+/// maximum event time replayed so far.
 pub struct Replay {
-    engine: Windows,
-    controller: Controller,
-    decoder: TelemetryDecoder,
-    spec: WindowSpec,
-    from_ms: Option<i64>,
-    to_ms: Option<i64>,
+    pipeline: Pipeline,
+    hop_ms: i64,
     clock_ms: i64,
+    book: Book,
+}
+
+/// The replay's side of the pipeline: the simulated or recorded actuator and what the report
+/// needs (loops, traces).
+struct Book {
     outcomes: Outcomes,
     pending: BinaryHeap<Reverse<Pending>>,
     seq: u64,
-    labels: HashMap<String, BTreeMap<String, String>>,
-    closed: Vec<WindowSummary>,
-    fx: Effects,
-    input: InputStats,
     loops: BTreeMap<(String, String), LoopRecord>,
     traces: HashMap<Arc<str>, SegmentTrace>,
     /// command_id → (segment, policy) of the loop that issued it.
@@ -193,15 +179,21 @@ impl Replay {
         (from_ms, to_ms): (Option<i64>, Option<i64>),
         outcomes: Outcomes,
     ) -> anyhow::Result<Replay> {
-        let t = &config.topics.telemetry;
-        let decoder =
-            TelemetryDecoder::new(t.codec, &t.schema_settings()).map_err(anyhow::Error::msg)?;
-        let spec = WindowSpec::from_config(&config.windows);
-        let mut engine = Windows::from_config(&config.windows);
-        let mut controller = Controller::new(policies, partitions.len() as u32);
+        let mut pipeline = Pipeline::new(
+            config,
+            policies,
+            PipelineOptions {
+                // Clock skew is judged against each record's broker timestamp (the nearest
+                // thing a replay has to the wall clock at arrival).
+                skew: SkewReference::BrokerTimestamp,
+                from_ms,
+                to_ms,
+                partitions_total: partitions.len() as u32,
+            },
+        )
+        .map_err(anyhow::Error::msg)?;
         for &p in partitions {
-            engine.assign(p);
-            controller.assign(p);
+            pipeline.assign(p);
         }
         let mut pending = BinaryHeap::new();
         let mut seq = 0;
@@ -216,30 +208,24 @@ impl Replay {
             }
         }
         Ok(Replay {
-            engine,
-            controller,
-            decoder,
-            spec,
-            from_ms,
-            to_ms,
+            pipeline,
+            hop_ms: WindowSpec::from_config(&config.windows).hop_ms,
             clock_ms: i64::MIN,
-            outcomes,
-            pending,
-            seq,
-            labels: HashMap::default(),
-            closed: Vec::new(),
-            fx: Effects::default(),
-            input: InputStats::default(),
-            loops: BTreeMap::new(),
-            traces: HashMap::default(),
-            command_loops: HashMap::default(),
-            sink: None,
+            book: Book {
+                outcomes,
+                pending,
+                seq,
+                loops: BTreeMap::new(),
+                traces: HashMap::default(),
+                command_loops: HashMap::default(),
+                sink: None,
+            },
         })
     }
 
     /// Would-be commands also go here (the sandbox topic), in the order they were issued.
     pub fn with_sink(mut self, sink: impl FnMut(&RemediationCommand) + 'static) -> Self {
-        self.sink = Some(Box::new(sink));
+        self.book.sink = Some(Box::new(sink));
         self
     }
 
@@ -248,7 +234,8 @@ impl Replay {
         self.clock_ms
     }
 
-    /// Replays one record.
+    /// Replays one record: admitted by the pipeline, the clock moves to its event time, then
+    /// it is ingested.
     pub fn on_record(
         &mut self,
         partition: i32,
@@ -257,143 +244,76 @@ impl Replay {
         key: Option<&[u8]>,
         value: Option<&[u8]>,
     ) {
-        self.input.records_read += 1;
-        let event = match self.decoder.decode(key, value) {
-            Ok(e) => e,
-            Err(e) => {
-                *self
-                    .input
-                    .rejected
-                    .entry(e.code.as_str().to_string())
-                    .or_default() += 1;
-                return;
-            }
+        let record = Record {
+            partition,
+            offset,
+            key,
+            value,
+            timestamp_ms: broker_ts_ms,
+            handle: 0,
         };
-        let ts = event.ts_ms();
-        if self.from_ms.is_some_and(|f| ts < f) {
-            self.input.records_before_range += 1;
+        let Some(event) = self.pipeline.admit(&record, &mut self.book) else {
             return;
+        };
+        if event.ts_ms() > self.clock_ms {
+            self.advance(event.ts_ms());
         }
-        if self.to_ms.is_some_and(|t| ts > t) {
-            self.input.records_after_range += 1;
-            return;
-        }
-        self.input.records_in_range += 1;
-        if broker_ts_ms.is_some_and(|b| ts > b.saturating_add(self.spec.max_clock_skew_ms)) {
-            *self
-                .input
-                .rejected
-                .entry(ErrorCode::ClockSkew.as_str().to_string())
-                .or_default() += 1;
-            return;
-        }
-        if event.has_labels() {
-            let owned = event.clone().into_owned();
-            if self.labels.get(&owned.segment) != Some(&owned.labels) {
-                if self.labels.len() >= self.spec.max_segments {
-                    self.labels.clear();
-                }
-                self.labels.insert(owned.segment, owned.labels);
-            }
-        }
-        if ts > self.clock_ms {
-            self.advance(ts);
-        }
-        let mut closed = std::mem::take(&mut self.closed);
-        let result = self.engine.ingest(
-            Position { partition, offset },
-            event.segment(),
-            ts,
-            event.measurements().iter().copied(),
-            self.clock_ms,
-            &mut closed,
-        );
-        match result {
-            Ok(()) => {
-                self.input.records_aggregated += 1;
-                self.input.first_event_ms =
-                    Some(self.input.first_event_ms.map_or(ts, |f| f.min(ts)));
-                self.input.last_event_ms = Some(self.input.last_event_ms.map_or(ts, |l| l.max(ts)));
-            }
-            Err(e) => {
-                *self
-                    .input
-                    .rejected
-                    .entry(e.code.as_str().to_string())
-                    .or_default() += 1;
-            }
-        }
-        self.judge(&mut closed);
-        self.closed = closed;
+        self.pipeline
+            .ingest(&record, &event, self.clock_ms, &mut self.book);
     }
 
     /// Moves the controller clock to `to`: outcomes due by then (each at its own time),
     /// quiet partitions, deadlines.
     fn advance(&mut self, to: i64) {
-        while let Some(Reverse(next)) = self.pending.peek() {
+        while let Some(Reverse(next)) = self.book.pending.peek() {
             if next.at_ms > to {
                 break;
             }
-            let Reverse(p) = self.pending.pop().expect("peeked");
+            let Reverse(p) = self.book.pending.pop().expect("peeked");
             let at = p.at_ms.max(self.clock_ms);
             self.clock_ms = at;
-            self.tick();
-            let mut fx = std::mem::take(&mut self.fx);
-            self.controller.on_outcome(&p.outcome, at, &mut fx);
-            if let Some(l) = self.loop_of_command(&p.outcome) {
+            self.pipeline.tick(at, true, &mut self.book);
+            self.pipeline.on_outcome(&p.outcome, at, &mut self.book);
+            if let Some(l) = self.book.loop_of_command(&p.outcome) {
                 l.outcomes.push(OutcomeEntry {
                     command_id: p.outcome.command_id.clone(),
                     status: p.outcome.status.as_str().to_string(),
                     ts_ms: at,
                 });
             }
-            self.take_effects(&mut fx);
-            self.fx = fx;
         }
         self.clock_ms = to;
-        self.tick();
+        self.pipeline.tick(to, true, &mut self.book);
     }
 
-    fn tick(&mut self) {
-        let now = self.clock_ms;
-        let mut closed = std::mem::take(&mut self.closed);
-        self.engine.advance_idle(now, &mut closed);
-        self.judge(&mut closed);
-        self.closed = closed;
-        let mut fx = std::mem::take(&mut self.fx);
-        self.controller.tick(now, &mut fx);
-        self.take_effects(&mut fx);
-        self.fx = fx;
+    /// Ends the replay: what happened, as a report.
+    pub fn finish(self, meta: report::Meta) -> Report {
+        let (input, controller) = self.pipeline.finish();
+        report::build(
+            meta,
+            input,
+            controller.policies(),
+            self.book.loops,
+            self.book
+                .traces
+                .into_iter()
+                .map(|(k, t)| (k, (t.partition, t.points.into_iter().collect())))
+                .collect(),
+            self.hop_ms,
+        )
     }
+}
 
-    fn loop_of_command(&mut self, o: &RemediationOutcome) -> Option<&mut LoopRecord> {
-        let key = self.command_loops.get(&o.command_id)?;
-        self.loops.get_mut(key)
-    }
+impl Sink for Book {
+    /// Rejections are counted by the pipeline (the report's `rejected`); a replay writes no DLQ.
+    fn reject(&mut self, _: &Record<'_>, _: &DecodeError) {}
 
-    /// Closed windows → controller → effects, traced for the report.
-    fn judge(&mut self, closed: &mut Vec<WindowSummary>) {
-        if closed.is_empty() {
-            return;
-        }
-        let now = self.clock_ms;
-        let empty = BTreeMap::new();
-        let mut fx = std::mem::take(&mut self.fx);
-        for w in closed.drain(..) {
-            self.input.windows_closed += 1;
-            let labels = self.labels.get(&*w.segment).unwrap_or(&empty);
-            self.controller.on_window(&w, labels, now, &mut fx);
+    fn effects(&mut self, fx: &mut Effects, cause: Cause<'_>, policies: &PolicySet) {
+        if let Cause::Window { window, labels } = cause {
             let affected = !fx.decisions.is_empty() || !fx.commands.is_empty();
-            trace(
-                &mut self.traces,
-                self.controller.policies(),
-                &w,
-                labels,
-                affected,
-            );
-            self.take_effects(&mut fx);
+            trace(&mut self.traces, policies, window, labels, affected);
         }
-        self.fx = fx;
+        self.take_effects(fx, policies);
     }
 }
 
@@ -438,17 +358,18 @@ fn trace(
     }
 }
 
-impl Replay {
-    fn take_effects(&mut self, fx: &mut Effects) {
+impl Book {
+    fn loop_of_command(&mut self, o: &RemediationOutcome) -> Option<&mut LoopRecord> {
+        let key = self.command_loops.get(&o.command_id)?;
+        self.loops.get_mut(key)
+    }
+
+    fn take_effects(&mut self, fx: &mut Effects, policies: &PolicySet) {
         for cmd in fx.commands.drain(..) {
-            let escalation = self
-                .controller
-                .policies()
-                .policy(&cmd.policy)
-                .is_some_and(|p| {
-                    p.escalate.as_deref() == Some(cmd.action.as_str())
-                        && cmd.attempt as u32 > p.max_attempts
-                });
+            let escalation = policies.policy(&cmd.policy).is_some_and(|p| {
+                p.escalate.as_deref() == Some(cmd.action.as_str())
+                    && cmd.attempt as u32 > p.max_attempts
+            });
             if let Outcomes::Simulated(sim) = &self.outcomes {
                 if let Some(o) = sim.answer(&cmd, escalation) {
                     self.seq += 1;
@@ -496,27 +417,6 @@ impl Replay {
         self.loops
             .entry((segment.to_string(), policy.to_string()))
             .or_default()
-    }
-
-    /// Ends the replay: what happened, as a report.
-    pub fn finish(mut self, meta: report::Meta) -> Report {
-        self.input.open_windows_at_end = self
-            .engine
-            .partitions()
-            .map(|p| p.segment_count() as u64)
-            .sum();
-        let policies = self.controller.policies().clone();
-        report::build(
-            meta,
-            self.input,
-            &policies,
-            self.loops,
-            self.traces
-                .into_iter()
-                .map(|(k, t)| (k, (t.partition, t.points.into_iter().collect())))
-                .collect(),
-            self.spec.hop_ms,
-        )
     }
 }
 
@@ -765,11 +665,11 @@ pub fn execute(
             // that it keeps all of it (checked below).
             config.kafka.partitions = config.kafka.partitions.max(SAMPLE_PARTITIONS);
             crate::kafka::create_embedded_topics(&cluster, &config)?;
-            let n = crate::demo::write_sample_history(&config, seed, secs)?;
+            let n = crate::fleet::write_sample_history(&config, seed, secs)?;
             sample_records = Some(n);
             say(&format!(
                 "embedded sample: {n} records of the demo fleet (seed {seed}, {secs} s from {}) written to {} on the embedded cluster",
-                report::rfc3339(crate::demo::SAMPLE_EPOCH_MS),
+                report::rfc3339(crate::fleet::SAMPLE_EPOCH_MS),
                 config.topics.telemetry.name
             ));
             Some(cluster)

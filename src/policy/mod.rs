@@ -476,6 +476,18 @@ impl PolicySet {
         })
     }
 
+    /// The policy set a config names (`policies = "..."`), checked against its windows; an
+    /// empty set when it names none.
+    ///
+    /// # Errors
+    /// As [`PolicySet::load_for`].
+    pub fn for_config(config: &crate::config::Config) -> Result<PolicySet, PolicyErrors> {
+        match &config.policies {
+            Some(path) => PolicySet::load_for(path, &config.windows),
+            None => PolicySet::compile(&PolicyFile::default()),
+        }
+    }
+
     /// Loads a policy file for windows configured as `windows`: every quantile a condition
     /// takes must be of a measurement the windows sketch.
     ///

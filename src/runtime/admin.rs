@@ -1,7 +1,9 @@
 //! The admin endpoint (loopback by default): `/metrics`, `/healthz`, `/readyz`,
 //! `GET /segments/{id}`, `GET /actions`, `GET|POST /silences`, `DELETE /silences/{id}`.
 //!
-//! Served by one thread; each request locks the shared core briefly.
+//! Served by one thread. It never takes the engine's lock: per-segment state comes from the
+//! pipeline's [`ReadModel`] (written at the end of each turn), health from [`Status`], and
+//! silences are written to the control topic through a [`SilencePublisher`].
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -13,8 +15,21 @@ use serde::Deserialize;
 use serde_json::json;
 use tiny_http::{Header, Method, Request, Response, Server};
 
-use super::{Control, Core, SilenceRecord};
+use super::{SilencePublisher, SilenceRecord, Status};
+use crate::clock::{Clock, SystemClock};
 use crate::metrics::Metrics;
+use crate::pipeline::ReadModel;
+
+/// What the admin thread reads and writes.
+pub struct Shared {
+    pub read: Arc<ReadModel>,
+    pub status: Arc<Mutex<Status>>,
+    pub silences: SilencePublisher,
+    pub metrics: Metrics,
+}
+
+/// How long `GET /segments/{id}` waits for the pipeline to snapshot a segment's open windows.
+const WINDOWS_WAIT: Duration = Duration::from_secs(1);
 
 /// Most lag (records per partition) at which `/readyz` calls the instance caught up.
 pub const READY_MAX_LAG: i64 = 1_000;
@@ -31,12 +46,7 @@ impl Admin {
     ///
     /// # Errors
     /// The address cannot be bound.
-    pub fn start(
-        listen: &str,
-        core: Arc<Mutex<Core>>,
-        metrics: Metrics,
-        control: Arc<Control>,
-    ) -> anyhow::Result<Admin> {
+    pub fn start(listen: &str, shared: Shared) -> anyhow::Result<Admin> {
         let server = Arc::new(
             Server::http(listen)
                 .map_err(|e| anyhow::anyhow!("cannot listen on admin.listen {listen}: {e}"))?,
@@ -50,7 +60,7 @@ impl Admin {
             .name("segloop-admin".into())
             .spawn(move || {
                 while let Ok(req) = s.recv() {
-                    handle(req, &core, &metrics, &control);
+                    handle(req, &shared);
                 }
             })?;
         Ok(Admin {
@@ -90,29 +100,30 @@ struct NewSilence {
     reason: String,
 }
 
-fn handle(mut req: Request, core: &Arc<Mutex<Core>>, metrics: &Metrics, _control: &Control) {
+fn handle(mut req: Request, shared: &Shared) {
     let url = req.url().to_string();
     let path = url.split('?').next().unwrap_or("").to_string();
     let method = req.method().clone();
     let resp = match (&method, path.as_str()) {
-        (Method::Get, "/metrics") => Response::from_string(metrics.render()).with_header(
+        (Method::Get, "/metrics") => Response::from_string(shared.metrics.render()).with_header(
             Header::from_bytes("Content-Type", "text/plain; version=0.0.4").expect("static header"),
         ),
         (Method::Get, "/healthz") => {
-            let core = core.lock().expect("core lock");
-            let alive = core
+            let alive = shared
+                .status
+                .lock()
+                .expect("status lock")
                 .last_turn
                 .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
             let body = json!({ "status": if alive { "ok" } else { "stalled" } });
             let status = if alive { 200 } else { 503 };
-            drop(core);
             return respond(req, json_response(status, body));
         }
         (Method::Get, "/readyz") => {
-            let core = core.lock().expect("core lock");
-            let assigned = core.assigned.clone();
-            let lag = core.lag.clone();
-            drop(core);
+            let (assigned, lag) = {
+                let s = shared.status.lock().expect("status lock");
+                (s.assigned.clone(), s.lag.clone())
+            };
             let caught_up = assigned
                 .iter()
                 .all(|p| lag.get(p).is_some_and(|l| *l <= READY_MAX_LAG));
@@ -126,13 +137,13 @@ fn handle(mut req: Request, core: &Arc<Mutex<Core>>, metrics: &Metrics, _control
             );
         }
         (Method::Get, "/actions") => {
-            let core = core.lock().expect("core lock");
-            let list: Vec<serde_json::Value> = core
-                .controller
+            let list: Vec<serde_json::Value> = shared
+                .read
                 .in_flight()
-                .map(|(seg, policy, l)| {
+                .into_iter()
+                .map(|(segment, policy, l)| {
                     json!({
-                        "segment": seg.segment,
+                        "segment": segment,
                         "policy": policy,
                         "phase": l.phase.as_str(),
                         "attempt": l.attempt,
@@ -145,12 +156,12 @@ fn handle(mut req: Request, core: &Arc<Mutex<Core>>, metrics: &Metrics, _control
             return respond(req, json_response(200, json!({ "actions": list })));
         }
         (Method::Get, "/silences") => {
-            let core = core.lock().expect("core lock");
-            let list: Vec<serde_json::Value> = core
-                .controller
+            let list: Vec<serde_json::Value> = shared
+                .read
                 .silences()
+                .into_iter()
                 .map(|s| {
-                    json!({"id": s.id, "segments": s.segments_glob, "from_ms": s.from_ms,
+                    json!({"id": s.id, "segments": s.segments, "from_ms": s.from_ms,
                            "until_ms": s.until_ms, "reason": s.reason})
                 })
                 .collect();
@@ -175,7 +186,7 @@ fn handle(mut req: Request, core: &Arc<Mutex<Core>>, metrics: &Metrics, _control
                     )
                 }
             };
-            let now = super::Clock::now_ms(&super::SystemClock);
+            let now = SystemClock.now_ms();
             let from_ms = new.from_ms.unwrap_or(now);
             let until_ms = match (new.until_ms, new.duration.as_deref()) {
                 (Some(u), _) => u,
@@ -215,10 +226,7 @@ fn handle(mut req: Request, core: &Arc<Mutex<Core>>, metrics: &Metrics, _control
                 until_ms,
                 reason: new.reason,
             };
-            let result = core
-                .lock()
-                .expect("core lock")
-                .publish_silence(Some(&record), &id);
+            let result = shared.silences.publish(Some(&record), &id);
             return match result {
                 Ok(()) => respond(
                     req,
@@ -229,7 +237,7 @@ fn handle(mut req: Request, core: &Arc<Mutex<Core>>, metrics: &Metrics, _control
         }
         (Method::Delete, p) if p.starts_with("/silences/") => {
             let id = p["/silences/".len()..].to_string();
-            let result = core.lock().expect("core lock").publish_silence(None, &id);
+            let result = shared.silences.publish(None, &id);
             return match result {
                 Ok(()) => respond(req, json_response(200, json!({"deleted": id}))),
                 Err(e) => respond(req, json_response(503, json!({"error": e.to_string()}))),
@@ -237,18 +245,23 @@ fn handle(mut req: Request, core: &Arc<Mutex<Core>>, metrics: &Metrics, _control
         }
         (Method::Get, p) if p.starts_with("/segments/") => {
             let id = percent_decode(&p["/segments/".len()..]);
-            let core = core.lock().expect("core lock");
-            let state = core
-                .controller
-                .segment(&id)
+            // The pipeline snapshots a watched segment's open windows at the end of its next
+            // turn; a stalled pipeline answers without them.
+            let asked = shared.read.watch(&id);
+            let waited = std::time::Instant::now();
+            while shared.read.turn() < asked + 2 && waited.elapsed() < WINDOWS_WAIT {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let state = shared
+                .read
+                .state(&id)
                 .map(|s| serde_json::to_value(s).unwrap_or_default());
-            let windows: Vec<serde_json::Value> = core
-                .engine
+            let windows: Vec<serde_json::Value> = shared
+                .read
                 .open_windows(&id)
                 .iter()
                 .map(summary_json)
                 .collect();
-            drop(core);
             if state.is_none() && windows.is_empty() {
                 return respond(
                     req,

@@ -18,7 +18,7 @@ pub mod admin;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,49 +29,15 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::{Clock, Control};
 use crate::codec::{build_codec, decode_record, Codec, DecodeError};
 use crate::config::Config;
-use crate::controller::{Controller, Effects, OutcomeDisposition};
+use crate::controller::{Effects, OutcomeDisposition};
 use crate::kafka;
 use crate::metrics::{Counters, Gauges, Metrics};
 use crate::model::{DecisionRecord, RemediationCommand, RemediationOutcome};
+use crate::pipeline::{Cause, Options as PipelineOptions, Pipeline, Record, Sink};
 use crate::policy::{PolicySet, Silence};
-use crate::window::{Position, WindowSummary, Windows, HINT_AHEAD, HINT_BATCH};
-
-/// The controller clock of the live runtime.
-pub trait Clock: Send + Sync {
-    fn now_ms(&self) -> i64;
-}
-
-/// Wall-clock time.
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> i64 {
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64)
-    }
-}
-
-/// Flags set by signal handlers (or tests) and read by the engine loop.
-#[derive(Debug, Default)]
-pub struct Control {
-    stop: AtomicBool,
-    reload: AtomicBool,
-}
-
-impl Control {
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-    pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-    pub fn request_reload(&self) {
-        self.reload.store(true, Ordering::SeqCst);
-    }
-}
 
 /// What a run did, for the caller (the demo's accounting, tests).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -102,27 +68,15 @@ pub struct SilenceRecord {
     pub reason: String,
 }
 
-/// State shared by the engine loop, the rebalance callback and the admin thread.
+/// State shared by the engine loop and the rebalance callback (the admin thread reads the
+/// pipeline's [`ReadModel`] and the [`Status`] instead).
 pub struct Core {
-    pub engine: Windows,
-    pub controller: Controller,
+    pub pipeline: Pipeline,
     pub config: Config,
-    telemetry: crate::codec::fast::TelemetryDecoder,
+    out: Output,
     outcome_codec: Box<dyn Codec<RemediationOutcome>>,
-    command_codec: Box<dyn Codec<RemediationCommand>>,
-    decision_codec: Box<dyn Codec<DecisionRecord>>,
-    producer: Arc<ThreadedProducer<ProduceContext>>,
-    labels: HashMap<String, BTreeMap<String, String>>,
-    track_labels: bool,
-    closed: Vec<WindowSummary>,
-    effects: Effects,
-    counters: Counters,
-    pub report: RunReport,
     /// Committable offsets per owned partition (computed after producing their effects).
     pub pending_offsets: BTreeMap<i32, i64>,
-    pub assigned: Vec<i32>,
-    pub lag: BTreeMap<i32, i64>,
-    pub last_turn: Option<Instant>,
     /// Reads a partition of the state changelog on assign (read_committed).
     state_reader: BaseConsumer<kafka::QuietEof>,
     /// Outcomes for segments not owned when they arrived (newest last, bounded): replayed
@@ -131,24 +85,71 @@ pub struct Core {
     recent_outcomes: std::collections::VecDeque<RemediationOutcome>,
     /// Outcome partitions still behind the end they had at startup (deadlines wait for them).
     outcomes_backlog: BTreeMap<i32, i64>,
-    /// Exactly-once: one transaction per commit interval.
-    eos: bool,
     /// Exactly-once: outcomes applied in the open transaction (replayed if it aborts).
     txn_outcomes: Vec<RemediationOutcome>,
     /// Exactly-once: a transaction aborted; the owned partitions must rewind.
     needs_rewind: bool,
     /// A fatal producer error (e.g. fenced by a newer instance): the loop stops with it.
     fatal: Option<String>,
-    /// Per partition: the end of the last window judged (windows close in end order, so every
-    /// window ending at or before it was judged).
-    closed_through: BTreeMap<i32, i64>,
     /// Per partition: the `closed_through` last written to the changelog.
     closed_written: BTreeMap<i32, i64>,
-    /// Per partition, after a restore: windows ending at or before this were judged before
-    /// the restart; re-read, they are rebuilt but not judged again.
-    replay_until: BTreeMap<i32, i64>,
+}
+
+/// What the admin thread reads about the instance (besides the read model).
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub assigned: Vec<i32>,
+    pub lag: BTreeMap<i32, i64>,
+    pub last_turn: Option<Instant>,
+}
+
+/// The live side of the pipeline: records to Kafka, counters, the run report.
+struct Output {
+    producer: Arc<ThreadedProducer<ProduceContext>>,
+    command_codec: Box<dyn Codec<RemediationCommand>>,
+    decision_codec: Box<dyn Codec<DecisionRecord>>,
+    actions_topic: String,
+    decisions_topic: String,
+    dlq_topic: String,
+    counters: Counters,
+    report: RunReport,
+    /// Exactly-once: one transaction per commit interval.
+    eos: bool,
     /// Exactly-once: events of windows judged in the open transaction.
     txn_windowed: u64,
+}
+
+/// The sink of one turn: the output, and the polled batch the records came from (a rejected
+/// record goes to the DLQ with its original headers).
+struct LiveSink<'o, 'b> {
+    out: &'o mut Output,
+    batch: &'b [BorrowedMessage<'b>],
+}
+
+impl Sink for LiveSink<'_, '_> {
+    fn reject(&mut self, record: &Record<'_>, error: &DecodeError) {
+        if let Some(m) = self.batch.get(record.handle) {
+            self.out.dead_letter(m, error);
+        }
+    }
+
+    fn effects(&mut self, fx: &mut Effects, cause: Cause<'_>, _: &PolicySet) {
+        let mut closed_at = None;
+        if let Cause::Window { window, .. } = cause {
+            if window.group.is_none() {
+                if self.out.eos {
+                    self.out.txn_windowed += window.count;
+                } else {
+                    self.out.report.records_windowed += window.count;
+                    self.out.counters.windowed += window.count;
+                }
+            }
+            if !fx.commands.is_empty() {
+                closed_at = Some(Instant::now());
+            }
+        }
+        self.out.emit(fx, closed_at);
+    }
 }
 
 /// The changelog key of a partition's own record (`closed_through`); segment ids are never
@@ -191,7 +192,7 @@ impl ConsumerContext for GroupContext {
                 .lock()
                 .expect("core lock")
                 .write_state(self.clock.now_ms());
-            if self.core.lock().expect("core lock").eos {
+            if self.core.lock().expect("core lock").out.eos {
                 // The open transaction takes the leaving partitions' offsets with it.
                 commit_transaction(
                     consumer,
@@ -382,55 +383,58 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     }
 
     let t = &config.topics;
-    let track_labels = policies.policies.iter().any(|p| !p.labels.is_empty());
     let codec_err = |topic: &str, e: String| anyhow::anyhow!("topics.{topic}: {e}");
+    let pipeline = Pipeline::new(
+        &config,
+        policies,
+        PipelineOptions::live(telemetry_partitions as u32),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let read_model = pipeline.read_model();
     let core = Arc::new(Mutex::new(Core {
-        engine: Windows::from_config(&config.windows),
-        controller: Controller::new(policies, telemetry_partitions as u32),
-        telemetry: crate::codec::fast::TelemetryDecoder::new(
-            t.telemetry.codec,
-            &t.telemetry.schema_settings(),
-        )
-        .map_err(|e| codec_err("telemetry", e))?,
+        pipeline,
+        out: Output {
+            producer: producer.clone(),
+            command_codec: build_codec(t.actions.codec, &t.actions.schema_settings())
+                .map_err(|e| codec_err("actions", e))?,
+            decision_codec: build_codec(t.decisions.codec, &t.decisions.schema_settings())
+                .map_err(|e| codec_err("decisions", e))?,
+            actions_topic: t.actions.name.clone(),
+            decisions_topic: t.decisions.name.clone(),
+            dlq_topic: t.dlq.name.clone(),
+            counters: Counters::default(),
+            report: RunReport::default(),
+            eos,
+            txn_windowed: 0,
+        },
         outcome_codec: build_codec(t.outcomes.codec, &t.outcomes.schema_settings())
             .map_err(|e| codec_err("outcomes", e))?,
-        command_codec: build_codec(t.actions.codec, &t.actions.schema_settings())
-            .map_err(|e| codec_err("actions", e))?,
-        decision_codec: build_codec(t.decisions.codec, &t.decisions.schema_settings())
-            .map_err(|e| codec_err("decisions", e))?,
-        producer: producer.clone(),
-        labels: HashMap::new(),
-        track_labels,
-        closed: Vec::new(),
-        effects: Effects::default(),
-        counters: Counters::default(),
-        report: RunReport::default(),
         pending_offsets: BTreeMap::new(),
-        assigned: Vec::new(),
-        lag: BTreeMap::new(),
-        last_turn: None,
         state_reader: state_reader(&config)?,
         recent_outcomes: std::collections::VecDeque::new(),
         outcomes_backlog: BTreeMap::new(),
-        eos,
         txn_outcomes: Vec::new(),
         needs_rewind: false,
         fatal: None,
-        closed_through: BTreeMap::new(),
         closed_written: BTreeMap::new(),
-        replay_until: BTreeMap::new(),
-        txn_windowed: 0,
         config: config.clone(),
     }));
+    let status = Arc::new(Mutex::new(Status::default()));
     if let Some(f) = on_core {
         f(core.clone());
     }
 
     let admin = admin::Admin::start(
         &config.admin.listen,
-        core.clone(),
-        metrics.clone(),
-        control.clone(),
+        admin::Shared {
+            read: read_model,
+            status: status.clone(),
+            silences: SilencePublisher {
+                producer: producer.clone(),
+                topic: t.control.name.clone(),
+            },
+            metrics: metrics.clone(),
+        },
     )?;
     tracing::info!(address = %admin.addr, "admin and metrics listening");
     if let Some(f) = on_admin {
@@ -537,20 +541,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             for ev in events {
                 core.apply_group_event(ev, now);
             }
-            // Chunks of records are hinted to the windows a few chunks ahead of processing, so
-            // their segments' state loads meanwhile (see `WindowEngine::prefetch`).
-            let chunk = |i: usize| {
-                &batch[(i * HINT_BATCH).min(batch.len())..((i + 1) * HINT_BATCH).min(batch.len())]
-            };
-            for i in 0..HINT_AHEAD {
-                core.hint(chunk(i));
-            }
-            for i in 0..batch.len().div_ceil(HINT_BATCH) {
-                core.hint(chunk(i + HINT_AHEAD));
-                for m in chunk(i) {
-                    core.on_telemetry(m, now);
-                }
-            }
+            core.on_telemetry(&batch, now);
             // Messages pin librdkafka state: release them now, never hold them across turns
             // (a consumer destroyed with messages alive waits for them forever).
             batch.clear();
@@ -580,21 +571,13 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
                     None => break,
                 }
             }
-            // Quiet partitions and deadlines run on the controller clock.
-            let mut closed = std::mem::take(&mut core.closed);
-            core.engine.advance_idle(now, &mut closed);
-            core.judge(&mut closed, now);
-            core.closed = closed;
-            let mut fx = std::mem::take(&mut core.effects);
-            // Deadlines wait until the outcomes backlog is read: an ack may be in it.
-            if core.outcomes_backlog.is_empty() {
-                core.controller.tick(now, &mut fx);
-            }
-            core.emit(&mut fx, None);
-            core.effects = fx;
+            core.tick(now);
             core.write_state(now);
             core.refresh_offsets();
-            core.last_turn = Some(Instant::now());
+            core.pipeline.end_turn();
+            let mut s = status.lock().expect("status lock");
+            s.assigned = core.pipeline.assigned().to_vec();
+            s.last_turn = Some(Instant::now());
         }
         work_time += work_start.elapsed();
 
@@ -622,10 +605,10 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         if last_lag.elapsed() >= Duration::from_secs(2) {
             last_lag = Instant::now();
             let lag = measure_lag(&consumer, &t.telemetry.name);
-            core.lock().expect("core lock").lag = lag;
+            status.lock().expect("status lock").lag = lag;
         }
         if let Some(path) = &policies_path {
-            let hup = control.reload.swap(false, Ordering::SeqCst);
+            let hup = control.take_reload();
             if hup || last_policy_check.elapsed() >= Duration::from_secs(2) {
                 last_policy_check = Instant::now();
                 let m = mtime(path);
@@ -637,7 +620,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         }
         if last_publish.elapsed() >= Duration::from_millis(250) {
             last_publish = Instant::now();
-            publish(&core, &producer);
+            let lag = status.lock().expect("status lock").lag.clone();
+            publish(&core, &producer, lag);
         }
     }
 
@@ -658,9 +642,10 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     let deadline = config.delivery.shutdown_timeout;
     core.lock().expect("core lock").write_state(clock.now_ms());
     commit_owned(&consumer, &core, &producer, CommitMode::Sync, deadline);
-    publish(&core, &producer);
+    let lag = status.lock().expect("status lock").lag.clone();
+    publish(&core, &producer, lag);
     admin.stop();
-    let report = core.lock().expect("core lock").report.clone();
+    let report = core.lock().expect("core lock").report();
     drop(batch);
     drop(consumer);
     Ok(report)
@@ -704,13 +689,7 @@ fn mtime(path: &std::path::Path) -> Option<SystemTime> {
 fn reload_policies(core: &Arc<Mutex<Core>>, path: &std::path::Path, config: &Config, now: i64) {
     match PolicySet::load_for(path, &config.windows) {
         Ok(set) => {
-            let mut core = core.lock().expect("core lock");
-            let core = &mut *core;
-            let mut fx = std::mem::take(&mut core.effects);
-            core.track_labels = set.policies.iter().any(|p| !p.labels.is_empty());
-            core.controller.reload(set, now, &mut fx);
-            core.emit(&mut fx, None);
-            core.effects = fx;
+            core.lock().expect("core lock").reload(set, now);
             tracing::info!(path = %path.display(), "policies reloaded");
         }
         Err(e) => {
@@ -726,7 +705,7 @@ fn commit_owned(
     mode: CommitMode,
     flush_timeout: Duration,
 ) {
-    if core.lock().expect("core lock").eos {
+    if core.lock().expect("core lock").out.eos {
         let topic = consumer.context().topic.clone();
         commit_transaction(consumer, &topic, core, producer, flush_timeout);
         return;
@@ -738,7 +717,7 @@ fn commit_owned(
     };
     if producer.flush(flush_timeout).is_err() || producer.context().take_errors() > 0 {
         tracing::warn!("produced records not confirmed; not committing this round");
-        core.lock().expect("core lock").counters.commit_errors += 1;
+        core.lock().expect("core lock").out.counters.commit_errors += 1;
         return;
     }
     let topic = consumer.context().topic.clone();
@@ -747,12 +726,12 @@ fn commit_owned(
     match result {
         Ok(()) => {
             if !offsets.is_empty() {
-                core.counters.commits += 1;
-                core.report.commits += 1;
+                core.out.counters.commits += 1;
+                core.out.report.commits += 1;
             }
         }
         Err(e) => {
-            core.counters.commit_errors += 1;
+            core.out.counters.commit_errors += 1;
             tracing::warn!(error = %e, "offset commit failed");
         }
     }
@@ -801,14 +780,19 @@ fn commit_transaction<C: ConsumerContext>(
     let mut core = core.lock().expect("core lock");
     match result {
         Ok(()) => {
-            *core.counters.transactions.entry("committed").or_default() += 1;
+            *core
+                .out
+                .counters
+                .transactions
+                .entry("committed")
+                .or_default() += 1;
             core.txn_outcomes.clear();
-            let n = std::mem::take(&mut core.txn_windowed);
-            core.report.records_windowed += n;
-            core.counters.windowed += n;
+            let n = std::mem::take(&mut core.out.txn_windowed);
+            core.out.report.records_windowed += n;
+            core.out.counters.windowed += n;
             if !offsets.is_empty() {
-                core.counters.commits += 1;
-                core.report.commits += 1;
+                core.out.counters.commits += 1;
+                core.out.report.commits += 1;
             }
         }
         Err(e) => {
@@ -819,8 +803,8 @@ fn commit_transaction<C: ConsumerContext>(
                 return;
             }
             tracing::warn!(error = %e, "exactly-once: commit failed; aborting and rewinding");
-            core.counters.commit_errors += 1;
-            *core.counters.transactions.entry("aborted").or_default() += 1;
+            core.out.counters.commit_errors += 1;
+            *core.out.counters.transactions.entry("aborted").or_default() += 1;
             if let Err(e) = txn_retry(deadline, || producer.abort_transaction(timeout)) {
                 tracing::error!(error = %e, "exactly-once: abort failed");
                 core.fatal = Some(e.to_string());
@@ -986,20 +970,25 @@ fn measure_lag(consumer: &BaseConsumer<GroupContext>, topic: &str) -> BTreeMap<i
     lag
 }
 
-fn publish(core: &Arc<Mutex<Core>>, producer: &ThreadedProducer<ProduceContext>) {
+fn publish(
+    core: &Arc<Mutex<Core>>,
+    producer: &ThreadedProducer<ProduceContext>,
+    lag: BTreeMap<i32, i64>,
+) {
     let mut core = core.lock().expect("core lock");
     let core = &mut *core;
+    let out = &mut core.out;
     if let Ok(mut v) = producer.context().close_to_ack.lock() {
-        let room = 100_000usize.saturating_sub(core.report.close_to_command_secs.len());
-        core.report
+        let room = 100_000usize.saturating_sub(out.report.close_to_command_secs.len());
+        out.report
             .close_to_command_secs
             .extend(v.iter().take(room).copied());
-        core.counters.close_to_command_secs.append(&mut v);
+        out.counters.close_to_command_secs.append(&mut v);
     }
-    let e = core.engine.stats();
-    let c = core.controller.stats();
+    let e = core.pipeline.engine().stats();
+    let c = core.pipeline.controller().stats();
     let gauges = Gauges {
-        in_flight: core.controller.in_flight().count() as u64,
+        in_flight: core.pipeline.controller().in_flight().count() as u64,
         segments: e.segments,
         windows_closed: e.windows_closed,
         evaluations: c.evaluations,
@@ -1008,139 +997,306 @@ fn publish(core: &Arc<Mutex<Core>>, producer: &ThreadedProducer<ProduceContext>)
         evicted: e.evicted_segments,
         produce_errors: producer.context().errors_total.load(Ordering::SeqCst),
         suppressions: c.suppressed.clone(),
-        lag: core.lag.clone(),
+        lag,
     };
-    crate::metrics::publish(&mut core.counters, &gauges);
+    crate::metrics::publish(&mut out.counters, &gauges);
 }
 
 impl Core {
+    /// What the run did so far.
+    pub fn report(&self) -> RunReport {
+        let s = self.pipeline.stats();
+        RunReport {
+            records_consumed: s.records_read,
+            records_aggregated: s.records_aggregated,
+            ..self.out.report.clone()
+        }
+    }
+
+    fn sink(&mut self) -> (&mut Pipeline, LiveSink<'_, 'static>) {
+        (
+            &mut self.pipeline,
+            LiveSink {
+                out: &mut self.out,
+                batch: &[],
+            },
+        )
+    }
+
     fn apply_group_event(&mut self, ev: GroupEvent, now: i64) {
-        self.counters.rebalances += 1;
+        self.out.counters.rebalances += 1;
         match ev {
             GroupEvent::Assigned(parts) => {
                 tracing::info!(?parts, "partitions assigned");
                 for p in parts {
-                    self.engine.assign(p);
-                    self.controller.assign(p);
-                    if !self.assigned.contains(&p) {
-                        self.assigned.push(p);
-                    }
+                    self.pipeline.assign(p);
                     self.restore_partition(p);
                 }
-                self.assigned.sort_unstable();
                 self.replay_recent_outcomes(now);
             }
             GroupEvent::Revoked(parts) => {
                 tracing::info!(?parts, "partitions revoked");
                 for p in parts {
-                    self.engine.revoke(p);
-                    self.controller.revoke(p);
+                    self.pipeline.revoke(p);
                     self.pending_offsets.remove(&p);
-                    self.assigned.retain(|x| *x != p);
-                    self.forget_partition(p);
+                    self.closed_written.remove(&p);
                 }
             }
         }
     }
 
-    /// Tells the windows which segments the next records will touch (see
-    /// [`crate::window::WindowEngine::prefetch`]): keys and event times read without decoding.
-    fn hint(&mut self, records: &[BorrowedMessage<'_>]) {
-        let telemetry = &self.telemetry;
-        self.engine.prefetch(records.iter().filter_map(|m| {
-            let key = std::str::from_utf8(m.key()?).ok()?;
-            let ts = telemetry.fast_event_time(m.payload())?;
-            Some((m.partition(), key, ts))
-        }));
+    /// One polled batch of telemetry through the pipeline.
+    fn on_telemetry(&mut self, batch: &[BorrowedMessage<'_>], now: i64) {
+        let records: Vec<Record<'_>> = batch
+            .iter()
+            .enumerate()
+            .map(|(handle, m)| {
+                let bytes = m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len);
+                let entry = self
+                    .out
+                    .counters
+                    .consumed
+                    .entry(("telemetry", m.partition()))
+                    .or_default();
+                entry.0 += 1;
+                entry.1 += bytes as u64;
+                Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key(),
+                    value: m.payload(),
+                    timestamp_ms: m.timestamp().to_millis(),
+                    handle,
+                }
+            })
+            .collect();
+        let mut sink = LiveSink {
+            out: &mut self.out,
+            batch,
+        };
+        self.pipeline.on_batch(&records, now, &mut sink);
     }
 
-    fn on_telemetry(&mut self, m: &BorrowedMessage<'_>, now: i64) {
-        let partition = m.partition();
-        if !self.assigned.contains(&partition) {
-            // Polled before a revoke took effect: the new owner reads it.
-            return;
+    fn on_outcome(&mut self, m: &BorrowedMessage<'_>, now: i64) {
+        if let Some(end) = self.outcomes_backlog.get(&m.partition()) {
+            if m.offset() + 1 >= *end {
+                self.outcomes_backlog.remove(&m.partition());
+                if self.outcomes_backlog.is_empty() {
+                    tracing::info!("outcomes backlog read");
+                }
+            }
         }
-        self.report.records_consumed += 1;
-        let bytes = m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len);
         let entry = self
+            .out
             .counters
             .consumed
-            .entry(("telemetry", partition))
+            .entry(("outcomes", m.partition()))
             .or_default();
         entry.0 += 1;
-        entry.1 += bytes as u64;
-        let event = match self.telemetry.decode(m.key(), m.payload()) {
-            Ok(e) => e,
-            Err(e) => return self.dead_letter(m, &e),
+        let o = match decode_record(self.outcome_codec.as_ref(), m.key(), m.payload()) {
+            Ok(o) => o,
+            Err(e) => return self.out.dead_letter(m, &e),
         };
-        if self.track_labels && event.has_labels() {
-            if self.labels.len() >= self.config.windows.max_segments {
-                self.labels.clear();
+        if let Some(o) = self.apply_outcome(o, now) {
+            self.out.report.outcomes_skipped += 1;
+            self.out.counters.outcomes_skipped += 1;
+            if self.recent_outcomes.len() >= RECENT_OUTCOMES {
+                self.recent_outcomes.pop_front();
             }
-            let owned = event.clone().into_owned();
-            if self.labels.get(&owned.segment) != Some(&owned.labels) {
-                self.labels.insert(owned.segment, owned.labels);
-            }
+            self.recent_outcomes.push_back(o);
         }
-        let mut closed = std::mem::take(&mut self.closed);
-        let result = self.engine.ingest(
-            Position {
-                partition,
-                offset: m.offset(),
-            },
-            event.segment(),
-            event.ts_ms(),
-            event.measurements().iter().copied(),
-            now,
-            &mut closed,
-        );
-        match result {
-            Ok(()) => self.report.records_aggregated += 1,
-            Err(e) => self.dead_letter(m, &e),
-        }
-        self.judge(&mut closed, now);
-        self.closed = closed;
     }
 
-    /// Closed windows → controller → effects.
-    fn judge(&mut self, closed: &mut Vec<WindowSummary>, now: i64) {
-        if closed.is_empty() {
+    /// Applies an outcome; gives back one for a segment not owned here (yet).
+    fn apply_outcome(&mut self, o: RemediationOutcome, now: i64) -> Option<RemediationOutcome> {
+        let (pipeline, mut sink) = self.sink();
+        match pipeline.on_outcome(&o, now, &mut sink) {
+            OutcomeDisposition::Applied => {
+                self.out.report.outcomes_applied += 1;
+                *self
+                    .out
+                    .counters
+                    .outcomes
+                    .entry(o.status.as_str())
+                    .or_default() += 1;
+                if self.out.eos {
+                    self.txn_outcomes.push(o);
+                }
+            }
+            OutcomeDisposition::NotOurs => return Some(o),
+            OutcomeDisposition::Unknown => self.out.counters.outcomes_unknown += 1,
+            OutcomeDisposition::Duplicate => {}
+        }
+        None
+    }
+
+    /// Applies buffered outcomes whose segments are owned now.
+    fn replay_recent_outcomes(&mut self, now: i64) {
+        for o in std::mem::take(&mut self.recent_outcomes) {
+            if let Some(o) = self.apply_outcome(o, now) {
+                self.recent_outcomes.push_back(o);
+            }
+        }
+    }
+
+    fn on_control(&mut self, m: &BorrowedMessage<'_>) {
+        let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
             return;
+        };
+        let Some(id) = key.strip_prefix("silence/") else {
+            return;
+        };
+        match m.payload() {
+            None => {
+                self.pipeline.remove_silence(id);
+                tracing::info!(id, "silence removed");
+            }
+            Some(bytes) => match serde_json::from_slice::<SilenceRecord>(bytes) {
+                Ok(s) => match Silence::new(&s.id, &s.segments, s.from_ms, s.until_ms, &s.reason) {
+                    Ok(silence) => {
+                        tracing::info!(id = %s.id, segments = %s.segments, "silence applied");
+                        self.pipeline.add_silence(silence);
+                    }
+                    Err(e) => tracing::warn!(id, error = %e, "ignoring a silence with a bad glob"),
+                },
+                Err(e) => tracing::warn!(id, error = %e, "ignoring an unreadable control record"),
+            },
         }
-        let closed_at = Instant::now();
-        let mut fx = std::mem::take(&mut self.effects);
-        let empty = BTreeMap::new();
-        for w in closed.drain(..) {
-            let labels = self.labels.get(&*w.segment).unwrap_or(&empty);
-            if w.group.is_some() {
-                // Window groups: judged once per segment through the controller's own
-                // per-group record; accounting follows the default windows.
-                self.controller.on_window(&w, labels, now, &mut fx);
-                continue;
-            }
-            if self
-                .replay_until
-                .get(&w.partition)
-                .is_some_and(|u| w.end_ms <= *u)
-            {
-                continue;
-            }
-            self.controller.on_window(&w, labels, now, &mut fx);
-            let through = self.closed_through.entry(w.partition).or_insert(i64::MIN);
-            *through = (*through).max(w.end_ms);
-            if self.eos {
-                self.txn_windowed += w.count;
-            } else {
-                self.report.records_windowed += w.count;
-                self.counters.windowed += w.count;
-            }
-        }
-        self.emit(&mut fx, Some(closed_at));
-        self.effects = fx;
     }
 
+    /// Quiet partitions and deadlines on the controller clock (deadlines wait until the
+    /// outcomes backlog is read: an ack may be in it).
+    fn tick(&mut self, now: i64) {
+        let deadlines = self.outcomes_backlog.is_empty();
+        let (pipeline, mut sink) = self.sink();
+        pipeline.tick(now, deadlines, &mut sink);
+    }
+
+    fn reload(&mut self, set: PolicySet, now: i64) {
+        let (pipeline, mut sink) = self.sink();
+        pipeline.reload(set, now, &mut sink);
+    }
+
+    /// Writes the controller state changed since the last call to the state changelog
+    /// (key: segment; partition: the telemetry partition; a tombstone once a segment is
+    /// quiet again).
+    fn write_state(&mut self, now: i64) {
+        let topic = self.config.topics.state.name.clone();
+        for change in self.pipeline.take_state_changes(now) {
+            let mut record: BaseRecord<'_, [u8], [u8], usize> =
+                BaseRecord::with_opaque_to(&topic, 0)
+                    .key(change.segment.as_bytes())
+                    .partition(change.partition);
+            if let Some(v) = change.state.as_deref() {
+                record = record.payload(v);
+            }
+            send_record(&self.out.producer, record);
+            self.out.counters.state_records += 1;
+        }
+        for p in self.pipeline.assigned().to_vec() {
+            let Some(through) = self.pipeline.closed_through(p) else {
+                continue;
+            };
+            if self.closed_written.get(&p).is_some_and(|w| *w >= through) {
+                continue;
+            }
+            let value = serde_json::to_vec(&PartitionRecord {
+                closed_through_ms: through,
+            })
+            .expect("a partition record serializes");
+            send_record(
+                &self.out.producer,
+                BaseRecord::with_opaque_to(&topic, 0)
+                    .key(PARTITION_KEY)
+                    .payload(value.as_slice())
+                    .partition(p),
+            );
+            self.closed_written.insert(p, through);
+            self.out.counters.state_records += 1;
+        }
+    }
+
+    /// Restores partition `p`'s controller state from the changelog: the latest record per
+    /// segment, read (committed records only) up to the end the partition has now.
+    fn restore_partition(&mut self, p: i32) {
+        let started = Instant::now();
+        let topic = self.config.topics.state.name.clone();
+        let result =
+            read_state_partition(&self.state_reader, &topic, p).and_then(|(states, through)| {
+                if let Some(t) = through {
+                    self.closed_written.insert(p, t);
+                }
+                self.pipeline
+                    .restore(p, states, through)
+                    .map_err(anyhow::Error::msg)
+            });
+        let secs = started.elapsed().as_secs_f64();
+        self.out.counters.restore_secs.push(secs);
+        match result {
+            Ok(n) => {
+                self.out.counters.state_restored += n as u64;
+                tracing::info!(
+                    partition = p,
+                    segments = n,
+                    secs,
+                    "controller state restored"
+                );
+            }
+            Err(e) => {
+                tracing::error!(partition = p, error = %e, "controller state not restored; the partition starts from windows alone");
+            }
+        }
+    }
+
+    /// Exactly-once, after an aborted transaction: every owned partition goes back to its
+    /// last committed state (committed offset, changelog), and the outcomes the aborted
+    /// transaction had applied are applied again.
+    fn rewind(&mut self, consumer: &BaseConsumer<GroupContext>, now: i64) {
+        let topic = self.config.topics.telemetry.name.clone();
+        let parts = self.pipeline.assigned().to_vec();
+        let committed = consumer
+            .committed(Duration::from_secs(10))
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| (e.partition(), e.offset()))
+                    .collect::<BTreeMap<_, _>>()
+            })
+            .unwrap_or_default();
+        self.out.txn_windowed = 0;
+        for p in &parts {
+            self.pipeline.revoke(*p);
+            self.pending_offsets.remove(p);
+            self.closed_written.remove(p);
+            self.pipeline.assign(*p);
+            let to = match committed.get(p) {
+                Some(Offset::Offset(o)) => Offset::Offset(*o),
+                _ => Offset::Beginning,
+            };
+            if let Err(e) = consumer.seek(&topic, *p, to, Duration::from_secs(10)) {
+                tracing::error!(partition = p, error = %e, "rewind: seek failed");
+                self.fatal = Some(format!("rewind of partition {p} failed: {e}"));
+                return;
+            }
+            self.restore_partition(*p);
+        }
+        let applied = std::mem::take(&mut self.txn_outcomes);
+        self.recent_outcomes.extend(applied);
+        self.replay_recent_outcomes(now);
+        tracing::info!(?parts, "rewound to the last committed state");
+    }
+
+    fn refresh_offsets(&mut self) {
+        for &p in self.pipeline.assigned() {
+            if let Some(o) = self.pipeline.committable_offset(p) {
+                self.pending_offsets.insert(p, o);
+            }
+        }
+    }
+}
+
+impl Output {
     fn emit(&mut self, fx: &mut Effects, closed_at: Option<Instant>) {
-        let t = &self.config.topics;
         for cmd in fx.commands.drain(..) {
             let mut bytes = Vec::with_capacity(256);
             if let Err(e) = self.command_codec.encode(&cmd, &mut bytes) {
@@ -1156,7 +1312,7 @@ impl Core {
             tracing::info!(segment = %cmd.segment, policy = %cmd.policy, action = %cmd.action, attempt = cmd.attempt, command_id = %cmd.command_id, "command");
             send(
                 &self.producer,
-                &t.actions.name,
+                &self.actions_topic,
                 cmd.segment.as_bytes(),
                 &bytes,
                 closed_at.map_or(0, stamp),
@@ -1168,7 +1324,7 @@ impl Core {
                 self.report.decisions += 1;
                 send(
                     &self.producer,
-                    &t.decisions.name,
+                    &self.decisions_topic,
                     d.segment.as_bytes(),
                     &bytes,
                     0,
@@ -1219,9 +1375,8 @@ impl Core {
                 key: "segloop.source.offset",
                 value: Some(offset.as_str()),
             });
-        let topic = self.config.topics.dlq.name.clone();
         let mut record: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(&topic, 0).headers(headers);
+            BaseRecord::with_opaque_to(&self.dlq_topic, 0).headers(headers);
         if let Some(k) = m.key() {
             record = record.key(k);
         }
@@ -1230,235 +1385,25 @@ impl Core {
         }
         send_record(&self.producer, record);
     }
+}
 
-    fn on_outcome(&mut self, m: &BorrowedMessage<'_>, now: i64) {
-        if let Some(end) = self.outcomes_backlog.get(&m.partition()) {
-            if m.offset() + 1 >= *end {
-                self.outcomes_backlog.remove(&m.partition());
-                if self.outcomes_backlog.is_empty() {
-                    tracing::info!("outcomes backlog read");
-                }
-            }
-        }
-        let entry = self
-            .counters
-            .consumed
-            .entry(("outcomes", m.partition()))
-            .or_default();
-        entry.0 += 1;
-        let o = match decode_record(self.outcome_codec.as_ref(), m.key(), m.payload()) {
-            Ok(o) => o,
-            Err(e) => return self.dead_letter(m, &e),
-        };
-        let mut fx = std::mem::take(&mut self.effects);
-        match self.controller.on_outcome(&o, now, &mut fx) {
-            OutcomeDisposition::Applied => {
-                self.report.outcomes_applied += 1;
-                *self.counters.outcomes.entry(o.status.as_str()).or_default() += 1;
-                if self.eos {
-                    self.txn_outcomes.push(o);
-                }
-            }
-            OutcomeDisposition::NotOurs => {
-                self.report.outcomes_skipped += 1;
-                self.counters.outcomes_skipped += 1;
-                if self.recent_outcomes.len() >= RECENT_OUTCOMES {
-                    self.recent_outcomes.pop_front();
-                }
-                self.recent_outcomes.push_back(o);
-            }
-            OutcomeDisposition::Unknown => self.counters.outcomes_unknown += 1,
-            OutcomeDisposition::Duplicate => {}
-        }
-        self.emit(&mut fx, None);
-        self.effects = fx;
-    }
+/// Writes silences to the control topic (every instance applies them from there).
+#[derive(Clone)]
+pub struct SilencePublisher {
+    producer: Arc<ThreadedProducer<ProduceContext>>,
+    topic: String,
+}
 
-    fn on_control(&mut self, m: &BorrowedMessage<'_>) {
-        let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
-            return;
-        };
-        let Some(id) = key.strip_prefix("silence/") else {
-            return;
-        };
-        match m.payload() {
-            None => {
-                self.controller.remove_silence(id);
-                tracing::info!(id, "silence removed");
-            }
-            Some(bytes) => match serde_json::from_slice::<SilenceRecord>(bytes) {
-                Ok(s) => match Silence::new(&s.id, &s.segments, s.from_ms, s.until_ms, &s.reason) {
-                    Ok(silence) => {
-                        tracing::info!(id = %s.id, segments = %s.segments, "silence applied");
-                        self.controller.add_silence(silence);
-                    }
-                    Err(e) => tracing::warn!(id, error = %e, "ignoring a silence with a bad glob"),
-                },
-                Err(e) => tracing::warn!(id, error = %e, "ignoring an unreadable control record"),
-            },
-        }
-    }
-
-    /// Writes the controller state changed since the last call to the state changelog
-    /// (key: segment; partition: the telemetry partition; a tombstone once a segment is
-    /// quiet again).
-    fn write_state(&mut self, now: i64) {
-        let topic = self.config.topics.state.name.clone();
-        for change in self.controller.take_changes(now) {
-            let mut record: BaseRecord<'_, [u8], [u8], usize> =
-                BaseRecord::with_opaque_to(&topic, 0)
-                    .key(change.segment.as_bytes())
-                    .partition(change.partition);
-            if let Some(v) = change.state.as_deref() {
-                record = record.payload(v);
-            }
-            send_record(&self.producer, record);
-            self.counters.state_records += 1;
-        }
-        for p in self.assigned.clone() {
-            let Some(&through) = self.closed_through.get(&p) else {
-                continue;
-            };
-            if self.closed_written.get(&p).is_some_and(|w| *w >= through) {
-                continue;
-            }
-            let value = serde_json::to_vec(&PartitionRecord {
-                closed_through_ms: through,
-            })
-            .expect("a partition record serializes");
-            send_record(
-                &self.producer,
-                BaseRecord::with_opaque_to(&topic, 0)
-                    .key(PARTITION_KEY)
-                    .payload(value.as_slice())
-                    .partition(p),
-            );
-            self.closed_written.insert(p, through);
-            self.counters.state_records += 1;
-        }
-    }
-
-    /// Restores partition `p`'s controller state from the changelog: the latest record per
-    /// segment, read (committed records only) up to the end the partition has now.
-    fn restore_partition(&mut self, p: i32) {
-        let started = Instant::now();
-        let topic = self.config.topics.state.name.clone();
-        let result =
-            read_state_partition(&self.state_reader, &topic, p).and_then(|(states, through)| {
-                if let Some(t) = through {
-                    self.replay_until.insert(p, t);
-                    self.closed_through.insert(p, t);
-                    self.closed_written.insert(p, t);
-                }
-                let n = states.len();
-                for state in states {
-                    self.controller.restore(state).map_err(anyhow::Error::msg)?;
-                }
-                Ok(n)
-            });
-        let secs = started.elapsed().as_secs_f64();
-        self.counters.restore_secs.push(secs);
-        match result {
-            Ok(n) => {
-                self.counters.state_restored += n as u64;
-                tracing::info!(
-                    partition = p,
-                    segments = n,
-                    secs,
-                    "controller state restored"
-                );
-            }
-            Err(e) => {
-                tracing::error!(partition = p, error = %e, "controller state not restored; the partition starts from windows alone");
-            }
-        }
-    }
-
-    /// Exactly-once, after an aborted transaction: every owned partition goes back to its
-    /// last committed state (committed offset, changelog), and the outcomes the aborted
-    /// transaction had applied are applied again.
-    fn rewind(&mut self, consumer: &BaseConsumer<GroupContext>, now: i64) {
-        let topic = self.config.topics.telemetry.name.clone();
-        let parts = self.assigned.clone();
-        let committed = consumer
-            .committed(Duration::from_secs(10))
-            .map(|tpl| {
-                tpl.elements()
-                    .iter()
-                    .map(|e| (e.partition(), e.offset()))
-                    .collect::<BTreeMap<_, _>>()
-            })
-            .unwrap_or_default();
-        self.txn_windowed = 0;
-        for p in &parts {
-            self.engine.revoke(*p);
-            self.controller.revoke(*p);
-            self.pending_offsets.remove(p);
-            self.forget_partition(*p);
-            self.engine.assign(*p);
-            self.controller.assign(*p);
-            let to = match committed.get(p) {
-                Some(Offset::Offset(o)) => Offset::Offset(*o),
-                _ => Offset::Beginning,
-            };
-            if let Err(e) = consumer.seek(&topic, *p, to, Duration::from_secs(10)) {
-                tracing::error!(partition = p, error = %e, "rewind: seek failed");
-                self.fatal = Some(format!("rewind of partition {p} failed: {e}"));
-                return;
-            }
-            self.restore_partition(*p);
-        }
-        let applied = std::mem::take(&mut self.txn_outcomes);
-        self.recent_outcomes.extend(applied);
-        self.replay_recent_outcomes(now);
-        tracing::info!(?parts, "rewound to the last committed state");
-    }
-
-    fn forget_partition(&mut self, p: i32) {
-        self.closed_through.remove(&p);
-        self.closed_written.remove(&p);
-        self.replay_until.remove(&p);
-    }
-
-    /// Applies buffered outcomes whose segments are owned now.
-    fn replay_recent_outcomes(&mut self, now: i64) {
-        let pending = std::mem::take(&mut self.recent_outcomes);
-        let mut fx = std::mem::take(&mut self.effects);
-        for o in pending {
-            match self.controller.on_outcome(&o, now, &mut fx) {
-                OutcomeDisposition::NotOurs => self.recent_outcomes.push_back(o),
-                OutcomeDisposition::Applied => {
-                    self.report.outcomes_applied += 1;
-                    *self.counters.outcomes.entry(o.status.as_str()).or_default() += 1;
-                    if self.eos {
-                        self.txn_outcomes.push(o);
-                    }
-                }
-                OutcomeDisposition::Unknown | OutcomeDisposition::Duplicate => {}
-            }
-        }
-        self.emit(&mut fx, None);
-        self.effects = fx;
-    }
-
-    fn refresh_offsets(&mut self) {
-        for p in &self.assigned {
-            if let Some(o) = self.engine.committable_offset(*p) {
-                self.pending_offsets.insert(*p, o);
-            }
-        }
-    }
-
-    /// Writes a silence to the control topic (every instance applies it from there).
+impl SilencePublisher {
+    /// Writes a silence (`None`: deletes silence `id`) and waits for the broker's ack.
     ///
     /// # Errors
-    /// The record could not be queued.
-    pub fn publish_silence(&self, s: Option<&SilenceRecord>, id: &str) -> anyhow::Result<()> {
+    /// The record could not be queued or acknowledged.
+    pub fn publish(&self, s: Option<&SilenceRecord>, id: &str) -> anyhow::Result<()> {
         let key = format!("silence/{id}");
-        let topic = &self.config.topics.control.name;
         let value = s.map(serde_json::to_vec).transpose()?;
         let mut record: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(topic, 0).key(key.as_bytes());
+            BaseRecord::with_opaque_to(&self.topic, 0).key(key.as_bytes());
         if let Some(v) = value.as_deref() {
             record = record.payload(v);
         }

@@ -3,20 +3,23 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use segloop::clock::{Clock, Control, SystemClock};
 use segloop::codec::{build_codec, CodecKind};
 use segloop::config::{Config, Sources};
 use segloop::model::{
     DecisionRecord, OutcomeStatus, RemediationCommand, RemediationOutcome, TelemetryEvent,
 };
 use segloop::policy::PolicySet;
-use segloop::runtime::{self, Clock, Control, RunOptions, RunReport, SystemClock};
+use segloop::runtime::{self, RunOptions, RunReport};
 
 pub const POLICIES: &str = r#"
 [guardrails]
@@ -131,7 +134,7 @@ impl Instance {
             .lock()
             .unwrap()
             .as_ref()
-            .map(|c| c.lock().unwrap().assigned.clone())
+            .map(|c| c.lock().unwrap().pipeline.assigned().to_vec())
             .unwrap_or_default()
     }
 
@@ -344,4 +347,92 @@ pub fn process_config(
     )
     .unwrap();
     path
+}
+
+/// A `segloop run` process, killed when dropped (a failing test leaves none behind).
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+pub fn spawn(config: &std::path::Path) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_segloop"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+pub fn wait_assigned(port: u16, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while assigned_of(port).len() != n {
+        assert!(
+            Instant::now() < deadline,
+            "the process on {port} never owned {n} partition(s)"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn signal(child: &Child, sig: &str) {
+    Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+}
+
+/// A consumer of both partitions of `topic` from the beginning, committed records only.
+pub fn from_beginning(bs: &str, topic: &str) -> rdkafka::consumer::BaseConsumer {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bs)
+        .set("group.id", "read-all")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..2 {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    c
+}
+
+/// Every record of a topic (committed records only), read until 2 s pass without one.
+pub fn read_all<T>(bs: &str, topic: &str, mut decode: impl FnMut(&[u8]) -> Option<T>) -> Vec<T> {
+    let c = from_beginning(bs, topic);
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < Duration::from_secs(2) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            last = Instant::now();
+            if let Some(t) = m.payload().and_then(&mut decode) {
+                out.push(t);
+            }
+        }
+    }
+    out
 }

@@ -1,0 +1,625 @@
+//! The step every driver shares: a telemetry record in, the controller's effects out.
+//!
+//! `segloop run`, `segloop backtest` and the benches drive one [`Pipeline`]; none of them
+//! decodes, windows, judges or steers the controller on its own. A driver decides three things
+//! only:
+//!
+//! - where records come from (a consumer poll, a merged replay, a generated batch), handed over
+//!   as [`Record`]s;
+//! - which clock it passes as `now` (wall-clock time live; the maximum event time in a replay);
+//! - where effects go, through its [`Sink`] (Kafka topics live; a report in a replay).
+//!
+//! One record's walk: [`Pipeline::admit`] (decode and validate, event-time range, clock skew
+//! against a broker timestamp when asked, labels) → [`Pipeline::ingest`] (the windows; late and
+//! skewed events are rejected there) → the windows that closed are judged (the controller, per
+//! policy) → their commands and decisions go to the sink. [`Pipeline::tick`] advances quiet
+//! partitions and deadlines on the driver's clock; [`Pipeline::on_outcome`] feeds actuator
+//! acknowledgements.
+//!
+//! The pipeline also keeps the [`ReadModel`]: per-segment state (loop phases, in-flight
+//! commands, open windows of segments someone asked about) in concurrent maps, written here at
+//! the end of each turn and read by the admin API without taking the driver's lock.
+//!
+//! Engine code only: no Kafka, no tokio, no HTTP.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use serde::Serialize;
+
+use crate::codec::fast::{Telemetry, TelemetryDecoder};
+use crate::codec::{DecodeError, ErrorCode};
+use crate::config::Config;
+use crate::controller::{Controller, Effects, OutcomeDisposition, SegmentState, StateChange};
+use crate::model::RemediationOutcome;
+use crate::policy::{PolicySet, Silence};
+use crate::window::{with_hints, Position, WindowSummary, Windows};
+
+/// Labels of a segment (the latest set seen).
+pub type Labels = BTreeMap<String, String>;
+
+type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
+
+/// One telemetry record as a driver hands it over.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    /// The broker's timestamp of the record, if it has one.
+    pub timestamp_ms: Option<i64>,
+    /// The driver's own reference to the record (live: its index in the polled batch), given
+    /// back with a rejection; the pipeline never reads it.
+    pub handle: usize,
+}
+
+/// Why the controller produced the effects a [`Sink`] receives.
+#[derive(Debug, Clone, Copy)]
+pub enum Cause<'a> {
+    /// A closed window was judged; its effects may be empty.
+    Window {
+        window: &'a WindowSummary,
+        labels: &'a Labels,
+    },
+    /// An outcome, a deadline, or a policy reload.
+    Other,
+}
+
+/// The driver's side of the pipeline: where unusable records and effects go.
+pub trait Sink {
+    /// A record the pipeline cannot use; `error.code` is its DLQ reason.
+    fn reject(&mut self, record: &Record<'_>, error: &DecodeError);
+    /// The controller's commands, decisions and timings: drain `fx`. Called once per judged
+    /// window (with [`Cause::Window`], effects or not) and once per other controller input.
+    fn effects(&mut self, fx: &mut Effects, cause: Cause<'_>, policies: &PolicySet);
+}
+
+/// What an event's clock skew is measured against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkewReference {
+    /// The driver's clock when the record is ingested (live: wall-clock time at arrival).
+    Arrival,
+    /// The record's broker timestamp (a replay's nearest thing to the wall clock at arrival).
+    BrokerTimestamp,
+}
+
+/// How a pipeline treats its input.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub skew: SkewReference,
+    /// Events before this event time are read and counted, never ingested.
+    pub from_ms: Option<i64>,
+    /// Events after this event time are read and counted, never ingested.
+    pub to_ms: Option<i64>,
+    /// The telemetry topic's partition count (the controller's limit shares).
+    pub partitions_total: u32,
+}
+
+impl Options {
+    /// Live: skew against arrival, every event time.
+    pub fn live(partitions_total: u32) -> Self {
+        Options {
+            skew: SkewReference::Arrival,
+            from_ms: None,
+            to_ms: None,
+            partitions_total,
+        }
+    }
+}
+
+/// Input accounting: what was read, used and rejected.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct InputStats {
+    /// Records of owned partitions offered to the pipeline.
+    pub records_read: u64,
+    pub records_in_range: u64,
+    pub records_aggregated: u64,
+    pub records_before_range: u64,
+    pub records_after_range: u64,
+    /// Records rejected, by DLQ reason.
+    pub rejected: BTreeMap<String, u64>,
+    pub first_event_ms: Option<i64>,
+    pub last_event_ms: Option<i64>,
+    /// Windows closed (every window group).
+    pub windows_closed: u64,
+    pub open_windows_at_end: u64,
+}
+
+/// Labels per segment, kept only while some policy selects on labels. One rule for every
+/// driver: a changed set replaces the old one, and the map is emptied only when a segment not
+/// in it would take it past `max_segments`.
+struct LabelMap {
+    on: bool,
+    cap: usize,
+    map: FastMap<String, Labels>,
+}
+
+impl LabelMap {
+    fn note(&mut self, event: &Telemetry<'_>) {
+        if !self.on || !event.has_labels() {
+            return;
+        }
+        let owned = event.clone().into_owned();
+        match self.map.get(&owned.segment) {
+            Some(old) if *old == owned.labels => {}
+            Some(_) => {
+                self.map.insert(owned.segment, owned.labels);
+            }
+            None => {
+                if self.map.len() >= self.cap {
+                    self.map.clear();
+                }
+                self.map.insert(owned.segment, owned.labels);
+            }
+        }
+    }
+}
+
+fn uses_labels(policies: &PolicySet) -> bool {
+    policies.policies.iter().any(|p| !p.labels.is_empty())
+}
+
+/// The engine (windows, policies, controller) behind one step for every driver.
+pub struct Pipeline {
+    engine: Windows,
+    controller: Controller,
+    decoder: TelemetryDecoder,
+    labels: LabelMap,
+    options: Options,
+    max_clock_skew_ms: i64,
+    closed: Vec<WindowSummary>,
+    fx: Effects,
+    assigned: Vec<i32>,
+    /// Per partition: the end of the last window judged (windows close in end order).
+    closed_through: BTreeMap<i32, i64>,
+    /// Per partition, after a restore: windows ending at or before this were judged before the
+    /// restart; re-read, they are rebuilt but not judged again.
+    replay_until: BTreeMap<i32, i64>,
+    stats: InputStats,
+    read: Arc<ReadModel>,
+}
+
+impl Pipeline {
+    /// # Errors
+    /// The telemetry codec settings are invalid (the message names the topic).
+    pub fn new(config: &Config, policies: PolicySet, options: Options) -> Result<Self, String> {
+        let t = &config.topics.telemetry;
+        let decoder = TelemetryDecoder::new(t.codec, &t.schema_settings())
+            .map_err(|e| format!("topics.telemetry: {e}"))?;
+        let read = Arc::new(ReadModel::default());
+        read.set_silences(policies.silences.iter());
+        Ok(Pipeline {
+            engine: Windows::from_config(&config.windows),
+            labels: LabelMap {
+                on: uses_labels(&policies),
+                cap: config.windows.max_segments,
+                map: FastMap::default(),
+            },
+            controller: Controller::new(policies, options.partitions_total),
+            decoder,
+            options,
+            max_clock_skew_ms: config.windows.max_clock_skew.as_millis() as i64,
+            closed: Vec::new(),
+            fx: Effects::default(),
+            assigned: Vec::new(),
+            closed_through: BTreeMap::new(),
+            replay_until: BTreeMap::new(),
+            stats: InputStats::default(),
+            read,
+        })
+    }
+
+    pub fn engine(&self) -> &Windows {
+        &self.engine
+    }
+
+    pub fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
+    pub fn policies(&self) -> &PolicySet {
+        self.controller.policies()
+    }
+
+    pub fn stats(&self) -> &InputStats {
+        &self.stats
+    }
+
+    pub fn read_model(&self) -> Arc<ReadModel> {
+        self.read.clone()
+    }
+
+    /// Owned partitions, in order.
+    pub fn assigned(&self) -> &[i32] {
+        &self.assigned
+    }
+
+    pub fn assign(&mut self, partition: i32) {
+        self.engine.assign(partition);
+        self.controller.assign(partition);
+        if let Err(at) = self.assigned.binary_search(&partition) {
+            self.assigned.insert(at, partition);
+        }
+    }
+
+    /// Drops a partition's windows, controller state and bookkeeping.
+    pub fn revoke(&mut self, partition: i32) {
+        self.engine.revoke(partition);
+        self.controller.revoke(partition);
+        self.assigned.retain(|p| *p != partition);
+        self.closed_through.remove(&partition);
+        self.replay_until.remove(&partition);
+        self.read.states.retain(|_, s| s.partition != partition);
+    }
+
+    /// Restores a partition's controller state (from the changelog) and the end of the last
+    /// window it judged. Returns how many segments were restored.
+    ///
+    /// # Errors
+    /// A state of a partition not assigned here.
+    pub fn restore(
+        &mut self,
+        partition: i32,
+        states: Vec<SegmentState>,
+        closed_through: Option<i64>,
+    ) -> Result<usize, String> {
+        if let Some(t) = closed_through {
+            self.replay_until.insert(partition, t);
+            self.closed_through.insert(partition, t);
+        }
+        let n = states.len();
+        for state in states {
+            self.read
+                .states
+                .insert(state.segment.clone(), state.clone());
+            self.controller.restore(state)?;
+        }
+        Ok(n)
+    }
+
+    /// The end of the last window judged on `partition`.
+    pub fn closed_through(&self, partition: i32) -> Option<i64> {
+        self.closed_through.get(&partition).copied()
+    }
+
+    /// The lowest offset still feeding an open window of `partition` (what may be committed).
+    pub fn committable_offset(&self, partition: i32) -> Option<i64> {
+        self.engine.committable_offset(partition)
+    }
+
+    /// Tells the windows which segments the next records touch (see
+    /// [`crate::window::WindowEngine::prefetch`]): keys and event times read without decoding.
+    pub fn hint(&mut self, records: &[Record<'_>]) {
+        let decoder = &self.decoder;
+        self.engine.prefetch(records.iter().filter_map(|r| {
+            let key = std::str::from_utf8(r.key?).ok()?;
+            let ts = decoder.fast_event_time(r.value)?;
+            Some((r.partition, key, ts))
+        }));
+    }
+
+    /// A batch of records on one clock reading, hinted to the windows ahead of their ingest.
+    pub fn on_batch(&mut self, records: &[Record<'_>], now_ms: i64, sink: &mut dyn Sink) {
+        with_hints(
+            self,
+            records,
+            |p, _, chunk| p.hint(chunk),
+            |p, _, r| p.on_record(r, now_ms, sink),
+        );
+    }
+
+    /// One record on the driver's clock: [`Pipeline::admit`], then [`Pipeline::ingest`].
+    pub fn on_record(&mut self, record: &Record<'_>, now_ms: i64, sink: &mut dyn Sink) {
+        if let Some(event) = self.admit(record, sink) {
+            self.ingest(record, &event, now_ms, sink);
+        }
+    }
+
+    /// Decodes and validates a record, applies the event-time range and (against a broker
+    /// timestamp) the clock-skew rule, and notes its labels. `None`: the record is not to be
+    /// ingested (rejected through the sink, outside the range, or of a partition not owned:
+    /// polled before a revoke took effect, the new owner reads it).
+    pub fn admit<'a>(&mut self, record: &Record<'a>, sink: &mut dyn Sink) -> Option<Telemetry<'a>> {
+        if self.assigned.binary_search(&record.partition).is_err() {
+            return None;
+        }
+        self.stats.records_read += 1;
+        let event = match self.decoder.decode(record.key, record.value) {
+            Ok(e) => e,
+            Err(e) => {
+                self.reject(record, &e, sink);
+                return None;
+            }
+        };
+        let ts = event.ts_ms();
+        if self.options.from_ms.is_some_and(|f| ts < f) {
+            self.stats.records_before_range += 1;
+            return None;
+        }
+        if self.options.to_ms.is_some_and(|t| ts > t) {
+            self.stats.records_after_range += 1;
+            return None;
+        }
+        self.stats.records_in_range += 1;
+        if self.options.skew == SkewReference::BrokerTimestamp {
+            if let Some(b) = record.timestamp_ms {
+                if ts > b.saturating_add(self.max_clock_skew_ms) {
+                    let e = DecodeError::new(
+                        ErrorCode::ClockSkew,
+                        format!(
+                            "event time {ts} is {} ms ahead of the record's timestamp {b} (max skew {} ms)",
+                            ts - b,
+                            self.max_clock_skew_ms
+                        ),
+                    );
+                    self.reject(record, &e, sink);
+                    return None;
+                }
+            }
+        }
+        self.labels.note(&event);
+        Some(event)
+    }
+
+    /// Ingests an admitted event at `now_ms` and judges the windows it closes.
+    pub fn ingest(
+        &mut self,
+        record: &Record<'_>,
+        event: &Telemetry<'_>,
+        now_ms: i64,
+        sink: &mut dyn Sink,
+    ) {
+        let ts = event.ts_ms();
+        let result = self.engine.ingest(
+            Position {
+                partition: record.partition,
+                offset: record.offset,
+            },
+            event.segment(),
+            ts,
+            event.measurements().iter().copied(),
+            now_ms,
+            &mut self.closed,
+        );
+        match result {
+            Ok(()) => {
+                let s = &mut self.stats;
+                s.records_aggregated += 1;
+                s.first_event_ms = Some(s.first_event_ms.map_or(ts, |f| f.min(ts)));
+                s.last_event_ms = Some(s.last_event_ms.map_or(ts, |l| l.max(ts)));
+            }
+            Err(e) => self.reject(record, &e, sink),
+        }
+        self.judge(now_ms, sink);
+    }
+
+    fn reject(&mut self, record: &Record<'_>, e: &DecodeError, sink: &mut dyn Sink) {
+        *self
+            .stats
+            .rejected
+            .entry(e.code.as_str().to_string())
+            .or_default() += 1;
+        sink.reject(record, e);
+    }
+
+    /// Closed windows → controller → sink, in close order.
+    fn judge(&mut self, now_ms: i64, sink: &mut dyn Sink) {
+        if self.closed.is_empty() {
+            return;
+        }
+        let empty = Labels::new();
+        let mut closed = std::mem::take(&mut self.closed);
+        for w in closed.drain(..) {
+            self.stats.windows_closed += 1;
+            // Window groups are judged through the controller's own per-group record; the
+            // replay marks follow the default windows.
+            if w.group.is_none() {
+                if self
+                    .replay_until
+                    .get(&w.partition)
+                    .is_some_and(|u| w.end_ms <= *u)
+                {
+                    continue;
+                }
+                let through = self.closed_through.entry(w.partition).or_insert(i64::MIN);
+                *through = (*through).max(w.end_ms);
+            }
+            let labels = self.labels.map.get(&*w.segment).unwrap_or(&empty);
+            self.controller.on_window(&w, labels, now_ms, &mut self.fx);
+            sink.effects(
+                &mut self.fx,
+                Cause::Window { window: &w, labels },
+                self.controller.policies(),
+            );
+        }
+        self.closed = closed;
+    }
+
+    /// Moves the driver's clock to `now_ms`: quiet partitions close their windows, and (when
+    /// `deadlines`) ack, verification and backoff deadlines fire.
+    pub fn tick(&mut self, now_ms: i64, deadlines: bool, sink: &mut dyn Sink) {
+        self.engine.advance_idle(now_ms, &mut self.closed);
+        self.judge(now_ms, sink);
+        if deadlines {
+            self.controller.tick(now_ms, &mut self.fx);
+            sink.effects(&mut self.fx, Cause::Other, self.controller.policies());
+        }
+    }
+
+    /// An actuator's outcome.
+    pub fn on_outcome(
+        &mut self,
+        outcome: &RemediationOutcome,
+        now_ms: i64,
+        sink: &mut dyn Sink,
+    ) -> OutcomeDisposition {
+        let d = self.controller.on_outcome(outcome, now_ms, &mut self.fx);
+        sink.effects(&mut self.fx, Cause::Other, self.controller.policies());
+        d
+    }
+
+    /// Replaces the policy set (loops of kept policies keep their state).
+    pub fn reload(&mut self, policies: PolicySet, now_ms: i64, sink: &mut dyn Sink) {
+        self.labels.on = uses_labels(&policies);
+        self.controller.reload(policies, now_ms, &mut self.fx);
+        self.read.set_silences(self.controller.silences());
+        sink.effects(&mut self.fx, Cause::Other, self.controller.policies());
+    }
+
+    pub fn add_silence(&mut self, silence: Silence) {
+        self.controller.add_silence(silence);
+        self.read.set_silences(self.controller.silences());
+    }
+
+    pub fn remove_silence(&mut self, id: &str) -> bool {
+        let removed = self.controller.remove_silence(id);
+        self.read.set_silences(self.controller.silences());
+        removed
+    }
+
+    /// The controller's changelog records due since the last call; the read model follows.
+    pub fn take_state_changes(&mut self, now_ms: i64) -> Vec<StateChange> {
+        let changes = self.controller.take_changes(now_ms);
+        for c in &changes {
+            match c.state.as_deref().map(SegmentState::from_bytes) {
+                Some(Ok(state)) => {
+                    self.read.states.insert(c.segment.clone(), state);
+                }
+                _ => {
+                    self.read.states.remove(&c.segment);
+                }
+            }
+        }
+        changes
+    }
+
+    /// End of a turn: the read model's watched windows are refreshed and the turn counted.
+    pub fn end_turn(&mut self) {
+        let turn = self.read.turn.load(Ordering::Acquire);
+        self.read
+            .watched
+            .retain(|_, asked| turn.saturating_sub(*asked) <= WATCH_TURNS);
+        for w in self.read.watched.iter() {
+            let open = self.engine.open_windows(w.key());
+            if open.is_empty() {
+                self.read.windows.remove(w.key());
+            } else {
+                self.read.windows.insert(w.key().clone(), open);
+            }
+        }
+        self.read
+            .windows
+            .retain(|k, _| self.read.watched.contains_key(k));
+        self.read.turn.fetch_add(1, Ordering::Release);
+    }
+
+    /// The input accounting, with the windows still open.
+    pub fn finish(mut self) -> (InputStats, Controller) {
+        self.stats.open_windows_at_end = self
+            .engine
+            .partitions()
+            .map(|p| p.segment_count() as u64)
+            .sum();
+        (self.stats, self.controller)
+    }
+}
+
+/// Turns a watched segment stays watched after the last request for it.
+const WATCH_TURNS: u64 = 20_000;
+/// Segments watched at most (a request past it replaces the whole list).
+const MAX_WATCHED: usize = 256;
+
+/// A silence as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SilenceView {
+    pub id: String,
+    pub segments: String,
+    pub from_ms: i64,
+    pub until_ms: i64,
+    pub reason: String,
+}
+
+/// Per-segment state for readers on other threads (the admin API), written by the pipeline at
+/// the end of each turn; readers never take the driver's lock.
+#[derive(Debug, Default)]
+pub struct ReadModel {
+    /// Controller state of every owned segment that is not quiet (what the changelog holds):
+    /// loop phases, in-flight commands, cooldowns.
+    states: DashMap<String, SegmentState>,
+    /// Open windows of the watched segments, refreshed every turn.
+    windows: DashMap<String, Vec<WindowSummary>>,
+    /// Segments a reader asked about, with the turn of the last request.
+    watched: DashMap<String, u64>,
+    silences: Mutex<Vec<SilenceView>>,
+    turn: AtomicU64,
+}
+
+impl ReadModel {
+    /// Turns the pipeline has ended.
+    pub fn turn(&self) -> u64 {
+        self.turn.load(Ordering::Acquire)
+    }
+
+    /// The controller state of a segment, if owned here and not quiet.
+    pub fn state(&self, segment: &str) -> Option<SegmentState> {
+        self.states.get(segment).map(|s| s.clone())
+    }
+
+    /// Asks for a segment's open windows: from the end of the next turn on,
+    /// [`ReadModel::open_windows`] has them. Returns the current turn.
+    pub fn watch(&self, segment: &str) -> u64 {
+        let turn = self.turn();
+        if self.watched.len() >= MAX_WATCHED && !self.watched.contains_key(segment) {
+            self.watched.clear();
+        }
+        self.watched.insert(segment.to_string(), turn);
+        turn
+    }
+
+    /// Open windows of a watched segment as of the last turn.
+    pub fn open_windows(&self, segment: &str) -> Vec<WindowSummary> {
+        self.windows
+            .get(segment)
+            .map(|w| w.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every loop awaiting an outcome or verification: (segment, policy, loop).
+    pub fn in_flight(&self) -> Vec<(String, String, crate::controller::LoopState)> {
+        let mut out: Vec<_> = self
+            .states
+            .iter()
+            .flat_map(|s| {
+                s.loops
+                    .iter()
+                    .filter(|(_, l)| l.phase.in_flight())
+                    .map(|(p, l)| (s.segment.clone(), p.clone(), l.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
+    }
+
+    pub fn silences(&self) -> Vec<SilenceView> {
+        self.silences.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn set_silences<'a>(&self, silences: impl Iterator<Item = &'a Silence>) {
+        let list = silences
+            .map(|s| SilenceView {
+                id: s.id.clone(),
+                segments: s.segments_glob.clone(),
+                from_ms: s.from_ms,
+                until_ms: s.until_ms,
+                reason: s.reason.clone(),
+            })
+            .collect();
+        if let Ok(mut v) = self.silences.lock() {
+            *v = list;
+        }
+    }
+}

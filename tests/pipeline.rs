@@ -1,0 +1,147 @@
+//! The pipeline every driver runs, driven directly: its label rule and the prefetch schedule.
+
+use std::collections::BTreeMap;
+
+use segloop::codec::{build_codec, CodecKind, DecodeError};
+use segloop::config::{Config, Sources};
+use segloop::controller::Effects;
+use segloop::model::{RemediationCommand, TelemetryEvent};
+use segloop::pipeline::{Cause, Options, Pipeline, Record, Sink};
+use segloop::policy::PolicySet;
+
+#[derive(Default)]
+struct Collect {
+    commands: Vec<RemediationCommand>,
+    rejected: Vec<String>,
+}
+
+impl Sink for Collect {
+    fn reject(&mut self, _: &Record<'_>, e: &DecodeError) {
+        self.rejected.push(e.code.as_str().to_string());
+    }
+    fn effects(&mut self, fx: &mut Effects, _: Cause<'_>, _: &PolicySet) {
+        self.commands.append(&mut fx.commands);
+        fx.decisions.clear();
+        fx.timings.clear();
+    }
+}
+
+fn config(sets: &[&str]) -> Config {
+    let sets: Vec<String> = ["windows.size=1s", "windows.out_of_orderness=0s"]
+        .iter()
+        .chain(sets)
+        .map(|s| s.to_string())
+        .collect();
+    Config::load(&Sources {
+        file: None,
+        env: &Default::default(),
+        overrides: &sets,
+    })
+    .unwrap()
+}
+
+fn encode(segment: &str, ts: i64, error: f64, labels: &[(&str, &str)]) -> Vec<u8> {
+    let codec =
+        build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default()).unwrap();
+    let mut out = Vec::new();
+    codec
+        .encode(
+            &TelemetryEvent {
+                segment: segment.into(),
+                ts_ms: ts,
+                measurements: BTreeMap::from([("error".into(), error)]),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                event_id: None,
+            },
+            &mut out,
+        )
+        .unwrap();
+    out
+}
+
+/// One rule for labels in every driver: a full label map is emptied only when a new segment
+/// needs room, never because a known segment sent the same labels again. (Live used to empty
+/// it on every labelled event once full, so a policy selecting on labels lost its segments.)
+#[test]
+fn known_labels_survive_a_full_map() {
+    let policies = PolicySet::parse(
+        r#"
+[guardrails]
+blast_radius = 1.0
+
+[[policies]]
+name = "team-y"
+labels = { team = "y" }
+when = "mean(error) > 0.5"
+for = 1
+action = "rollback"
+"#,
+        "p.toml",
+    )
+    .unwrap();
+    let cfg = config(&["windows.max_segments=2"]);
+    let mut p = Pipeline::new(&cfg, policies, Options::live(1)).unwrap();
+    p.assign(0);
+    let mut sink = Collect::default();
+    let events = [
+        ("a", 0, &[("team", "x")][..]),
+        ("b", 10, &[("team", "y")][..]),
+        ("a", 20, &[("team", "x")][..]),
+        ("a", 2_000, &[][..]),
+    ];
+    for (offset, (seg, ts, labels)) in events.iter().enumerate() {
+        let value = encode(seg, *ts, 1.0, labels);
+        let r = Record {
+            partition: 0,
+            offset: offset as i64,
+            key: Some(seg.as_bytes()),
+            value: Some(&value),
+            timestamp_ms: None,
+            handle: offset,
+        };
+        p.on_record(&r, *ts, &mut sink);
+    }
+    assert!(sink.rejected.is_empty(), "{:?}", sink.rejected);
+    let acted: Vec<&str> = sink.commands.iter().map(|c| c.segment.as_str()).collect();
+    assert_eq!(acted, ["b"], "the policy selects team=y only");
+    assert_eq!(p.stats().records_aggregated, 4);
+    // Both segments' [0, 1 s) windows and their empty (no data) [1 s, 2 s) windows.
+    assert_eq!(p.stats().windows_closed, 4);
+}
+
+/// The prefetch schedule: every item once, in order, and each chunk hinted before its items
+/// are processed, `HINT_AHEAD` chunks ahead.
+#[test]
+fn the_hint_schedule_runs_ahead_of_every_item() {
+    use segloop::window::{with_hints, HINT_AHEAD, HINT_BATCH};
+    for n in [0, 1, HINT_BATCH - 1, HINT_BATCH, 5 * HINT_BATCH + 3] {
+        let items: Vec<usize> = (0..n).collect();
+        let mut log: Vec<(char, usize, usize)> = Vec::new();
+        with_hints(
+            &mut log,
+            &items,
+            |log, from, chunk| log.push(('h', from, chunk.len())),
+            |log, i, item| {
+                assert_eq!(i, *item);
+                log.push(('i', i, 1));
+            },
+        );
+        let processed: Vec<usize> = log.iter().filter(|e| e.0 == 'i').map(|e| e.1).collect();
+        assert_eq!(processed, items);
+        for i in 0..n {
+            let at = log.iter().position(|e| e.0 == 'i' && e.1 == i).unwrap();
+            let chunk_start = i / HINT_BATCH * HINT_BATCH;
+            let hinted = log
+                .iter()
+                .position(|e| e.0 == 'h' && e.1 == chunk_start && e.2 > 0)
+                .expect("every chunk is hinted");
+            assert!(hinted < at);
+            // HINT_AHEAD chunks' worth of hints precede the chunk's first item.
+            let hints_before = log[..at].iter().filter(|e| e.0 == 'h').count();
+            assert!(hints_before > i / HINT_BATCH + HINT_AHEAD - 1);
+        }
+    }
+}
