@@ -202,6 +202,7 @@ pub fn run(
     control: Arc<Control>,
     mut on_command: impl FnMut(&RemediationCommand),
 ) -> anyhow::Result<ActuatorReport> {
+    kafka::connect(config)?;
     let t = &config.topics;
     let a = &config.actuator;
     let consumer: BaseConsumer = kafka::client_config(
@@ -219,7 +220,7 @@ pub fn run(
     consumer
         .subscribe(&[&t.actions.name])
         .context("cannot subscribe to the actions topic")?;
-    let producer: ThreadedProducer<DefaultProducerContext> = kafka::client_config(
+    let producer: ThreadedProducer<DefaultProducerContext> = kafka::producer_config(
         config,
         &[
             ("enable.idempotence", "true"),

@@ -573,6 +573,13 @@ pub fn check_config(args: &CheckConfigArgs, env: &HashMap<String, String>) -> Ex
         overrides: &args.overrides,
     }) {
         Ok(config) => match load_policies(&config) {
+            Ok(_) if !crate::kafka::build_problems(&config).is_empty() => {
+                eprintln!(
+                    "error: this build cannot use these Kafka settings\n{}",
+                    crate::kafka::build_problems(&config).join("\n")
+                );
+                ExitCode::from(EXIT_USAGE)
+            }
             Ok(summary) => {
                 print!("{}", config.to_toml());
                 if let Some(s) = summary {

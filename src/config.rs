@@ -66,7 +66,7 @@ impl Default for ActuatorConfig {
 }
 
 /// Brokers and client settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// `host:port,...` of the brokers.
@@ -79,8 +79,25 @@ pub struct KafkaConfig {
     /// Partition count for topics segloop creates.
     pub partitions: i32,
     pub replication_factor: i32,
-    /// librdkafka properties passed through verbatim (SASL/TLS included).
+    /// librdkafka properties passed through verbatim (SASL/TLS included). A secret can come
+    /// from the environment or a file instead of the TOML:
+    /// `"sasl.password" = { env = "KAFKA_PASSWORD" }` or `{ file = "/run/secrets/kafka" }`.
     pub properties: BTreeMap<String, toml::Value>,
+    /// How long startup waits for the brokers (connection, TLS handshake, authentication,
+    /// authorization) before `segloop run`, `actuator` and `backtest` give up with the cause;
+    /// also how long a consume error other than an unreachable broker may repeat before
+    /// `segloop run` stops.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Compression of the records segloop produces: none, gzip, snappy, lz4 or zstd (every
+    /// codec is read on every topic, whatever this says).
+    pub compression: String,
+    /// `compression.type` of the topics segloop creates: producer (keep each producer's
+    /// codec), none, gzip, snappy, lz4 or zstd.
+    pub topic_compression: String,
+    /// `properties` with secret references read (filled by `Config::load`).
+    #[serde(skip)]
+    resolved: BTreeMap<String, String>,
 }
 
 impl Default for KafkaConfig {
@@ -93,23 +110,133 @@ impl Default for KafkaConfig {
             partitions: 6,
             replication_factor: 1,
             properties: BTreeMap::new(),
+            connect_timeout: Duration::from_secs(30),
+            compression: "none".into(),
+            topic_compression: "producer".into(),
+            resolved: BTreeMap::new(),
         }
     }
 }
 
-impl KafkaConfig {
-    /// The pass-through properties as librdkafka strings.
-    pub fn librdkafka_properties(&self) -> BTreeMap<String, String> {
-        self.properties
+impl fmt::Debug for KafkaConfig {
+    /// Secrets print as `[redacted]`, as everywhere segloop prints configuration.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: BTreeMap<&String, String> = self
+            .properties
             .iter()
             .map(|(k, v)| {
-                let s = match v {
-                    toml::Value::String(s) => s.clone(),
-                    other => other.to_string(),
+                let shown = if is_secret_key(k) && !matches!(v, toml::Value::Table(_)) {
+                    REDACTED.to_string()
+                } else {
+                    v.to_string()
                 };
-                (k.clone(), s)
+                (k, shown)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("group_id", &self.group_id)
+            .field("client_id", &self.client_id)
+            .field("create_topics", &self.create_topics)
+            .field("partitions", &self.partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("properties", &properties)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("compression", &self.compression)
+            .field("topic_compression", &self.topic_compression)
+            .finish()
+    }
+}
+
+/// Compression codecs Kafka knows.
+pub const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
+
+/// Whether a librdkafka property holds a secret (never printed): keys ending in `password` or
+/// `secret`, private keys given inline, JAAS configs.
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.ends_with("password")
+        || k.ends_with("secret")
+        || k.ends_with("key.pem")
+        || k.ends_with("jaas.config")
+}
+
+/// What a redacted secret prints as.
+pub const REDACTED: &str = "[redacted]";
+
+/// A property value: a scalar, or a reference to a secret in the environment or a file.
+fn property_value(
+    key: &str,
+    v: &toml::Value,
+    base: &Path,
+    env: &HashMap<String, String>,
+) -> Result<String, String> {
+    match v {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Table(t) => {
+            let one = |what: &str| t.get(what).and_then(toml::Value::as_str);
+            match (one("env"), one("file"), t.len()) {
+                (Some(var), None, 1) => env.get(var).cloned().ok_or_else(|| {
+                    format!("the environment variable {var} is not set; export it or put the value here")
+                }),
+                (None, Some(path), 1) => {
+                    let p = base.join(path);
+                    std::fs::read_to_string(&p)
+                        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                        .map_err(|e| format!("cannot read {}: {e}", p.display()))
+                }
+                _ => Err(format!(
+                    "a table here must be {{ env = \"VAR\" }} or {{ file = \"path\" }} (the {} comes from there)",
+                    if is_secret_key(key) { "secret" } else { "value" }
+                )),
+            }
+        }
+        toml::Value::Array(_) => Err("librdkafka properties are scalars; quote the value".into()),
+        other => Ok(other.to_string()),
+    }
+}
+
+impl KafkaConfig {
+    /// The pass-through properties as librdkafka strings, secrets read.
+    pub fn librdkafka_properties(&self) -> BTreeMap<String, String> {
+        if !self.resolved.is_empty() || self.properties.is_empty() {
+            return self.resolved.clone();
+        }
+        // Not loaded through `Config::load` (a test's literal): plain values only.
+        self.properties
+            .iter()
+            .filter_map(|(k, v)| {
+                let env = HashMap::new();
+                Some((k.clone(), property_value(k, v, Path::new("."), &env).ok()?))
             })
             .collect()
+    }
+
+    /// A property's value as segloop will print it: secrets redacted.
+    pub fn shown(&self, key: &str) -> Option<String> {
+        let v = self.librdkafka_properties().remove(key)?;
+        Some(if is_secret_key(key) {
+            REDACTED.into()
+        } else {
+            v
+        })
+    }
+
+    fn resolve(&mut self, base: &Path, env: &HashMap<String, String>) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        self.resolved.clear();
+        for (k, v) in &self.properties {
+            match property_value(k, v, base, env) {
+                Ok(s) => {
+                    self.resolved.insert(k.clone(), s);
+                }
+                Err(message) => errors.push(FieldError {
+                    field: format!("kafka.properties.{k}"),
+                    message,
+                }),
+            }
+        }
+        errors
     }
 }
 
@@ -402,7 +529,8 @@ impl fmt::Display for FieldError {
 /// Where a configuration comes from, lowest precedence first after the built-in defaults.
 pub struct Sources<'a> {
     pub file: Option<&'a Path>,
-    /// The process environment (or a test's); only `SEGLOOP__*` keys are used.
+    /// The process environment (or a test's): `SEGLOOP__*` keys override settings, and
+    /// `{ env = "VAR" }` secrets are read from it.
     pub env: &'a HashMap<String, String>,
     /// `key.path=value` overrides from the command line.
     pub overrides: &'a [String],
@@ -450,11 +578,12 @@ impl Config {
                 origin: format!("--set {flag}"),
                 message: "expected key.path=value, e.g. --set windows.size=5s".into(),
             })?;
-            layers.push((
-                format!("--set {flag}"),
-                split_key_path(key.trim()),
-                value.to_string(),
-            ));
+            let shown = if is_secret_key(key.trim().trim_matches('"')) {
+                format!("--set {}={REDACTED}", key.trim())
+            } else {
+                format!("--set {flag}")
+            };
+            layers.push((shown, split_key_path(key.trim()), value.to_string()));
         }
 
         let mut config: Config =
@@ -494,7 +623,13 @@ impl Config {
         }
 
         config.resolve_paths(&base_dir);
-        config.validate().map_err(ConfigError::Invalid)?;
+        let mut errors = config.kafka.resolve(&base_dir, sources.env);
+        if let Err(more) = config.validate() {
+            errors.extend(more);
+        }
+        if !errors.is_empty() {
+            return Err(ConfigError::Invalid(errors));
+        }
         Ok(config)
     }
 
@@ -623,12 +758,39 @@ impl Config {
             err("kafka.replication_factor", "must be at least 1".into());
         }
         for (key, value) in &k.properties {
-            if matches!(value, toml::Value::Table(_) | toml::Value::Array(_)) {
+            if matches!(value, toml::Value::Array(_)) {
                 err(
                     &format!("kafka.properties.{key}"),
                     "librdkafka properties are scalars; quote the value".into(),
                 );
             }
+        }
+        if k.connect_timeout < Duration::from_secs(1) {
+            err(
+                "kafka.connect_timeout",
+                "must be at least 1s (a TLS handshake and SASL exchange take a few round trips)"
+                    .into(),
+            );
+        }
+        if !CODECS.contains(&k.compression.as_str()) {
+            err(
+                "kafka.compression",
+                format!(
+                    "{:?} is not a codec; use one of {}",
+                    k.compression,
+                    CODECS.join(", ")
+                ),
+            );
+        }
+        if k.topic_compression != "producer" && !CODECS.contains(&k.topic_compression.as_str()) {
+            err(
+                "kafka.topic_compression",
+                format!(
+                    "{:?} is not a codec; use producer or one of {}",
+                    k.topic_compression,
+                    CODECS.join(", ")
+                ),
+            );
         }
         for (role, topic) in self.topics.all() {
             if topic.name.trim().is_empty() {
@@ -683,9 +845,17 @@ impl Config {
         }
     }
 
-    /// The effective configuration as TOML (what `check-config` prints).
+    /// The effective configuration as TOML (what `check-config` prints), secrets redacted:
+    /// a secret written in the file prints as `[redacted]`, a reference (`{ env = .. }`) as
+    /// itself.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config should serialize to TOML")
+        let mut shown = self.clone();
+        for (k, v) in shown.kafka.properties.iter_mut() {
+            if is_secret_key(k) && !matches!(v, toml::Value::Table(_)) {
+                *v = toml::Value::String(REDACTED.into());
+            }
+        }
+        toml::to_string_pretty(&shown).expect("config should serialize to TOML")
     }
 }
 

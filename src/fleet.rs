@@ -230,7 +230,7 @@ pub fn write_sample_history(config: &Config, seed: u64, duration_s: u64) -> anyh
     let t = &config.topics.telemetry;
     let codec =
         build_codec::<TelemetryEvent>(t.codec, &t.schema_settings()).map_err(anyhow::Error::msg)?;
-    let producer: ThreadedProducer<DefaultProducerContext> = crate::kafka::client_config(
+    let producer: ThreadedProducer<DefaultProducerContext> = crate::kafka::producer_config(
         config,
         &[
             ("partitioner", "murmur2_random"),

@@ -193,3 +193,72 @@ fn check_config_reports_policy_errors_with_policy_and_column() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("windows.quantile_measurements lacks it"));
 }
+
+#[test]
+fn check_config_redacts_secrets_and_refuses_what_the_build_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\
+         \"sasl.username\" = \"alice\"\n\"sasl.password\" = \"hunter2-s3cret\"\n",
+    )
+    .unwrap();
+    let out = segloop(&["check-config", cfg.to_str().unwrap()], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let all = text(&out.stdout) + &text(&out.stderr);
+    assert!(!all.contains("hunter2-s3cret"), "{all}");
+    assert!(all.contains("[redacted]") && all.contains("alice"), "{all}");
+
+    std::fs::write(
+        &cfg,
+        "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"GSSAPI\"\n",
+    )
+    .unwrap();
+    let out = segloop(&["check-config", cfg.to_str().unwrap()], b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("GSSAPI"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// No broker at the address: `segloop run` gives up within `kafka.connect_timeout` with one
+/// line naming the brokers and the protocol, exit 1, and never prints the password.
+#[test]
+fn run_without_a_reachable_broker_fails_fast_and_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[kafka]\nbootstrap_servers = \"127.0.0.1:{port}\"\nconnect_timeout = \"2s\"\n\
+             [kafka.properties]\n\"sasl.username\" = \"alice\"\n\"sasl.password\" = \"hunter2-s3cret\"\n"
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = segloop(&["run", "--config", cfg.to_str().unwrap()], b"");
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "took {took:?}: {err}"
+    );
+    assert!(!err.contains("hunter2-s3cret"), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(
+        line.contains(&format!("127.0.0.1:{port}")) && line.contains("security.protocol=plaintext"),
+        "{line}"
+    );
+}

@@ -205,3 +205,128 @@ fn window_groups_are_checked_and_policies_must_name_one_that_exists() {
     let set = segloop::policy::PolicySet::load_for(&policies, &config.windows).unwrap();
     assert_eq!(set.policies[0].window.as_deref(), Some("slow"));
 }
+
+#[test]
+fn secrets_come_from_the_environment_or_a_file_and_print_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pw"), "from-file-s3cret\n").unwrap();
+    let p = write(
+        &dir,
+        r#"
+[kafka.properties]
+"sasl.username" = "alice"
+"sasl.password" = { env = "KAFKA_PW" }
+"ssl.key.password" = { file = "pw" }
+"sasl.oauthbearer.client.secret" = "inline-s3cret"
+"#,
+    );
+    let c = load(Some(&p), &[("KAFKA_PW", "env-s3cret")], &[]).unwrap();
+    let props = c.kafka.librdkafka_properties();
+    assert_eq!(props["sasl.password"], "env-s3cret");
+    assert_eq!(props["ssl.key.password"], "from-file-s3cret");
+    assert_eq!(props["sasl.oauthbearer.client.secret"], "inline-s3cret");
+    for shown in [c.to_toml(), format!("{c:?}"), format!("{:?}", c.kafka)] {
+        for secret in ["env-s3cret", "from-file-s3cret", "inline-s3cret"] {
+            assert!(!shown.contains(secret), "{secret} printed in {shown}");
+        }
+        assert!(shown.contains("alice"), "non-secrets still print: {shown}");
+    }
+    assert!(
+        c.to_toml().contains("KAFKA_PW"),
+        "references print as themselves"
+    );
+    assert_eq!(
+        c.kafka.shown("sasl.password").as_deref(),
+        Some("[redacted]")
+    );
+
+    // A reference that cannot be read names the key and the fix.
+    let e = load(Some(&p), &[], &[]).unwrap_err().to_string();
+    assert!(
+        e.contains("kafka.properties.sasl.password") && e.contains("KAFKA_PW is not set"),
+        "{e}"
+    );
+    // A secret given on the command line is not echoed in errors either.
+    let e = load(
+        None,
+        &[],
+        &[
+            "kafka.properties.\"sasl.password\"=cli-s3cret",
+            "kafka.partitions=0",
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!e.contains("cli-s3cret"), "{e}");
+}
+
+#[test]
+fn kafka_connection_settings_are_checked() {
+    let e = load(
+        None,
+        &[],
+        &[
+            "kafka.compression=brotli",
+            "kafka.topic_compression=fast",
+            "kafka.connect_timeout=10ms",
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    for field in [
+        "kafka.compression",
+        "kafka.topic_compression",
+        "kafka.connect_timeout",
+    ] {
+        assert!(e.contains(field), "{field} not named in {e}");
+    }
+    let c = load(
+        None,
+        &[],
+        &["kafka.compression=zstd", "kafka.topic_compression=producer"],
+    )
+    .unwrap();
+    assert_eq!(c.kafka.compression, "zstd");
+    assert_eq!(c.kafka.connect_timeout, Duration::from_secs(30));
+}
+
+/// This build reads every codec and speaks TLS and SCRAM; what it lacks is named.
+#[test]
+fn the_build_knows_what_it_supports() {
+    let features = segloop::kafka::builtin_features();
+    for f in [
+        "gzip",
+        "snappy",
+        "lz4",
+        "zstd",
+        "ssl",
+        "sasl_scram",
+        "sasl_plain",
+    ] {
+        assert!(features.iter().any(|x| x == f), "{f} missing: {features:?}");
+    }
+    let ok = load(
+        None,
+        &[],
+        &[
+            "kafka.properties.\"security.protocol\"=SASL_SSL",
+            "kafka.properties.\"sasl.mechanism\"=SCRAM-SHA-512",
+            "kafka.compression=zstd",
+        ],
+    )
+    .unwrap();
+    assert_eq!(segloop::kafka::build_problems(&ok), Vec::<String>::new());
+    let bad = load(
+        None,
+        &[],
+        &[
+            "kafka.properties.\"security.protocol\"=SASL_SSL",
+            "kafka.properties.\"sasl.mechanism\"=GSSAPI",
+            "kafka.properties.\"no.such.property\"=1",
+        ],
+    )
+    .unwrap();
+    let problems = segloop::kafka::build_problems(&bad).join("\n");
+    assert!(problems.contains("GSSAPI"), "{problems}");
+    assert!(problems.contains("no.such.property"), "{problems}");
+}

@@ -541,7 +541,7 @@ impl Sandbox {
     fn new(config: &Config, topic: &str) -> anyhow::Result<Sandbox> {
         let a = &config.topics.actions;
         Ok(Sandbox {
-            producer: crate::kafka::client_config(
+            producer: crate::kafka::producer_config(
                 config,
                 &[
                     ("enable.idempotence", "true"),
@@ -676,6 +676,7 @@ pub fn execute(
         }
         None => None,
     };
+    crate::kafka::connect(&config)?;
     let topic = inv
         .options
         .topic

@@ -338,6 +338,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         on_admin,
         on_core,
     } = opts;
+    kafka::connect(&config)?;
     let partitions = kafka::prepare_topics(&config)?;
     let telemetry_partitions = partitions[config.topics.telemetry.name.as_str()];
     tracing::info!(
@@ -364,7 +365,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         producer_props.push(("transactional.id", txn_id.as_str()));
     }
     let producer: Arc<ThreadedProducer<ProduceContext>> = Arc::new(
-        kafka::client_config(&config, &producer_props)
+        kafka::producer_config(&config, &producer_props)
             .create_with_context(ProduceContext::default())
             .context("cannot create the Kafka producer")?,
     );
