@@ -44,6 +44,7 @@ pub const STATE_RECORDS: &str = "segloop_state_records_total";
 pub const STATE_RESTORED: &str = "segloop_state_restored_segments_total";
 pub const STATE_RESTORE_SECONDS: &str = "segloop_state_restore_seconds";
 pub const TRANSACTIONS: &str = "segloop_transactions_total";
+pub const CONSUME_ERRORS: &str = "segloop_consume_errors_total";
 
 /// Every documented metric name (the README lists them; a test checks `/metrics` has them).
 pub const ALL: &[&str] = &[
@@ -79,6 +80,7 @@ pub const ALL: &[&str] = &[
     STATE_RESTORED,
     STATE_RESTORE_SECONDS,
     TRANSACTIONS,
+    CONSUME_ERRORS,
 ];
 
 /// One instance's recorder and the handle that renders it.
@@ -123,6 +125,11 @@ impl Default for Metrics {
 }
 
 fn describe_all() {
+    describe_counter!(
+        CONSUME_ERRORS,
+        Unit::Count,
+        "Errors a consumer reported instead of records (decompression, authorization, unknown topic, unreachable brokers), by topic and code"
+    );
     describe_counter!(
         RECORDS_CONSUMED,
         Unit::Count,
@@ -330,6 +337,7 @@ pub struct Counters {
     pub state_restored: u64,
     pub restore_secs: Vec<f64>,
     pub transactions: BTreeMap<&'static str, u64>,
+    pub consume_errors: BTreeMap<(String, String), u64>,
 }
 
 /// Moves counter deltas and current gauges into the current thread's recorder.
@@ -378,6 +386,9 @@ pub fn publish(c: &mut Counters, gauges: &Gauges) {
     counter!(STATE_RESTORED).increment(std::mem::take(&mut c.state_restored));
     for s in c.restore_secs.drain(..) {
         histogram!(STATE_RESTORE_SECONDS).record(s);
+    }
+    for ((topic, code), n) in std::mem::take(&mut c.consume_errors) {
+        counter!(CONSUME_ERRORS, "topic" => topic, "code" => code).increment(n);
     }
     for (result, n) in std::mem::take(&mut c.transactions) {
         counter!(TRANSACTIONS, "result" => result).increment(n);

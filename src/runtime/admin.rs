@@ -120,19 +120,19 @@ fn handle(mut req: Request, shared: &Shared) {
             return respond(req, json_response(status, body));
         }
         (Method::Get, "/readyz") => {
-            let (assigned, lag) = {
+            let (assigned, lag, errors) = {
                 let s = shared.status.lock().expect("status lock");
-                (s.assigned.clone(), s.lag.clone())
+                (s.assigned.clone(), s.lag.clone(), s.consume_errors.clone())
             };
             let caught_up = assigned
                 .iter()
                 .all(|p| lag.get(p).is_some_and(|l| *l <= READY_MAX_LAG));
-            let ready = !assigned.is_empty() && caught_up;
+            let ready = !assigned.is_empty() && caught_up && errors.is_empty();
             return respond(
                 req,
                 json_response(
                     if ready { 200 } else { 503 },
-                    json!({ "ready": ready, "assigned": assigned, "lag": lag }),
+                    json!({ "ready": ready, "assigned": assigned, "lag": lag, "consume_errors": errors }),
                 ),
             );
         }

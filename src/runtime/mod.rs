@@ -101,6 +101,123 @@ pub struct Status {
     pub assigned: Vec<i32>,
     pub lag: BTreeMap<i32, i64>,
     pub last_turn: Option<Instant>,
+    /// Consume errors seen in the last [`ERROR_FRESH`] (`/readyz` is false meanwhile).
+    pub consume_errors: Vec<String>,
+}
+
+/// How long a consume error keeps `/readyz` false after it was last seen.
+const ERROR_FRESH: Duration = Duration::from_secs(10);
+/// Least time between two logs of the same repeating consume error.
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// The consume errors of one consumer. Every error is counted
+/// (`segloop_consume_errors_total{topic, code}`), logged at error level (at most every 5 s, with
+/// the count meanwhile) and keeps `/readyz` false while fresh; one that no retry fixes (see
+/// [`ConsumeErrors::fatal`]) and keeps repeating for `kafka.connect_timeout` stops the run.
+struct ConsumeErrors {
+    topic: String,
+    streak: Option<Streak>,
+}
+
+struct Streak {
+    message: String,
+    fatal: bool,
+    first: Instant,
+    last: Instant,
+    logged: Instant,
+    unlogged: u64,
+}
+
+impl ConsumeErrors {
+    fn new(topic: &str) -> Self {
+        ConsumeErrors {
+            topic: topic.to_string(),
+            streak: None,
+        }
+    }
+
+    /// Errors no retry fixes: configuration (TLS, authentication, authorization), data the
+    /// client cannot read, a topic that is gone. An unreachable broker is retried forever.
+    fn fatal(e: &rdkafka::error::KafkaError) -> bool {
+        use rdkafka::types::RDKafkaErrorCode as E;
+        if matches!(e, rdkafka::error::KafkaError::MessageConsumptionFatal(_)) {
+            return true;
+        }
+        e.rdkafka_error_code().is_some_and(|c| {
+            kafka::is_config_error(c)
+                || matches!(
+                    c,
+                    E::BadCompression
+                        | E::NotImplemented
+                        | E::UnknownTopic
+                        | E::UnknownTopicOrPartition
+                        | E::UnsupportedCompressionType
+                        | E::Fatal
+                )
+        })
+    }
+
+    fn on_error(
+        &mut self,
+        e: &rdkafka::error::KafkaError,
+        detail: &str,
+        where_: &str,
+        counters: &mut Counters,
+    ) {
+        let code = e
+            .rdkafka_error_code()
+            .map_or_else(|| "unknown".to_string(), |c| format!("{c:?}"));
+        *counters
+            .consume_errors
+            .entry((self.topic.clone(), code))
+            .or_default() += 1;
+        let now = Instant::now();
+        let message = format!("{e}{detail}");
+        let fatal = Self::fatal(e);
+        match &mut self.streak {
+            Some(s) if s.message == message && now - s.last < ERROR_FRESH => {
+                s.last = now;
+                s.unlogged += 1;
+                if now - s.logged >= ERROR_LOG_EVERY {
+                    tracing::error!(topic = %self.topic, partitions = %where_, error = %message, repeated = s.unlogged, "consume error, still repeating");
+                    s.logged = now;
+                    s.unlogged = 0;
+                }
+            }
+            _ => {
+                tracing::error!(topic = %self.topic, partitions = %where_, error = %message, fatal, "consume error");
+                self.streak = Some(Streak {
+                    message,
+                    fatal,
+                    first: now,
+                    last: now,
+                    logged: now,
+                    unlogged: 0,
+                });
+            }
+        }
+    }
+
+    /// The error while fresh (for `/readyz`).
+    fn fresh(&self) -> Option<String> {
+        self.streak
+            .as_ref()
+            .filter(|s| s.last.elapsed() < ERROR_FRESH)
+            .map(|s| format!("{}: {}", self.topic, s.message))
+    }
+
+    /// Why the run must stop: a fatal error still repeating after `limit`.
+    fn must_stop(&self, limit: Duration) -> Option<String> {
+        let s = self.streak.as_ref()?;
+        (s.fatal && s.last.elapsed() < ERROR_FRESH && s.last - s.first >= limit).then(|| {
+            format!(
+                "topic {}: {} (repeating for {} s; a consume error that is not an unreachable broker stops segloop after kafka.connect_timeout)",
+                self.topic,
+                s.message,
+                (s.last - s.first).as_secs()
+            )
+        })
+    }
 }
 
 /// The live side of the pipeline: records to Kafka, counters, the run report.
@@ -179,9 +296,25 @@ struct GroupContext {
     producer: Arc<ThreadedProducer<ProduceContext>>,
     events: Mutex<Vec<GroupEvent>>,
     revoke_timeout: Duration,
+    client_errors: Mutex<Vec<(rdkafka::error::KafkaError, String)>>,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    /// Errors outside a poll (authentication, TLS) are kept for the loop, which reports them
+    /// like consume errors; others are logged.
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if error
+            .rdkafka_error_code()
+            .is_some_and(kafka::is_config_error)
+        {
+            if let Ok(mut v) = self.client_errors.lock() {
+                v.push((error, reason.to_string()));
+            }
+        } else {
+            tracing::warn!(error = %error, reason, "kafka client");
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -454,6 +587,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         core: core.clone(),
         producer: producer.clone(),
         events: Mutex::new(Vec::new()),
+        client_errors: Mutex::new(Vec::new()),
         revoke_timeout: Duration::from_millis(session_timeout / 2)
             .min(config.delivery.shutdown_timeout),
     };
@@ -510,6 +644,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(4096);
 
     let (mut poll_time, mut work_time, mut turns) = (Duration::ZERO, Duration::ZERO, 0u64);
+    let mut telemetry_errors = ConsumeErrors::new(&t.telemetry.name);
+    let mut outcome_errors = ConsumeErrors::new(&t.outcomes.name);
+    let mut control_errors = ConsumeErrors::new(&t.control.name);
     while !control.stopping() {
         turns += 1;
         let turn_start = Instant::now();
@@ -528,8 +665,36 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             }
             timeout = Duration::ZERO;
         }
-        if let Some(e) = poll_error {
-            tracing::warn!(error = %e, "telemetry consumer error");
+        let client_errors = std::mem::take(
+            &mut *consumer
+                .context()
+                .client_errors
+                .lock()
+                .expect("errors lock"),
+        );
+        if poll_error.is_some() || !client_errors.is_empty() {
+            // Which partitions: those with records behind them that this instance owns.
+            let behind: Vec<i32> = status
+                .lock()
+                .expect("status lock")
+                .lag
+                .iter()
+                .filter(|(_, l)| **l > 0)
+                .map(|(p, _)| *p)
+                .collect();
+            let behind = format!("{behind:?} (behind)");
+            let mut core = core.lock().expect("core lock");
+            if let Some(e) = poll_error {
+                telemetry_errors.on_error(&e, "", &behind, &mut core.out.counters);
+            }
+            for (e, reason) in client_errors {
+                telemetry_errors.on_error(
+                    &e,
+                    &format!(": {reason}"),
+                    "all",
+                    &mut core.out.counters,
+                );
+            }
         }
         poll_time += turn_start.elapsed();
         let work_start = Instant::now();
@@ -556,7 +721,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
                 match outcomes.poll(Duration::ZERO) {
                     Some(Ok(m)) => core.on_outcome(&m, now),
                     Some(Err(e)) => {
-                        tracing::warn!(error = %e, "outcomes consumer error");
+                        outcome_errors.on_error(&e, "", "all", &mut core.out.counters);
                         break;
                     }
                     None => break,
@@ -566,7 +731,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
                 match controls.poll(Duration::ZERO) {
                     Some(Ok(m)) => core.on_control(&m),
                     Some(Err(e)) => {
-                        tracing::warn!(error = %e, "control consumer error");
+                        control_errors.on_error(&e, "", "all", &mut core.out.counters);
                         break;
                     }
                     None => break,
@@ -579,6 +744,17 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             let mut s = status.lock().expect("status lock");
             s.assigned = core.pipeline.assigned().to_vec();
             s.last_turn = Some(Instant::now());
+            s.consume_errors = [&telemetry_errors, &outcome_errors, &control_errors]
+                .iter()
+                .filter_map(|e| e.fresh())
+                .collect();
+        }
+        if let Some(why) = [&telemetry_errors, &outcome_errors, &control_errors]
+            .iter()
+            .find_map(|e| e.must_stop(config.kafka.connect_timeout))
+        {
+            admin.stop();
+            anyhow::bail!("{why}");
         }
         work_time += work_start.elapsed();
 
