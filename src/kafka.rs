@@ -532,7 +532,10 @@ impl rdkafka::ClientContext for ErrorWatch {
     }
 }
 
-impl rdkafka::consumer::ConsumerContext for ErrorWatch {}
+impl rdkafka::producer::ProducerContext for ErrorWatch {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
 
 /// Errors that no retry fixes: the configuration must change.
 pub fn is_config_error(code: RDKafkaErrorCode) -> bool {
@@ -582,6 +585,9 @@ pub fn describe_connection(config: &Config) -> String {
 fn hint(code: Option<RDKafkaErrorCode>, reason: &str) -> &'static str {
     use RDKafkaErrorCode as E;
     let r = reason.to_ascii_lowercase();
+    if r.contains("certificate") || r.contains("ssl handshake") {
+        return "check ssl.ca.location (the CA that signed the broker's certificate), that the certificate names the host in bootstrap_servers, and ssl.certificate.location/ssl.key.location for mutual TLS";
+    }
     match code {
         Some(E::Authentication | E::SaslAuthenticationFailed) => {
             "check sasl.username, sasl.password and sasl.mechanism"
@@ -614,16 +620,25 @@ pub fn connect(config: &Config) -> anyhow::Result<()> {
             problems.join("\n  ")
         );
     }
-    let watch: BaseConsumer<ErrorWatch> = client_config(config, &[])
+    use rdkafka::producer::Producer as _;
+    // A producer: polling it serves librdkafka's error callback, whose reason names the broker
+    // and the cause (a consumer hands errors back from poll without it). It never sends.
+    // Its own log lines are off: the failure is reported once, below, with the fix.
+    let watch: rdkafka::producer::BaseProducer<ErrorWatch> = client_config(config, &[])
+        .set_log_level(rdkafka::config::RDKafkaLogLevel::Emerg)
         .create_with_context(ErrorWatch::default())
         .context("cannot create a Kafka client")?;
     let deadline = std::time::Instant::now() + config.kafka.connect_timeout;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let last = match watch.fetch_metadata(None, left.min(Duration::from_millis(500))) {
+        let last = match watch
+            .client()
+            .fetch_metadata(None, left.min(Duration::from_millis(500)))
+        {
             Ok(_) => return Ok(()),
             Err(e) => e.to_string(),
         };
+        watch.poll(Duration::ZERO);
         let seen = std::mem::take(&mut *watch.context().errors.lock().expect("errors lock"));
         if let Some((code, reason)) = seen
             .iter()

@@ -112,8 +112,11 @@ const ERROR_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// The consume errors of one consumer. Every error is counted
 /// (`segloop_consume_errors_total{topic, code}`), logged at error level (at most every 5 s, with
-/// the count meanwhile) and keeps `/readyz` false while fresh; one that no retry fixes (see
-/// [`ConsumeErrors::fatal`]) and keeps repeating for `kafka.connect_timeout` stops the run.
+/// the count meanwhile) and keeps `/readyz` false while fresh. One that no retry fixes (see
+/// [`ConsumeErrors::fatal`]) keeps `/readyz` false until the consumer delivers records again,
+/// and stops the run if it has not by `kafka.connect_timeout` after it first appeared.
+/// (librdkafka reports some of these once per partition, e.g. a topic authorization failure,
+/// so waiting for a repeat would wait forever.)
 struct ConsumeErrors {
     topic: String,
     streak: Option<Streak>,
@@ -198,23 +201,30 @@ impl ConsumeErrors {
         }
     }
 
-    /// The error while fresh (for `/readyz`).
+    /// The consumer delivered records (with no error in the same poll): the error cleared.
+    fn on_progress(&mut self) {
+        if self.streak.take().is_some() {
+            tracing::info!(topic = %self.topic, "consuming again after errors");
+        }
+    }
+
+    /// The error while it counts (for `/readyz`): fresh, or fatal and not cleared.
     fn fresh(&self) -> Option<String> {
         self.streak
             .as_ref()
-            .filter(|s| s.last.elapsed() < ERROR_FRESH)
+            .filter(|s| s.fatal || s.last.elapsed() < ERROR_FRESH)
             .map(|s| format!("{}: {}", self.topic, s.message))
     }
 
-    /// Why the run must stop: a fatal error still repeating after `limit`.
+    /// Why the run must stop: a fatal error not cleared within `limit`.
     fn must_stop(&self, limit: Duration) -> Option<String> {
         let s = self.streak.as_ref()?;
-        (s.fatal && s.last.elapsed() < ERROR_FRESH && s.last - s.first >= limit).then(|| {
+        (s.fatal && s.first.elapsed() >= limit).then(|| {
             format!(
-                "topic {}: {} (repeating for {} s; a consume error that is not an unreachable broker stops segloop after kafka.connect_timeout)",
+                "topic {}: {} (for {} s with no records since; a consume error no retry fixes stops segloop after kafka.connect_timeout)",
                 self.topic,
                 s.message,
-                (s.last - s.first).as_secs()
+                s.first.elapsed().as_secs()
             )
         })
     }
@@ -695,6 +705,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
                     &mut core.out.counters,
                 );
             }
+        } else if !batch.is_empty() {
+            telemetry_errors.on_progress();
         }
         poll_time += turn_start.elapsed();
         let work_start = Instant::now();
@@ -719,7 +731,10 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             };
             for _ in 0..outcome_batch {
                 match outcomes.poll(Duration::ZERO) {
-                    Some(Ok(m)) => core.on_outcome(&m, now),
+                    Some(Ok(m)) => {
+                        outcome_errors.on_progress();
+                        core.on_outcome(&m, now);
+                    }
                     Some(Err(e)) => {
                         outcome_errors.on_error(&e, "", "all", &mut core.out.counters);
                         break;
@@ -729,7 +744,10 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             }
             for _ in 0..256 {
                 match controls.poll(Duration::ZERO) {
-                    Some(Ok(m)) => core.on_control(&m),
+                    Some(Ok(m)) => {
+                        control_errors.on_progress();
+                        core.on_control(&m);
+                    }
                     Some(Err(e)) => {
                         control_errors.on_error(&e, "", "all", &mut core.out.counters);
                         break;

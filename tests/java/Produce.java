@@ -1,6 +1,7 @@
 // Produces telemetry with the Java client and its default partitioner (murmur2), to prove
 // segloop's co-partitioning with Java producers. Reads "key<TAB>hex payload" lines on stdin.
-// Run: java -cp "scripts/kafka/target/kafka-libs/*" tests/java/Produce.java BOOTSTRAP TOPIC
+// Run: java -cp "scripts/kafka/target/kafka-libs/*" tests/java/Produce.java BOOTSTRAP TOPIC [KEY=VALUE...]
+// (extra producer properties, e.g. compression.type=zstd)
 import java.io.BufferedReader;
 import java.io.InputStreamReader;
 import java.util.Properties;
@@ -14,6 +15,10 @@ public class Produce {
         p.put("bootstrap.servers", args[0]);
         p.put("key.serializer", "org.apache.kafka.common.serialization.StringSerializer");
         p.put("value.serializer", "org.apache.kafka.common.serialization.ByteArraySerializer");
+        for (int i = 2; i < args.length; i++) {
+            String[] kv = args[i].split("=", 2);
+            p.put(kv[0], kv[1]);
+        }
         int n = 0;
         try (KafkaProducer<String, byte[]> producer = new KafkaProducer<>(p);
              BufferedReader in = new BufferedReader(new InputStreamReader(System.in))) {
