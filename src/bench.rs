@@ -395,13 +395,17 @@ pub fn bench_topic(records: u64, segments: usize, partitions: i32) -> anyhow::Re
     bench_topic_on(None, records, segments, partitions)
 }
 
-/// A [`BenchTopic`] on the embedded cluster, or on the brokers at `bootstrap` (topics with
-/// names of their own, created through the admin API).
+/// Real brokers to bench on: their address, and the connection settings (TLS, SASL) of the
+/// `--config` given, so every client authenticates as `segloop run` would.
+pub type Broker<'a> = (&'a str, &'a crate::config::KafkaConfig);
+
+/// A [`BenchTopic`] on the embedded cluster, or on the `broker` (topics with names of their
+/// own, created through the admin API).
 ///
 /// # Errors
 /// The cluster, the config or the producer failed.
 pub fn bench_topic_on(
-    bootstrap: Option<&str>,
+    broker: Option<Broker<'_>>,
     records: u64,
     segments: usize,
     partitions: i32,
@@ -409,13 +413,13 @@ pub fn bench_topic_on(
     use std::collections::BTreeMap;
     use std::time::Duration;
 
-    use rdkafka::config::ClientConfig;
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
     use crate::clock::{Clock, SystemClock};
     use crate::codec::{build_codec, CodecKind};
     use crate::model::TelemetryEvent;
 
+    let bootstrap = broker.map(|b| b.0);
     let cluster = rdkafka::mocking::MockCluster::new(1)?;
     let bs = bootstrap.map_or_else(|| cluster.bootstrap_servers(), str::to_string);
     let env = std::collections::HashMap::new();
@@ -439,11 +443,14 @@ pub fn bench_topic_on(
         }
         sets.push("kafka.create_topics=true".into());
     }
-    let config = crate::config::Config::load(&crate::config::Sources {
+    let mut config = crate::config::Config::load(&crate::config::Sources {
         file: None,
         env: &env,
         overrides: &sets,
     })?;
+    if let Some((_, connection)) = broker {
+        config.kafka.use_connection_of(connection);
+    }
     if bootstrap.is_some() {
         crate::kafka::prepare_topics(&config)?;
     } else {
@@ -471,12 +478,16 @@ ack_timeout = "1h"
     let ids: Vec<String> = (0..segments.max(1))
         .map(|i| format!("r{}/svc-{}/ep-{i}", i % 4, i % 50))
         .collect();
-    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &bs)
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "500000")
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        crate::kafka::producer_config(
+            &config,
+            &[
+                ("partitioner", "murmur2_random"),
+                ("linger.ms", "20"),
+                ("batch.num.messages", "10000"),
+                ("queue.buffering.max.messages", "500000"),
+            ],
+        )
         .create()?;
     let codec = build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default())
         .map_err(anyhow::Error::msg)?;
@@ -708,13 +719,13 @@ impl DeliveryReport {
 /// # Errors
 /// The broker, the topics or a pass failed.
 pub fn delivery_bench(
-    bootstrap: &str,
+    broker: Broker<'_>,
     records: u64,
     segments: usize,
     partitions: i32,
     rounds: usize,
 ) -> anyhow::Result<DeliveryReport> {
-    let topic = bench_topic_on(Some(bootstrap), records, segments, partitions)?;
+    let topic = bench_topic_on(Some(broker), records, segments, partitions)?;
     let (mut alo, mut eos, mut commits) = (f64::INFINITY, f64::INFINITY, 0);
     for round in 0..rounds.max(1) {
         for exactly_once in [false, true] {
@@ -750,15 +761,15 @@ pub fn delivery_bench(
 /// # Errors
 /// The cluster or the topics failed, or fewer segments came back than were written.
 pub fn restore_bench(
-    bootstrap: Option<&str>,
+    broker: Option<Broker<'_>>,
     segments: usize,
     partitions: i32,
 ) -> anyhow::Result<(usize, f64)> {
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-    let topic = bench_topic_on(bootstrap, 0, 1, partitions)?;
+    let topic = bench_topic_on(broker, 0, 1, partitions)?;
     let config = &topic.config;
     let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
-        crate::kafka::client_config(config, &[("linger.ms", "20"), ("compression.type", "lz4")])
+        crate::kafka::producer_config(config, &[("linger.ms", "20"), ("compression.type", "lz4")])
             .create()?;
     for i in 0..segments {
         let segment = format!("r{}/svc-{}/ep-{i}", i % 4, i % 50);

@@ -191,7 +191,8 @@ pub struct BenchArgs {
     /// e2e, replay: interleaved (raw, driver) rounds; the fastest pass of each counts
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-    /// delivery (required), restore: a real broker to run on (host:port)
+    /// delivery (required), restore: a real broker to run on (host:port); TLS and SASL settings
+    /// come from --config
     #[arg(long)]
     pub bootstrap: Option<String>,
 }
@@ -536,7 +537,7 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
             };
             finish_bench(
                 crate::bench::delivery_bench(
-                    bs,
+                    (bs, &config.kafka),
                     args.events as u64,
                     args.segments,
                     args.partitions,
@@ -546,7 +547,11 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
             )
         }
         "restore" => finish_bench(
-            crate::bench::restore_bench(args.bootstrap.as_deref(), args.segments, args.partitions),
+            crate::bench::restore_bench(
+                args.bootstrap.as_deref().map(|bs| (bs, &config.kafka)),
+                args.segments,
+                args.partitions,
+            ),
             |(n, secs)| {
                 println!("bench=restore");
                 println!("segments={n}");

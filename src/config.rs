@@ -212,6 +212,15 @@ impl KafkaConfig {
             .collect()
     }
 
+    /// Takes another config's connection settings (pass-through properties with their secrets
+    /// read, connect timeout): for tools pointed at other brokers with `--bootstrap` that must
+    /// authenticate as the config says.
+    pub fn use_connection_of(&mut self, other: &KafkaConfig) {
+        self.properties = other.properties.clone();
+        self.resolved = other.resolved.clone();
+        self.connect_timeout = other.connect_timeout;
+    }
+
     /// A property's value as segloop will print it: secrets redacted.
     pub fn shown(&self, key: &str) -> Option<String> {
         let v = self.librdkafka_properties().remove(key)?;
