@@ -312,6 +312,7 @@ impl Pipeline {
     }
 
     /// One record on the driver's clock: [`Pipeline::admit`], then [`Pipeline::ingest`].
+    #[inline]
     pub fn on_record(&mut self, record: &Record<'_>, now_ms: i64, sink: &mut dyn Sink) {
         if let Some(event) = self.admit(record, sink) {
             self.ingest(record, &event, now_ms, sink);
@@ -322,6 +323,7 @@ impl Pipeline {
     /// timestamp) the clock-skew rule, and notes its labels. `None`: the record is not to be
     /// ingested (rejected through the sink, outside the range, or of a partition not owned:
     /// polled before a revoke took effect, the new owner reads it).
+    #[inline]
     pub fn admit<'a>(&mut self, record: &Record<'a>, sink: &mut dyn Sink) -> Option<Telemetry<'a>> {
         if self.assigned.binary_search(&record.partition).is_err() {
             return None;
@@ -365,6 +367,7 @@ impl Pipeline {
     }
 
     /// Ingests an admitted event at `now_ms` and judges the windows it closes.
+    #[inline]
     pub fn ingest(
         &mut self,
         record: &Record<'_>,
