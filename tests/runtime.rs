@@ -149,6 +149,81 @@ fn no_ack_times_out_retries_and_escalates() {
     inst.stop();
 }
 
+/// The admin API reads the pipeline's read model, never the engine's lock: with the lock held
+/// (a long turn, a restore), every endpoint still answers, and a segment's in-flight command
+/// is there.
+#[test]
+fn the_admin_api_answers_while_the_engine_lock_is_held() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bs = cluster.bootstrap_servers();
+    segloop::kafka::create_embedded_topics(&cluster, &config(&bs, "setup")).unwrap();
+    let cfg = config(&bs, "g-admin");
+    let t = cfg.topics.clone();
+    let mut inst = Instance::start(cfg);
+    let admin = inst.admin();
+    let p = producer(&bs);
+    let actions = Reader::new(&bs, &t.actions.name, 2);
+    actions
+        .until(
+            Duration::from_secs(30),
+            || {
+                telemetry(
+                    &p,
+                    &t.telemetry.name,
+                    "fleet/held",
+                    SystemClock.now_ms(),
+                    1.0,
+                );
+                p.flush(Duration::from_secs(1)).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            },
+            |m| Some(decode_command(m.payload()?)),
+        )
+        .expect("a command");
+    // The command's state reaches the read model at the end of the turn that wrote it.
+    std::thread::sleep(Duration::from_millis(500));
+    let (tx, rx) = std::sync::mpsc::channel();
+    inst.hold_engine(|| {
+        std::thread::spawn(move || {
+            let answers: Vec<(String, u16, String)> = [
+                "/segments/fleet%2Fheld",
+                "/actions",
+                "/silences",
+                "/healthz",
+                "/readyz",
+                "/metrics",
+            ]
+            .iter()
+            .map(|path| {
+                let (status, body) = http(admin, "GET", path, "");
+                (path.to_string(), status, body)
+            })
+            .collect();
+            let _ = tx.send(answers);
+        });
+        let answers = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the admin API answers while the engine lock is held");
+        for (path, status, body) in &answers {
+            assert!([200, 503].contains(status), "{path}: {status} {body}");
+        }
+        let segment = &answers[0];
+        assert_eq!(segment.1, 200, "{}", segment.2);
+        // Its controller state, from the read model: the loop of the policy that fired
+        // (commanded, or in backoff if its 2 s ack timeout passed meanwhile).
+        assert!(
+            segment.2.contains("\"loops\"")
+                && segment.2.contains("\"errors\"")
+                && ["commanded", "backoff"]
+                    .iter()
+                    .any(|p| segment.2.contains(p)),
+            "{}",
+            segment.2
+        );
+    });
+    inst.stop();
+}
+
 #[test]
 fn bad_records_land_in_the_dlq_with_headers_and_offsets_move_past_them() {
     let cluster = MockCluster::new(1).unwrap();

@@ -138,6 +138,18 @@ impl Instance {
             .unwrap_or_default()
     }
 
+    /// Runs `f` while holding the engine's lock (the loop and rebalances wait meanwhile).
+    pub fn hold_engine<R>(&self, f: impl FnOnce() -> R) -> R {
+        let core = self
+            .core
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the runtime shared its core");
+        let _held = core.lock().unwrap();
+        f()
+    }
+
     pub fn stop(mut self) -> RunReport {
         self.control.stop();
         self.handle.take().unwrap().join().unwrap().unwrap()
