@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -34,49 +33,7 @@ fn the_loop_closes_on_real_kafka() {
         &format!("g-loop-{}", std::process::id()),
         &topics("loop"),
     );
-    let t = cfg.topics.clone();
-    let mut inst = Instance::start(cfg);
-    inst.admin();
-    let p = producer(&bs);
-    let actions = Reader::new(&bs, &t.actions.name, 2);
-    let mut bad = true;
-    let mut feed = |b: Option<bool>| {
-        if let Some(b) = b {
-            bad = b;
-        }
-        let now = SystemClock.now_ms();
-        telemetry(&p, &t.telemetry.name, "real/ok", now, 0.0);
-        telemetry(
-            &p,
-            &t.telemetry.name,
-            "real/bad",
-            now,
-            if bad { 1.0 } else { 0.0 },
-        );
-        p.flush(Duration::from_secs(5)).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let cmd = actions
-        .until(
-            Duration::from_secs(60),
-            || feed(None),
-            |m| Some(decode_command(m.payload()?)),
-        )
-        .expect("a command on real Kafka");
-    assert_eq!(cmd.segment, "real/bad");
-    outcome(&p, &t.outcomes.name, &cmd, OutcomeStatus::Accepted, Some(1));
-    outcome(&p, &t.outcomes.name, &cmd, OutcomeStatus::Applied, Some(0));
-    let decisions = Reader::new(&bs, &t.decisions.name, 2);
-    let resolved = decisions.until(
-        Duration::from_secs(30),
-        || feed(Some(false)),
-        |m| {
-            let d = decode_decision(m.payload()?);
-            (d.segment == "real/bad" && d.to_state == "resolved").then_some(d)
-        },
-    );
-    assert!(resolved.is_some(), "verified after APPLIED");
-    let report = inst.stop();
+    let report = close_the_loop(cfg, &bs, "real");
     assert!(
         report.commits > 0,
         "graceful shutdown committed: {report:?}"
@@ -191,11 +148,6 @@ fn java_producers_land_keys_where_segloop_expects_them() {
     inst.admin();
     let codec =
         build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default()).unwrap();
-    let libs = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/kafka/target/kafka-libs/*"
-    );
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/java/Produce.java");
     let mut input = String::new();
     let segs: Vec<String> = (0..40).map(|i| format!("java/svc-{i}")).collect();
     // Four seconds of telemetry: java/svc-0 fails, the rest are healthy.
@@ -218,25 +170,7 @@ fn java_producers_land_keys_where_segloop_expects_them() {
             input.push_str(&format!("{s}\t{}\n", hex::encode(bytes)));
         }
     }
-    let mut child = Command::new("java")
-        .args(["-cp", libs, src, &bs, &t.telemetry.name])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("java should run");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = java("Produce.java", &[&bs, &t.telemetry.name], &input);
     let placed = String::from_utf8_lossy(&out.stdout);
     let mut checked = 0;
     for line in placed.lines() {

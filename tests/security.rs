@@ -17,7 +17,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::Producer;
 use segloop::clock::{Clock, SystemClock};
 use segloop::codec::{build_codec, CodecKind};
-use segloop::model::{OutcomeStatus, TelemetryEvent};
+use segloop::model::TelemetryEvent;
 
 fn kafka_dir() -> PathBuf {
     PathBuf::from(
@@ -117,29 +117,7 @@ fn grant(principal: &str, tag: &str, roles: &[&str], except: Option<(&str, &str)
             n += 1;
         }
     }
-    let libs = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/kafka/target/kafka-libs/*"
-    );
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/java/Acls.java");
-    let mut child = Command::new("java")
-        .args(["-cp", libs, src, &broker_bootstrap()])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(lines.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    java("Acls.java", &[&broker_bootstrap()], &lines);
     n
 }
 
@@ -297,42 +275,7 @@ fn mutual_tls_closes_the_loop() {
         ),
     ]);
     let cfg = config_with(&listener("ssl_bootstrap"), &format!("g-{tag}"), &sets);
-    let t = cfg.topics.clone();
-    let mut inst = Instance::start(cfg);
-    inst.admin();
-    let p = producer(&broker_bootstrap());
-    let actions = Reader::new(&broker_bootstrap(), &t.actions.name, 2);
-    let mut bad = 1.0;
-    let mut feed = |b: Option<f64>| {
-        if let Some(b) = b {
-            bad = b;
-        }
-        let now = SystemClock.now_ms();
-        telemetry(&p, &t.telemetry.name, "mtls/ok", now, 0.0);
-        telemetry(&p, &t.telemetry.name, "mtls/bad", now, bad);
-        p.flush(Duration::from_secs(5)).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let cmd = actions
-        .until(
-            Duration::from_secs(60),
-            || feed(None),
-            |m| Some(decode_command(m.payload()?)),
-        )
-        .expect("a command over mutual TLS");
-    assert_eq!(cmd.segment, "mtls/bad");
-    outcome(&p, &t.outcomes.name, &cmd, OutcomeStatus::Applied, None);
-    let decisions = Reader::new(&broker_bootstrap(), &t.decisions.name, 2);
-    let resolved = decisions.until(
-        Duration::from_secs(30),
-        || feed(Some(0.0)),
-        |m| {
-            let d = decode_decision(m.payload()?);
-            (d.segment == "mtls/bad" && d.to_state == "resolved").then_some(d)
-        },
-    );
-    assert!(resolved.is_some(), "verified over mutual TLS");
-    inst.stop();
+    close_the_loop(cfg, &broker_bootstrap(), "mtls");
 }
 
 fn encoded(segment: &str, ts: i64) -> Vec<u8> {
@@ -540,11 +483,6 @@ fn every_codec_the_java_client_writes_is_read() {
     create_topics(&tag, "producer");
     let codec =
         build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default()).unwrap();
-    let libs = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/kafka/target/kafka-libs/*"
-    );
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/java/Produce.java");
     let start = SystemClock.now_ms();
     let codecs = ["gzip", "snappy", "lz4", "zstd"];
     for (c, name) in codecs.iter().enumerate() {
@@ -562,32 +500,15 @@ fn every_codec_the_java_client_writes_is_read() {
             codec.encode(&e, &mut bytes).unwrap();
             input.push_str(&format!("{seg}\t{}\n", hex::encode(bytes)));
         }
-        let mut child = Command::new("java")
-            .args([
-                "-cp",
-                libs,
-                src,
+        java(
+            "Produce.java",
+            &[
                 &broker_bootstrap(),
                 &format!("rk.{tag}.telemetry"),
                 &format!("compression.type={name}"),
                 "linger.ms=50",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
+            ],
+            &input,
         );
     }
     let got = replay(&tag, &broker_bootstrap(), &[]);

@@ -448,3 +448,69 @@ pub fn read_all<T>(bs: &str, topic: &str, mut decode: impl FnMut(&[u8]) -> Optio
     }
     out
 }
+
+/// The loop on a broker, end to end: an instance of `config` runs; the test feeds `<prefix>/ok`
+/// and `<prefix>/bad` (failing) through the plaintext listener at `data_bs`, waits for the
+/// command for `<prefix>/bad`, answers ACCEPTED and APPLIED (on partitions of its own choosing),
+/// feeds healthy telemetry until the loop is resolved, and stops the instance.
+pub fn close_the_loop(config: Config, data_bs: &str, prefix: &str) -> RunReport {
+    let t = config.topics.clone();
+    let mut inst = Instance::start(config);
+    inst.admin();
+    let p = producer(data_bs);
+    let (ok, bad) = (format!("{prefix}/ok"), format!("{prefix}/bad"));
+    let error = std::cell::Cell::new(1.0);
+    let feed = || {
+        let now = SystemClock.now_ms();
+        telemetry(&p, &t.telemetry.name, &ok, now, 0.0);
+        telemetry(&p, &t.telemetry.name, &bad, now, error.get());
+        p.flush(Duration::from_secs(5)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let cmd = Reader::new(data_bs, &t.actions.name, 2)
+        .until(Duration::from_secs(60), feed, |m| {
+            Some(decode_command(rdkafka::message::Message::payload(m)?))
+        })
+        .expect("a command for the failing segment");
+    assert_eq!(cmd.segment, bad);
+    outcome(&p, &t.outcomes.name, &cmd, OutcomeStatus::Accepted, Some(1));
+    outcome(&p, &t.outcomes.name, &cmd, OutcomeStatus::Applied, Some(0));
+    error.set(0.0);
+    let resolved =
+        Reader::new(data_bs, &t.decisions.name, 2).until(Duration::from_secs(30), feed, |m| {
+            let d = decode_decision(rdkafka::message::Message::payload(m)?);
+            (d.segment == bad && d.to_state == "resolved").then_some(d)
+        });
+    assert!(resolved.is_some(), "verified after APPLIED");
+    inst.stop()
+}
+
+/// Runs a single-file Java program of `tests/java` with the Kafka jars, `stdin` fed to it.
+pub fn java(program: &str, args: &[&str], stdin: &str) -> std::process::Output {
+    let libs = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/kafka/target/kafka-libs/*"
+    );
+    let src = format!("{}/tests/java/{program}", env!("CARGO_MANIFEST_DIR"));
+    let mut child = Command::new("java")
+        .args(["-cp", libs, &src])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("java should run");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
