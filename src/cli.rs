@@ -51,6 +51,49 @@ pub enum Command {
     Encode(EncodeArgs),
     /// Print the Avro schemas and their fingerprints
     Schemas(SchemasArgs),
+    /// Add, list or expire silences on a running instance (through its admin API)
+    #[command(
+        after_help = "Examples:\n  segloop silence add -c config/segloop.toml --segments 'eu-1/checkout/**' --duration 2h --comment 'planned maintenance'\n  segloop silence list -c config/segloop.toml\n  segloop silence expire -c config/segloop.toml 6f1c...\n\nThe admin address and token come from [admin] (token_file or token_env).\nExit codes: 0 done, 1 the admin API refused or could not be reached, 2 usage or config error."
+    )]
+    Silence(SilenceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SilenceArgs {
+    #[command(subcommand)]
+    pub action: SilenceAction,
+    /// Config file: the admin address (admin.listen) and token (admin.token_file/token_env)
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    /// The admin API to talk to (default: http://<admin.listen>)
+    #[arg(long, global = true)]
+    pub admin: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SilenceAction {
+    /// Silence the segments a glob matches
+    Add {
+        /// Segments, a glob like eu-1/checkout/**
+        #[arg(long)]
+        segments: String,
+        /// How long (at most 90d)
+        #[arg(long, default_value = "1h")]
+        duration: String,
+        /// Why (required)
+        #[arg(long)]
+        comment: String,
+        /// Who (default: $USER)
+        #[arg(long, env = "USER")]
+        created_by: Option<String>,
+    },
+    /// List the silences in force
+    List,
+    /// Expire a silence now
+    Expire {
+        /// The silence id (from `silence list`)
+        id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -798,4 +841,65 @@ fn print_schemas(out: &mut impl Write, full: bool) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `segloop silence ...`: the admin API's silences from the command line.
+pub fn silence(args: &SilenceArgs, env: &HashMap<String, String>) -> ExitCode {
+    let config = match load_config(args.config.as_deref(), &[], env) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let base = args
+        .admin
+        .clone()
+        .unwrap_or_else(|| crate::runtime::admin::AdminClient::base_of(&config));
+    let client = crate::runtime::admin::AdminClient::new(&base, config.admin.token.clone());
+    let result = match &args.action {
+        SilenceAction::Add {
+            segments,
+            duration,
+            comment,
+            created_by,
+        } => {
+            let Some(created_by) = created_by.as_deref().filter(|s| !s.trim().is_empty()) else {
+                eprintln!("error: say who sets the silence: --created-by NAME (or set USER)");
+                return ExitCode::from(EXIT_USAGE);
+            };
+            client.call(
+                "POST",
+                "/silences",
+                Some(
+                    &serde_json::json!({"segments": segments, "duration": duration,
+                                     "comment": comment, "created_by": created_by}),
+                ),
+            )
+        }
+        SilenceAction::List => client.call("GET", "/silences", None),
+        SilenceAction::Expire { id } => {
+            let escaped: String =
+                percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
+                    .collect();
+            client.call("DELETE", &format!("/silences/{escaped}"), None)
+        }
+    };
+    match result {
+        Ok((status, body)) if (200..300).contains(&status) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&body).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!(
+                "error: the admin API answered {status}: {}",
+                body["error"].as_str().unwrap_or(&body.to_string())
+            );
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

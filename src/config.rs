@@ -464,15 +464,115 @@ impl Default for DeliveryConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Listen address; loopback by default. Port 0 picks a free port.
+    /// Listen address; loopback by default. Port 0 picks a free port. Beyond loopback a token
+    /// is required.
     pub listen: String,
+    /// The bearer token the mutating endpoints (`POST`/`DELETE /silences`) require, read from
+    /// this file (relative to the config file)...
+    pub token_file: Option<PathBuf>,
+    /// ...or from this environment variable. Never printed.
+    pub token_env: Option<String>,
+    /// The token, read by `Config::load`.
+    #[serde(skip)]
+    pub token: Option<Secret>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: "127.0.0.1:9464".into(),
+            token_file: None,
+            token_env: None,
+            token: None,
         }
+    }
+}
+
+/// A secret value: compared and used, never printed (`Debug` shows `[redacted]`).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl AdminConfig {
+    fn resolve(&mut self, base: &Path, env: &HashMap<String, String>) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let mut fail = |field: &str, message: String| {
+            errors.push(FieldError {
+                field: field.into(),
+                message,
+            })
+        };
+        self.token = match (&self.token_file, &self.token_env) {
+            (Some(_), Some(_)) => {
+                fail(
+                    "admin.token_env",
+                    "give token_file or token_env, not both".into(),
+                );
+                None
+            }
+            (Some(p), None) => {
+                let p = base.join(p);
+                match std::fs::read_to_string(&p) {
+                    Ok(s) if !s.trim().is_empty() => Some(Secret(s.trim().to_string())),
+                    Ok(_) => {
+                        fail("admin.token_file", format!("{} is empty", p.display()));
+                        None
+                    }
+                    Err(e) => {
+                        fail(
+                            "admin.token_file",
+                            format!("cannot read {}: {e}", p.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, Some(var)) => match env.get(var).map(|s| s.trim()) {
+                Some(s) if !s.is_empty() => Some(Secret(s.to_string())),
+                _ => {
+                    fail(
+                        "admin.token_env",
+                        format!("the environment variable {var} is not set (or empty)"),
+                    );
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        let loopback = self
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.ip().is_loopback())
+            .unwrap_or(self.listen.starts_with("localhost:"));
+        if !loopback
+            && self.token.is_none()
+            && self.token_file.is_none()
+            && self.token_env.is_none()
+        {
+            fail(
+                "admin.listen",
+                format!(
+                    "{} is reachable beyond this host: set admin.token_file or admin.token_env \
+                     (a bearer token for the mutating endpoints), or listen on 127.0.0.1",
+                    self.listen
+                ),
+            );
+        }
+        errors
     }
 }
 
@@ -633,6 +733,7 @@ impl Config {
 
         config.resolve_paths(&base_dir);
         let mut errors = config.kafka.resolve(&base_dir, sources.env);
+        errors.extend(config.admin.resolve(&base_dir, sources.env));
         if let Err(more) = config.validate() {
             errors.extend(more);
         }

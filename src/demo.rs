@@ -155,11 +155,14 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
     let cluster = MockCluster::new(1).context("cannot start the embedded Kafka cluster")?;
     let bootstrap = cluster.bootstrap_servers();
     let overrides = vec![format!("kafka.bootstrap_servers={bootstrap}")];
-    let config = Config::load(&Sources {
+    let mut config = Config::load(&Sources {
         file: Some(&opts.config_path),
         env: &env,
         overrides: &overrides,
     })?;
+    // The demo's operator holds the admin token of this run (a fresh one each time).
+    let token = uuid::Uuid::new_v4().to_string();
+    config.admin.token = Some(crate::config::Secret::new(token.clone()));
     let policies =
         crate::policy::PolicySet::for_config(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
     crate::kafka::create_embedded_topics(&cluster, &config)?;
@@ -252,13 +255,13 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
             .rsplit_once('/')
             .map_or(i.segment.clone(), |x| x.0.to_string());
         let body = serde_json::json!({
-            "id": "demo-maintenance",
+            "created_by": "segloop demo",
             "segments": format!("{subtree}/**"),
             "from_ms": t0_ms + ((i.start_s - 2.0) * 1000.0) as i64,
             "until_ms": t0_ms + ((i.start_s + 12.0) * 1000.0) as i64,
-            "reason": "demo: planned maintenance",
+            "comment": "demo: planned maintenance",
         });
-        let (status, resp) = http_post(admin, "/silences", &body.to_string())?;
+        let (status, resp) = http_post(admin, "/silences", &body.to_string(), &token)?;
         anyhow::ensure!(status == 201, "posting the silence failed: {status} {resp}");
         say(format!(
             "silence posted via POST /silences: {subtree}/** from t={:.0}s to t={:.0}s",
@@ -719,12 +722,17 @@ fn reader(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<BaseC
     Ok(c)
 }
 
-fn http_post(addr: std::net::SocketAddr, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+fn http_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &str,
+    token: &str,
+) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: segloop\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: segloop\r\nContent-Type: application/json\r\nAuthorization: Bearer {token}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut out = String::new();

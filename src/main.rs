@@ -23,5 +23,6 @@ fn main() -> ExitCode {
         Command::Demo(args) => cli::demo(&args),
         Command::Backtest(args) => cli::backtest(&args, &env),
         Command::Bench(args) => cli::bench(&args, &env),
+        Command::Silence(args) => cli::silence(&args, &env),
     }
 }

@@ -543,6 +543,7 @@ pub struct SilenceView {
     pub from_ms: i64,
     pub until_ms: i64,
     pub reason: String,
+    pub created_by: String,
 }
 
 /// Per-segment state for readers on other threads (the admin API), written by the pipeline at
@@ -619,6 +620,7 @@ impl ReadModel {
                 from_ms: s.from_ms,
                 until_ms: s.until_ms,
                 reason: s.reason.clone(),
+                created_by: s.created_by.clone(),
             })
             .collect();
         if let Ok(mut v) = self.silences.lock() {

@@ -16,8 +16,54 @@ fn compose() -> serde_yaml_ng::Value {
     serde_yaml_ng::from_str(&std::fs::read_to_string(repo("docker-compose.yml")).unwrap()).unwrap()
 }
 
-/// The config the segloop and actuator containers run (`/etc/segloop` is `config/`).
+/// The environment compose gives a service, interpolated with `user` (the environment of
+/// `docker compose up`).
+fn service_env(service: &str, user: &HashMap<String, String>) -> HashMap<String, String> {
+    let c = compose();
+    c["services"][service]["environment"]
+        .as_mapping()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().unwrap().to_string(),
+                        interpolate(v.as_str().unwrap(), user).unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The config the segloop and actuator containers run (`/etc/segloop` is `config/`), with the
+/// admin token the README tells users to export.
 fn container_config() -> Config {
+    let user = HashMap::from([(
+        "SEGLOOP_ADMIN_TOKEN".to_string(),
+        "exported-token".to_string(),
+    )]);
+    for service in ["segloop", "actuator"] {
+        let env = service_env(service, &user);
+        let config = container_config_with(&env);
+        assert_eq!(
+            config.admin.token.as_ref().map(|t| t.expose()),
+            Some("exported-token"),
+            "{service} gets the admin token"
+        );
+    }
+    // Without it the containers refuse to start, naming the variable.
+    let e = load_container_config(&service_env("segloop", &HashMap::new())).unwrap_err();
+    assert!(e.to_string().contains("SEGLOOP_ADMIN_TOKEN"), "{e}");
+    container_config_with(&service_env("segloop", &user))
+}
+
+fn container_config_with(env: &HashMap<String, String>) -> Config {
+    load_container_config(env).unwrap()
+}
+
+fn load_container_config(
+    env: &HashMap<String, String>,
+) -> Result<Config, segloop::config::ConfigError> {
     let c = compose();
     let cmd: Vec<&str> = c["services"]["segloop"]["command"]
         .as_sequence()
@@ -29,13 +75,11 @@ fn container_config() -> Config {
     let file = cmd[at + 1]
         .strip_prefix("/etc/segloop/")
         .expect("config from /etc/segloop");
-    let env = HashMap::new();
     Config::load(&Sources {
         file: Some(&repo("config").join(file)),
-        env: &env,
+        env,
         overrides: &[],
     })
-    .unwrap()
 }
 
 /// Compose's own interpolation of a string from the file (as `docker compose` does before

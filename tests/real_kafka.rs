@@ -431,12 +431,15 @@ fn live_and_backtest_agree_on_the_same_records() {
             },
         )
         .expect("the live loop verifies the fix");
-    // Healthy windows past the resolution (it clears), then the live process drains and stops
-    // before its idle timeout (1 s) closes windows the replay never closes.
-    let until = SystemClock.now_ms() + 3_000;
+    // Healthy windows past the resolution (it clears). At the end the two drivers may differ
+    // by design: live closes the last windows on its idle timeout (wall clock), a replay never
+    // does, and a loaded live process may stop before reading the last records. Transitions of
+    // windows starting in the last 2 s of the feed are left out of the comparison.
+    let until = SystemClock.now_ms() + 4_000;
     while SystemClock.now_ms() < until {
         tick(0.0);
     }
+    let cut = SystemClock.now_ms() - 2_000;
     std::thread::sleep(Duration::from_millis(400));
     signal(&live, "-TERM");
     assert!(live.wait().unwrap().success());
@@ -447,7 +450,11 @@ fn live_and_backtest_agree_on_the_same_records() {
     });
     let mut live_transitions: std::collections::BTreeMap<String, Vec<Transition>> =
         Default::default();
+    let before_cut = |d: &segloop::model::DecisionRecord| d.window_start_ms.is_none_or(|w| w < cut);
     for d in read_all(&bs, &topic("decisions"), |b| Some(decode_decision(b))) {
+        if !before_cut(&d) {
+            continue;
+        }
         live_transitions
             .entry(d.segment.clone())
             .or_default()
@@ -479,6 +486,9 @@ fn live_and_backtest_agree_on_the_same_records() {
         }
         for d in l["decisions"].as_array().unwrap() {
             let d: segloop::model::DecisionRecord = serde_json::from_value(d.clone()).unwrap();
+            if !before_cut(&d) {
+                continue;
+            }
             replay_transitions
                 .entry(d.segment.clone())
                 .or_default()

@@ -354,14 +354,20 @@ fn two_instances_split_partitions_and_a_silence_posted_to_one_reaches_the_other(
     let seg_b = seg_on(b.assigned()[0]);
 
     // An operator silences B's segment through A's admin API.
-    let body = format!(r#"{{"id":"op-1","segments":"{seg_b}","duration":"5m","reason":"test"}}"#);
+    let body = format!(
+        r#"{{"segments":"{seg_b}","duration":"5m","comment":"test","created_by":"operator"}}"#
+    );
     let (status, resp) = http(admin_a, "POST", "/silences", &body);
     assert_eq!(status, 201, "{resp}");
+    let id = serde_json::from_str::<serde_json::Value>(&resp).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // Applied once read back from the control topic, like every instance's.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (_, list) = http(admin_a, "GET", "/silences", "");
-        if list.contains("op-1") {
+        if list.contains(&id) && list.contains("operator") {
             break;
         }
         assert!(Instant::now() < deadline, "{list}");

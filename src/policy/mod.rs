@@ -221,6 +221,8 @@ pub struct Silence {
     pub from_ms: i64,
     pub until_ms: i64,
     pub reason: String,
+    /// Who set it (`config` for the policy file's silences).
+    pub created_by: String,
 }
 
 impl Silence {
@@ -240,7 +242,14 @@ impl Silence {
             from_ms,
             until_ms,
             reason: reason.into(),
+            created_by: "config".into(),
         })
+    }
+
+    /// The same silence, set by `who`.
+    pub fn by(mut self, who: &str) -> Self {
+        self.created_by = who.into();
+        self
     }
 
     pub fn covers(&self, segment: &str, now_ms: i64) -> bool {

@@ -64,8 +64,12 @@ pub struct SilenceRecord {
     pub segments: String,
     pub from_ms: i64,
     pub until_ms: i64,
+    /// The comment: why.
     #[serde(default)]
     pub reason: String,
+    /// Who set it.
+    #[serde(default)]
+    pub created_by: String,
 }
 
 /// State shared by the engine loop and the rebalance callback (the admin thread reads the
@@ -100,9 +104,26 @@ pub struct Core {
 pub struct Status {
     pub assigned: Vec<i32>,
     pub lag: BTreeMap<i32, i64>,
-    pub last_turn: Option<Instant>,
     /// Consume errors seen in the last [`ERROR_FRESH`] (`/readyz` is false meanwhile).
     pub consume_errors: Vec<String>,
+}
+
+/// The engine loop's heartbeat, bumped every turn: `/healthz` reads it without any lock.
+#[derive(Debug, Default)]
+pub struct Heartbeat(AtomicU64);
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        self.0
+            .store(stamp(Instant::now()) as u64, Ordering::Release);
+    }
+
+    /// Time since the last beat (`None`: none yet).
+    pub fn age(&self) -> Option<Duration> {
+        let last = self.0.load(Ordering::Acquire);
+        (last > 0)
+            .then(|| Duration::from_micros((stamp(Instant::now()) as u64).saturating_sub(last)))
+    }
 }
 
 /// How long a consume error keeps `/readyz` false after it was last seen.
@@ -564,6 +585,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         config: config.clone(),
     }));
     let status = Arc::new(Mutex::new(Status::default()));
+    let heartbeat = Arc::new(Heartbeat::default());
     if let Some(f) = on_core {
         f(core.clone());
     }
@@ -573,6 +595,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         admin::Shared {
             read: read_model,
             status: status.clone(),
+            heartbeat: heartbeat.clone(),
+            token: config.admin.token.clone(),
             silences: SilencePublisher {
                 producer: producer.clone(),
                 topic: t.control.name.clone(),
@@ -761,7 +785,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             core.pipeline.end_turn();
             let mut s = status.lock().expect("status lock");
             s.assigned = core.pipeline.assigned().to_vec();
-            s.last_turn = Some(Instant::now());
+            heartbeat.beat();
             s.consume_errors = [&telemetry_errors, &outcome_errors, &control_errors]
                 .iter()
                 .filter_map(|e| e.fresh())
@@ -1349,8 +1373,8 @@ impl Core {
             Some(bytes) => match serde_json::from_slice::<SilenceRecord>(bytes) {
                 Ok(s) => match Silence::new(&s.id, &s.segments, s.from_ms, s.until_ms, &s.reason) {
                     Ok(silence) => {
-                        tracing::info!(id = %s.id, segments = %s.segments, "silence applied");
-                        self.pipeline.add_silence(silence);
+                        tracing::info!(id = %s.id, segments = %s.segments, created_by = %s.created_by, "silence applied");
+                        self.pipeline.add_silence(silence.by(&s.created_by));
                     }
                     Err(e) => tracing::warn!(id, error = %e, "ignoring a silence with a bad glob"),
                 },

@@ -78,8 +78,13 @@ pub fn config_with(bootstrap: &str, group: &str, extra: &[String]) -> Config {
         c.kafka.librdkafka_properties()["session.timeout.ms"],
         "6000"
     );
+    let mut c = c;
+    c.admin.token = Some(segloop::config::Secret::new(ADMIN_TOKEN));
     c
 }
+
+/// The admin token of the in-process test instances ([`http`] sends it).
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 pub struct Instance {
     control: Arc<Control>,
@@ -160,7 +165,7 @@ pub fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) ->
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
