@@ -296,6 +296,8 @@ fn describe_all() {
         WINDOWED_EVENTS,
         STATE_RECORDS,
         STATE_RESTORED,
+        // Listed before the first error (then by topic and code).
+        CONSUME_ERRORS,
     ] {
         metrics::counter!(name).increment(0);
     }
