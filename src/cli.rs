@@ -629,11 +629,11 @@ pub fn check_config(args: &CheckConfigArgs, env: &HashMap<String, String>) -> Ex
                 ExitCode::from(EXIT_USAGE)
             }
             Ok(summary) => {
-                print!("{}", config.to_toml());
+                let mut text = config.to_toml();
                 if let Some(s) = summary {
-                    print!("{s}");
+                    text.push_str(&s);
                 }
-                ExitCode::SUCCESS
+                print_quietly(&text)
             }
             Err(e) => {
                 eprintln!("error: invalid policies\n{e}");
@@ -841,6 +841,19 @@ fn print_schemas(out: &mut impl Write, full: bool) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes to stdout; a reader that went away (`| head -1`) ends the output quietly.
+fn print_quietly(text: &str) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the output: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// `segloop silence ...`: the admin API's silences from the command line.

@@ -148,6 +148,28 @@ impl fmt::Debug for KafkaConfig {
     }
 }
 
+/// Largest config or policy file read (a path like `/dev/zero` is refused, not read forever).
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads a UTF-8 text file of at most `max` bytes.
+///
+/// # Errors
+/// The file cannot be read, is larger, or is not UTF-8.
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {max} bytes (the limit for config and policy files)"),
+        ));
+    }
+    Ok(text)
+}
+
 /// Compression codecs Kafka knows.
 pub const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
 
@@ -553,11 +575,21 @@ impl AdminConfig {
             },
             (None, None) => None,
         };
-        let loopback = self
+        let parsed = self.listen.parse::<std::net::SocketAddr>();
+        let localhost_port = self
             .listen
-            .parse::<std::net::SocketAddr>()
-            .map(|a| a.ip().is_loopback())
-            .unwrap_or(self.listen.starts_with("localhost:"));
+            .strip_prefix("localhost:")
+            .and_then(|p| p.parse::<u16>().ok());
+        if parsed.is_err() && localhost_port.is_none() {
+            fail(
+                "admin.listen",
+                format!(
+                    "{:?} is not an address with a port (0-65535), e.g. \"127.0.0.1:9464\"",
+                    self.listen
+                ),
+            );
+        }
+        let loopback = parsed.map_or(localhost_port.is_some(), |a| a.ip().is_loopback());
         if !loopback
             && self.token.is_none()
             && self.token_file.is_none()
@@ -655,7 +687,7 @@ impl Config {
         let mut table = toml::Table::new();
         let mut base_dir = PathBuf::from(".");
         if let Some(path) = sources.file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            let text = read_bounded(path, MAX_FILE_BYTES).map_err(|source| ConfigError::Io {
                 path: path.to_path_buf(),
                 source,
             })?;

@@ -494,7 +494,7 @@ proptest! {
                 // Key rule aside (no key given), both must agree on success and on the code.
                 let a = match a { Err(segloop::codec::ErrorCode::KeyMismatch) => Ok(()), Err(c) => Err(c), Ok(_) => Ok(()) };
                 let b = match b {
-                    Ok(ev) if ev.segment.is_empty() || ev.ts_ms < 0 => Err(segloop::codec::ErrorCode::InvalidValue),
+                    Ok(ev) if segloop::codec::Record::validate(&ev).is_err() => Err(segloop::codec::ErrorCode::InvalidValue),
                     Ok(_) => Ok(()),
                     Err(c) => Err(c),
                 };

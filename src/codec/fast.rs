@@ -163,6 +163,12 @@ pub fn read_telemetry(bytes: &[u8]) -> Result<TelemetryView<'_>, DecodeError> {
     // Avro maps keep the last value of a repeated key, like the general decoder's BTreeMap.
     dedup_last(&mut measurements);
     dedup_last(&mut labels);
+    super::check_telemetry_caps(
+        measurements.len(),
+        labels.len(),
+        labels.iter().map(|(k, v)| k.len() + v.len()).sum(),
+    )
+    .map_err(|m| DecodeError::new(ErrorCode::InvalidValue, m))?;
     Ok(TelemetryView {
         segment,
         ts_ms,
@@ -172,21 +178,40 @@ pub fn read_telemetry(bytes: &[u8]) -> Result<TelemetryView<'_>, DecodeError> {
     })
 }
 
-fn dedup_last<K: PartialEq + Copy, V: Copy, const N: usize>(v: &mut SmallVec<[(K, V); N]>)
+/// Keeps the last entry of each key, in their order: O(n) for the usual handful of entries,
+/// O(n log n) for many (a hostile record may repeat keys by the hundred thousand).
+fn dedup_last<K: Ord + Copy, V: Copy, const N: usize>(v: &mut SmallVec<[(K, V); N]>)
 where
     [(K, V); N]: smallvec::Array<Item = (K, V)>,
 {
     if v.len() < 2 {
         return;
     }
-    let mut i = 0;
-    while i < v.len() {
-        if v[i + 1..].iter().any(|(k, _)| *k == v[i].0) {
-            v.remove(i);
-        } else {
-            i += 1;
+    if v.len() <= 8 {
+        let mut i = 0;
+        while i < v.len() {
+            if v[i + 1..].iter().any(|(k, _)| *k == v[i].0) {
+                v.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        return;
+    }
+    // Sort positions by (key, position): the last of each run of equal keys survives.
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_unstable_by(|&a, &b| v[a].0.cmp(&v[b].0).then(a.cmp(&b)));
+    let mut keep = vec![false; v.len()];
+    for (i, &at) in order.iter().enumerate() {
+        if order.get(i + 1).is_none_or(|&next| v[next].0 != v[at].0) {
+            keep[at] = true;
         }
     }
+    let mut at = 0;
+    v.retain(|_| {
+        at += 1;
+        keep[at - 1]
+    });
 }
 
 /// A decoded telemetry record: borrowed on the fast path, owned otherwise.

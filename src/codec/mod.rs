@@ -159,6 +159,38 @@ fn validate_segment(segment: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Most measurements in one telemetry record.
+pub const MAX_MEASUREMENTS: usize = 64;
+/// Most labels in one telemetry record.
+pub const MAX_LABELS: usize = 64;
+/// Most bytes of label keys and values together in one telemetry record.
+pub const MAX_LABEL_BYTES: usize = 8 * 1024;
+
+/// The per-record caps of telemetry (after repeated map keys are folded), shared by both
+/// decoders: `n` measurements, and labels as (count, key and value bytes).
+pub fn check_telemetry_caps(
+    measurements: usize,
+    labels: usize,
+    label_bytes: usize,
+) -> Result<(), String> {
+    if measurements > MAX_MEASUREMENTS {
+        return Err(format!(
+            "{measurements} measurements; a record may carry {MAX_MEASUREMENTS} at most"
+        ));
+    }
+    if labels > MAX_LABELS {
+        return Err(format!(
+            "{labels} labels; a record may carry {MAX_LABELS} at most"
+        ));
+    }
+    if label_bytes > MAX_LABEL_BYTES {
+        return Err(format!(
+            "labels of {label_bytes} bytes; a record may carry {MAX_LABEL_BYTES} at most"
+        ));
+    }
+    Ok(())
+}
+
 impl Record for TelemetryEvent {
     const KIND: SchemaKind = SchemaKind::Telemetry;
     fn segment(&self) -> &str {
@@ -169,7 +201,11 @@ impl Record for TelemetryEvent {
         if self.ts_ms < 0 {
             return Err(format!("ts_ms {} is before the Unix epoch", self.ts_ms));
         }
-        Ok(())
+        check_telemetry_caps(
+            self.measurements.len(),
+            self.labels.len(),
+            self.labels.iter().map(|(k, v)| k.len() + v.len()).sum(),
+        )
     }
 }
 

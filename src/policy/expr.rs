@@ -422,6 +422,12 @@ fn tokenize(text: &str) -> Result<Vec<(Tok, usize)>, ParseError> {
                     column: col,
                     message: format!("`{s}` is not a number"),
                 })?;
+                if !v.is_finite() {
+                    return Err(ParseError {
+                        column: col,
+                        message: format!("`{s}` is out of range (numbers must be finite)"),
+                    });
+                }
                 out.push((Tok::Num(v), col));
                 continue;
             }
@@ -466,13 +472,44 @@ enum Expr {
 struct Parser {
     toks: Vec<(Tok, usize)>,
     pos: usize,
+    /// Nesting of `(`, `not` and unary `-` at the current position.
+    depth: usize,
 }
 
-/// Parses a condition; the result must be boolean.
+/// Longest condition, in bytes.
+pub const MAX_CONDITION_BYTES: usize = 4096;
+/// Most tokens in a condition (operators and operands: it bounds the tree's depth).
+pub const MAX_TOKENS: usize = 512;
+/// Deepest nesting of `(`, `not` and unary `-`.
+pub const MAX_NESTING: usize = 32;
+
+/// Parses a condition; the result must be boolean. Conditions are bounded
+/// ([`MAX_CONDITION_BYTES`], [`MAX_TOKENS`], [`MAX_NESTING`]) so neither parsing, evaluating
+/// nor dropping one can exhaust the stack.
 pub fn parse(text: &str) -> Result<Cond, ParseError> {
+    if text.len() > MAX_CONDITION_BYTES {
+        return Err(ParseError {
+            column: 1,
+            message: format!(
+                "the condition is {} bytes; at most {MAX_CONDITION_BYTES} are allowed",
+                text.len()
+            ),
+        });
+    }
+    let toks = tokenize(text)?;
+    if toks.len() > MAX_TOKENS {
+        return Err(ParseError {
+            column: toks[MAX_TOKENS].1,
+            message: format!(
+                "the condition has {} tokens; at most {MAX_TOKENS} are allowed",
+                toks.len()
+            ),
+        });
+    }
     let mut p = Parser {
-        toks: tokenize(text)?,
+        toks,
         pos: 0,
+        depth: 0,
     };
     let col = p.col();
     let e = p.or()?;
@@ -513,6 +550,17 @@ impl Parser {
             column: self.col(),
             message,
         }
+    }
+
+    /// Enters one nesting level (`(`, `not`, unary `-`).
+    fn deeper(&mut self) -> Result<(), ParseError> {
+        self.depth += 1;
+        if self.depth > MAX_NESTING {
+            return Err(self.error(format!(
+                "nested more than {MAX_NESTING} levels deep; simplify the condition"
+            )));
+        }
+        Ok(())
     }
 
     fn expect(&mut self, t: Tok, what: &str) -> Result<(), ParseError> {
@@ -575,8 +623,10 @@ impl Parser {
     fn not(&mut self) -> Result<Expr, ParseError> {
         if self.peek() == &Tok::Not {
             self.next();
+            self.deeper()?;
             let col = self.col();
             let inner = self.not()?;
+            self.depth -= 1;
             let c = self.boolean(inner, col, "not")?;
             return Ok(Expr::Bool(Cond::Not(Box::new(c))));
         }
@@ -628,8 +678,10 @@ impl Parser {
     fn unary(&mut self) -> Result<Expr, ParseError> {
         if self.peek() == &Tok::Arith(ArithOp::Sub) {
             self.next();
+            self.deeper()?;
             let col = self.col();
             let inner = self.unary()?;
+            self.depth -= 1;
             return Ok(Expr::Num(Num::Neg(Box::new(self.number(inner, col)?))));
         }
         self.atom()
@@ -640,8 +692,10 @@ impl Parser {
         match self.next() {
             Tok::Num(v) => Ok(Expr::Num(Num::Lit(v))),
             Tok::LParen => {
+                self.deeper()?;
                 let e = self.or()?;
                 self.expect(Tok::RParen, "`)`")?;
+                self.depth -= 1;
                 Ok(e)
             }
             Tok::Ident(name) => self.call(name, col),

@@ -302,12 +302,13 @@ impl PolicySet {
     /// Unreadable file, TOML errors (with line and column), or compile errors naming policy,
     /// field and column.
     pub fn load(path: &Path) -> Result<PolicySet, PolicyErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            PolicyErrors(vec![format!(
-                "cannot read policy file {}: {e}",
-                path.display()
-            )])
-        })?;
+        let text =
+            crate::config::read_bounded(path, crate::config::MAX_FILE_BYTES).map_err(|e| {
+                PolicyErrors(vec![format!(
+                    "cannot read policy file {}: {e}",
+                    path.display()
+                )])
+            })?;
         PolicySet::parse(&text, &path.display().to_string())
     }
 
