@@ -782,8 +782,7 @@ pub fn restore_bench(
         crate::kafka::send_waiting(&producer, rec)?;
     }
     producer.flush(std::time::Duration::from_secs(60))?;
-    let mut controller =
-        crate::controller::Controller::new(topic.policies.clone(), partitions as u32);
+    let mut controller = crate::controller::Controller::new(topic.policies.clone());
     let reader = crate::runtime::state_reader(config)?;
     let started = Instant::now();
     let mut restored = 0;

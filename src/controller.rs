@@ -321,8 +321,6 @@ struct PartitionState {
     segments: BTreeMap<Arc<str>, SegmentState>,
     /// Segments with a loop under action (deadline scans and budgets read only these).
     active: BTreeSet<Arc<str>>,
-    tokens: f64,
-    tokens_at_ms: Option<i64>,
     /// Segments changed since the last [`Controller::take_changes`].
     dirty: BTreeSet<Arc<str>>,
     /// Segments whose state is in the changelog (a tombstone is due once they go quiet).
@@ -337,11 +335,14 @@ pub struct StateChange {
     pub state: Option<Vec<u8>>,
 }
 
-/// The controller of the partitions this instance owns.
+/// The controller of the partitions this instance owns. Every limit is exact within it: the
+/// in-flight limits count every owned partition's loops, the blast radius is a fraction of every
+/// segment known here (never less than one segment), and one token bucket holds the rate.
 pub struct Controller {
     policies: PolicySet,
-    partitions_total: u32,
     partitions: BTreeMap<i32, PartitionState>,
+    /// The rate limit's token bucket (`None`: full, nothing spent yet).
+    tokens: Option<(f64, i64)>,
     /// Silences added at run time (control topic), by id.
     silences: BTreeMap<String, Silence>,
     stats: ControllerStats,
@@ -354,12 +355,11 @@ struct Ctx<'a> {
 }
 
 impl Controller {
-    /// `partitions_total` is the telemetry topic's partition count (for limit shares).
-    pub fn new(policies: PolicySet, partitions_total: u32) -> Self {
+    pub fn new(policies: PolicySet) -> Self {
         Controller {
             policies,
-            partitions_total: partitions_total.max(1),
             partitions: BTreeMap::new(),
+            tokens: None,
             silences: BTreeMap::new(),
             stats: ControllerStats::default(),
         }
@@ -922,8 +922,8 @@ impl Controller {
             .expect("known");
         seg.last_action_ms.insert(policy.action.clone(), now);
         seg.action_history.push(now);
-        let p = self.partitions.get_mut(&partition).expect("owned");
-        p.tokens -= 1.0;
+        let (tokens, _) = self.tokens.get_or_insert((self.rate_burst(), now));
+        *tokens -= 1.0;
         let l = self.loop_mut(partition, segment, &policy.name);
         let from = l.phase;
         l.attempt += 1;
@@ -996,7 +996,6 @@ impl Controller {
     ) -> Option<Guardrail> {
         let now = ctx.now_ms;
         let g = self.policies.guardrails.clone();
-        let share = |limit: f64| limit / f64::from(self.partitions_total);
         if let Some(w) = ctx.window {
             if now - w.end_ms > g.max_action_staleness_ms {
                 return Some(Guardrail::Staleness);
@@ -1033,38 +1032,51 @@ impl Controller {
                 return Some(Guardrail::Inhibited);
             }
         }
-        let p = &self.partitions[&partition];
+        // The budgets, over every partition owned here.
         let in_flight_of = |name: Option<&str>| -> usize {
-            p.active
-                .iter()
-                .flat_map(|s| p.segments[s].loops.iter())
+            self.partitions
+                .values()
+                .flat_map(|p| p.active.iter().flat_map(|s| p.segments[s].loops.iter()))
                 .filter(|(n, l)| l.phase.in_flight() && name.is_none_or(|x| x == n.as_str()))
                 .count()
         };
         if let Some(limit) = policy.max_in_flight {
-            if in_flight_of(Some(&policy.name)) as f64 + 1.0 > share(f64::from(limit)) + 1e-9 {
+            if in_flight_of(Some(&policy.name)) + 1 > limit as usize {
                 return Some(Guardrail::PolicyInFlight);
             }
         }
-        if in_flight_of(None) as f64 + 1.0 > share(f64::from(g.max_in_flight)) + 1e-9 {
+        if in_flight_of(None) + 1 > g.max_in_flight as usize {
             return Some(Guardrail::MaxInFlight);
         }
-        let already = p.active.contains(segment);
-        if !already
-            && (p.active.len() as f64 + 1.0) > g.blast_radius * p.segments.len() as f64 + 1e-9
-        {
-            return Some(Guardrail::BlastRadius);
+        let already = self.partitions[&partition].active.contains(segment);
+        if !already {
+            let active: usize = self.partitions.values().map(|p| p.active.len()).sum();
+            let known: usize = self.partitions.values().map(|p| p.segments.len()).sum();
+            if active as f64 + 1.0 > self.blast_radius_budget(known) + 1e-9 {
+                return Some(Guardrail::BlastRadius);
+            }
         }
-        // Token bucket: share of the rate per minute, burst of one minute's share.
-        let rate = share(g.max_actions_per_minute);
-        let p = self.partitions.get_mut(&partition).expect("owned");
-        let elapsed = p.tokens_at_ms.map_or(60_000, |t| (now - t).max(0));
-        p.tokens = (p.tokens + rate * elapsed as f64 / 60_000.0).min(rate);
-        p.tokens_at_ms = Some(now);
-        if p.tokens < 1.0 - 1e-9 {
+        // Token bucket: the rate per minute, a burst of a minute's worth (at least one).
+        let burst = self.rate_burst();
+        let rate = g.max_actions_per_minute;
+        let (tokens, at) = self.tokens.unwrap_or((burst, now));
+        let tokens = (tokens + rate * (now - at).max(0) as f64 / 60_000.0).min(burst);
+        self.tokens = Some((tokens, now));
+        if tokens < 1.0 - 1e-9 {
             return Some(Guardrail::RateLimit);
         }
         None
+    }
+
+    /// Segments that may be under action at once with `known` segments: the blast radius's
+    /// fraction of them, never less than one.
+    fn blast_radius_budget(&self, known: usize) -> f64 {
+        (self.policies.guardrails.blast_radius * known as f64).max(1.0)
+    }
+
+    /// The rate limit's burst: a minute's worth, at least one command.
+    fn rate_burst(&self) -> f64 {
+        self.policies.guardrails.max_actions_per_minute.max(1.0)
     }
 
     fn trip_flap_breaker(

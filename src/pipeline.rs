@@ -94,18 +94,15 @@ pub struct Options {
     pub from_ms: Option<i64>,
     /// Events after this event time are read and counted, never ingested.
     pub to_ms: Option<i64>,
-    /// The telemetry topic's partition count (the controller's limit shares).
-    pub partitions_total: u32,
 }
 
 impl Options {
     /// Live: skew against arrival, every event time.
-    pub fn live(partitions_total: u32) -> Self {
+    pub fn live() -> Self {
         Options {
             skew: SkewReference::Arrival,
             from_ms: None,
             to_ms: None,
-            partitions_total,
         }
     }
 }
@@ -198,7 +195,7 @@ impl Pipeline {
                 cap: config.windows.max_segments,
                 map: FastMap::default(),
             },
-            controller: Controller::new(policies, options.partitions_total),
+            controller: Controller::new(policies),
             decoder,
             options,
             max_clock_skew_ms: config.windows.max_clock_skew.as_millis() as i64,

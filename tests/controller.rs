@@ -75,7 +75,7 @@ struct H {
 
 impl H {
     fn new(set: PolicySet) -> Self {
-        let mut c = Controller::new(set, 1);
+        let mut c = Controller::new(set);
         c.assign(0);
         H {
             c,
@@ -454,20 +454,86 @@ fn max_in_flight_blast_radius_and_rate_limit_hold() {
     assert_eq!(h.guardrails(), ["rate_limit"]);
 }
 
+/// Limits are exact in one instance, whatever the partition count: 16 owned partitions with
+/// max_in_flight 10, a policy's max_in_flight 4 and 5 actions per minute act on 4 segments.
+/// (Split as `limit / partitions` per partition, they used to act on none.)
 #[test]
-fn global_limits_are_split_by_partition_share() {
-    // 4 partitions, max_in_flight 4: one per owned partition.
-    let mut c = Controller::new(policies("max_in_flight = 4", ""), 4);
-    c.assign(0);
+fn limits_are_exact_across_owned_partitions() {
+    let mut c = Controller::new(policies(
+        "max_in_flight = 10\nmax_actions_per_minute = 5\nblast_radius = 0.1",
+        "for = 1\nmax_in_flight = 4",
+    ));
+    for p in 0..16 {
+        c.assign(p);
+    }
     let mut fx = Effects::default();
     let labels = BTreeMap::new();
-    for s in ["a", "b"] {
-        c.on_window(&window(s, 0, 0, 1.0), &labels, W + 1_000, &mut fx);
+    for p in 0..16 {
+        let s = format!("seg-{p}");
+        c.on_window(&window(&s, p, 0, 1.0), &labels, W + 1_000, &mut fx);
     }
-    for s in ["a", "b"] {
-        c.on_window(&window(s, 0, W, 1.0), &labels, 2 * W + 1_000, &mut fx);
+    assert_eq!(
+        fx.commands.len(),
+        1,
+        "the blast radius allows one of 16 (10% is 1.6)"
+    );
+    let mut c = Controller::new(policies(
+        "max_in_flight = 10\nmax_actions_per_minute = 5\nblast_radius = 1.0",
+        "for = 1\nmax_in_flight = 4",
+    ));
+    for p in 0..16 {
+        c.assign(p);
     }
-    assert_eq!(fx.commands.len(), 1);
+    let mut fx = Effects::default();
+    for p in 0..16 {
+        let s = format!("seg-{p}");
+        c.on_window(&window(&s, p, 0, 1.0), &labels, W + 1_000, &mut fx);
+    }
+    assert_eq!(fx.commands.len(), 4, "the policy's max_in_flight");
+    let held: Vec<&str> = fx
+        .decisions
+        .iter()
+        .filter_map(|d| d.guardrail.as_deref())
+        .collect();
+    assert_eq!(held.len(), 12);
+    assert!(
+        held.iter().all(|g| *g == "policy_max_in_flight"),
+        "{held:?}"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// No limit a config may hold (every count ≥ 1, a blast radius in (0, 1]) keeps a firing
+    /// loop from its first command in one instance, however many partitions it owns.
+    #[test]
+    fn no_accepted_limit_blocks_the_first_command(
+        max_in_flight in 1u32..50,
+        policy_in_flight in prop::option::of(1u32..50),
+        rate in 1u32..100,
+        blast in 1u32..=100,
+        partitions in 1i32..64,
+        quiet in 0usize..200,
+    ) {
+        let policy = policy_in_flight.map_or(String::new(), |n| format!("max_in_flight = {n}"));
+        let mut c = Controller::new(policies(
+            &format!("max_in_flight = {max_in_flight}\nmax_actions_per_minute = {rate}\nblast_radius = {}", f64::from(blast) / 100.0),
+            &format!("for = 1\n{policy}"),
+        ));
+        for p in 0..partitions {
+            c.assign(p);
+        }
+        let labels = BTreeMap::new();
+        let mut fx = Effects::default();
+        // Healthy segments known first, on every partition.
+        for i in 0..quiet {
+            let p = (i as i32) % partitions;
+            c.on_window(&window(&format!("q-{i}"), p, 0, 0.0), &labels, W + 1_000, &mut fx);
+        }
+        c.on_window(&window("bad", partitions - 1, 0, 1.0), &labels, W + 1_000, &mut fx);
+        prop_assert_eq!(fx.commands.len(), 1, "{:?}", fx.decisions);
+    }
 }
 
 #[test]
@@ -527,7 +593,7 @@ fn sim_policies() -> PolicySet {
 
 impl Sim {
     fn new() -> Self {
-        let mut c = Controller::new(sim_policies(), 2);
+        let mut c = Controller::new(sim_policies());
         c.assign(0);
         c.assign(1);
         Sim {
@@ -602,26 +668,25 @@ impl Sim {
     }
 
     fn check_invariants(&self) -> Result<(), TestCaseError> {
-        for p in 0..2 {
-            let segs: Vec<&SegmentState> = self.c.segments().filter(|s| s.partition == p).collect();
-            let in_flight = segs
-                .iter()
-                .flat_map(|s| s.loops.values())
-                .filter(|l| l.phase.in_flight())
-                .count();
-            // share of max_in_flight 4 over 2 partitions, and of the policy's 3
-            prop_assert!(in_flight <= 2, "partition {} in flight {}", p, in_flight);
-            let under = segs
-                .iter()
-                .filter(|s| s.loops.values().any(|l| l.phase.under_action()))
-                .count();
-            prop_assert!(
-                under as f64 <= 0.5 * segs.len() as f64 + 1e-9 || under <= 1,
-                "blast radius: {} of {}",
-                under,
-                segs.len()
-            );
-        }
+        // Exact over both owned partitions: the policy's max_in_flight 3 (global 4), and a
+        // blast radius of half the known segments (at least one).
+        let segs: Vec<&SegmentState> = self.c.segments().collect();
+        let in_flight = segs
+            .iter()
+            .flat_map(|s| s.loops.values())
+            .filter(|l| l.phase.in_flight())
+            .count();
+        prop_assert!(in_flight <= 3, "in flight {}", in_flight);
+        let under = segs
+            .iter()
+            .filter(|s| s.loops.values().any(|l| l.phase.under_action()))
+            .count();
+        prop_assert!(
+            under as f64 <= (0.5 * segs.len() as f64).max(1.0) + 1e-9,
+            "blast radius: {} of {}",
+            under,
+            segs.len()
+        );
         let unique: BTreeSet<&String> = self.issued.iter().collect();
         prop_assert_eq!(
             unique.len(),

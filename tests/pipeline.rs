@@ -83,7 +83,7 @@ action = "rollback"
     )
     .unwrap();
     let cfg = config(&["windows.max_segments=2"]);
-    let mut p = Pipeline::new(&cfg, policies, Options::live(1)).unwrap();
+    let mut p = Pipeline::new(&cfg, policies, Options::live()).unwrap();
     p.assign(0);
     let mut sink = Collect::default();
     let events = [

@@ -188,7 +188,6 @@ impl Replay {
                 skew: SkewReference::BrokerTimestamp,
                 from_ms,
                 to_ms,
-                partitions_total: partitions.len() as u32,
             },
         )
         .map_err(anyhow::Error::msg)?;

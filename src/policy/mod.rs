@@ -270,6 +270,42 @@ pub struct Guardrails {
     pub seed: u64,
 }
 
+impl PolicySet {
+    /// The setting behind a guardrail, as a log line shows it (`max_in_flight = 10`).
+    pub fn limit_of(&self, guardrail: &str, policy: &str) -> String {
+        let g = &self.guardrails;
+        let p = self.policy(policy);
+        match guardrail {
+            "max_in_flight" => format!("guardrails.max_in_flight = {}", g.max_in_flight),
+            "policy_max_in_flight" => format!(
+                "policy {policy}: max_in_flight = {}",
+                p.and_then(|p| p.max_in_flight).unwrap_or(0)
+            ),
+            "blast_radius" => format!(
+                "guardrails.blast_radius = {} (of the segments known here, at least one)",
+                g.blast_radius
+            ),
+            "rate_limit" => format!(
+                "guardrails.max_actions_per_minute = {}",
+                g.max_actions_per_minute
+            ),
+            "cooldown" => format!(
+                "policy {policy}: cooldown = {} ms",
+                p.map_or(0, |p| p.cooldown_ms)
+            ),
+            "flap_breaker" => format!(
+                "guardrails.flap_max_actions = {} within {} ms",
+                g.flap_max_actions, g.flap_window_ms
+            ),
+            "staleness" => format!(
+                "guardrails.max_action_staleness = {} ms",
+                g.max_action_staleness_ms
+            ),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// Policies, guardrails and static silences, compiled and checked.
 #[derive(Debug, Clone)]
 pub struct PolicySet {

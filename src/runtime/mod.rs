@@ -265,7 +265,12 @@ struct Output {
     eos: bool,
     /// Exactly-once: events of windows judged in the open transaction.
     txn_windowed: u64,
+    /// Firings held back by a guardrail: when each was last logged, and how many since.
+    held_back: BTreeMap<String, (Option<Instant>, u64)>,
 }
+
+/// Least time between two log lines about the same guardrail holding firings back.
+const HELD_BACK_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The sink of one turn: the output, and the polled batch the records came from (a rejected
 /// record goes to the DLQ with its original headers).
@@ -281,7 +286,12 @@ impl Sink for LiveSink<'_, '_> {
         }
     }
 
-    fn effects(&mut self, fx: &mut Effects, cause: Cause<'_>, _: &PolicySet) {
+    fn effects(&mut self, fx: &mut Effects, cause: Cause<'_>, policies: &PolicySet) {
+        for d in &fx.decisions {
+            if let Some(g) = &d.guardrail {
+                self.out.held_back(g, &d.segment, &d.policy, policies);
+            }
+        }
         let mut closed_at = None;
         if let Cause::Window { window, .. } = cause {
             if window.group.is_none() {
@@ -549,12 +559,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
 
     let t = &config.topics;
     let codec_err = |topic: &str, e: String| anyhow::anyhow!("topics.{topic}: {e}");
-    let pipeline = Pipeline::new(
-        &config,
-        policies,
-        PipelineOptions::live(telemetry_partitions as u32),
-    )
-    .map_err(anyhow::Error::msg)?;
+    let pipeline =
+        Pipeline::new(&config, policies, PipelineOptions::live()).map_err(anyhow::Error::msg)?;
     let read_model = pipeline.read_model();
     let core = Arc::new(Mutex::new(Core {
         pipeline,
@@ -571,6 +577,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             report: RunReport::default(),
             eos,
             txn_windowed: 0,
+            held_back: BTreeMap::new(),
         },
         outcome_codec: build_codec(t.outcomes.codec, &t.outcomes.schema_settings())
             .map_err(|e| codec_err("outcomes", e))?,
@@ -1515,6 +1522,28 @@ impl Core {
 }
 
 impl Output {
+    /// Logs a firing a guardrail held back: the first at once, then one line per guardrail at
+    /// most every [`HELD_BACK_LOG_EVERY`] with the count meanwhile (never silently disarmed).
+    fn held_back(&mut self, guardrail: &str, segment: &str, policy: &str, policies: &PolicySet) {
+        let now = Instant::now();
+        let entry = self
+            .held_back
+            .entry(guardrail.to_string())
+            .or_insert((None, 0));
+        entry.1 += 1;
+        if entry.0.is_none_or(|last| now - last >= HELD_BACK_LOG_EVERY) {
+            tracing::warn!(
+                guardrail,
+                limit = %policies.limit_of(guardrail, policy),
+                segment,
+                policy,
+                held_back = entry.1,
+                "firing held back by a guardrail"
+            );
+            *entry = (Some(now), 0);
+        }
+    }
+
     fn emit(&mut self, fx: &mut Effects, closed_at: Option<Instant>) {
         for cmd in fx.commands.drain(..) {
             let mut bytes = Vec::with_capacity(256);
