@@ -19,14 +19,18 @@ static ALLOCATED: AtomicIsize = AtomicIsize::new(0);
 /// mimalloc, counting live bytes.
 pub struct CountingAllocator;
 
+// SAFETY: every call is forwarded to mimalloc, a correct global allocator; the counter is a
+// relaxed atomic and never affects the memory handed out.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATED.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc` (a non-zero-size layout) is passed on.
         unsafe { MiMalloc.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         ALLOCATED.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: `ptr` came from this allocator (so from mimalloc) with this layout.
         unsafe { MiMalloc.dealloc(ptr, layout) }
     }
 
@@ -35,6 +39,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
             new_size as isize - layout.size() as isize,
             Ordering::Relaxed,
         );
+        // SAFETY: `ptr` came from mimalloc with `layout`; the caller guarantees `new_size`.
         unsafe { MiMalloc.realloc(ptr, layout, new_size) }
     }
 }

@@ -118,6 +118,20 @@ pub fn prepare_topics(config: &Config) -> anyhow::Result<BTreeMap<String, i32>> 
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    let unseen: Vec<&str> = wanted
+        .iter()
+        .map(|w| w.1)
+        .filter(|name| !counts.contains_key(*name))
+        .collect();
+    if !unseen.is_empty() {
+        bail!(
+            "no metadata for topic{} {} from {} after waiting 5 s: the brokers are slow to \
+             propagate new topics or the principal lacks DESCRIBE on them",
+            if unseen.len() > 1 { "s" } else { "" },
+            unseen.join(", "),
+            describe_connection(config)
+        );
+    }
     let telemetry = counts.get(t.telemetry.name.as_str()).copied();
     let state = counts.get(t.state.name.as_str()).copied();
     match (telemetry, state) {

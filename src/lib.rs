@@ -55,6 +55,8 @@
 //! are two drivers of the same pipeline and import neither each other nor `demo`
 //! (`tests/architecture.rs` checks these rules).
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod actuator;
 pub mod backtest;
 pub mod bench;

@@ -618,3 +618,79 @@ fn the_reference_actuator_closes_the_loop_with_a_shell_handler() {
     );
     assert!(handled.contains("act/seg"));
 }
+
+/// `/readyz` of a standby (more members than partitions) is 200, and an instance restarted with
+/// no new traffic is ready: a partition with no position yet counts as caught up, not as the
+/// whole topic behind.
+#[test]
+fn a_standby_and_a_quiet_restart_are_ready() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bs = cluster.bootstrap_servers();
+    let mut setup = config(&bs, "setup");
+    setup.kafka.partitions = 1;
+    segloop::kafka::create_embedded_topics(&cluster, &setup).unwrap();
+    let one = |group: &str| {
+        let mut c = config(&bs, group);
+        c.kafka.partitions = 1;
+        c
+    };
+    // More than READY_MAX_LAG records, all consumed and committed by a first instance.
+    let p = producer(&bs);
+    let now = SystemClock.now_ms();
+    for i in 0..1_500 {
+        telemetry(
+            &p,
+            &setup.topics.telemetry.name,
+            &format!("q/s-{}", i % 20),
+            now,
+            0.0,
+        );
+    }
+    p.flush(Duration::from_secs(5)).unwrap();
+    let ready = |admin| {
+        let (status, body) = http(admin, "GET", "/readyz", "");
+        (status, body)
+    };
+    let mut first = Instance::start(one("g-ready"));
+    let admin = first.admin();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready(admin).0 != 200 {
+        assert!(Instant::now() < deadline, "{}", ready(admin).1);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let report = first.stop();
+    assert_eq!(report.records_consumed, 1_500);
+
+    // The restart: no new records.
+    let mut a = Instance::start(one("g-ready"));
+    let admin_a = a.admin();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = ready(admin_a);
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never ready after a quiet restart: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A second member of the group gets no partition: a standby, ready.
+    let mut b = Instance::start(one("g-ready"));
+    let admin_b = b.admin();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let (status, body) = ready(admin_b);
+        if status == 200 && body.contains("\"standby\": true") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby is never ready: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    b.stop();
+    a.stop();
+}

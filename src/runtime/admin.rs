@@ -256,17 +256,28 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<Byt
             )
         }
         (&Method::GET, "/readyz") => {
-            let (assigned, lag, errors) = {
-                let s = shared.status.lock().expect("status lock");
-                (s.assigned.clone(), s.lag.clone(), s.consume_errors.clone())
+            let (joined, assigned, lag, errors) = {
+                let s = shared
+                    .status
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                (
+                    s.joined,
+                    s.assigned.clone(),
+                    s.lag.clone(),
+                    s.consume_errors.clone(),
+                )
             };
             let caught_up = assigned
                 .iter()
                 .all(|p| lag.get(p).is_some_and(|l| *l <= READY_MAX_LAG));
-            let ready = !assigned.is_empty() && caught_up && errors.is_empty();
+            // A standby (the group has more members than partitions) is ready with none.
+            let standby = joined && assigned.is_empty();
+            let ready = joined && caught_up && errors.is_empty();
             json_response(
                 if ready { 200 } else { 503 },
-                json!({ "ready": ready, "assigned": assigned, "lag": lag, "consume_errors": errors }),
+                json!({ "ready": ready, "standby": standby, "assigned": assigned, "lag": lag,
+                        "consume_errors": errors }),
             )
         }
         (&Method::GET, "/actions") => {

@@ -102,6 +102,8 @@ pub struct Core {
 /// What the admin thread reads about the instance (besides the read model).
 #[derive(Debug, Clone, Default)]
 pub struct Status {
+    /// The consumer joined its group (it got an assignment, possibly empty).
+    pub joined: bool,
     pub assigned: Vec<i32>,
     pub lag: BTreeMap<i32, i64>,
     /// Consume errors seen in the last [`ERROR_FRESH`] (`/readyz` is false meanwhile).
@@ -366,7 +368,13 @@ impl ConsumerContext for GroupContext {
                 .lock()
                 .expect("core lock")
                 .write_state(self.clock.now_ms());
-            if self.core.lock().expect("core lock").out.eos {
+            if self
+                .core
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .out
+                .eos
+            {
                 // The open transaction takes the leaving partitions' offsets with it.
                 commit_transaction(
                     consumer,
@@ -386,7 +394,10 @@ impl ConsumerContext for GroupContext {
                 && self.producer.context().take_errors() == 0;
             if flushed {
                 let offsets = {
-                    let core = self.core.lock().expect("core lock");
+                    let core = self
+                        .core
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     parts
                         .iter()
                         .filter_map(|p| core.pending_offsets.get(p).map(|o| (*p, *o)))
@@ -515,6 +526,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     kafka::connect(&config)?;
     let partitions = kafka::prepare_topics(&config)?;
     let telemetry_partitions = partitions[config.topics.telemetry.name.as_str()];
+    let control_partitions = partitions[config.topics.control.name.as_str()];
     tracing::info!(
         brokers = %config.kafka.bootstrap_servers,
         group = %config.kafka.group_id,
@@ -660,7 +672,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         }
         c.assign(&tpl)
             .context("cannot assign the partitions of the outcomes topic")?;
-        core.lock().expect("core lock").outcomes_backlog = found
+        core.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .outcomes_backlog = found
             .start
             .iter()
             .filter(|(p, o)| found.end[*p] > **o)
@@ -671,7 +685,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     let controls: BaseConsumer = side_consumer(
         &config,
         &t.control.name,
-        partitions[t.control.name.as_str()],
+        control_partitions,
         Offset::Beginning,
     )?;
 
@@ -724,7 +738,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
                 .map(|(p, _)| *p)
                 .collect();
             let behind = format!("{behind:?} (behind)");
-            let mut core = core.lock().expect("core lock");
+            let mut core = core
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(e) = poll_error {
                 telemetry_errors.on_error(&e, "", &behind, &mut core.out.counters);
             }
@@ -741,14 +757,28 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         }
         poll_time += turn_start.elapsed();
         let work_start = Instant::now();
-        let events: Vec<GroupEvent> =
-            std::mem::take(&mut *consumer.context().events.lock().expect("events lock"));
+        let events: Vec<GroupEvent> = std::mem::take(
+            &mut *consumer
+                .context()
+                .events
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         let now = clock.now_ms();
         {
-            let mut core = core.lock().expect("core lock");
+            let mut core = core
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let core = &mut *core;
+            let joined = events.iter().any(|e| matches!(e, GroupEvent::Assigned(_)));
             for ev in events {
                 core.apply_group_event(ev, now);
+            }
+            if joined {
+                status
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .joined = true;
             }
             core.on_telemetry(&batch, now);
             // Messages pin librdkafka state: release them now, never hold them across turns
@@ -790,7 +820,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             core.write_state(now);
             core.refresh_offsets();
             core.pipeline.end_turn();
-            let mut s = status.lock().expect("status lock");
+            let mut s = status
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             s.assigned = core.pipeline.assigned().to_vec();
             heartbeat.beat();
             s.consume_errors = [&telemetry_errors, &outcome_errors, &control_errors]
@@ -818,7 +850,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             );
         }
         {
-            let mut c = core.lock().expect("core lock");
+            let mut c = core
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(e) = c.fatal.take() {
                 drop(c);
                 admin.stop();
@@ -831,7 +865,10 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         if last_lag.elapsed() >= Duration::from_secs(2) {
             last_lag = Instant::now();
             let lag = measure_lag(&consumer, &t.telemetry.name);
-            status.lock().expect("status lock").lag = lag;
+            status
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .lag = lag;
         }
         if let Some(path) = &policies_path {
             let hup = control.take_reload();
@@ -846,7 +883,11 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         }
         if last_publish.elapsed() >= Duration::from_millis(250) {
             last_publish = Instant::now();
-            let lag = status.lock().expect("status lock").lag.clone();
+            let lag = status
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .lag
+                .clone();
             publish(&core, &producer, lag);
         }
     }
@@ -866,12 +907,21 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         );
     }
     let deadline = config.delivery.shutdown_timeout;
-    core.lock().expect("core lock").write_state(clock.now_ms());
+    core.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .write_state(clock.now_ms());
     commit_owned(&consumer, &core, &producer, CommitMode::Sync, deadline);
-    let lag = status.lock().expect("status lock").lag.clone();
+    let lag = status
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .lag
+        .clone();
     publish(&core, &producer, lag);
     admin.stop();
-    let report = core.lock().expect("core lock").report();
+    let report = core
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .report();
     drop(batch);
     drop(consumer);
     Ok(report)
@@ -915,7 +965,9 @@ fn mtime(path: &std::path::Path) -> Option<SystemTime> {
 fn reload_policies(core: &Arc<Mutex<Core>>, path: &std::path::Path, config: &Config, now: i64) {
     match PolicySet::load_for(path, &config.windows) {
         Ok(set) => {
-            core.lock().expect("core lock").reload(set, now);
+            core.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .reload(set, now);
             tracing::info!(path = %path.display(), "policies reloaded");
         }
         Err(e) => {
@@ -931,24 +983,37 @@ fn commit_owned(
     mode: CommitMode,
     flush_timeout: Duration,
 ) {
-    if core.lock().expect("core lock").out.eos {
+    if core
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .out
+        .eos
+    {
         let topic = consumer.context().topic.clone();
         commit_transaction(consumer, &topic, core, producer, flush_timeout);
         return;
     }
     // Offsets are read before the flush: everything they cover was produced before it.
     let offsets: Vec<(i32, i64)> = {
-        let core = core.lock().expect("core lock");
+        let core = core
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         core.pending_offsets.iter().map(|(p, o)| (*p, *o)).collect()
     };
     if producer.flush(flush_timeout).is_err() || producer.context().take_errors() > 0 {
         tracing::warn!("produced records not confirmed; not committing this round");
-        core.lock().expect("core lock").out.counters.commit_errors += 1;
+        core.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .out
+            .counters
+            .commit_errors += 1;
         return;
     }
     let topic = consumer.context().topic.clone();
     let result = commit(consumer, &topic, &offsets, mode);
-    let mut core = core.lock().expect("core lock");
+    let mut core = core
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     match result {
         Ok(()) => {
             if !offsets.is_empty() {
@@ -975,7 +1040,9 @@ fn commit_transaction<C: ConsumerContext>(
     timeout: Duration,
 ) {
     let offsets: Vec<(i32, i64)> = {
-        let core = core.lock().expect("core lock");
+        let core = core
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if core.fatal.is_some() {
             return;
         }
@@ -1003,7 +1070,9 @@ fn commit_transaction<C: ConsumerContext>(
         txn_retry(deadline, || producer.commit_transaction(timeout))
     };
     let result = attempt();
-    let mut core = core.lock().expect("core lock");
+    let mut core = core
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     match result {
         Ok(()) => {
             *core
@@ -1187,11 +1256,14 @@ fn measure_lag(consumer: &BaseConsumer<GroupContext>, topic: &str) -> BTreeMap<i
         if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || high < 0 {
             continue;
         }
-        let pos = match offset {
-            Offset::Offset(o) => o,
+        // No position yet: nothing was delivered since the assignment although the partition
+        // was fetched (its high watermark is known), so nothing is waiting: caught up. (Counting
+        // the position as 0 reported the whole topic as lag after a quiet restart.)
+        let lag_now = match offset {
+            Offset::Offset(o) => (high - o).max(0),
             _ => 0,
         };
-        lag.insert(p, (high - pos).max(0));
+        lag.insert(p, lag_now);
     }
     lag
 }
@@ -1201,7 +1273,9 @@ fn publish(
     producer: &ThreadedProducer<ProduceContext>,
     lag: BTreeMap<i32, i64>,
 ) {
-    let mut core = core.lock().expect("core lock");
+    let mut core = core
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let core = &mut *core;
     let out = &mut core.out;
     if let Ok(mut v) = producer.context().close_to_ack.lock() {
