@@ -322,7 +322,10 @@ fn describe_all() {
 /// Hot-path counters, moved into the recorder by [`publish`].
 #[derive(Debug, Default, Clone)]
 pub struct Counters {
+    /// By (topic role, partition); published under the topic's name ([`Counters::topic_names`]).
     pub consumed: BTreeMap<(&'static str, i32), (u64, u64)>,
+    /// Topic role → the configured topic name, for labels.
+    pub topic_names: BTreeMap<&'static str, String>,
     pub decode_errors: BTreeMap<&'static str, u64>,
     pub dlq: BTreeMap<&'static str, u64>,
     pub commands: BTreeMap<(String, String), u64>,
@@ -345,9 +348,14 @@ pub struct Counters {
 /// Moves counter deltas and current gauges into the current thread's recorder.
 pub fn publish(c: &mut Counters, gauges: &Gauges) {
     use metrics::{counter, gauge, histogram};
-    for ((topic, partition), (n, bytes)) in std::mem::take(&mut c.consumed) {
+    for ((role, partition), (n, bytes)) in std::mem::take(&mut c.consumed) {
+        let topic = c
+            .topic_names
+            .get(role)
+            .cloned()
+            .unwrap_or_else(|| role.to_string());
         let p = partition.to_string();
-        counter!(RECORDS_CONSUMED, "topic" => topic, "partition" => p.clone()).increment(n);
+        counter!(RECORDS_CONSUMED, "topic" => topic.clone(), "partition" => p.clone()).increment(n);
         counter!(BYTES_CONSUMED, "topic" => topic, "partition" => p).increment(bytes);
     }
     for (code, n) in std::mem::take(&mut c.decode_errors) {

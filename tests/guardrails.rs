@@ -57,6 +57,13 @@ fn a_held_back_firing_is_logged_with_its_guardrail_and_limit() {
         ));
     }
     assert_eq!(commands.len(), 1, "max_in_flight = 1 lets one act");
+    // An undecodable record: dead-lettered, and said so.
+    p.send(
+        rdkafka::producer::BaseRecord::to("segloop.telemetry")
+            .key("held/a")
+            .payload(&b"not avro"[..]),
+    )
+    .unwrap();
     // A few more windows: the others stay held back.
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
@@ -87,4 +94,9 @@ fn a_held_back_firing_is_logged_with_its_guardrail_and_limit() {
     );
     // Rate-limited: one line per guardrail per 10 s, however many windows were held back.
     assert!(lines.len() <= 2, "{lines:?}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("records dead-lettered") && l.contains("bad_magic")),
+        "{log}"
+    );
 }

@@ -93,6 +93,14 @@ fn a_fault_in_one_segment_is_commanded_acknowledged_and_verified() {
     for name in segloop::metrics::ALL {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }
+    // Labelled with the topic's name, not its role.
+    assert!(
+        metrics.contains(&format!(
+            "segloop_records_consumed_total{{topic=\"{}\"",
+            t.telemetry.name
+        )),
+        "{metrics}"
+    );
     let (status, seg) = http(admin, "GET", "/segments/fleet%2Fbad", "");
     assert_eq!(status, 200, "{seg}");
     assert!(seg.contains("\"controller\""));

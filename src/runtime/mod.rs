@@ -267,7 +267,8 @@ struct Output {
     eos: bool,
     /// Exactly-once: events of windows judged in the open transaction.
     txn_windowed: u64,
-    /// Firings held back by a guardrail: when each was last logged, and how many since.
+    /// Rate-limited log lines (held-back firings by guardrail, dead letters by code): when
+    /// each kind was last logged, and how many since.
     held_back: BTreeMap<String, (Option<Instant>, u64)>,
 }
 
@@ -585,7 +586,14 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             actions_topic: t.actions.name.clone(),
             decisions_topic: t.decisions.name.clone(),
             dlq_topic: t.dlq.name.clone(),
-            counters: Counters::default(),
+            counters: Counters {
+                topic_names: [
+                    ("telemetry", t.telemetry.name.clone()),
+                    ("outcomes", t.outcomes.name.clone()),
+                ]
+                .into(),
+                ..Counters::default()
+            },
             report: RunReport::default(),
             eos,
             txn_windowed: 0,
@@ -1599,22 +1607,30 @@ impl Output {
     /// Logs a firing a guardrail held back: the first at once, then one line per guardrail at
     /// most every [`HELD_BACK_LOG_EVERY`] with the count meanwhile (never silently disarmed).
     fn held_back(&mut self, guardrail: &str, segment: &str, policy: &str, policies: &PolicySet) {
-        let now = Instant::now();
-        let entry = self
-            .held_back
-            .entry(guardrail.to_string())
-            .or_insert((None, 0));
-        entry.1 += 1;
-        if entry.0.is_none_or(|last| now - last >= HELD_BACK_LOG_EVERY) {
+        if let Some(n) = self.log_every(guardrail, HELD_BACK_LOG_EVERY) {
             tracing::warn!(
                 guardrail,
                 limit = %policies.limit_of(guardrail, policy),
                 segment,
                 policy,
-                held_back = entry.1,
+                held_back = n,
                 "firing held back by a guardrail"
             );
+        }
+    }
+
+    /// Counts an event of `kind`; `Some(count since the last line)` when a line is due (the
+    /// first at once, then at most one per `every`).
+    fn log_every(&mut self, kind: &str, every: Duration) -> Option<u64> {
+        let now = Instant::now();
+        let entry = self.held_back.entry(kind.to_string()).or_insert((None, 0));
+        entry.1 += 1;
+        if entry.0.is_none_or(|last| now - last >= every) {
+            let n = entry.1;
             *entry = (Some(now), 0);
+            Some(n)
+        } else {
+            None
         }
     }
 
@@ -1662,6 +1678,17 @@ impl Output {
 
     fn dead_letter(&mut self, m: &BorrowedMessage<'_>, e: &DecodeError) {
         let code = e.code.as_str();
+        if let Some(n) = self.log_every(&format!("dlq/{code}"), HELD_BACK_LOG_EVERY) {
+            tracing::warn!(
+                code,
+                records = n,
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                error = %e.message,
+                "records dead-lettered (a sample; one line per code at most every 10 s)"
+            );
+        }
         *self.counters.decode_errors.entry(code).or_default() += 1;
         *self.counters.dlq.entry(code).or_default() += 1;
         self.report.records_dlq += 1;
