@@ -18,47 +18,57 @@ pub fn init_logging(config: &Config) {
 
 /// SIGINT/SIGTERM stop gracefully (a second one exits at once); SIGHUP reloads policies.
 pub fn install_signal_handlers(control: std::sync::Arc<crate::clock::Control>) {
+    spawn_async("segloop-signals", move || async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            eprintln!("error: cannot install signal handlers");
+            return;
+        };
+        loop {
+            let stop = tokio::select! {
+                _ = term.recv() => true,
+                _ = int.recv() => true,
+                _ = hup.recv() => false,
+            };
+            if !stop {
+                tracing::info!("SIGHUP: reloading policies");
+                control.request_reload();
+            } else if control.stopping() {
+                eprintln!("second signal: exiting now");
+                std::process::exit(130);
+            } else {
+                tracing::info!("signal: stopping gracefully (again to exit at once)");
+                control.stop();
+            }
+        }
+    })
+    .expect("the signal thread should start");
+}
+
+/// Runs the future `task` makes on a single-threaded tokio runtime of its own, in a thread
+/// named `name` (the signal handlers, the admin server).
+///
+/// # Errors
+/// The thread cannot start. A runtime that cannot be built is logged and the thread ends.
+pub fn spawn_async<F, Fut>(name: &str, task: F) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let thread = name.to_string();
     std::thread::Builder::new()
-        .name("segloop-signals".into())
+        .name(thread.clone())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
+            match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot install signal handlers: {e}");
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-                    signal(SignalKind::terminate()),
-                    signal(SignalKind::interrupt()),
-                    signal(SignalKind::hangup()),
-                ) else {
-                    eprintln!("error: cannot install signal handlers");
-                    return;
-                };
-                loop {
-                    let stop = tokio::select! {
-                        _ = term.recv() => true,
-                        _ = int.recv() => true,
-                        _ = hup.recv() => false,
-                    };
-                    if !stop {
-                        tracing::info!("SIGHUP: reloading policies");
-                        control.request_reload();
-                    } else if control.stopping() {
-                        eprintln!("second signal: exiting now");
-                        std::process::exit(130);
-                    } else {
-                        tracing::info!("signal: stopping gracefully (again to exit at once)");
-                        control.stop();
-                    }
-                }
-            });
+                Ok(rt) => rt.block_on(task()),
+                Err(e) => tracing::error!(thread, error = %e, "cannot start an async runtime"),
+            }
         })
-        .expect("the signal thread should start");
 }

@@ -83,21 +83,8 @@ impl Admin {
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let shared = Arc::new(shared);
-        let thread = std::thread::Builder::new()
-            .name("segloop-admin".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "admin server: cannot start its runtime");
-                        return;
-                    }
-                };
-                rt.block_on(serve(listener, shared, stopped));
-            })?;
+        let thread =
+            crate::process::spawn_async("segloop-admin", move || serve(listener, shared, stopped))?;
         Ok(Admin {
             addr,
             stop,

@@ -1359,15 +1359,7 @@ impl Core {
             .iter()
             .enumerate()
             .map(|(handle, m)| {
-                let bytes = m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len);
-                let entry = self
-                    .out
-                    .counters
-                    .consumed
-                    .entry(("telemetry", m.partition()))
-                    .or_default();
-                entry.0 += 1;
-                entry.1 += bytes as u64;
+                self.out.count_consumed("telemetry", m);
                 Record {
                     partition: m.partition(),
                     offset: m.offset(),
@@ -1394,13 +1386,7 @@ impl Core {
                 }
             }
         }
-        let entry = self
-            .out
-            .counters
-            .consumed
-            .entry(("outcomes", m.partition()))
-            .or_default();
-        entry.0 += 1;
+        self.out.count_consumed("outcomes", m);
         let o = match decode_record(self.outcome_codec.as_ref(), m.key(), m.payload()) {
             Ok(o) => o,
             Err(e) => return self.out.dead_letter(m, &e),
@@ -1604,6 +1590,18 @@ impl Core {
 }
 
 impl Output {
+    /// Counts a consumed record and its bytes (key and value) under its topic's role.
+    fn count_consumed(&mut self, role: &'static str, m: &BorrowedMessage<'_>) {
+        let bytes = m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len);
+        let entry = self
+            .counters
+            .consumed
+            .entry((role, m.partition()))
+            .or_default();
+        entry.0 += 1;
+        entry.1 += bytes as u64;
+    }
+
     /// Logs a firing a guardrail held back: the first at once, then one line per guardrail at
     /// most every [`HELD_BACK_LOG_EVERY`] with the count meanwhile (never silently disarmed).
     fn held_back(&mut self, guardrail: &str, segment: &str, policy: &str, policies: &PolicySet) {
