@@ -45,6 +45,7 @@ pub const STATE_RESTORED: &str = "segloop_state_restored_segments_total";
 pub const STATE_RESTORE_SECONDS: &str = "segloop_state_restore_seconds";
 pub const TRANSACTIONS: &str = "segloop_transactions_total";
 pub const CONSUME_ERRORS: &str = "segloop_consume_errors_total";
+pub const LABEL_MAP_BYTES: &str = "segloop_label_map_bytes";
 
 /// Every documented metric name (the README lists them; a test checks `/metrics` has them).
 pub const ALL: &[&str] = &[
@@ -81,6 +82,7 @@ pub const ALL: &[&str] = &[
     STATE_RESTORE_SECONDS,
     TRANSACTIONS,
     CONSUME_ERRORS,
+    LABEL_MAP_BYTES,
 ];
 
 /// One instance's recorder and the handle that renders it.
@@ -125,6 +127,11 @@ impl Default for Metrics {
 }
 
 fn describe_all() {
+    describe_gauge!(
+        LABEL_MAP_BYTES,
+        Unit::Bytes,
+        "Estimated memory of the per-segment labels kept for label selectors (bounded)"
+    );
     describe_counter!(
         CONSUME_ERRORS,
         Unit::Count,
@@ -304,7 +311,7 @@ fn describe_all() {
     for result in ["committed", "aborted"] {
         metrics::counter!(TRANSACTIONS, "result" => result).increment(0);
     }
-    for name in [IN_FLIGHT, SEGMENTS] {
+    for name in [IN_FLIGHT, SEGMENTS, LABEL_MAP_BYTES] {
         metrics::gauge!(name).set(0.0);
     }
     for code in crate::codec::ErrorCode::ALL {
@@ -405,6 +412,7 @@ pub fn publish(c: &mut Counters, gauges: &Gauges) {
     }
     gauge!(IN_FLIGHT).set(gauges.in_flight as f64);
     gauge!(SEGMENTS).set(gauges.segments as f64);
+    gauge!(LABEL_MAP_BYTES).set(gauges.label_bytes as f64);
     counter!(WINDOWS_CLOSED).absolute(gauges.windows_closed);
     counter!(EVALUATIONS).absolute(gauges.evaluations);
     counter!(FIRINGS).absolute(gauges.firings);
@@ -432,4 +440,5 @@ pub struct Gauges {
     pub produce_errors: u64,
     pub suppressions: BTreeMap<&'static str, u64>,
     pub lag: BTreeMap<i32, i64>,
+    pub label_bytes: u64,
 }

@@ -125,13 +125,29 @@ pub struct InputStats {
     pub open_windows_at_end: u64,
 }
 
+/// Most memory the label map may hold (its estimate in [`label_bytes`]).
+pub const MAX_LABEL_MAP_BYTES: usize = 64 << 20;
+
 /// Labels per segment, kept only while some policy selects on labels. One rule for every
 /// driver: a changed set replaces the old one, and the map is emptied only when a segment not
-/// in it would take it past `max_segments`.
+/// in it would take it past `max_segments` or [`MAX_LABEL_MAP_BYTES`]. Segments the windows
+/// no longer hold (TTL, eviction, revoke) are dropped by [`Pipeline::end_turn`].
 struct LabelMap {
     on: bool,
     cap: usize,
+    bytes: usize,
     map: FastMap<String, Labels>,
+}
+
+/// A label map entry's memory, estimated: its strings plus a fixed overhead per string.
+fn label_bytes(segment: &str, labels: &Labels) -> usize {
+    const PER_STRING: usize = 32;
+    segment.len()
+        + PER_STRING
+        + labels
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2 * PER_STRING)
+            .sum::<usize>()
 }
 
 impl LabelMap {
@@ -140,17 +156,35 @@ impl LabelMap {
             return;
         }
         let owned = event.clone().into_owned();
+        let size = label_bytes(&owned.segment, &owned.labels);
         match self.map.get(&owned.segment) {
             Some(old) if *old == owned.labels => {}
-            Some(_) => {
+            Some(old) => {
+                self.bytes = self.bytes - label_bytes(&owned.segment, old) + size;
                 self.map.insert(owned.segment, owned.labels);
             }
             None => {
-                if self.map.len() >= self.cap {
+                if self.map.len() >= self.cap || self.bytes + size > MAX_LABEL_MAP_BYTES {
+                    tracing::warn!(
+                        segments = self.map.len(),
+                        bytes = self.bytes,
+                        "label map full: emptied (labels return with each segment's next event)"
+                    );
                     self.map.clear();
+                    self.bytes = 0;
                 }
+                self.bytes += size;
                 self.map.insert(owned.segment, owned.labels);
             }
+        }
+    }
+
+    /// Keeps only the segments `held` still says are held.
+    fn prune(&mut self, held: impl Fn(&str) -> bool) {
+        let before = self.map.len();
+        self.map.retain(|segment, _| held(segment));
+        if self.map.len() != before {
+            self.bytes = self.map.iter().map(|(s, l)| label_bytes(s, l)).sum();
         }
     }
 }
@@ -193,6 +227,7 @@ impl Pipeline {
             labels: LabelMap {
                 on: uses_labels(&policies),
                 cap: config.windows.max_segments,
+                bytes: 0,
                 map: FastMap::default(),
             },
             controller: Controller::new(policies),
@@ -496,9 +531,20 @@ impl Pipeline {
         changes
     }
 
-    /// End of a turn: the read model's watched windows are refreshed and the turn counted.
+    /// The label map's estimated memory (bounded by [`MAX_LABEL_MAP_BYTES`]).
+    pub fn label_bytes(&self) -> usize {
+        self.labels.bytes
+    }
+
+    /// End of a turn: the read model's watched windows are refreshed and the turn counted;
+    /// every [`PRUNE_EVERY`] turns the labels of segments the windows forgot are dropped.
     pub fn end_turn(&mut self) {
         let turn = self.read.turn.load(Ordering::Acquire);
+        if turn % PRUNE_EVERY == 0 && !self.labels.map.is_empty() {
+            let engine = &self.engine;
+            self.labels
+                .prune(|s| engine.partitions().any(|p| p.holds(s)));
+        }
         self.read
             .watched
             .retain(|_, asked| turn.saturating_sub(*asked) <= WATCH_TURNS);
@@ -526,6 +572,9 @@ impl Pipeline {
         (self.stats, self.controller)
     }
 }
+
+/// Turns between two prunes of the label map.
+const PRUNE_EVERY: u64 = 256;
 
 /// Turns a watched segment stays watched after the last request for it.
 const WATCH_TURNS: u64 = 20_000;

@@ -660,6 +660,11 @@ impl PartitionWindows {
         self.watermark_ms
     }
 
+    /// Whether this partition holds windows of `segment`.
+    pub fn holds(&self, segment: &str) -> bool {
+        self.segments.find(segment).is_some()
+    }
+
     pub fn segment_count(&self) -> usize {
         self.segments.len()
     }

@@ -112,6 +112,44 @@ action = "rollback"
     assert_eq!(p.stats().windows_closed, 4);
 }
 
+/// Labels are dropped with their segment: once the windows forget a segment (TTL), the next
+/// prune forgets its labels, and the map's estimated memory shrinks with it.
+#[test]
+fn labels_leave_with_their_segment() {
+    let policies = PolicySet::parse(
+        "[[policies]]\nname = \"p\"\nlabels = { team = \"y\" }\nwhen = \"mean(error) > 0.5\"\naction = \"page\"\n",
+        "p.toml",
+    )
+    .unwrap();
+    let cfg = config(&["windows.segment_ttl=5s"]);
+    let mut p = Pipeline::new(&cfg, policies, Options::live()).unwrap();
+    p.assign(0);
+    let mut sink = Collect::default();
+    let feed = |p: &mut Pipeline, sink: &mut Collect, offset: i64, seg: &str, ts: i64| {
+        let value = encode(seg, ts, 0.0, &[("team", "y"), ("tier", "gold")]);
+        let r = Record {
+            partition: 0,
+            offset,
+            key: Some(seg.as_bytes()),
+            value: Some(&value),
+            timestamp_ms: None,
+            handle: 0,
+        };
+        p.on_record(&r, ts, sink);
+    };
+    feed(&mut p, &mut sink, 0, "gone-soon", 0);
+    feed(&mut p, &mut sink, 1, "stays", 0);
+    let both = p.label_bytes();
+    assert!(both > 0);
+    // Only `stays` sends on; `gone-soon` outlives its TTL.
+    for (i, ts) in (1_000..60_000).step_by(1_000).enumerate() {
+        feed(&mut p, &mut sink, 2 + i as i64, "stays", ts);
+    }
+    p.end_turn();
+    let one = p.label_bytes();
+    assert!(one > 0 && one < both, "{both} -> {one}");
+}
+
 /// The prefetch schedule: every item once, in order, and each chunk hinted before its items
 /// are processed, `HINT_AHEAD` chunks ahead.
 #[test]

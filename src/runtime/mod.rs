@@ -1306,6 +1306,7 @@ fn publish(
         produce_errors: producer.context().errors_total.load(Ordering::SeqCst),
         suppressions: c.suppressed.clone(),
         lag,
+        label_bytes: core.pipeline.label_bytes() as u64,
     };
     crate::metrics::publish(&mut out.counters, &gauges);
 }
