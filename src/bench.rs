@@ -840,6 +840,7 @@ fn in_flight_state(segment: &str, partition: i32, at_ms: i64) -> crate::controll
         last_action_ms: std::collections::BTreeMap::from([("rollback".to_string(), at_ms + 2_000)]),
         action_history: vec![at_ms + 2_000],
         frozen_until_ms: None,
+        escalated_freeze_ms: None,
         last_window_end_ms: at_ms + 2_000,
         last_window_end_by_group: std::collections::BTreeMap::new(),
     }

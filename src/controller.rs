@@ -146,6 +146,9 @@ pub struct SegmentState {
     /// Command times within the flap window.
     pub action_history: Vec<i64>,
     pub frozen_until_ms: Option<i64>,
+    /// The freeze (its end) a flap-breaker escalation was sent for: one per freeze.
+    #[serde(default)]
+    pub escalated_freeze_ms: Option<i64>,
     /// End of the last window seen: a replayed window is ignored.
     pub last_window_end_ms: i64,
     /// The same, per window group.
@@ -162,6 +165,7 @@ impl SegmentState {
             last_action_ms: BTreeMap::new(),
             action_history: Vec::new(),
             frozen_until_ms: None,
+            escalated_freeze_ms: None,
             last_window_end_ms: i64::MIN,
             last_window_end_by_group: BTreeMap::new(),
         }
@@ -1087,6 +1091,19 @@ impl Controller {
         ctx: &Ctx<'_>,
         out: &mut Effects,
     ) {
+        let seg = self
+            .partitions
+            .get_mut(&partition)
+            .expect("owned")
+            .segments
+            .get_mut(segment)
+            .expect("known");
+        // One escalation per freeze: a loop that cleared and breaches again inside the same
+        // freeze is held back (its decision says flap_breaker) but pages nobody again.
+        if seg.frozen_until_ms.is_some() && seg.escalated_freeze_ms == seg.frozen_until_ms {
+            return;
+        }
+        seg.escalated_freeze_ms = seg.frozen_until_ms;
         let l = self.loop_mut(partition, segment, &self.policies.policies[pi].name.clone());
         if l.phase == Phase::Escalated {
             return;

@@ -337,6 +337,15 @@ fn flap_breaker_freezes_and_escalates_once() {
     h.win("eu/a", t0 + W, 1.0);
     assert!(h.commands().is_empty());
     assert_ne!(ids[0], ids[1], "each incident has its own id");
+    // Lucky healthy windows clear the escalated loop; it breaches again inside the same freeze:
+    // still no action and no second page (it used to page 2-4 times per freeze).
+    for i in 0..6 {
+        let start = t0 + (2 + 2 * i) * W;
+        h.win("eu/a", start, 0.0);
+        h.win("eu/a", start + W, 1.0);
+    }
+    assert!(h.commands().is_empty(), "one escalation per freeze");
+    assert!(h.guardrails().iter().all(|g| g == "flap_breaker"));
 }
 
 #[test]

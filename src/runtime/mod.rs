@@ -293,6 +293,22 @@ impl Sink for LiveSink<'_, '_> {
         for d in &fx.decisions {
             if let Some(g) = &d.guardrail {
                 self.out.held_back(g, &d.segment, &d.policy, policies);
+            } else if d.from_state != d.to_state
+                && matches!(
+                    d.to_state.as_str(),
+                    "resolved" | "escalated" | "backoff" | "removed"
+                )
+            {
+                // The transitions an operator follows (commands have their own line).
+                tracing::info!(
+                    segment = %d.segment,
+                    policy = %d.policy,
+                    from = %d.from_state,
+                    to = %d.to_state,
+                    trigger = %d.trigger,
+                    command_id = d.command_id.as_deref().unwrap_or(""),
+                    "loop"
+                );
             }
         }
         let mut closed_at = None;
