@@ -244,6 +244,9 @@ pub struct BenchArgs {
 pub struct CheckConfigArgs {
     /// Config file (TOML)
     pub file: PathBuf,
+    /// The telemetry topic's partition count: also warn what scale-out does to each limit
+    #[arg(long)]
+    pub partitions: Option<u32>,
     /// Override a config key, e.g. --set windows.size=5s (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
@@ -629,6 +632,11 @@ pub fn check_config(args: &CheckConfigArgs, env: &HashMap<String, String>) -> Ex
                 ExitCode::from(EXIT_USAGE)
             }
             Ok(summary) => {
+                if let Ok(set) = crate::policy::PolicySet::for_config(&config) {
+                    for w in set.limit_warnings(args.partitions) {
+                        eprintln!("warning: {w}");
+                    }
+                }
                 let mut text = config.to_toml();
                 if let Some(s) = summary {
                     text.push_str(&s);

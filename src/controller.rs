@@ -331,6 +331,22 @@ struct PartitionState {
     persisted: BTreeSet<Arc<str>>,
 }
 
+/// The guardrail budgets of one instance, as used at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Budgets {
+    pub in_flight: usize,
+    pub max_in_flight: u32,
+    pub under_action: usize,
+    /// Segments the blast radius allows under action now (at least one).
+    pub blast_radius_segments: usize,
+    pub known_segments: usize,
+    /// Commands the rate limit allows right now.
+    pub rate_tokens: f64,
+    pub max_actions_per_minute: f64,
+    /// (policy, in flight, its max_in_flight) for policies with a limit.
+    pub policies: Vec<(String, usize, u32)>,
+}
+
 /// A changelog record for the state topic: a segment's state, or `None` to delete it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateChange {
@@ -1070,6 +1086,41 @@ impl Controller {
             return Some(Guardrail::RateLimit);
         }
         None
+    }
+
+    /// The budgets in use now: what `/actions` shows next to the commands in flight.
+    pub fn budgets(&self, now_ms: i64) -> Budgets {
+        let g = &self.policies.guardrails;
+        let in_flight_of = |name: Option<&str>| -> usize {
+            self.partitions
+                .values()
+                .flat_map(|p| p.active.iter().flat_map(|s| p.segments[s].loops.iter()))
+                .filter(|(n, l)| l.phase.in_flight() && name.is_none_or(|x| x == n.as_str()))
+                .count()
+        };
+        let known: usize = self.partitions.values().map(|p| p.segments.len()).sum();
+        let burst = self.rate_burst();
+        let tokens = self.tokens.map_or(burst, |(t, at)| {
+            (t + g.max_actions_per_minute * (now_ms - at).max(0) as f64 / 60_000.0).min(burst)
+        });
+        Budgets {
+            in_flight: in_flight_of(None),
+            max_in_flight: g.max_in_flight,
+            under_action: self.partitions.values().map(|p| p.active.len()).sum(),
+            blast_radius_segments: self.blast_radius_budget(known).floor() as usize,
+            known_segments: known,
+            rate_tokens: tokens,
+            max_actions_per_minute: g.max_actions_per_minute,
+            policies: self
+                .policies
+                .policies
+                .iter()
+                .filter_map(|p| {
+                    p.max_in_flight
+                        .map(|limit| (p.name.clone(), in_flight_of(Some(&p.name)), limit))
+                })
+                .collect(),
+        }
     }
 
     /// Segments that may be under action at once with `known` segments: the blast radius's

@@ -536,10 +536,14 @@ impl Pipeline {
         self.labels.bytes
     }
 
-    /// End of a turn: the read model's watched windows are refreshed and the turn counted;
-    /// every [`PRUNE_EVERY`] turns the labels of segments the windows forgot are dropped.
-    pub fn end_turn(&mut self) {
+    /// End of a turn at `now_ms`: the read model's budgets and watched windows are refreshed
+    /// and the turn counted; every [`PRUNE_EVERY`] turns the labels of segments the windows
+    /// forgot are dropped.
+    pub fn end_turn(&mut self, now_ms: i64) {
         let turn = self.read.turn.load(Ordering::Acquire);
+        if let Ok(mut b) = self.read.budgets.lock() {
+            *b = self.controller.budgets(now_ms);
+        }
         if turn % PRUNE_EVERY == 0 && !self.labels.map.is_empty() {
             let engine = &self.engine;
             self.labels
@@ -604,6 +608,7 @@ pub struct ReadModel {
     /// Segments a reader asked about, with the turn of the last request.
     watched: DashMap<String, u64>,
     silences: Mutex<Vec<SilenceView>>,
+    budgets: Mutex<crate::controller::Budgets>,
     turn: AtomicU64,
 }
 
@@ -652,6 +657,11 @@ impl ReadModel {
             .collect();
         out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         out
+    }
+
+    /// The guardrail budgets as of the last turn.
+    pub fn budgets(&self) -> crate::controller::Budgets {
+        self.budgets.lock().map(|b| b.clone()).unwrap_or_default()
     }
 
     pub fn silences(&self) -> Vec<SilenceView> {

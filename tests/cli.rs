@@ -262,3 +262,36 @@ fn run_without_a_reachable_broker_fails_fast_and_clearly() {
         "{line}"
     );
 }
+
+/// `check-config --partitions N` says what scale-out does to each limit, and flags a limit that
+/// can never be reached; it still exits 0.
+#[test]
+fn check_config_warns_about_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.toml"),
+        "[guardrails]\nmax_in_flight = 10\n[[policies]]\nname = \"wide\"\nwhen = \"count() > 1\"\naction = \"page\"\nmax_in_flight = 20\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "policies = \"p.toml\"\n").unwrap();
+    let out = segloop(
+        &["check-config", cfg.to_str().unwrap(), "--partitions", "16"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("policy wide: max_in_flight = 20 can never be reached"),
+        "{err}"
+    );
+    assert!(
+        err.contains("with up to 16 instances") && err.contains("160"),
+        "{err}"
+    );
+    let out = segloop(&["check-config", cfg.to_str().unwrap()], b"");
+    assert!(
+        !text(&out.stderr).contains("instances"),
+        "no partitions, no scale-out lines"
+    );
+}

@@ -145,7 +145,7 @@ fn labels_leave_with_their_segment() {
     for (i, ts) in (1_000..60_000).step_by(1_000).enumerate() {
         feed(&mut p, &mut sink, 2 + i as i64, "stays", ts);
     }
-    p.end_turn();
+    p.end_turn(60_000);
     let one = p.label_bytes();
     assert!(one > 0 && one < both, "{both} -> {one}");
 }

@@ -215,6 +215,10 @@ fn the_admin_api_answers_while_the_engine_lock_is_held() {
         for (path, status, body) in &answers {
             assert!([200, 503].contains(status), "{path}: {status} {body}");
         }
+        // The budgets in use, next to the commands in flight.
+        let actions: serde_json::Value = serde_json::from_str(&answers[1].2).unwrap();
+        assert_eq!(actions["budgets"]["max_in_flight"], 100, "{}", answers[1].2);
+        assert!(actions["budgets"]["known_segments"].as_u64() >= Some(1));
         let segment = &answers[0];
         assert_eq!(segment.1, 200, "{}", segment.2);
         // Its controller state, from the read model: the loop of the policy that fired

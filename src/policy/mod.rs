@@ -271,6 +271,55 @@ pub struct Guardrails {
 }
 
 impl PolicySet {
+    /// Limits that cannot be met as written, and (given the telemetry topic's partition count,
+    /// the most instances that can own partitions) what scale-out does to each limit: every
+    /// instance enforces its limits over its own partitions.
+    pub fn limit_warnings(&self, partitions: Option<u32>) -> Vec<String> {
+        let g = &self.guardrails;
+        let mut out = Vec::new();
+        for p in &self.policies {
+            if let Some(limit) = p.max_in_flight {
+                if limit > g.max_in_flight {
+                    out.push(format!(
+                        "policy {}: max_in_flight = {limit} can never be reached: guardrails.max_in_flight = {} binds first",
+                        p.name, g.max_in_flight
+                    ));
+                }
+            }
+        }
+        let Some(n) = partitions.filter(|n| *n > 1) else {
+            return out;
+        };
+        let scaled = |what: &str, limit: f64| {
+            format!(
+                "{what} = {limit} holds per instance: with up to {n} instances (one per partition) \
+                 together up to {} (cross-instance coordination is not built yet)",
+                limit * f64::from(n)
+            )
+        };
+        out.push(scaled(
+            "guardrails.max_in_flight",
+            f64::from(g.max_in_flight),
+        ));
+        out.push(scaled(
+            "guardrails.max_actions_per_minute",
+            g.max_actions_per_minute,
+        ));
+        for p in &self.policies {
+            if let Some(limit) = p.max_in_flight {
+                out.push(scaled(
+                    &format!("policy {}: max_in_flight", p.name),
+                    f64::from(limit),
+                ));
+            }
+        }
+        out.push(format!(
+            "guardrails.blast_radius = {} is a fraction of each instance's segments with a floor of one: with up to {n} instances at least {n} segments may be under action",
+            g.blast_radius
+        ));
+        out
+    }
+
     /// The setting behind a guardrail, as a log line shows it (`max_in_flight = 10`).
     pub fn limit_of(&self, guardrail: &str, policy: &str) -> String {
         let g = &self.guardrails;

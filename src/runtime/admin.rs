@@ -284,7 +284,10 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<Byt
                     })
                 })
                 .collect();
-            json_response(200, json!({ "actions": list }))
+            json_response(
+                200,
+                json!({ "actions": list, "budgets": shared.read.budgets() }),
+            )
         }
         (&Method::GET, "/silences") => {
             let list: Vec<serde_json::Value> = shared

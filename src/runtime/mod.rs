@@ -843,7 +843,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             core.tick(now);
             core.write_state(now);
             core.refresh_offsets();
-            core.pipeline.end_turn();
+            core.pipeline.end_turn(now);
             let mut s = status
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
