@@ -813,6 +813,7 @@ fn in_flight_state(segment: &str, partition: i32, at_ms: i64) -> crate::controll
     use crate::controller::{LoopState, Phase, SegmentState};
     let id = crate::controller::command_id(segment, "errors", at_ms, 1);
     SegmentState {
+        version: crate::controller::RECORD_VERSION,
         segment: segment.to_string(),
         partition,
         loops: std::collections::BTreeMap::from([(

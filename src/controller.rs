@@ -135,9 +135,34 @@ impl LoopState {
     }
 }
 
+/// The version of the state and control records this build writes. A record of a later
+/// version (a newer segloop in a rolling upgrade) is refused, named in the log, never misread;
+/// records without one are version 1.
+pub const RECORD_VERSION: u32 = 1;
+
+fn record_version() -> u32 {
+    1
+}
+
+/// Checks a record's version against [`RECORD_VERSION`].
+///
+/// # Errors
+/// A version this build does not know, with what to do.
+pub fn check_record_version(what: &str, version: u32) -> Result<(), String> {
+    if version > RECORD_VERSION {
+        return Err(format!(
+            "{what} of version {version} was written by a newer segloop (this one reads up to {RECORD_VERSION}); finish the upgrade or roll back both"
+        ));
+    }
+    Ok(())
+}
+
 /// Controller state of one segment: what the changelog stores and a restore brings back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SegmentState {
+    /// The record's format version ([`RECORD_VERSION`]).
+    #[serde(default = "record_version")]
+    pub version: u32,
     pub segment: String,
     pub partition: i32,
     pub loops: BTreeMap<String, LoopState>,
@@ -159,6 +184,7 @@ pub struct SegmentState {
 impl SegmentState {
     fn new(segment: &str, partition: i32) -> Self {
         SegmentState {
+            version: RECORD_VERSION,
             segment: segment.into(),
             partition,
             loops: BTreeMap::new(),
@@ -209,7 +235,10 @@ impl SegmentState {
     /// # Errors
     /// Bytes that are not a serialized [`SegmentState`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("bad controller state: {e}"))
+        let state: SegmentState =
+            serde_json::from_slice(bytes).map_err(|e| format!("bad controller state: {e}"))?;
+        check_record_version("a controller state record", state.version)?;
+        Ok(state)
     }
 }
 

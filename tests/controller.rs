@@ -561,6 +561,15 @@ fn segment_state_round_trips_through_bytes() {
     let s = h.c.segment("eu/a").unwrap().clone();
     assert_eq!(SegmentState::from_bytes(&s.to_bytes()).unwrap(), s);
     assert!(SegmentState::from_bytes(b"{").is_err());
+    // Versioned: a record written before versions is version 1; a newer one is refused, named.
+    let mut json: serde_json::Value = serde_json::from_slice(&s.to_bytes()).unwrap();
+    assert_eq!(json["version"], 1);
+    json.as_object_mut().unwrap().remove("version");
+    let old = SegmentState::from_bytes(&serde_json::to_vec(&json).unwrap()).unwrap();
+    assert_eq!(old.version, 1);
+    json["version"] = 99.into();
+    let e = SegmentState::from_bytes(&serde_json::to_vec(&json).unwrap()).unwrap_err();
+    assert!(e.contains("newer segloop"), "{e}");
 }
 
 // ---- properties ------------------------------------------------------------------------

@@ -472,6 +472,7 @@ fn new_silence(body: &[u8], now: i64) -> Result<SilenceRecord, String> {
         return Err("a silence may last 90d at most".into());
     }
     Ok(SilenceRecord {
+        version: crate::controller::RECORD_VERSION,
         id: uuid::Uuid::new_v4().to_string(),
         segments: new.segments,
         from_ms,

@@ -60,6 +60,9 @@ pub struct RunReport {
 /// A silence as stored on the control topic (key `silence/<id>`; a null value deletes it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SilenceRecord {
+    /// The record's format version (`controller::RECORD_VERSION`).
+    #[serde(default = "one")]
+    pub version: u32,
     pub id: String,
     pub segments: String,
     pub from_ms: i64,
@@ -336,7 +339,13 @@ const PARTITION_KEY: &[u8] = b"";
 /// The partition record of the changelog.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct PartitionRecord {
+    #[serde(default = "one")]
+    version: u32,
     closed_through_ms: i64,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Outcomes kept for replay after a restore.
@@ -1203,7 +1212,12 @@ pub fn read_state_partition(
     for (key, value) in latest {
         let Some(bytes) = value else { continue };
         if key == PARTITION_KEY {
-            match serde_json::from_slice::<PartitionRecord>(&bytes) {
+            match serde_json::from_slice::<PartitionRecord>(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|r| {
+                    crate::controller::check_record_version("a partition record", r.version)
+                        .map(|()| r)
+                }) {
                 Ok(r) => through = Some(r.closed_through_ms),
                 Err(e) => tracing::warn!(error = %e, "unreadable partition record ignored"),
             }
@@ -1462,7 +1476,12 @@ impl Core {
                 self.pipeline.remove_silence(id);
                 tracing::info!(id, "silence removed");
             }
-            Some(bytes) => match serde_json::from_slice::<SilenceRecord>(bytes) {
+            Some(bytes) => match serde_json::from_slice::<SilenceRecord>(bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|s| {
+                    crate::controller::check_record_version("a silence record", s.version)
+                        .map(|()| s)
+                }) {
                 Ok(s) => match Silence::new(&s.id, &s.segments, s.from_ms, s.until_ms, &s.reason) {
                     Ok(silence) => {
                         tracing::info!(id = %s.id, segments = %s.segments, created_by = %s.created_by, "silence applied");
@@ -1512,6 +1531,7 @@ impl Core {
                 continue;
             }
             let value = serde_json::to_vec(&PartitionRecord {
+                version: crate::controller::RECORD_VERSION,
                 closed_through_ms: through,
             })
             .expect("a partition record serializes");
