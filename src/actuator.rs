@@ -190,6 +190,10 @@ pub struct ActuatorReport {
     pub failed: u64,
     pub rejected: u64,
     pub undecodable: u64,
+    /// Commands past their ack deadline: answered REJECTED (`expired`), not run.
+    pub expired: u64,
+    /// Commands found answered in the outcomes topic at startup (not run again).
+    pub answered_before: u64,
 }
 
 /// Consumes commands until `control.stop()`.
@@ -237,6 +241,28 @@ pub fn run(
             .map_err(anyhow::Error::msg)?;
     let mut seen = Seen::new(100_000);
     let mut report = ActuatorReport::default();
+    // Idempotence across restarts and group changes: a command another actuator (or this one,
+    // before a restart) already answered within the lookback is not run again.
+    let lookback = config.delivery.outcome_lookback.as_millis() as i64;
+    kafka::read_since(
+        config,
+        &t.outcomes.name,
+        SystemClock.now_ms() - lookback,
+        Duration::from_secs(30),
+        |v| {
+            if let Ok(o) = outcomes.decode(v) {
+                if seen.first(&o.command_id) {
+                    report.answered_before += 1;
+                }
+            }
+        },
+    )?;
+    if report.answered_before > 0 {
+        tracing::info!(
+            commands = report.answered_before,
+            "commands answered in the outcomes topic will not run again"
+        );
+    }
     let write = |cmd: &RemediationCommand, status: OutcomeStatus, message: Option<String>| {
         let o = RemediationOutcome {
             command_id: cmd.command_id.clone(),
@@ -278,6 +304,22 @@ pub fn run(
                     continue;
                 }
                 report.commands += 1;
+                let now = SystemClock.now_ms();
+                if cmd.ack_deadline_ms > 0 && now > cmd.ack_deadline_ms {
+                    // The controller has moved on (retried or escalated): running it now
+                    // would act on a stale decision.
+                    report.expired += 1;
+                    tracing::warn!(command_id = %cmd.command_id, segment = %cmd.segment, action = %cmd.action, late_ms = now - cmd.ack_deadline_ms, "command past its ack deadline: not executed");
+                    write(
+                        &cmd,
+                        OutcomeStatus::Rejected,
+                        Some(format!(
+                            "expired: past its ack deadline by {} ms; not executed",
+                            now - cmd.ack_deadline_ms
+                        )),
+                    );
+                    continue;
+                }
                 if cmd.dry_run {
                     tracing::info!(segment = %cmd.segment, action = %cmd.action, "dry run: not executed");
                     write(&cmd, OutcomeStatus::Accepted, None);

@@ -144,6 +144,16 @@ fn record_version() -> u32 {
     1
 }
 
+/// The `version` field of a JSON record (1 when it has none or is not JSON).
+pub fn record_version_of(bytes: &[u8]) -> u32 {
+    #[derive(Deserialize)]
+    struct Versioned {
+        #[serde(default = "record_version")]
+        version: u32,
+    }
+    serde_json::from_slice::<Versioned>(bytes).map_or(1, |v| v.version)
+}
+
 /// Checks a record's version against [`RECORD_VERSION`].
 ///
 /// # Errors

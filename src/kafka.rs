@@ -675,3 +675,68 @@ pub fn connect(config: &Config) -> anyhow::Result<()> {
         }
     }
 }
+
+/// Reads `topic` from broker time `from_ms` to the end it has now (committed records only),
+/// handing each record's value to `f`; gives up after `limit`.
+///
+/// # Errors
+/// The topic cannot be read.
+pub fn read_since(
+    config: &Config,
+    topic: &str,
+    from_ms: i64,
+    limit: Duration,
+    mut f: impl FnMut(&[u8]),
+) -> anyhow::Result<()> {
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let c: BaseConsumer<QuietEof> = client_config(
+        config,
+        &[
+            ("group.id", &format!("{}-lookback", config.kafka.group_id)),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "true"),
+            ("isolation.level", "read_committed"),
+        ],
+    )
+    .create_with_context(QuietEof)
+    .with_context(|| format!("cannot create a reader of {topic}"))?;
+    let found = offsets_from(&c, topic, Some(from_ms))?;
+    let mut left: BTreeMap<i32, i64> = found
+        .start
+        .iter()
+        .filter(|(p, o)| found.end[*p] > **o)
+        .map(|(p, _)| (*p, found.end[p]))
+        .collect();
+    if left.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in left.keys() {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(found.start[p]))?;
+    }
+    c.assign(&tpl)
+        .with_context(|| format!("cannot read {topic}"))?;
+    drop(tpl);
+    let deadline = std::time::Instant::now() + limit;
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                if let Some(v) = m.payload() {
+                    f(v);
+                }
+                if left
+                    .get(&m.partition())
+                    .is_some_and(|end| m.offset() + 1 >= *end)
+                {
+                    left.remove(&m.partition());
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                left.remove(&p);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -332,6 +332,11 @@ impl Sink for LiveSink<'_, '_> {
     }
 }
 
+/// A state or control record written by a newer segloop: the run stops rather than misread it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NewerRecord(String);
+
 /// The changelog key of a partition's own record (`closed_through`); segment ids are never
 /// empty, so it cannot collide with one.
 const PARTITION_KEY: &[u8] = b"";
@@ -889,7 +894,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             if let Some(e) = c.fatal.take() {
                 drop(c);
                 admin.stop();
-                anyhow::bail!("exactly-once: {e}");
+                anyhow::bail!("{e}");
             }
             if std::mem::take(&mut c.needs_rewind) {
                 c.rewind(&consumer, clock.now_ms());
@@ -1127,7 +1132,7 @@ fn commit_transaction<C: ConsumerContext>(
             let fatal = matches!(&e, rdkafka::error::KafkaError::Transaction(t) if t.is_fatal());
             if fatal {
                 tracing::error!(error = %e, "exactly-once: fatal transaction error (fenced by a newer instance?)");
-                core.fatal = Some(e.to_string());
+                core.fatal = Some(format!("exactly-once: {e}"));
                 return;
             }
             tracing::warn!(error = %e, "exactly-once: commit failed; aborting and rewinding");
@@ -1135,7 +1140,7 @@ fn commit_transaction<C: ConsumerContext>(
             *core.out.counters.transactions.entry("aborted").or_default() += 1;
             if let Err(e) = txn_retry(deadline, || producer.abort_transaction(timeout)) {
                 tracing::error!(error = %e, "exactly-once: abort failed");
-                core.fatal = Some(e.to_string());
+                core.fatal = Some(format!("exactly-once: {e}"));
                 return;
             }
             core.needs_rewind = true;
@@ -1143,7 +1148,7 @@ fn commit_transaction<C: ConsumerContext>(
     }
     if let Err(e) = producer.begin_transaction() {
         tracing::error!(error = %e, "exactly-once: cannot begin a transaction");
-        core.fatal = Some(e.to_string());
+        core.fatal = Some(format!("exactly-once: {e}"));
     }
 }
 
@@ -1211,6 +1216,16 @@ pub fn read_state_partition(
     let mut through = None;
     for (key, value) in latest {
         let Some(bytes) = value else { continue };
+        let version = crate::controller::record_version_of(&bytes);
+        if let Err(e) = crate::controller::check_record_version(
+            &format!(
+                "the state record {:?} of {topic}/{p}",
+                String::from_utf8_lossy(&key)
+            ),
+            version,
+        ) {
+            return Err(NewerRecord(e).into());
+        }
         if key == PARTITION_KEY {
             match serde_json::from_slice::<PartitionRecord>(&bytes)
                 .map_err(|e| e.to_string())
@@ -1480,6 +1495,10 @@ impl Core {
                 .map_err(|e| e.to_string())
                 .and_then(|s| {
                     crate::controller::check_record_version("a silence record", s.version)
+                        .map_err(|e| {
+                            self.fatal = Some(format!("control topic: {e}"));
+                            e
+                        })
                         .map(|()| s)
                 }) {
                 Ok(s) => match Silence::new(&s.id, &s.segments, s.from_ms, s.until_ms, &s.reason) {
@@ -1573,6 +1592,11 @@ impl Core {
                     "controller state restored"
                 );
             }
+            Err(e) if e.downcast_ref::<NewerRecord>().is_some() => {
+                // Misreading a newer format would act on wrong state: stop instead.
+                tracing::error!(partition = p, error = %e, "controller state of a newer format");
+                self.fatal = Some(e.to_string());
+            }
             Err(e) => {
                 tracing::error!(partition = p, error = %e, "controller state not restored; the partition starts from windows alone");
             }
@@ -1606,7 +1630,7 @@ impl Core {
             };
             if let Err(e) = consumer.seek(&topic, *p, to, Duration::from_secs(10)) {
                 tracing::error!(partition = p, error = %e, "rewind: seek failed");
-                self.fatal = Some(format!("rewind of partition {p} failed: {e}"));
+                self.fatal = Some(format!("exactly-once: rewind of partition {p} failed: {e}"));
                 return;
             }
             self.restore_partition(*p);
