@@ -853,3 +853,22 @@ fn a_policy_judges_only_the_windows_of_its_group() {
     h.c.on_window(&again, &h.labels, 3 * W, &mut h.fx);
     assert_eq!(h.c.stats().windows_replayed, replayed + 1);
 }
+
+/// A changelog record in the format segloop wrote before records were versioned (a fixture,
+/// kept): it restores as version 1, with its command in flight.
+#[test]
+fn a_changelog_record_of_the_unversioned_format_restores() {
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/segment_state.unversioned.json"
+    ))
+    .unwrap();
+    let s = SegmentState::from_bytes(&bytes).unwrap();
+    assert_eq!(s.version, 1);
+    assert_eq!(s.escalated_freeze_ms, None);
+    assert_eq!(s.loops["errors"].phase, Phase::Commanded);
+    let mut c = Controller::new(policies("", ""));
+    c.assign(3);
+    c.restore(s).unwrap();
+    assert_eq!(c.in_flight().count(), 1);
+}
