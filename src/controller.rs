@@ -787,6 +787,16 @@ impl Controller {
         self.policies.policies.iter().position(|p| p.name == name)
     }
 
+    /// The state of a segment of an owned partition (it exists once a window was judged).
+    fn segment_mut(&mut self, partition: i32, segment: &str) -> &mut SegmentState {
+        self.partitions
+            .get_mut(&partition)
+            .expect("partition owned")
+            .segments
+            .get_mut(segment)
+            .expect("segment known")
+    }
+
     fn loop_mut(&mut self, partition: i32, segment: &str, policy: &str) -> &mut LoopState {
         let p = self
             .partitions
@@ -972,13 +982,7 @@ impl Controller {
             return;
         }
         self.stats.firings += 1;
-        let seg = self
-            .partitions
-            .get_mut(&partition)
-            .expect("owned")
-            .segments
-            .get_mut(segment)
-            .expect("known");
+        let seg = self.segment_mut(partition, segment);
         seg.last_action_ms.insert(policy.action.clone(), now);
         seg.action_history.push(now);
         let (tokens, _) = self.tokens.get_or_insert((self.rate_burst(), now));
@@ -1181,13 +1185,7 @@ impl Controller {
         ctx: &Ctx<'_>,
         out: &mut Effects,
     ) {
-        let seg = self
-            .partitions
-            .get_mut(&partition)
-            .expect("owned")
-            .segments
-            .get_mut(segment)
-            .expect("known");
+        let seg = self.segment_mut(partition, segment);
         // One escalation per freeze: a loop that cleared and breaches again inside the same
         // freeze is held back (its decision says flap_breaker) but pages nobody again.
         if seg.frozen_until_ms.is_some() && seg.escalated_freeze_ms == seg.frozen_until_ms {

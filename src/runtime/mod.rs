@@ -921,12 +921,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         }
         if last_publish.elapsed() >= Duration::from_millis(250) {
             last_publish = Instant::now();
-            let lag = status
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .lag
-                .clone();
-            publish(&core, &producer, lag);
+            publish(&core, &producer, &status);
         }
     }
 
@@ -949,12 +944,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .write_state(clock.now_ms());
     commit_owned(&consumer, &core, &producer, CommitMode::Sync, deadline);
-    let lag = status
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .lag
-        .clone();
-    publish(&core, &producer, lag);
+    publish(&core, &producer, &status);
     admin.stop();
     let report = core
         .lock()
@@ -1324,8 +1314,13 @@ fn measure_lag(consumer: &BaseConsumer<GroupContext>, topic: &str) -> BTreeMap<i
 fn publish(
     core: &Arc<Mutex<Core>>,
     producer: &ThreadedProducer<ProduceContext>,
-    lag: BTreeMap<i32, i64>,
+    status: &Mutex<Status>,
 ) {
+    let lag = status
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .lag
+        .clone();
     let mut core = core
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
