@@ -1096,34 +1096,22 @@ impl Controller {
             }
         }
         // The budgets, over every partition owned here.
-        let in_flight_of = |name: Option<&str>| -> usize {
-            self.partitions
-                .values()
-                .flat_map(|p| p.active.iter().flat_map(|s| p.segments[s].loops.iter()))
-                .filter(|(n, l)| l.phase.in_flight() && name.is_none_or(|x| x == n.as_str()))
-                .count()
-        };
         if let Some(limit) = policy.max_in_flight {
-            if in_flight_of(Some(&policy.name)) + 1 > limit as usize {
+            if self.in_flight_count(Some(&policy.name)) + 1 > limit as usize {
                 return Some(Guardrail::PolicyInFlight);
             }
         }
-        if in_flight_of(None) + 1 > g.max_in_flight as usize {
+        if self.in_flight_count(None) + 1 > g.max_in_flight as usize {
             return Some(Guardrail::MaxInFlight);
         }
         let already = self.partitions[&partition].active.contains(segment);
-        if !already {
-            let active: usize = self.partitions.values().map(|p| p.active.len()).sum();
-            let known: usize = self.partitions.values().map(|p| p.segments.len()).sum();
-            if active as f64 + 1.0 > self.blast_radius_budget(known) + 1e-9 {
-                return Some(Guardrail::BlastRadius);
-            }
+        if !already
+            && self.under_action() as f64 + 1.0
+                > self.blast_radius_budget(self.known_segments()) + 1e-9
+        {
+            return Some(Guardrail::BlastRadius);
         }
-        // Token bucket: the rate per minute, a burst of a minute's worth (at least one).
-        let burst = self.rate_burst();
-        let rate = g.max_actions_per_minute;
-        let (tokens, at) = self.tokens.unwrap_or((burst, now));
-        let tokens = (tokens + rate * (now - at).max(0) as f64 / 60_000.0).min(burst);
+        let tokens = self.rate_tokens(now);
         self.tokens = Some((tokens, now));
         if tokens < 1.0 - 1e-9 {
             return Some(Guardrail::RateLimit);
@@ -1131,28 +1119,44 @@ impl Controller {
         None
     }
 
+    /// Loops awaiting an outcome or verification over every owned partition (of `policy`, or
+    /// of every policy).
+    fn in_flight_count(&self, policy: Option<&str>) -> usize {
+        self.in_flight()
+            .filter(|(_, name, _)| policy.is_none_or(|x| x == *name))
+            .count()
+    }
+
+    /// Segments under action over every owned partition.
+    fn under_action(&self) -> usize {
+        self.partitions.values().map(|p| p.active.len()).sum()
+    }
+
+    /// Segments known over every owned partition.
+    fn known_segments(&self) -> usize {
+        self.partitions.values().map(|p| p.segments.len()).sum()
+    }
+
+    /// The rate limit's tokens at `now_ms`: refilled at the rate per minute up to the burst.
+    fn rate_tokens(&self, now_ms: i64) -> f64 {
+        let burst = self.rate_burst();
+        self.tokens.map_or(burst, |(t, at)| {
+            let rate = self.policies.guardrails.max_actions_per_minute;
+            (t + rate * (now_ms - at).max(0) as f64 / 60_000.0).min(burst)
+        })
+    }
+
     /// The budgets in use now: what `/actions` shows next to the commands in flight.
     pub fn budgets(&self, now_ms: i64) -> Budgets {
         let g = &self.policies.guardrails;
-        let in_flight_of = |name: Option<&str>| -> usize {
-            self.partitions
-                .values()
-                .flat_map(|p| p.active.iter().flat_map(|s| p.segments[s].loops.iter()))
-                .filter(|(n, l)| l.phase.in_flight() && name.is_none_or(|x| x == n.as_str()))
-                .count()
-        };
-        let known: usize = self.partitions.values().map(|p| p.segments.len()).sum();
-        let burst = self.rate_burst();
-        let tokens = self.tokens.map_or(burst, |(t, at)| {
-            (t + g.max_actions_per_minute * (now_ms - at).max(0) as f64 / 60_000.0).min(burst)
-        });
+        let known = self.known_segments();
         Budgets {
-            in_flight: in_flight_of(None),
+            in_flight: self.in_flight_count(None),
             max_in_flight: g.max_in_flight,
-            under_action: self.partitions.values().map(|p| p.active.len()).sum(),
+            under_action: self.under_action(),
             blast_radius_segments: self.blast_radius_budget(known).floor() as usize,
             known_segments: known,
-            rate_tokens: tokens,
+            rate_tokens: self.rate_tokens(now_ms),
             max_actions_per_minute: g.max_actions_per_minute,
             policies: self
                 .policies
@@ -1160,7 +1164,7 @@ impl Controller {
                 .iter()
                 .filter_map(|p| {
                     p.max_in_flight
-                        .map(|limit| (p.name.clone(), in_flight_of(Some(&p.name)), limit))
+                        .map(|limit| (p.name.clone(), self.in_flight_count(Some(&p.name)), limit))
                 })
                 .collect(),
         }
