@@ -16,13 +16,20 @@
 //!                                                          └──► commanded (attempt + 1)
 //! ```
 //!
-//! Deadlines (ack, verify, backoff), cooldowns, silences and the flap breaker run on the
-//! controller clock (`now_ms`, passed in), never on event time. Every transition and every
-//! suppressed firing yields a [`DecisionRecord`]; the guardrail that suppressed it is named.
-//! Nothing here does I/O; the same code runs live and in backtests.
+//! Deadlines (ack, backoff), cooldowns, silences and the flap breaker run on the controller
+//! clock (`now_ms`, passed in). A verification is judged on evidence: the first window of the
+//! policy that ends at or after the verify deadline and does not verify makes the fix
+//! ineffective; the deadline alone decides only once the partition's input is caught up and a
+//! window's life has passed (a restart re-reads the healthy windows before judging). Every
+//! transition and every suppressed firing yields a [`DecisionRecord`]; the guardrail that
+//! suppressed it is named. Nothing here does I/O; the same code runs live and in backtests.
 //!
-//! Global limits (in-flight, rate, blast radius) are enforced per owned partition as its share
-//! `limit / partitions` (DESIGN.md), so N instances never exceed them together.
+//! Every limit (in-flight, per policy, blast radius, rate) is exact over the partitions this
+//! instance owns. Two watches look at the instance as a whole ([`watch`]): firing loops a budget
+//! holds back too long, and an actuator that stopped answering (its circuit breaker stops new
+//! commands). Each raises one escalation per episode, on the segment [`INSTANCE_SEGMENT`].
+
+mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -34,6 +41,10 @@ use crate::model::{
 };
 use crate::policy::{Policy, PolicySet, Silence};
 use crate::window::WindowSummary;
+
+/// The segment of the escalations and decisions about the instance as a whole (held-back work,
+/// the actuator breaker); segment ids of telemetry are never `*` by convention.
+pub const INSTANCE_SEGMENT: &str = "*";
 
 /// Namespace of command ids (UUIDv5).
 pub const COMMAND_ID_NAMESPACE: uuid::Uuid =
@@ -264,10 +275,12 @@ pub enum Guardrail {
     MaxInFlight,
     BlastRadius,
     RateLimit,
+    /// The actuator circuit breaker is open.
+    ActuatorBreaker,
 }
 
 impl Guardrail {
-    pub const ALL: [Guardrail; 9] = [
+    pub const ALL: [Guardrail; 10] = [
         Guardrail::Staleness,
         Guardrail::Silence,
         Guardrail::FlapBreaker,
@@ -277,6 +290,7 @@ impl Guardrail {
         Guardrail::MaxInFlight,
         Guardrail::BlastRadius,
         Guardrail::RateLimit,
+        Guardrail::ActuatorBreaker,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -290,7 +304,20 @@ impl Guardrail {
             Guardrail::MaxInFlight => "max_in_flight",
             Guardrail::BlastRadius => "blast_radius",
             Guardrail::RateLimit => "rate_limit",
+            Guardrail::ActuatorBreaker => "actuator_breaker",
         }
+    }
+
+    /// A budget: it holds firings back for want of room, not by intent (silences, cooldowns,
+    /// inhibition, the flap breaker). Held-back work is escalated past a limit.
+    pub fn is_budget(self) -> bool {
+        matches!(
+            self,
+            Guardrail::PolicyInFlight
+                | Guardrail::MaxInFlight
+                | Guardrail::BlastRadius
+                | Guardrail::RateLimit
+        )
     }
 }
 
@@ -405,6 +432,21 @@ pub struct Controller {
     /// Silences added at run time (control topic), by id.
     silences: BTreeMap<String, Silence>,
     stats: ControllerStats,
+    /// Partitions whose input is read up to the broker's end (`None`: all, as in a replay).
+    caught_up: Option<BTreeSet<i32>>,
+    /// Processing time past a verify deadline before a caught-up partition with no deciding
+    /// window judges the fix anyway (a window's life: size, lateness, idle advance).
+    evidence_grace_ms: i64,
+    held_back: watch::HeldBack,
+    breaker: watch::ActuatorBreaker,
+}
+
+/// An escalation about the instance as a whole: its command's params, and the count its
+/// decision reports (as an aggregate).
+struct InstanceEscalation {
+    params: BTreeMap<String, String>,
+    count_name: &'static str,
+    count: usize,
 }
 
 /// Inputs that are the same for every loop touched by one call.
@@ -421,7 +463,38 @@ impl Controller {
             tokens: None,
             silences: BTreeMap::new(),
             stats: ControllerStats::default(),
+            caught_up: None,
+            evidence_grace_ms: 0,
+            held_back: watch::HeldBack::default(),
+            breaker: watch::ActuatorBreaker::default(),
         }
+    }
+
+    /// How long past a verify deadline a caught-up partition waits for the deciding window.
+    pub fn set_evidence_grace(&mut self, ms: i64) {
+        self.evidence_grace_ms = ms.max(0);
+    }
+
+    /// The partitions whose input is caught up (live: measured from the lag; `None`: every
+    /// partition, as in a replay, which reads in order).
+    pub fn set_caught_up(&mut self, partitions: Option<BTreeSet<i32>>) {
+        self.caught_up = partitions;
+    }
+
+    fn is_caught_up(&self, partition: i32) -> bool {
+        self.caught_up
+            .as_ref()
+            .is_none_or(|c| c.contains(&partition))
+    }
+
+    /// Whether the actuator breaker is open (new commands stop).
+    pub fn actuator_breaker_open(&self) -> bool {
+        self.breaker.is_open()
+    }
+
+    /// Firing loops a budget holds back now.
+    pub fn held_back(&self) -> usize {
+        self.held_back.waiting()
     }
 
     pub fn policies(&self) -> &PolicySet {
@@ -642,6 +715,22 @@ impl Controller {
             return OutcomeDisposition::NotOurs;
         };
         *self.stats.outcomes.entry(o.status.as_str()).or_default() += 1;
+        if let Some(since) = self.breaker.close() {
+            let ctx = Ctx {
+                now_ms,
+                window: None,
+            };
+            self.instance_event(
+                None,
+                Phase::Escalated,
+                Phase::Healthy,
+                "actuator_answering",
+                since,
+                None,
+                &ctx,
+                out,
+            );
+        }
         let seg = &self.partitions[&partition].segments[o.segment.as_str()];
         let Some((policy_name, l)) = seg
             .loops
@@ -666,6 +755,9 @@ impl Controller {
             now_ms,
             window: None,
         };
+        if phase == Phase::Commanded {
+            self.breaker.answered();
+        }
         let next = match (o.status, phase) {
             (OutcomeStatus::Accepted, Phase::Commanded) => {
                 self.timing(
@@ -767,13 +859,28 @@ impl Controller {
             let Some(pi) = self.policy_index(&policy_name) else {
                 continue;
             };
-            let phase = self.loop_mut(partition, &segment, &policy_name).phase;
+            let seg = &self.partitions[&partition].segments[&segment];
+            let l = &seg.loops[&policy_name];
+            let (phase, deadline) = (l.phase, l.deadline_ms.unwrap_or(now_ms));
             match phase {
                 Phase::Commanded | Phase::Acknowledged => {
+                    if phase == Phase::Commanded {
+                        self.judge_unanswered(&policy_name, &ctx, out);
+                    }
                     self.retry_or_escalate(pi, partition, &segment, "ack_timeout", &ctx, out)
                 }
                 Phase::Verifying => {
-                    self.retry_or_escalate(pi, partition, &segment, "ineffective", &ctx, out)
+                    // Judged on evidence: the deciding window was read (it did not verify, or
+                    // the window step would have resolved the loop), or the input is caught up
+                    // and a window's life has passed with none.
+                    let group = self.policies.policies[pi].window.as_deref();
+                    let evidence = seg.last_window_end(group) >= deadline;
+                    if evidence
+                        || (self.is_caught_up(partition)
+                            && now_ms >= deadline.saturating_add(self.evidence_grace_ms))
+                    {
+                        self.retry_or_escalate(pi, partition, &segment, "ineffective", &ctx, out)
+                    }
                 }
                 Phase::Backoff => self.fire(pi, partition, &segment, &ctx, out),
                 _ => {
@@ -781,6 +888,161 @@ impl Controller {
                 }
             }
         }
+        self.watch_held_back(&ctx, out);
+    }
+
+    /// A command went unanswered past its ack deadline: the actuator breaker judges it.
+    fn judge_unanswered(&mut self, policy: &str, ctx: &Ctx<'_>, out: &mut Effects) {
+        let g = &self.policies.guardrails;
+        let Some(unanswered) = self.breaker.unanswered(
+            ctx.now_ms,
+            g.actuator_breaker_min_commands,
+            g.actuator_breaker_ratio,
+            g.actuator_breaker_probe_ms,
+        ) else {
+            return;
+        };
+        let params = BTreeMap::from([
+            (
+                "escalation_reason".to_string(),
+                "actuator_not_acknowledging".to_string(),
+            ),
+            ("unanswered_commands".to_string(), unanswered.to_string()),
+        ]);
+        self.instance_event(
+            Some(policy),
+            Phase::Healthy,
+            Phase::Escalated,
+            "actuator_not_acknowledging",
+            ctx.now_ms,
+            Some(InstanceEscalation {
+                params,
+                count_name: "unanswered_commands",
+                count: unanswered,
+            }),
+            ctx,
+            out,
+        );
+    }
+
+    /// Drops held-back loops that stopped waiting; escalates a backlog that waited too long,
+    /// once, and says when it drained.
+    fn watch_held_back(&mut self, ctx: &Ctx<'_>, out: &mut Effects) {
+        if self.held_back.waiting() > 0 {
+            let partitions = &self.partitions;
+            self.held_back.retain(|segment, policy| {
+                partitions.values().any(|p| {
+                    p.segments
+                        .get(segment)
+                        .and_then(|s| s.loops.get(policy))
+                        .is_some_and(|l| matches!(l.phase, Phase::Breaching | Phase::Backoff))
+                })
+            });
+        }
+        let after = self.policies.guardrails.held_back_escalate_after_ms;
+        match self.held_back.check(ctx.now_ms, after) {
+            Some(watch::Episode::HeldBack {
+                waiting,
+                guardrail,
+                since_ms,
+                policy,
+            }) => {
+                let params = BTreeMap::from([
+                    ("escalation_reason".to_string(), "held_back".to_string()),
+                    ("guardrail".to_string(), guardrail.as_str().to_string()),
+                    ("waiting_segments".to_string(), waiting.to_string()),
+                    ("waiting_since_ms".to_string(), since_ms.to_string()),
+                ]);
+                self.instance_event(
+                    Some(&policy),
+                    Phase::Healthy,
+                    Phase::Escalated,
+                    &format!("held_back:{}", guardrail.as_str()),
+                    since_ms,
+                    Some(InstanceEscalation {
+                        params,
+                        count_name: "waiting_segments",
+                        count: waiting,
+                    }),
+                    ctx,
+                    out,
+                );
+            }
+            Some(watch::Episode::Drained { since_ms }) => self.instance_event(
+                None,
+                Phase::Escalated,
+                Phase::Healthy,
+                "held_back_drained",
+                since_ms,
+                None,
+                ctx,
+                out,
+            ),
+            None => {}
+        }
+    }
+
+    /// A decision about the instance as a whole (segment [`INSTANCE_SEGMENT`]) and, with
+    /// `escalation` (its params and the count it reports), the escalation command: the
+    /// escalate action of `policy` if it has one, else of the first policy that has one.
+    #[allow(clippy::too_many_arguments)]
+    fn instance_event(
+        &mut self,
+        policy: Option<&str>,
+        from: Phase,
+        to: Phase,
+        trigger: &str,
+        since_ms: i64,
+        escalation: Option<InstanceEscalation>,
+        ctx: &Ctx<'_>,
+        out: &mut Effects,
+    ) {
+        let chosen = policy
+            .and_then(|name| self.policies.policy(name))
+            .filter(|p| p.escalate.is_some())
+            .or_else(|| self.policies.policies.iter().find(|p| p.escalate.is_some()))
+            .or_else(|| policy.and_then(|name| self.policies.policy(name)))
+            .or_else(|| self.policies.policies.first());
+        let name = chosen.map_or_else(String::new, |p| p.name.clone());
+        let mut id = None;
+        let mut aggregates = Vec::new();
+        if let Some(InstanceEscalation {
+            params,
+            count_name,
+            count,
+        }) = escalation
+        {
+            aggregates.push((count_name.to_string(), count as f64));
+            if let Some((p, action)) = chosen.and_then(|p| Some((p, p.escalate.clone()?))) {
+                let cid = command_id(INSTANCE_SEGMENT, &format!("{name}:{trigger}"), since_ms, 1);
+                id = Some(cid.clone());
+                self.stats.commands += 1;
+                out.commands.push(RemediationCommand {
+                    command_id: cid,
+                    segment: INSTANCE_SEGMENT.into(),
+                    policy: name.clone(),
+                    policy_version: p.version,
+                    action,
+                    params,
+                    attempt: 1,
+                    issued_at_ms: ctx.now_ms,
+                    ack_deadline_ms: ctx.now_ms + p.ack_timeout_ms,
+                    reason: reason_without_window(p, since_ms),
+                    dry_run: p.dry_run,
+                });
+            }
+        }
+        out.decisions.push(decision(
+            INSTANCE_SEGMENT,
+            &name,
+            from,
+            to,
+            trigger,
+            ctx,
+            id,
+            None,
+            aggregates,
+        ));
     }
 
     fn policy_index(&self, name: &str) -> Option<usize> {
@@ -871,6 +1133,7 @@ impl Controller {
         let l = self.loop_mut(partition, segment, &name);
         let from = l.phase;
         let mut fire = false;
+        let mut ineffective = false;
         let mut to = from;
         let mut trigger = "window";
         match from {
@@ -902,6 +1165,9 @@ impl Controller {
                         start.map(|s| ctx.now_ms - s),
                         out,
                     );
+                } else if l.deadline_ms.is_some_and(|d| w.end_ms >= d) {
+                    // The deciding window: it reaches the verify deadline and does not verify.
+                    ineffective = true;
                 }
             }
             Phase::Resolved | Phase::Escalated | Phase::DryRun => {
@@ -941,6 +1207,9 @@ impl Controller {
                 segment, &name, from, to, trigger, ctx, id, None, aggs,
             ));
         }
+        if ineffective {
+            self.retry_or_escalate(pi, partition, segment, "ineffective", ctx, out);
+        }
         if fire {
             let reason = policy_reason(&self.policies.policies[pi], w);
             self.loop_mut(partition, segment, &name).reason = reason;
@@ -955,6 +1224,9 @@ impl Controller {
         let policy = self.policies.policies[pi].clone();
         if let Some(g) = self.guardrail(&policy, partition, segment, ctx) {
             *self.stats.suppressed.entry(g.as_str()).or_default() += 1;
+            if g.is_budget() {
+                self.held_back.hold(segment, &policy.name, g, now);
+            }
             let mut aggs = Vec::new();
             if let Some(w) = ctx.window {
                 policy.when.aggregates(w, &mut aggs);
@@ -982,6 +1254,7 @@ impl Controller {
             return;
         }
         self.stats.firings += 1;
+        self.held_back.release(segment, &policy.name);
         let seg = self.segment_mut(partition, segment);
         seg.last_action_ms.insert(policy.action.clone(), now);
         seg.action_history.push(now);
@@ -1116,6 +1389,10 @@ impl Controller {
         if tokens < 1.0 - 1e-9 {
             return Some(Guardrail::RateLimit);
         }
+        // Last: a probe let through while open must not be stopped by another guardrail.
+        if !policy.dry_run && self.breaker.blocks(now, g.actuator_breaker_probe_ms) {
+            return Some(Guardrail::ActuatorBreaker);
+        }
         None
     }
 
@@ -1214,8 +1491,11 @@ impl Controller {
     ) {
         let policy = self.policies.policies[pi].clone();
         let seed = self.policies.guardrails.seed;
+        // While the actuator breaker is open an unanswered command is the actuator's fault, not
+        // the fix's: the loop waits in backoff instead of paging per segment.
+        let breaker_holds = why == "ack_timeout" && self.breaker.is_open();
         let l = self.loop_mut(partition, segment, &policy.name);
-        if l.attempt < policy.max_attempts {
+        if l.attempt < policy.max_attempts || breaker_holds {
             let from = l.phase;
             let delay = backoff_ms(
                 &policy,

@@ -195,6 +195,92 @@ fn existing_partitions<'a>(
     Ok(out)
 }
 
+/// Collapses repeated client errors and librdkafka warnings (a broker that is down fails every
+/// reconnect of every client): the first of a kind is logged, repeats within `every` are
+/// counted and reported on the next line of that kind. Kinds are bounded (256; then forgotten).
+pub struct Collapse {
+    every: std::time::Duration,
+    seen: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
+}
+
+impl Collapse {
+    pub fn new(every: std::time::Duration) -> Self {
+        Collapse {
+            every,
+            seen: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Whether an occurrence of `kind` is logged now: `Some(repeats)` (those not logged since
+    /// the last line), or `None` to stay quiet.
+    pub fn admit(&self, kind: &str) -> Option<u64> {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        match seen.get_mut(kind) {
+            Some((last, repeats)) if now.duration_since(*last) < self.every => {
+                *repeats += 1;
+                None
+            }
+            Some((last, repeats)) => {
+                *last = now;
+                Some(std::mem::take(repeats))
+            }
+            None => {
+                if seen.len() >= 256 {
+                    seen.clear();
+                }
+                seen.insert(kind.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// The process's collapse of client errors (every client of a process shares it).
+pub fn client_log() -> &'static Collapse {
+    static LOG: std::sync::OnceLock<Collapse> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| Collapse::new(std::time::Duration::from_secs(30)))
+}
+
+/// Logs a client error, collapsed (see [`Collapse`]).
+pub fn log_client_error(error: &rdkafka::error::KafkaError, reason: &str) {
+    if let Some(repeated) = client_log().admit(&error.to_string()) {
+        tracing::warn!(error = %error, reason, repeated, "kafka client");
+    }
+}
+
+/// Logs a librdkafka log line: warnings and worse collapsed by facility, the rest at debug.
+pub fn log_client_line(level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel as L;
+    match level {
+        L::Emerg | L::Alert | L::Critical | L::Error | L::Warning => {
+            if let Some(repeated) = client_log().admit(&format!("librdkafka {fac}")) {
+                tracing::warn!(target: "librdkafka", facility = fac, repeated, "{message}");
+            }
+        }
+        _ => tracing::debug!(target: "librdkafka", facility = fac, "{message}"),
+    }
+}
+
+/// Callbacks of clients with nothing of their own to do: client errors and librdkafka's
+/// warnings collapsed.
+pub struct Collapsing;
+
+impl rdkafka::ClientContext for Collapsing {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        log_client_error(&error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        log_client_line(level, fac, message);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Collapsing {}
+
 /// Callbacks of consumers that read to the end of a partition (`enable.partition.eof`):
 /// reaching the end is expected, not an error worth logging.
 pub struct QuietEof;
@@ -208,8 +294,12 @@ impl rdkafka::ClientContext for QuietEof {
             _ => false,
         };
         if !eof {
-            tracing::warn!(error = %error, reason, "kafka client");
+            log_client_error(&error, reason);
         }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        log_client_line(level, fac, message);
     }
 }
 
@@ -411,6 +501,26 @@ pub fn murmur2(data: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A broker that is down fails every reconnect: one line per kind per interval, and the
+    /// next line says how many were not logged.
+    #[test]
+    fn repeated_client_errors_are_collapsed() {
+        let c = Collapse::new(std::time::Duration::from_millis(200));
+        assert_eq!(c.admit("AllBrokersDown"), Some(0));
+        for _ in 0..50 {
+            assert_eq!(c.admit("AllBrokersDown"), None);
+        }
+        assert_eq!(c.admit("BrokerTransportFailure"), Some(0), "kinds apart");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        assert_eq!(c.admit("AllBrokersDown"), Some(50));
+        assert_eq!(c.admit("AllBrokersDown"), None);
+        // Bounded: many kinds never grow it past 256.
+        for i in 0..1_000 {
+            c.admit(&format!("kind {i}"));
+        }
+        assert!(c.seen.lock().unwrap().len() <= 256);
+    }
 
     /// Kafka's published vectors (clients/src/test/java/.../UtilsTest.java, testMurmur2).
     #[test]

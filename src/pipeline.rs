@@ -22,7 +22,7 @@
 //!
 //! Engine code only: no Kafka, no tokio, no HTTP.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -140,6 +140,15 @@ struct LabelMap {
 }
 
 /// A label map entry's memory, estimated: its strings plus a fixed overhead per string.
+/// A window's life past its end until it closes at the latest: the largest window, the allowed
+/// lateness and the idle advance. A verification with no deciding window waits this long past
+/// its deadline on a caught-up partition.
+fn evidence_grace_ms(w: &crate::config::WindowConfig) -> i64 {
+    let largest = w.groups.values().map(|g| g.size).chain([w.size]).max();
+    let life = largest.unwrap_or(w.size) + w.out_of_orderness + w.grace + w.idle_timeout;
+    life.as_millis().try_into().unwrap_or(i64::MAX)
+}
+
 fn label_bytes(segment: &str, labels: &Labels) -> usize {
     const PER_STRING: usize = 32;
     segment.len()
@@ -222,15 +231,18 @@ impl Pipeline {
             .map_err(|e| format!("topics.telemetry: {e}"))?;
         let read = Arc::new(ReadModel::default());
         read.set_silences(policies.silences.iter());
+        let labels_on = uses_labels(&policies);
+        let mut controller = Controller::new(policies);
+        controller.set_evidence_grace(evidence_grace_ms(&config.windows));
         Ok(Pipeline {
             engine: Windows::from_config(&config.windows),
             labels: LabelMap {
-                on: uses_labels(&policies),
+                on: labels_on,
                 cap: config.windows.max_segments,
                 bytes: 0,
                 map: FastMap::default(),
             },
-            controller: Controller::new(policies),
+            controller,
             decoder,
             options,
             max_clock_skew_ms: config.windows.max_clock_skew.as_millis() as i64,
@@ -242,6 +254,13 @@ impl Pipeline {
             stats: InputStats::default(),
             read,
         })
+    }
+
+    /// The partitions whose input is caught up (a live driver measures it from the lag; until
+    /// it does, a replay's default holds: every partition). Verification deadlines with no
+    /// deciding window are judged only on caught-up partitions.
+    pub fn set_caught_up(&mut self, partitions: Option<BTreeSet<i32>>) {
+        self.controller.set_caught_up(partitions);
     }
 
     pub fn engine(&self) -> &Windows {

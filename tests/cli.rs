@@ -289,9 +289,27 @@ fn check_config_warns_about_limits() {
         err.contains("with up to 16 instances") && err.contains("160"),
         "{err}"
     );
+    assert!(
+        err.contains("no policy has `escalate`") && err.contains("no command reaches a person"),
+        "escalations with nowhere to go are named: {err}"
+    );
     let out = segloop(&["check-config", cfg.to_str().unwrap()], b"");
     assert!(
         !text(&out.stderr).contains("instances"),
         "no partitions, no scale-out lines"
+    );
+    // A breaker that can never open is refused, naming the field and the range.
+    std::fs::write(
+        dir.path().join("p.toml"),
+        "[guardrails]\nactuator_breaker_min_commands = 50\n[[policies]]\nname = \"wide\"\nwhen = \"count() > 1\"\naction = \"page\"\n",
+    )
+    .unwrap();
+    let out = segloop(&["check-config", cfg.to_str().unwrap()], b"");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr)
+            .contains("guardrails.actuator_breaker_min_commands: 50 is outside 1..=20"),
+        "{}",
+        text(&out.stderr)
     );
 }

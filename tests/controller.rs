@@ -609,9 +609,23 @@ fn sim_policies() -> PolicySet {
     )
 }
 
+/// The simulation's policies with the instance watches (actuator breaker, held-back
+/// escalation) out of reach: they are not in the changelog and start afresh after a restart.
+fn sim_policies_without_watches() -> PolicySet {
+    policies(
+        "max_in_flight = 4\nblast_radius = 0.5\nmax_actions_per_minute = 6\nflap_max_actions = 3\n\
+         actuator_breaker_min_commands = 1000\nheld_back_escalate_after = \"1000d\"",
+        "for = 1\ncooldown = \"20s\"\nmax_in_flight = 3",
+    )
+}
+
 impl Sim {
     fn new() -> Self {
-        let mut c = Controller::new(sim_policies());
+        Sim::with(sim_policies())
+    }
+
+    fn with(set: PolicySet) -> Self {
+        let mut c = Controller::new(set);
         c.assign(0);
         c.assign(1);
         Sim {
@@ -741,12 +755,12 @@ proptest! {
     #[test]
     fn snapshot_restore_mid_run_continues_identically(ops in arb_ops(), cut in any::<prop::sample::Index>()) {
         let cut = cut.index(ops.len());
-        let mut a = Sim::new();
+        let mut a = Sim::with(sim_policies_without_watches());
         for op in &ops[..cut] {
             a.apply(op);
         }
         // Restore every segment's bytes into a fresh controller.
-        let mut b = Sim::new();
+        let mut b = Sim::with(sim_policies_without_watches());
         b.now = a.now;
         b.window_start = a.window_start.clone();
         b.issued = a.issued.clone();
@@ -871,4 +885,184 @@ fn a_changelog_record_of_the_unversioned_format_restores() {
     c.assign(3);
     c.restore(s).unwrap();
     assert_eq!(c.in_flight().count(), 1);
+}
+
+/// A restart during verification (issue #17, observation 2): the restored loop's verify
+/// deadline fell while the process was down. Until the partition's input is caught up nothing
+/// is judged on the clock; the re-read healthy window resolves the loop with its one command.
+#[test]
+fn a_verify_deadline_passed_during_a_restart_waits_for_the_evidence() {
+    let mut h = H::new(policies("", ""));
+    let id = fire(&mut h, "eu/a");
+    let t = 2 * W + 1_000;
+    h.outcome("eu/a", &id, OutcomeStatus::Applied, t);
+    let state = h.c.segment("eu/a").unwrap().clone();
+    // The restarted process: the changelog's state, input not read yet, clock far past the
+    // verify deadline (t + 30 s).
+    let mut c = Controller::new(policies("", ""));
+    c.assign(0);
+    c.set_caught_up(Some(BTreeSet::new()));
+    c.set_evidence_grace(5_000);
+    c.restore(state).unwrap();
+    let mut fx = Effects::default();
+    let restart = t + 120_000;
+    c.tick(restart, &mut fx);
+    assert_eq!(
+        c.segment("eu/a").unwrap().loops["errors"].phase,
+        Phase::Verifying,
+        "judged before the telemetry that decides it was read: {:?}",
+        fx.decisions
+    );
+    // The re-read telemetry: a healthy window after APPLIED verifies the fix.
+    c.on_window(
+        &window("eu/a", 0, 3 * W, 0.0),
+        &h.labels,
+        restart + 10,
+        &mut fx,
+    );
+    assert_eq!(
+        c.segment("eu/a").unwrap().loops["errors"].phase,
+        Phase::Resolved
+    );
+    assert!(fx.commands.is_empty(), "no retry: {:?}", fx.commands);
+}
+
+/// The deciding window: one that reaches the verify deadline and does not verify makes the fix
+/// ineffective when it closes; with no window, a caught-up partition judges it once a
+/// window's life past the deadline has passed.
+#[test]
+fn verification_is_judged_by_the_deciding_window_or_a_caught_up_silence() {
+    let mut h = H::new(policies("", ""));
+    h.c.set_caught_up(Some(BTreeSet::new()));
+    let id = fire(&mut h, "eu/a");
+    let t = 2 * W + 1_000;
+    h.outcome("eu/a", &id, OutcomeStatus::Applied, t); // verify deadline t + 30 s = 51 s
+    h.win("eu/a", 3 * W, 1.0); // ends at 40 s: before the deadline, no verdict
+    assert_eq!(h.phase("eu/a"), Phase::Verifying);
+    h.win("eu/a", 5 * W, 1.0); // ends at 60 s: the deciding window
+    assert_eq!(h.phase("eu/a"), Phase::Backoff);
+    assert!(h.fx.decisions.iter().any(|d| d.trigger == "ineffective"));
+
+    // A segment that stops reporting: its partition is behind, then caught up.
+    let mut h = H::new(policies("", ""));
+    h.c.set_caught_up(Some(BTreeSet::new()));
+    h.c.set_evidence_grace(5_000);
+    let id = fire(&mut h, "eu/b");
+    h.outcome("eu/b", &id, OutcomeStatus::Applied, t);
+    h.c.tick(t + 60_000, &mut h.fx);
+    assert_eq!(h.phase("eu/b"), Phase::Verifying, "behind: waits");
+    h.c.set_caught_up(Some(BTreeSet::from([0])));
+    h.c.tick(t + 34_999, &mut h.fx);
+    assert_eq!(h.phase("eu/b"), Phase::Verifying, "inside the grace");
+    h.c.tick(t + 35_000, &mut h.fx);
+    assert_eq!(h.phase("eu/b"), Phase::Backoff);
+}
+
+/// Observation 4: a budget that holds firing loops back past `held_back_escalate_after` raises
+/// one escalation naming the guardrail and how many wait; it clears when they drain.
+#[test]
+fn held_back_work_is_escalated_once_and_clears_when_drained() {
+    // The first segment's command stays unanswered (a long ack timeout) and holds the slot.
+    let mut h = H::new(policies(
+        "blast_radius = 0.01\nheld_back_escalate_after = \"1m\"",
+        "ack_timeout = \"1h\"",
+    ));
+    // One segment takes the single slot of the blast radius; three more breach behind it.
+    fire(&mut h, "eu/a");
+    for s in ["eu/b", "eu/c", "eu/d"] {
+        h.win(s, 0, 1.0);
+        h.win(s, W, 1.0);
+    }
+    assert!(h.fx.commands.is_empty());
+    assert_eq!(h.c.held_back(), 3);
+    let t = 2 * W + 1_000;
+    h.c.tick(t + 59_999, &mut h.fx);
+    assert!(h.fx.commands.is_empty(), "not yet waited a minute");
+    for at in [t + 60_000, t + 90_000, t + 120_000] {
+        h.c.tick(at, &mut h.fx);
+    }
+    let pages: Vec<_> = h.fx.commands.drain(..).collect();
+    assert_eq!(pages.len(), 1, "one escalation per episode: {pages:?}");
+    let p = &pages[0];
+    assert_eq!((p.segment.as_str(), p.action.as_str()), ("*", "page"));
+    assert_eq!(p.params["guardrail"], "blast_radius");
+    assert_eq!(p.params["waiting_segments"], "3");
+    assert_eq!(p.params["escalation_reason"], "held_back");
+    // The waiting segments recover: the backlog drains and the escalation clears.
+    for s in ["eu/b", "eu/c", "eu/d"] {
+        h.win(s, 2 * W, 0.0);
+    }
+    h.c.tick(t + 130_000, &mut h.fx);
+    assert_eq!(h.c.held_back(), 0);
+    assert!(h
+        .fx
+        .decisions
+        .iter()
+        .any(|d| d.segment == "*" && d.trigger == "held_back_drained"));
+}
+
+/// Observation 5: an actuator that is down. After most recent commands go unanswered the
+/// breaker opens: one escalation, no per-segment pages, new commands held; a probe passes per
+/// interval, and its answer closes the breaker.
+#[test]
+fn an_actuator_that_stops_answering_opens_the_breaker_with_one_page() {
+    let mut h = H::new(policies(
+        "actuator_breaker_min_commands = 4\nactuator_breaker_ratio = 0.75\nactuator_breaker_probe = \"2m\"",
+        "",
+    ));
+    let segs: Vec<String> = (0..8).map(|i| format!("eu/s{i}")).collect();
+    for s in &segs {
+        h.win(s, 0, 1.0);
+        h.win(s, W, 1.0);
+    }
+    assert_eq!(h.fx.commands.len(), 8);
+    h.fx.commands.clear();
+    let t = 2 * W + 1_000;
+    // Every ack deadline passes unanswered; retries and their deadlines follow.
+    let mut at = t;
+    while at < t + 600_000 {
+        at += 1_000;
+        h.c.tick(at, &mut h.fx);
+    }
+    assert!(h.c.actuator_breaker_open());
+    let instance: Vec<_> = h.fx.commands.iter().filter(|c| c.segment == "*").collect();
+    assert_eq!(instance.len(), 1, "one page: {instance:?}");
+    assert_eq!(
+        instance[0].params["escalation_reason"],
+        "actuator_not_acknowledging"
+    );
+    let per_segment_pages =
+        h.fx.commands
+            .iter()
+            .filter(|c| c.segment != "*" && c.action == "page")
+            .count();
+    assert_eq!(per_segment_pages, 0, "no page storm");
+    assert!(h.guardrails().iter().any(|g| g == "actuator_breaker"));
+    // Probes: about one per 2 minutes over the 10 minutes, not a retry per segment.
+    let probes =
+        h.fx.commands
+            .iter()
+            .filter(|c| c.segment != "*" && c.action == "rollback")
+            .count();
+    assert!((4..=7).contains(&probes), "probes: {probes}");
+    // The actuator answers a probe: the breaker closes.
+    let probe =
+        h.fx.commands
+            .iter()
+            .rev()
+            .find(|c| c.segment != "*")
+            .unwrap()
+            .clone();
+    h.outcome(
+        &probe.segment,
+        &probe.command_id,
+        OutcomeStatus::Applied,
+        at + 1,
+    );
+    assert!(!h.c.actuator_breaker_open());
+    assert!(h
+        .fx
+        .decisions
+        .iter()
+        .any(|d| d.segment == "*" && d.trigger == "actuator_answering"));
 }

@@ -159,6 +159,125 @@ fn kill9_mid_incident_exactly_once_restores_without_duplicates() {
     kill9_mid_incident("exactly-once");
 }
 
+/// `n` healthy records of 500 other segments, stamped now.
+fn backlog(p: &rdkafka::producer::BaseProducer, topic: &str, n: usize) {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use segloop::codec::{build_codec, CodecKind};
+    let codec = build_codec::<segloop::model::TelemetryEvent>(
+        CodecKind::AvroSingleObject,
+        &Default::default(),
+    )
+    .unwrap();
+    let now = SystemClock.now_ms();
+    let mut bytes = Vec::new();
+    for i in 0..n {
+        let e = segloop::model::TelemetryEvent {
+            segment: format!("noise/seg-{}", i % 500),
+            ts_ms: now,
+            measurements: [("error".to_string(), 0.0)].into(),
+            labels: Default::default(),
+            event_id: None,
+        };
+        bytes.clear();
+        codec.encode(&e, &mut bytes).unwrap();
+        let mut record = rdkafka::producer::BaseRecord::to(topic)
+            .key(&e.segment)
+            .payload(&bytes);
+        loop {
+            match p.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    p.poll(Duration::from_millis(10));
+                    record = r;
+                }
+                Err((e, _)) => panic!("produce: {e}"),
+            }
+        }
+    }
+    p.flush(Duration::from_secs(60)).unwrap();
+}
+
+/// Waits (up to 60 s) until the state topic holds a record of `seg` with a loop in `phase`.
+fn wait_for_phase(bs: &str, tag: &str, seg: &str, phase: &str) {
+    let topic = format!("rk.{tag}.state");
+    let c = from_beginning(bs, &topic);
+    let needle = format!("\"phase\":\"{phase}\"");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            if m.key() == Some(seg.as_bytes())
+                && m.payload()
+                    .is_some_and(|p| String::from_utf8_lossy(p).contains(&needle))
+            {
+                return;
+            }
+        }
+    }
+    panic!("no state record of {seg} in {phase} within 60 s");
+}
+
+/// kill -9 while a fix is being verified, down longer than `verify_within` (issue #17,
+/// observation 2): the telemetry of the downtime is healthy, so the restarted process must
+/// read it before judging the verify deadline, and resolve the incident with its one command
+/// (it used to judge the deadline on its first tick: "ineffective", and a needless retry).
+#[test]
+fn kill9_during_verification_resolves_on_the_evidence_with_one_command() {
+    let bs = broker_bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tag = tag("kill9-verify");
+    let port = free_port();
+    let cfg = process_config(dir.path(), &bs, &tag, port, "");
+    let mut a = spawn(&cfg);
+    wait_assigned(port, 2);
+    let seg = "verify/seg-1";
+    let cmd = feed_until(&bs, &tag, "actions", seg, 1.0, command_for(seg))
+        .expect("a command for the failing segment");
+    applied(&bs, &tag, &cmd);
+    wait_for_phase(&bs, &tag, seg, "verifying");
+    std::thread::sleep(Duration::from_millis(1000));
+    signal(&a, "-KILL");
+    a.wait().unwrap();
+
+    // While nobody runs: a backlog of other segments (the restarted process reads it over
+    // many turns, ticking in between), then the segment healthy for 8 s, longer than
+    // verify_within (5 s).
+    let p = producer(&bs);
+    let topic = format!("rk.{tag}.telemetry");
+    backlog(&p, &topic, 150_000);
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(8) {
+        telemetry(&p, &topic, seg, SystemClock.now_ms(), 0.0);
+        p.flush(Duration::from_secs(5)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let mut b = spawn(&cfg);
+    wait_assigned(port, 2);
+    let resolved = feed_until(&bs, &tag, "decisions", seg, 0.0, resolved_for(seg))
+        .expect("the incident resolves after the restart");
+    assert_eq!(resolved.as_deref(), Some(cmd.command_id.as_str()));
+    let decisions: Vec<(String, String)> = read_all(&bs, &format!("rk.{tag}.decisions"), |b| {
+        Some(decode_decision(b))
+    })
+    .into_iter()
+    .filter(|d| d.segment == seg)
+    .map(|d| (d.to_state, d.trigger))
+    .collect();
+    assert!(
+        !decisions.iter().any(|(_, t)| t == "ineffective"),
+        "judged ineffective before the evidence was read: {decisions:?}"
+    );
+    let commands: Vec<RemediationCommand> = read_all(&bs, &format!("rk.{tag}.actions"), |b| {
+        Some(decode_command(b))
+    })
+    .into_iter()
+    .filter(|c| c.segment == seg)
+    .collect();
+    assert_eq!(commands.len(), 1, "one command, no retry: {commands:?}");
+    signal(&b, "-TERM");
+    assert!(b.wait().unwrap().success());
+}
+
 #[test]
 fn rebalance_moves_an_in_flight_command_and_the_new_owner_closes_the_loop() {
     let bs = broker_bootstrap();

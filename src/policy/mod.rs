@@ -50,6 +50,18 @@ pub struct GuardrailsConfig {
     pub max_action_staleness: Duration,
     /// Seed of the retry jitter.
     pub seed: u64,
+    /// Firing loops a budget (in-flight, blast radius, rate) holds back for this long raise one
+    /// escalation naming the guardrail and how many segments wait; it clears when they drain.
+    #[serde(with = "humantime_serde")]
+    pub held_back_escalate_after: Duration,
+    /// Actuator circuit breaker: with at least this many recent commands judged ...
+    pub actuator_breaker_min_commands: u32,
+    /// ... and at least this fraction of them unanswered by their ack deadline, new commands
+    /// stop and one escalation says so; an outcome closes the breaker again.
+    pub actuator_breaker_ratio: f64,
+    /// While the breaker is open, one command is let through this often as a probe.
+    #[serde(with = "humantime_serde")]
+    pub actuator_breaker_probe: Duration,
 }
 
 impl Default for GuardrailsConfig {
@@ -63,6 +75,10 @@ impl Default for GuardrailsConfig {
             flap_freeze: Duration::from_secs(1800),
             max_action_staleness: Duration::from_secs(120),
             seed: 0,
+            held_back_escalate_after: Duration::from_secs(300),
+            actuator_breaker_min_commands: 5,
+            actuator_breaker_ratio: 0.8,
+            actuator_breaker_probe: Duration::from_secs(60),
         }
     }
 }
@@ -257,6 +273,9 @@ impl Silence {
     }
 }
 
+/// How many recent commands' acknowledgements the actuator breaker judges.
+pub const ACTUATOR_BREAKER_RECENT: usize = 20;
+
 /// Guardrails in milliseconds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Guardrails {
@@ -268,6 +287,10 @@ pub struct Guardrails {
     pub flap_freeze_ms: i64,
     pub max_action_staleness_ms: i64,
     pub seed: u64,
+    pub held_back_escalate_after_ms: i64,
+    pub actuator_breaker_min_commands: u32,
+    pub actuator_breaker_ratio: f64,
+    pub actuator_breaker_probe_ms: i64,
 }
 
 impl PolicySet {
@@ -277,6 +300,12 @@ impl PolicySet {
     pub fn limit_warnings(&self, partitions: Option<u32>) -> Vec<String> {
         let g = &self.guardrails;
         let mut out = Vec::new();
+        if !self.policies.is_empty() && self.policies.iter().all(|p| p.escalate.is_none()) {
+            out.push(
+                "no policy has `escalate`: escalations (attempts exhausted, flap breaker, held-back work, actuator breaker) are decision records and log lines only; no command reaches a person"
+                    .to_string(),
+            );
+        }
         for p in &self.policies {
             if let Some(limit) = p.max_in_flight {
                 if limit > g.max_in_flight {
@@ -349,6 +378,10 @@ impl PolicySet {
             "staleness" => format!(
                 "guardrails.max_action_staleness = {} ms",
                 g.max_action_staleness_ms
+            ),
+            "actuator_breaker" => format!(
+                "guardrails.actuator_breaker_ratio = {} of at least {} commands unanswered (a probe every {} ms)",
+                g.actuator_breaker_ratio, g.actuator_breaker_min_commands, g.actuator_breaker_probe_ms
             ),
             other => other.to_string(),
         }
@@ -439,6 +472,31 @@ impl PolicySet {
         }
         if g.flap_max_actions < 2 {
             errors.push("guardrails.flap_max_actions: must be at least 2".to_string());
+        }
+        if g.held_back_escalate_after.is_zero() {
+            errors.push(
+                "guardrails.held_back_escalate_after: must be above 0 (held-back work must reach a person); e.g. \"5m\""
+                    .to_string(),
+            );
+        }
+        if g.actuator_breaker_min_commands == 0
+            || g.actuator_breaker_min_commands as usize > ACTUATOR_BREAKER_RECENT
+        {
+            errors.push(format!(
+                "guardrails.actuator_breaker_min_commands: {} is outside 1..={ACTUATOR_BREAKER_RECENT} (the breaker judges the last {ACTUATOR_BREAKER_RECENT} commands)",
+                g.actuator_breaker_min_commands
+            ));
+        }
+        if !(g.actuator_breaker_ratio > 0.0 && g.actuator_breaker_ratio <= 1.0) {
+            errors.push(format!(
+                "guardrails.actuator_breaker_ratio: {} is outside (0, 1]; e.g. 0.8 for most commands",
+                g.actuator_breaker_ratio
+            ));
+        }
+        if g.actuator_breaker_probe.is_zero() {
+            errors.push(
+                "guardrails.actuator_breaker_probe: must be above 0; e.g. \"1m\"".to_string(),
+            );
         }
         let mut silences = Vec::new();
         for (i, s) in file.silences.iter().enumerate() {
@@ -566,6 +624,10 @@ impl PolicySet {
                 flap_freeze_ms: ms(g.flap_freeze),
                 max_action_staleness_ms: ms(g.max_action_staleness),
                 seed: g.seed,
+                held_back_escalate_after_ms: ms(g.held_back_escalate_after),
+                actuator_breaker_min_commands: g.actuator_breaker_min_commands,
+                actuator_breaker_ratio: g.actuator_breaker_ratio,
+                actuator_breaker_probe_ms: ms(g.actuator_breaker_probe),
             },
             silences,
         })

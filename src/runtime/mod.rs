@@ -16,7 +16,7 @@
 
 pub mod admin;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -294,7 +294,15 @@ impl Sink for LiveSink<'_, '_> {
 
     fn effects(&mut self, fx: &mut Effects, cause: Cause<'_>, policies: &PolicySet) {
         for d in &fx.decisions {
-            if let Some(g) = &d.guardrail {
+            if d.segment == crate::controller::INSTANCE_SEGMENT {
+                // The instance as a whole: held-back work or the actuator breaker.
+                let waiting = d.aggregates.values().next().copied().unwrap_or(0.0);
+                if d.to_state == "escalated" {
+                    tracing::warn!(trigger = %d.trigger, count = waiting, policy = %d.policy, command_id = d.command_id.as_deref().unwrap_or(""), "instance escalation");
+                } else {
+                    tracing::info!(trigger = %d.trigger, "instance escalation cleared");
+                }
+            } else if let Some(g) = &d.guardrail {
                 self.out.held_back(g, &d.segment, &d.policy, policies);
             } else if d.from_state != d.to_state
                 && matches!(
@@ -385,8 +393,12 @@ impl ClientContext for GroupContext {
                 v.push((error, reason.to_string()));
             }
         } else {
-            tracing::warn!(error = %error, reason, "kafka client");
+            kafka::log_client_error(&error, reason);
         }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        kafka::log_client_line(level, fac, message);
     }
 }
 
@@ -472,7 +484,15 @@ impl ProduceContext {
     }
 }
 
-impl ClientContext for ProduceContext {}
+impl ClientContext for ProduceContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        kafka::log_client_error(&error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        kafka::log_client_line(level, fac, message);
+    }
+}
 
 /// Process-relative microseconds (+1, so 0 means "not timed"): the delivery opaque of
 /// commands, the time their window closed.
@@ -602,8 +622,11 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
 
     let t = &config.topics;
     let codec_err = |topic: &str, e: String| anyhow::anyhow!("topics.{topic}: {e}");
-    let pipeline =
+    let mut pipeline =
         Pipeline::new(&config, policies, PipelineOptions::live()).map_err(anyhow::Error::msg)?;
+    // No partition is caught up until the lag says so: a verification with no deciding window
+    // waits for the re-read telemetry after a restart.
+    pipeline.set_caught_up(Some(BTreeSet::new()));
     let read_model = pipeline.read_model();
     let core = Arc::new(Mutex::new(Core {
         pipeline,
@@ -700,7 +723,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         .subscribe(&[&t.telemetry.name])
         .context("cannot subscribe to the telemetry topic")?;
 
-    let outcomes: BaseConsumer = {
+    let outcomes: BaseConsumer<kafka::Collapsing> = {
         let c = side_consumer_unassigned(&config, &t.outcomes.name)?;
         let lookback = config.delivery.outcome_lookback.as_millis() as i64;
         let found = kafka::offsets_from(&c, &t.outcomes.name, Some(clock.now_ms() - lookback))?;
@@ -720,7 +743,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             .collect();
         c
     };
-    let controls: BaseConsumer = side_consumer(
+    let controls: BaseConsumer<kafka::Collapsing> = side_consumer(
         &config,
         &t.control.name,
         control_partitions,
@@ -730,6 +753,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     let _guard = metrics::set_default_local_recorder(&*metrics.recorder);
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now();
+    let mut within_before = BTreeSet::new();
     let mut last_publish = Instant::now();
     let mut policy_mtime = policies_path.as_ref().and_then(|p| mtime(p));
     let mut last_policy_check = Instant::now();
@@ -903,6 +927,20 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         if last_lag.elapsed() >= Duration::from_secs(2) {
             last_lag = Instant::now();
             let lag = measure_lag(&consumer, &t.telemetry.name);
+            // Caught up: within the readiness threshold in two measurements in a row (2 s
+            // apart), so a backlog's tail, or records fetched but not yet delivered (no
+            // position yet), are read before a verification is judged without its window.
+            let within: BTreeSet<i32> = lag
+                .iter()
+                .filter(|(_, l)| **l <= admin::READY_MAX_LAG)
+                .map(|(p, _)| *p)
+                .collect();
+            let caught_up = within.intersection(&within_before).copied().collect();
+            within_before = within;
+            core.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pipeline
+                .set_caught_up(Some(caught_up));
             status
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -960,7 +998,7 @@ fn side_consumer(
     topic: &str,
     partitions: i32,
     start: Offset,
-) -> anyhow::Result<BaseConsumer> {
+) -> anyhow::Result<BaseConsumer<kafka::Collapsing>> {
     let c = side_consumer_unassigned(config, topic)?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
@@ -972,8 +1010,11 @@ fn side_consumer(
 }
 
 /// A group-less reader of every partition of a side topic (it never commits).
-fn side_consumer_unassigned(config: &Config, topic: &str) -> anyhow::Result<BaseConsumer> {
-    let c: BaseConsumer = kafka::client_config(
+fn side_consumer_unassigned(
+    config: &Config,
+    topic: &str,
+) -> anyhow::Result<BaseConsumer<kafka::Collapsing>> {
+    let c: BaseConsumer<kafka::Collapsing> = kafka::client_config(
         config,
         &[
             ("group.id", &format!("{}-side", config.kafka.group_id)),
@@ -981,7 +1022,7 @@ fn side_consumer_unassigned(config: &Config, topic: &str) -> anyhow::Result<Base
             ("enable.partition.eof", "false"),
         ],
     )
-    .create()
+    .create_with_context(kafka::Collapsing)
     .with_context(|| format!("cannot create a consumer for {topic}"))?;
     Ok(c)
 }
