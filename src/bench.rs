@@ -1,26 +1,31 @@
-//! `segloop bench ...`: benchmarks that print `key=value` lines, and the counting allocator that
-//! lets them measure memory instead of estimating it.
+//! `segloop bench ...`: benchmarks that print `key=value` lines, and (in bench builds) the
+//! counting allocator that lets them measure memory instead of estimating it.
 //!
-//! The binary installs [`CountingAllocator`] as its global allocator: mimalloc (the window
-//! engine allocates and frees per segment per window; against glibc's malloc, mimalloc took
-//! `bench window` from 1.94 to 2.29 M events/s at 100k segments and from 0.63 to 0.79 M/s at
-//! 1M), plus one relaxed atomic add per allocation and free.
+//! The binary's global allocator is mimalloc (the window engine allocates and frees per
+//! segment per window; against glibc's malloc, mimalloc took `bench window` from 1.94 to
+//! 2.29 M events/s at 100k segments and from 0.63 to 0.79 M/s at 1M). A bench build
+//! (`--features counting-alloc`) installs [`CountingAllocator`] instead: mimalloc plus one
+//! relaxed atomic add per allocation and free; a production build carries no counter.
 
+#[cfg(feature = "counting-alloc")]
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
+#[cfg(feature = "counting-alloc")]
 use mimalloc::MiMalloc;
 
 use crate::window::{Position, WindowEngine, WindowSpec, WindowSummary};
 
 static ALLOCATED: AtomicIsize = AtomicIsize::new(0);
 
-/// mimalloc, counting live bytes.
+/// mimalloc, counting live bytes (installed by bench builds only).
+#[cfg(feature = "counting-alloc")]
 pub struct CountingAllocator;
 
 // SAFETY: every call is forwarded to mimalloc, a correct global allocator; the counter is a
 // relaxed atomic and never affects the memory handed out.
+#[cfg(feature = "counting-alloc")]
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATED.fetch_add(layout.size() as isize, Ordering::Relaxed);
@@ -44,9 +49,9 @@ unsafe impl GlobalAlloc for CountingAllocator {
     }
 }
 
-/// Live heap bytes, when the binary installed [`CountingAllocator`] (0 otherwise).
-pub fn allocated_bytes() -> isize {
-    ALLOCATED.load(Ordering::Relaxed)
+/// Live heap bytes, in a bench build (`None` in a production build: nothing counts them).
+pub fn allocated_bytes() -> Option<isize> {
+    cfg!(feature = "counting-alloc").then(|| ALLOCATED.load(Ordering::Relaxed))
 }
 
 /// Figures of one window-engine run.
@@ -58,7 +63,8 @@ pub struct WindowBenchReport {
     pub windows_closed: u64,
     pub elapsed_secs: f64,
     pub updates_per_sec: f64,
-    pub bytes_per_segment: f64,
+    /// Measured in a bench build only.
+    pub bytes_per_segment: Option<f64>,
 }
 
 impl WindowBenchReport {
@@ -71,7 +77,10 @@ impl WindowBenchReport {
         println!("windows_closed={}", self.windows_closed);
         println!("elapsed_secs={:.3}", self.elapsed_secs);
         println!("updates_per_sec={:.0}", self.updates_per_sec);
-        println!("bytes_per_segment={:.0}", self.bytes_per_segment);
+        match self.bytes_per_segment {
+            Some(b) => println!("bytes_per_segment={b:.0}"),
+            None => println!("bytes_per_segment=unmeasured (a bench build measures it: cargo build --release --features counting-alloc)"),
+        }
     }
 }
 
@@ -135,11 +144,11 @@ pub fn window_bench(spec: WindowSpec, segments: usize, events: usize) -> WindowB
             )
             .expect("warm-up event should be accepted");
     }
-    let bytes_per_segment = (allocated_bytes()
-        - baseline
-        - (closed.capacity() * std::mem::size_of::<WindowSummary>()) as isize)
-        as f64
-        / segments as f64;
+    let bytes_per_segment = allocated_bytes().zip(baseline).map(|(now, baseline)| {
+        (now - baseline - (closed.capacity() * std::mem::size_of::<WindowSummary>()) as isize)
+            as f64
+            / segments as f64
+    });
 
     let start = Instant::now();
     let mut closed_count = 0u64;
@@ -793,7 +802,7 @@ pub fn restore_bench(
     let mut restored = 0;
     for p in 0..partitions {
         controller.assign(p);
-        let (states, _) =
+        let (states, _marks) =
             crate::runtime::read_state_partition(&reader, &config.topics.state.name, p)?;
         for s in states {
             controller.restore(s).map_err(anyhow::Error::msg)?;

@@ -155,6 +155,10 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 ///
 /// # Errors
 /// The file cannot be read, is larger, or is not UTF-8.
+/// Most bytes of a file a value or secret is read from (`{ file = ".." }`, `admin.token_file`):
+/// PEM bundles and tokens are far smaller; `/dev/zero` must not fill the memory.
+pub const MAX_SECRET_BYTES: u64 = 1 << 20;
+
 pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
     use std::io::Read;
     let mut text = String::new();
@@ -164,7 +168,7 @@ pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
     if text.len() as u64 > max {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("larger than {max} bytes (the limit for config and policy files)"),
+            format!("larger than {max} bytes (the limit for config, policy and secret files)"),
         ));
     }
     Ok(text)
@@ -203,7 +207,7 @@ fn property_value(
                 }),
                 (None, Some(path), 1) => {
                     let p = base.join(path);
-                    std::fs::read_to_string(&p)
+                    read_bounded(&p, MAX_SECRET_BYTES)
                         .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
                         .map_err(|e| format!("cannot read {}: {e}", p.display()))
                 }
@@ -548,7 +552,7 @@ impl AdminConfig {
             }
             (Some(p), None) => {
                 let p = base.join(p);
-                match std::fs::read_to_string(&p) {
+                match read_bounded(&p, MAX_SECRET_BYTES) {
                     Ok(s) if !s.trim().is_empty() => Some(Secret(s.trim().to_string())),
                     Ok(_) => {
                         fail("admin.token_file", format!("{} is empty", p.display()));

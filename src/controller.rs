@@ -608,18 +608,51 @@ impl Controller {
         Ok(())
     }
 
-    /// The changelog records due since the last call: the state of every changed segment
-    /// that is not quiet, and a tombstone for each persisted one that went quiet.
-    pub fn take_changes(&mut self, now_ms: i64) -> Vec<StateChange> {
-        let g = &self.policies.guardrails;
-        let memory_ms = self
-            .policies
+    /// How long a segment's past actions still count (cooldowns, the flap window).
+    fn memory_ms(&self) -> i64 {
+        self.policies
             .policies
             .iter()
             .map(|p| p.cooldown_ms)
-            .chain([g.flap_window_ms])
+            .chain([self.policies.guardrails.flap_window_ms])
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+    }
+
+    /// Forgets the state of segments that are quiet (see [`SegmentState::is_quiet`]) and that
+    /// the windows no longer hold (`held(partition, segment)` false: TTL, eviction), so the
+    /// controller's memory follows the windows' bound. A persisted one is marked for its
+    /// tombstone first and forgotten on a later call. Returns how many were forgotten.
+    pub fn forget_quiet(&mut self, now_ms: i64, held: impl Fn(i32, &str) -> bool) -> usize {
+        let memory_ms = self.memory_ms();
+        let mut forgotten = 0;
+        for (&partition, p) in &mut self.partitions {
+            let gone: Vec<Arc<str>> = p
+                .segments
+                .iter()
+                .filter(|(name, seg)| {
+                    !p.active.contains(*name)
+                        && seg.is_quiet(now_ms, memory_ms)
+                        && !held(partition, name)
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in gone {
+                if p.persisted.contains(&name) {
+                    p.dirty.insert(name);
+                } else if !p.dirty.contains(&name) {
+                    p.segments.remove(&name);
+                    forgotten += 1;
+                }
+            }
+        }
+        forgotten
+    }
+
+    /// The changelog records due since the last call: the state of every changed segment
+    /// that is not quiet, and a tombstone for each persisted one that went quiet.
+    pub fn take_changes(&mut self, now_ms: i64) -> Vec<StateChange> {
+        let memory_ms = self.memory_ms();
         let mut out = Vec::new();
         for (&partition, p) in &mut self.partitions {
             for name in std::mem::take(&mut p.dirty) {

@@ -36,7 +36,9 @@
 //! - [`backtest`] — `segloop backtest`: a topic range replayed in (event time, partition,
 //!   offset) order through the pipeline, with a simulated or recorded actuator; JSON, terminal
 //!   and HTML reports; compare and against-live diffs.
-//! - [`bench`] — `segloop bench` figures and the counting allocator behind `bytes_per_segment`.
+//! - [`bench`] — `segloop bench` figures and the counting allocator behind `bytes_per_segment` (bench builds).
+//! - [`fuzz`] — fuzz targets: every parser of outside input as a function that must not panic
+//!   (`fuzz/` runs them under libFuzzer; `tests/fuzz_corpus.rs` replays the corpus in CI).
 //! - [`demo`] — `segloop demo`: embedded Kafka, the synthetic fleet, simulated actuator,
 //!   scored from what the topics say.
 //! - [`actuator`] — `segloop actuator`, the reference actuator (shell or webhook handlers,
@@ -67,6 +69,7 @@ pub mod config;
 pub mod controller;
 pub mod demo;
 pub mod fleet;
+pub mod fuzz;
 pub mod kafka;
 pub mod metrics;
 pub mod model;

@@ -6,7 +6,14 @@ use std::process::ExitCode;
 use clap::Parser;
 use segloop::cli::{self, Cli, Command};
 
-/// Counts live heap bytes so `segloop bench` can report measured memory.
+/// mimalloc (see `segloop::bench` for the measurement that chose it).
+#[cfg(not(feature = "counting-alloc"))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Bench builds (`--features counting-alloc`): mimalloc counting live heap bytes, so
+/// `segloop bench window` reports measured memory. Never in a production build.
+#[cfg(feature = "counting-alloc")]
 #[global_allocator]
 static GLOBAL: segloop::bench::CountingAllocator = segloop::bench::CountingAllocator;
 

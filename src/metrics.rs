@@ -16,6 +16,7 @@ pub const RECORDS_CONSUMED: &str = "segloop_records_consumed_total";
 pub const BYTES_CONSUMED: &str = "segloop_consumed_bytes_total";
 pub const DECODE_ERRORS: &str = "segloop_decode_errors_total";
 pub const DLQ_RECORDS: &str = "segloop_dlq_records_total";
+pub const DLQ_TRUNCATED: &str = "segloop_dlq_truncated_total";
 pub const LATE_RECORDS: &str = "segloop_late_records_total";
 pub const SKEWED_RECORDS: &str = "segloop_skewed_records_total";
 pub const NON_FINITE_VALUES: &str = "segloop_non_finite_values_total";
@@ -53,6 +54,7 @@ pub const ALL: &[&str] = &[
     BYTES_CONSUMED,
     DECODE_ERRORS,
     DLQ_RECORDS,
+    DLQ_TRUNCATED,
     LATE_RECORDS,
     SKEWED_RECORDS,
     NON_FINITE_VALUES,
@@ -156,6 +158,11 @@ fn describe_all() {
         DLQ_RECORDS,
         Unit::Count,
         "Records written to the DLQ, by error code"
+    );
+    describe_counter!(
+        DLQ_TRUNCATED,
+        Unit::Count,
+        "Dead letters too large for the DLQ, written truncated (headers give the original size)"
     );
     describe_counter!(
         LATE_RECORDS,
@@ -335,6 +342,7 @@ pub struct Counters {
     pub topic_names: BTreeMap<&'static str, String>,
     pub decode_errors: BTreeMap<&'static str, u64>,
     pub dlq: BTreeMap<&'static str, u64>,
+    pub dlq_truncated: u64,
     pub commands: BTreeMap<(String, String), u64>,
     pub outcomes: BTreeMap<&'static str, u64>,
     pub outcomes_skipped: u64,
@@ -395,6 +403,7 @@ pub fn publish(c: &mut Counters, gauges: &Gauges) {
         };
         histogram!(name, "policy" => policy).record(s);
     }
+    counter!(DLQ_TRUNCATED).increment(std::mem::take(&mut c.dlq_truncated));
     counter!(REBALANCES).increment(std::mem::take(&mut c.rebalances));
     counter!(COMMITS).increment(std::mem::take(&mut c.commits));
     counter!(COMMIT_ERRORS).increment(std::mem::take(&mut c.commit_errors));

@@ -107,6 +107,77 @@ impl Options {
     }
 }
 
+/// Dead-letter writes per partition: those not yet acknowledged hold the commit floor, and the
+/// mark (every failed record at or below it is dead-lettered and acknowledged) goes to the
+/// changelog so a re-read after a restart or rebalance writes none twice.
+#[derive(Debug, Default)]
+struct DeadLetters {
+    /// Whether writes are acknowledged (a live driver); a replay writes no DLQ.
+    tracked: bool,
+    partitions: BTreeMap<i32, DeadLetterState>,
+}
+
+#[derive(Debug, Default)]
+struct DeadLetterState {
+    /// Restored from the changelog: records at or below it are not written again.
+    restored: Option<i64>,
+    /// Written, not yet acknowledged.
+    pending: BTreeSet<i64>,
+    /// The highest offset written.
+    written: Option<i64>,
+}
+
+impl DeadLetters {
+    /// Whether the failed record at (`partition`, `offset`) is to be written (not at or below
+    /// the restored mark); if so it counts as written and pending.
+    fn admit(&mut self, partition: i32, offset: i64) -> bool {
+        let s = self.partitions.entry(partition).or_default();
+        if s.restored.is_some_and(|m| offset <= m) {
+            return false;
+        }
+        if self.tracked {
+            s.pending.insert(offset);
+            s.written = Some(s.written.map_or(offset, |w| w.max(offset)));
+        }
+        true
+    }
+
+    fn acked(&mut self, partition: i32, offset: i64) {
+        if let Some(s) = self.partitions.get_mut(&partition) {
+            s.pending.remove(&offset);
+        }
+    }
+
+    fn floor(&self, partition: i32) -> Option<i64> {
+        self.partitions
+            .get(&partition)
+            .and_then(|s| s.pending.first().copied())
+    }
+
+    fn mark(&self, partition: i32) -> Option<i64> {
+        let s = self.partitions.get(&partition)?;
+        let done = match s.pending.first() {
+            Some(&lowest) => Some(lowest - 1).filter(|_| s.written.is_some()),
+            None => s.written,
+        };
+        match (done, s.restored) {
+            (Some(d), Some(r)) => Some(d.max(r)),
+            (d, r) => d.or(r),
+        }
+    }
+
+    fn restore(&mut self, partition: i32, mark: Option<i64>) {
+        let s = self.partitions.entry(partition).or_default();
+        s.restored = mark;
+        s.pending.clear();
+        s.written = None;
+    }
+
+    fn revoke(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+    }
+}
+
 /// Input accounting: what was read, used and rejected.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct InputStats {
@@ -123,6 +194,14 @@ pub struct InputStats {
     /// Windows closed (every window group).
     pub windows_closed: u64,
     pub open_windows_at_end: u64,
+    /// Failed records re-read at or below the restored dead-letter mark: written to the DLQ
+    /// in an earlier lifetime, not again.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dead_lettered_before: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Most memory the label map may hold (its estimate in [`label_bytes`]).
@@ -220,6 +299,7 @@ pub struct Pipeline {
     replay_until: BTreeMap<i32, i64>,
     stats: InputStats,
     read: Arc<ReadModel>,
+    dead_letters: DeadLetters,
 }
 
 impl Pipeline {
@@ -253,6 +333,7 @@ impl Pipeline {
             replay_until: BTreeMap::new(),
             stats: InputStats::default(),
             read,
+            dead_letters: DeadLetters::default(),
         })
     }
 
@@ -303,6 +384,7 @@ impl Pipeline {
         self.assigned.retain(|p| *p != partition);
         self.closed_through.remove(&partition);
         self.replay_until.remove(&partition);
+        self.dead_letters.revoke(partition);
         self.read.states.retain(|_, s| s.partition != partition);
     }
 
@@ -336,9 +418,39 @@ impl Pipeline {
         self.closed_through.get(&partition).copied()
     }
 
-    /// The lowest offset still feeding an open window of `partition` (what may be committed).
+    /// The commit floor of `partition`, the one rule every driver commits by: the lowest of
+    /// the offset still feeding an open window and every dead-letter write not yet
+    /// acknowledged. (Records waiting on a schema registry will hold it too.)
     pub fn committable_offset(&self, partition: i32) -> Option<i64> {
-        self.engine.committable_offset(partition)
+        let windows = self.engine.committable_offset(partition)?;
+        Some(
+            self.dead_letters
+                .floor(partition)
+                .map_or(windows, |d| d.min(windows)),
+        )
+    }
+
+    /// Dead-letter writes will be acknowledged ([`Pipeline::dead_letter_acked`]): until then
+    /// each holds the commit floor of its partition.
+    pub fn track_dead_letters(&mut self) {
+        self.dead_letters.tracked = true;
+    }
+
+    /// A dead-letter write of the record at (`partition`, `offset`) was acknowledged.
+    pub fn dead_letter_acked(&mut self, partition: i32, offset: i64) {
+        self.dead_letters.acked(partition, offset);
+    }
+
+    /// Restores a partition's dead-letter mark (from the changelog): its records at or below
+    /// it were dead-lettered already and are not again.
+    pub fn restore_dead_letter_mark(&mut self, partition: i32, mark: Option<i64>) {
+        self.dead_letters.restore(partition, mark);
+    }
+
+    /// The partition's dead-letter mark: every record at or below it that failed was
+    /// dead-lettered, and acknowledged (what the changelog keeps).
+    pub fn dead_letter_mark(&self, partition: i32) -> Option<i64> {
+        self.dead_letters.mark(partition)
     }
 
     /// Tells the windows which segments the next records touch (see
@@ -451,6 +563,11 @@ impl Pipeline {
     }
 
     fn reject(&mut self, record: &Record<'_>, e: &DecodeError, sink: &mut dyn Sink) {
+        if !self.dead_letters.admit(record.partition, record.offset) {
+            // Dead-lettered in an earlier lifetime (at or below the restored mark).
+            self.stats.dead_lettered_before += 1;
+            return;
+        }
         *self
             .stats
             .rejected
@@ -563,10 +680,16 @@ impl Pipeline {
         if let Ok(mut b) = self.read.budgets.lock() {
             *b = self.controller.budgets(now_ms);
         }
-        if turn % PRUNE_EVERY == 0 && !self.labels.map.is_empty() {
+        if turn % PRUNE_EVERY == 0 {
             let engine = &self.engine;
-            self.labels
-                .prune(|s| engine.partitions().any(|p| p.holds(s)));
+            if !self.labels.map.is_empty() {
+                self.labels
+                    .prune(|s| engine.partitions().any(|p| p.holds(s)));
+            }
+            // The controller forgets quiet segments the windows forgot: its memory follows
+            // the windows' bound (max_segments, segment_ttl).
+            self.controller
+                .forget_quiet(now_ms, |_, s| engine.partitions().any(|p| p.holds(s)));
         }
         self.read
             .watched

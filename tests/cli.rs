@@ -156,8 +156,13 @@ fn bench_window_prints_measured_figures() {
             .unwrap()
     };
     assert!(get("updates_per_sec") > 0.0);
-    // Measured by the counting allocator: an open window per segment costs real bytes.
-    assert!(get("bytes_per_segment") > 100.0, "{s}");
+    if cfg!(feature = "counting-alloc") {
+        // Measured by the counting allocator: an open window per segment costs real bytes.
+        assert!(get("bytes_per_segment") > 100.0, "{s}");
+    } else {
+        // A production build carries no counter, and says so rather than print a guess.
+        assert!(s.contains("bytes_per_segment=unmeasured"), "{s}");
+    }
     // Event times span ten windows: every segment closed windows during the run.
     assert!(get("windows_closed") >= 500.0 * 9.0, "{s}");
 }
@@ -308,7 +313,7 @@ fn check_config_warns_about_limits() {
     assert!(!out.status.success());
     assert!(
         text(&out.stderr)
-            .contains("guardrails.actuator_breaker_min_commands: 50 is outside 1..=20"),
+            .contains("guardrails.actuator_breaker_min_commands: 50 is outside 0..=20"),
         "{}",
         text(&out.stderr)
     );

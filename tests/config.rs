@@ -330,3 +330,19 @@ fn the_build_knows_what_it_supports() {
     assert!(problems.contains("GSSAPI"), "{problems}");
     assert!(problems.contains("no.such.property"), "{problems}");
 }
+
+/// A secret read from a file is bounded like config and policy files (found by the fuzz
+/// corpus: `{ file = "/dev/zero" }` read until the memory ran out).
+#[test]
+fn a_secret_file_is_read_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        "[kafka.properties]\n\"ssl.key.pem\" = { file = \"/dev/zero\" }\n",
+    );
+    let err = load(Some(&path), &[], &[]).unwrap_err().to_string();
+    assert!(err.contains("larger than 1048576 bytes"), "{err}");
+    let path = write(&dir, "[admin]\ntoken_file = \"/dev/zero\"\n");
+    let err = load(Some(&path), &[], &[]).unwrap_err().to_string();
+    assert!(err.contains("larger than 1048576 bytes"), "{err}");
+}

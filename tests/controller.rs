@@ -609,12 +609,12 @@ fn sim_policies() -> PolicySet {
     )
 }
 
-/// The simulation's policies with the instance watches (actuator breaker, held-back
-/// escalation) out of reach: they are not in the changelog and start afresh after a restart.
+/// The simulation's policies with the instance watches off (the breaker) or out of reach
+/// (held-back escalation): they are not in the changelog and start afresh after a restart.
 fn sim_policies_without_watches() -> PolicySet {
     policies(
         "max_in_flight = 4\nblast_radius = 0.5\nmax_actions_per_minute = 6\nflap_max_actions = 3\n\
-         actuator_breaker_min_commands = 1000\nheld_back_escalate_after = \"1000d\"",
+         actuator_breaker_min_commands = 0\nheld_back_escalate_after = \"1000d\"",
         "for = 1\ncooldown = \"20s\"\nmax_in_flight = 3",
     )
 }
@@ -1065,4 +1065,43 @@ fn an_actuator_that_stops_answering_opens_the_breaker_with_one_page() {
         .decisions
         .iter()
         .any(|d| d.segment == "*" && d.trigger == "actuator_answering"));
+}
+
+/// The controller's memory follows the windows' bound (issue #21): a quiet segment the windows
+/// forgot is forgotten; one under action, or one whose action still counts for its cooldown,
+/// is kept; a persisted one is tombstoned first, then forgotten.
+#[test]
+fn quiet_segments_the_windows_forgot_are_forgotten() {
+    let mut h = H::new(policies("", "cooldown = \"1m\""));
+    for i in 0..50 {
+        h.win(&format!("q/s{i}"), 0, 0.0);
+    }
+    let id = fire(&mut h, "q/acting");
+    assert_eq!(h.c.segments().count(), 51);
+    let now = 3 * W;
+    // The windows still hold them: nothing is forgotten.
+    assert_eq!(h.c.forget_quiet(now, |_, _| true), 0);
+    assert_eq!(h.c.forget_quiet(now, |_, _| false), 50);
+    assert_eq!(h.c.segments().count(), 1, "the segment under action stays");
+    // It resolves and clears; it was persisted, so its tombstone is due before it goes.
+    h.outcome("q/acting", &id, OutcomeStatus::Applied, now);
+    h.c.take_changes(now);
+    h.win("q/acting", 4 * W, 0.0);
+    h.win("q/acting", 5 * W, 0.0);
+    h.win("q/acting", 6 * W, 0.0);
+    assert_eq!(h.phase("q/acting"), Phase::Healthy);
+    h.c.take_changes(7 * W);
+    // Its last action still counts for the flap window (1 h): kept.
+    assert_eq!(h.c.forget_quiet(7 * W + 60_000, |_, _| false), 0);
+    let later = 7 * W + 7_200_000; // past the flap window
+    assert_eq!(h.c.forget_quiet(later, |_, _| false), 0, "tombstone first");
+    let changes = h.c.take_changes(later);
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.segment == "q/acting" && c.state.is_none()),
+        "{changes:?}"
+    );
+    assert_eq!(h.c.forget_quiet(later, |_, _| false), 1);
+    assert_eq!(h.c.segments().count(), 0);
 }

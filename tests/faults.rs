@@ -422,3 +422,226 @@ fn broker_restart_mid_stream_loses_nothing_and_counts_every_record_once() {
     signal(&seg_proc, "-TERM");
     assert!(seg_proc.wait().unwrap().success());
 }
+
+/// A dead letter as read back from the DLQ: its source offset, its payload length, and the
+/// original size when it was truncated.
+#[derive(Debug)]
+struct DeadLetter {
+    partition: i32,
+    offset: i64,
+    len: usize,
+    original_size: Option<usize>,
+    code: String,
+}
+
+fn dead_letters(bs: &str, topic: &str) -> Vec<DeadLetter> {
+    use rdkafka::message::Headers;
+    let c = from_beginning(bs, topic);
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < Duration::from_secs(3) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            last = Instant::now();
+            let h = m.headers().expect("dead letters carry headers");
+            let get = |name: &str| {
+                h.iter()
+                    .find(|x| x.key == name)
+                    .and_then(|x| std::str::from_utf8(x.value?).ok().map(str::to_string))
+            };
+            out.push(DeadLetter {
+                partition: get("segloop.source.partition").unwrap().parse().unwrap(),
+                offset: get("segloop.source.offset").unwrap().parse().unwrap(),
+                len: m.payload().map_or(0, <[u8]>::len),
+                original_size: get("segloop.original.size").map(|s| s.parse().unwrap()),
+                code: get("segloop.error.code").unwrap_or_default(),
+            });
+        }
+    }
+    out
+}
+
+/// Two segments, one per partition of a two-partition topic.
+fn one_per_partition(prefix: &str) -> [String; 2] {
+    let find = |p: i32| {
+        (0..100)
+            .map(|i| format!("{prefix}/seg-{i}"))
+            .find(|s| segloop::kafka::murmur2_partition(s.as_bytes(), 2) == p)
+            .unwrap()
+    };
+    [find(0), find(1)]
+}
+
+/// Bad records in the re-read range of a restart (issue #19, observation 1): each partition's
+/// commit floor is held back by an open window (an event 8 s ahead), bad records follow and
+/// reach the DLQ, and the range is re-read by a new process (kill -9 and restart, at least
+/// once) or by a second member the partitions are handed to (SIGTERM, exactly once). The dead-letter mark in the changelog makes the DLQ hold each bad record
+/// exactly once (before it, every restart wrote them again).
+fn dead_letters_once_across_a_restart(mode: &str, stop: &str) {
+    let bs = broker_bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tag = tag(&format!("dlq-once-{mode}"));
+    let port = free_port();
+    let delivery = if mode == "exactly-once" {
+        format!("mode = \"{mode}\"\ntransactional_id = \"tx-{tag}\"")
+    } else {
+        String::new()
+    };
+    let cfg = process_config(dir.path(), &bs, &tag, port, &delivery);
+    let mut a = spawn(&cfg);
+    wait_assigned(port, 2);
+    let p = producer(&bs);
+    let topic = format!("rk.{tag}.telemetry");
+    let now = SystemClock.now_ms();
+    for seg in one_per_partition("hold") {
+        telemetry(&p, &topic, &seg, now + 8_000, 0.0);
+    }
+    let bad = 20;
+    for i in 0..bad {
+        p.send(
+            rdkafka::producer::BaseRecord::to(&topic)
+                .key(&format!("bad/seg-{i}"))
+                .payload(&b"not avro"[..]),
+        )
+        .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+    let dlq = format!("rk.{tag}.dlq");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dead_letters(&bs, &dlq).len() < bad {
+        assert!(
+            Instant::now() < deadline,
+            "the bad records never reached the DLQ"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let (mut b, port_b) = if stop == "-TERM" {
+        // A hand-off: a second member joins (one partition moves to it), then the first
+        // stops gracefully and the second takes the other one too.
+        let port_b = free_port();
+        let cfg_b = process_config(
+            dir.path(),
+            &bs,
+            &tag,
+            port_b,
+            &delivery.replace("tx-", "tx-b-"),
+        );
+        let b = spawn(&cfg_b);
+        wait_assigned(port_b, 1);
+        signal(&a, "-TERM");
+        assert!(a.wait().unwrap().success());
+        (b, port_b)
+    } else {
+        signal(&a, "-KILL");
+        a.wait().unwrap();
+        (spawn(&cfg), port)
+    };
+    wait_assigned(port_b, 2);
+    // Time for the re-read, with fresh telemetry (as far ahead as the held events, so none is
+    // late) closing the held windows.
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        for seg in one_per_partition("fresh") {
+            telemetry(&p, &topic, &seg, SystemClock.now_ms() + 8_000, 0.0);
+        }
+        p.flush(Duration::from_secs(5)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let letters: Vec<DeadLetter> = dead_letters(&bs, &dlq);
+    assert!(
+        letters.iter().all(|d| d.code == "bad_magic"),
+        "only the bad records: {letters:?}"
+    );
+    let distinct: std::collections::BTreeSet<(i32, i64)> =
+        letters.iter().map(|d| (d.partition, d.offset)).collect();
+    assert_eq!(distinct.len(), bad, "{letters:?}");
+    assert_eq!(
+        letters.len(),
+        bad,
+        "each bad record exactly once in the DLQ across the restart"
+    );
+    signal(&b, "-TERM");
+    assert!(b.wait().unwrap().success());
+}
+
+#[test]
+fn dead_letters_once_across_kill9_at_least_once() {
+    dead_letters_once_across_a_restart("at-least-once", "-KILL");
+}
+
+#[test]
+fn dead_letters_once_across_sigterm_exactly_once() {
+    dead_letters_once_across_a_restart("exactly-once", "-TERM");
+}
+
+/// Records too large for the DLQ (issue #21, observation 4): a 2 MB and a 10 MiB record on a
+/// telemetry topic that accepts them go to the DLQ truncated, with headers giving their
+/// original size and coordinates (they used to fail with MessageSizeTooLarge while counted,
+/// and the commit moved past them).
+#[test]
+fn oversized_records_reach_the_dlq_truncated() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let bs = broker_bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tag = tag("dlq-big");
+    let topic = format!("rk.{tag}.telemetry");
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .create()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let created = rt
+        .block_on(
+            admin.create_topics(
+                &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))
+                    .set("max.message.bytes", "16777216")],
+                &AdminOptions::new(),
+            ),
+        )
+        .unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let port = free_port();
+    let cfg = process_config(dir.path(), &bs, &tag, port, "");
+    let mut a = spawn(&cfg);
+    wait_assigned(port, 2);
+    let p: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .set("message.max.bytes", "20000000")
+        .create()
+        .unwrap();
+    let sizes = [2_000_000usize, 10 << 20];
+    for (i, size) in sizes.iter().enumerate() {
+        let mut value = b"not avro".to_vec();
+        value.resize(*size, 7);
+        p.send(
+            rdkafka::producer::BaseRecord::to(&topic)
+                .key(&format!("big/seg-{i}"))
+                .payload(&value),
+        )
+        .unwrap();
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    let dlq = format!("rk.{tag}.dlq");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let letters = loop {
+        let l = dead_letters(&bs, &dlq);
+        if l.len() >= 2 || Instant::now() > deadline {
+            break l;
+        }
+    };
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let mut originals: Vec<usize> = letters.iter().filter_map(|d| d.original_size).collect();
+    originals.sort_unstable();
+    assert_eq!(originals, sizes, "{letters:?}");
+    for d in &letters {
+        assert_eq!(d.code, "bad_magic");
+        assert!(
+            d.len > 900_000 && d.len < 1_000_000,
+            "truncated to fit: {d:?}"
+        );
+    }
+    signal(&a, "-TERM");
+    assert!(a.wait().unwrap().success());
+}

@@ -183,3 +183,63 @@ fn the_hint_schedule_runs_ahead_of_every_item() {
         }
     }
 }
+
+/// The commit floor and the dead-letter mark (issues #19, #21): a dead-letter write not yet
+/// acknowledged holds the partition's committable offset; once acknowledged it moves on and
+/// the mark covers the record, and a pipeline restored with that mark (a restart or a new
+/// owner re-reading the range) writes it to the DLQ no second time.
+#[test]
+fn dead_letters_hold_the_commit_floor_and_are_written_once_across_lifetimes() {
+    let policies = PolicySet::parse("", "p.toml").unwrap();
+    let cfg = config(&[]);
+    let feed = |p: &mut Pipeline, sink: &mut Collect| {
+        // Offsets 0..6 in the window [0, 1 s); offset 6 at 5 s closes it.
+        for offset in 0..7i64 {
+            let ts = if offset == 6 { 5_000 } else { offset * 100 };
+            let good = encode("a", ts, 0.0, &[]);
+            let value: &[u8] = if offset == 2 { b"not avro" } else { &good };
+            let r = Record {
+                partition: 0,
+                offset,
+                key: Some(b"a"),
+                value: Some(value),
+                timestamp_ms: None,
+                handle: 0,
+            };
+            p.on_record(&r, ts, sink);
+        }
+    };
+    let mut p = Pipeline::new(&cfg, policies.clone(), Options::live()).unwrap();
+    p.track_dead_letters();
+    p.assign(0);
+    let mut sink = Collect::default();
+    feed(&mut p, &mut sink);
+    assert_eq!(sink.rejected, ["bad_magic"]);
+    // The first window closed (the open one starts at offset 6); the dead letter at 2 is not
+    // acknowledged: it is the floor.
+    assert_eq!(p.committable_offset(0), Some(2), "held by the dead letter");
+    assert_eq!(
+        p.dead_letter_mark(0),
+        Some(1),
+        "nothing at or above 2 is known written"
+    );
+    p.dead_letter_acked(0, 2);
+    assert_eq!(
+        p.committable_offset(0),
+        Some(6),
+        "the open window's first offset"
+    );
+    let mark = p.dead_letter_mark(0);
+    assert_eq!(mark, Some(2));
+
+    // The next lifetime re-reads offsets 0..6 with the mark restored: no second dead letter.
+    let mut q = Pipeline::new(&cfg, policies, Options::live()).unwrap();
+    q.track_dead_letters();
+    q.assign(0);
+    q.restore_dead_letter_mark(0, mark);
+    let mut sink = Collect::default();
+    feed(&mut q, &mut sink);
+    assert!(sink.rejected.is_empty(), "{:?}", sink.rejected);
+    assert_eq!(q.stats().dead_lettered_before, 1);
+    assert_eq!(q.committable_offset(0), Some(6));
+}

@@ -512,3 +512,32 @@ fn live_and_backtest_agree_on_the_same_records() {
         "{states:?}"
     );
 }
+
+/// `/readyz` on a real broker: a quiet restart is ready, and so is a standby (issue #19).
+#[test]
+fn a_standby_and_a_quiet_restart_are_ready_on_real_kafka() {
+    let bs = broker_bootstrap();
+    let sets = topics("ready");
+    let tag = format!("{}-{}", std::process::id(), SystemClock.now_ms());
+    let one = |group: &str| {
+        let mut c = config_with(&bs, &format!("{group}-{tag}"), &sets);
+        c.kafka.partitions = 1;
+        c
+    };
+    segloop::kafka::prepare_topics(&one("setup")).unwrap();
+    common::a_standby_and_a_quiet_restart_are_ready(&bs, one);
+}
+
+/// The actuator on a real broker: an expired command is refused, and a new group id does not
+/// run again a command the outcomes topic shows answered (issue #19).
+#[test]
+fn the_actuator_skips_expired_and_already_answered_commands_on_real_kafka() {
+    let bs = broker_bootstrap();
+    let cfg = config_with(
+        &bs,
+        &format!("g-expire-{}", std::process::id()),
+        &topics("expire"),
+    );
+    segloop::kafka::prepare_topics(&cfg).unwrap();
+    common::the_actuator_skips_expired_and_already_answered_commands(&bs, cfg);
+}

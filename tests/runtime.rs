@@ -631,198 +631,26 @@ fn the_reference_actuator_closes_the_loop_with_a_shell_handler() {
     assert!(handled.contains("act/seg"));
 }
 
-/// `/readyz` of a standby (more members than partitions) is 200, and an instance restarted with
-/// no new traffic is ready: a partition with no position yet counts as caught up, not as the
-/// whole topic behind.
+/// `/readyz` of a standby and of a quiet restart (see the shared test).
 #[test]
 fn a_standby_and_a_quiet_restart_are_ready() {
     let cluster = MockCluster::new(1).unwrap();
     let bs = cluster.bootstrap_servers();
-    let mut setup = config(&bs, "setup");
-    setup.kafka.partitions = 1;
-    segloop::kafka::create_embedded_topics(&cluster, &setup).unwrap();
     let one = |group: &str| {
         let mut c = config(&bs, group);
         c.kafka.partitions = 1;
         c
     };
-    // More than READY_MAX_LAG records, all consumed and committed by a first instance.
-    let p = producer(&bs);
-    let now = SystemClock.now_ms();
-    for i in 0..1_500 {
-        telemetry(
-            &p,
-            &setup.topics.telemetry.name,
-            &format!("q/s-{}", i % 20),
-            now,
-            0.0,
-        );
-    }
-    p.flush(Duration::from_secs(5)).unwrap();
-    let ready = |admin| {
-        let (status, body) = http(admin, "GET", "/readyz", "");
-        (status, body)
-    };
-    let mut first = Instance::start(one("g-ready"));
-    let admin = first.admin();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ready(admin).0 != 200 {
-        assert!(Instant::now() < deadline, "{}", ready(admin).1);
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let report = first.stop();
-    assert_eq!(report.records_consumed, 1_500);
-
-    // The restart: no new records.
-    let mut a = Instance::start(one("g-ready"));
-    let admin_a = a.admin();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, body) = ready(admin_a);
-        if status == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never ready after a quiet restart: {body}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    // A second member joins a group with one partition: after the rebalance one of the two
-    // (either may keep the partition) is a standby, and both are ready.
-    let mut b = Instance::start(one("g-ready"));
-    let admin_b = b.admin();
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let (sa, ba) = ready(admin_a);
-        let (sb, bb) = ready(admin_b);
-        let standbys = [&ba, &bb]
-            .iter()
-            .filter(|b| b.contains("\"standby\": true"))
-            .count();
-        if sa == 200 && sb == 200 && standbys == 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no ready standby: a {sa} {ba}\nb {sb} {bb}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    b.stop();
-    a.stop();
+    segloop::kafka::create_embedded_topics(&cluster, &one("setup")).unwrap();
+    common::a_standby_and_a_quiet_restart_are_ready(&bs, one);
 }
 
-/// The reference actuator never runs a command past its ack deadline (it answers REJECTED,
-/// `expired`), and one started with a new group id does not run again what the outcomes topic
-/// shows answered: idempotence survives restarts.
+/// The actuator's deadline and idempotence across group ids (see the shared test).
 #[test]
 fn the_actuator_skips_expired_and_already_answered_commands() {
     let cluster = MockCluster::new(1).unwrap();
     let bs = cluster.bootstrap_servers();
     let cfg = config(&bs, "g-expire");
     segloop::kafka::create_embedded_topics(&cluster, &cfg).unwrap();
-    let t = cfg.topics.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("ran.log");
-    let codec = build_codec::<RemediationCommand>(CodecKind::AvroSingleObject, &Default::default())
-        .unwrap();
-    let now = SystemClock.now_ms();
-    let command = |id: &str, deadline: i64| RemediationCommand {
-        command_id: id.into(),
-        segment: format!("act/{id}"),
-        policy: "errors".into(),
-        policy_version: 1,
-        action: "rollback".into(),
-        params: Default::default(),
-        attempt: 1,
-        issued_at_ms: now - 60_000,
-        ack_deadline_ms: deadline,
-        reason: segloop::model::CommandReason {
-            condition: "mean(error) > 0.5".into(),
-            metric: "mean(error)".into(),
-            observed: 1.0,
-            threshold: 0.5,
-            window_start_ms: now - 70_000,
-            window_end_ms: now - 60_000,
-        },
-        dry_run: false,
-    };
-    let p = producer(&bs);
-    let answered = command("answered", now + 600_000);
-    for c in [
-        command("expired", now - 1_000),
-        answered.clone(),
-        command("fresh", now + 600_000),
-    ] {
-        let mut bytes = Vec::new();
-        codec.encode(&c, &mut bytes).unwrap();
-        p.send(
-            rdkafka::producer::BaseRecord::to(&t.actions.name)
-                .key(&c.segment)
-                .payload(&bytes),
-        )
-        .unwrap();
-    }
-    // Another actuator already applied `answered`.
-    outcome(
-        &p,
-        &t.outcomes.name,
-        &answered,
-        OutcomeStatus::Applied,
-        None,
-    );
-    p.flush(Duration::from_secs(5)).unwrap();
-
-    let mut act_cfg = cfg.clone();
-    act_cfg.actuator.group_id = "a-brand-new-group".into();
-    act_cfg.actuator.shell.insert(
-        "rollback".into(),
-        format!("echo \"$SEGLOOP_COMMAND_ID\" >> {}", log.display()),
-    );
-    let stop = Arc::new(Control::default());
-    let (s2, seen) = (stop.clone(), Arc::new(std::sync::Mutex::new(0usize)));
-    let seen2 = seen.clone();
-    let actuator = std::thread::spawn(move || {
-        let handler = Arc::new(segloop::actuator::ConfiguredHandler::new(
-            act_cfg.actuator.clone(),
-        ));
-        segloop::actuator::run(&act_cfg, handler, s2, |_| *seen2.lock().unwrap() += 1)
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while *seen.lock().unwrap() < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "the actuator never read the commands"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    stop.stop();
-    let report = actuator.join().unwrap().unwrap();
-    let ran = std::fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(
-        ran.trim(),
-        "fresh",
-        "only the fresh command ran: {report:?}"
-    );
-    assert_eq!(report.expired, 1, "{report:?}");
-    assert_eq!(report.answered_before, 1, "{report:?}");
-    // The expired one was answered REJECTED, with the reason.
-    let outcomes = Reader::new(&bs, &t.outcomes.name, 2);
-    let rejected = outcomes.until(
-        Duration::from_secs(10),
-        || {},
-        |m| {
-            let o = build_codec::<segloop::model::RemediationOutcome>(
-                CodecKind::AvroSingleObject,
-                &Default::default(),
-            )
-            .unwrap()
-            .decode(m.payload()?)
-            .ok()?;
-            (o.command_id == "expired" && o.status == OutcomeStatus::Rejected).then_some(o)
-        },
-    );
-    let rejected = rejected.expect("an outcome for the expired command");
-    assert!(rejected.message.unwrap_or_default().starts_with("expired"));
+    common::the_actuator_skips_expired_and_already_answered_commands(&bs, cfg);
 }

@@ -123,7 +123,7 @@ impl ActuatorBreaker {
         probe_ms: i64,
     ) -> Option<usize> {
         self.push(false);
-        if self.open.is_some() {
+        if self.open.is_some() || min_commands == 0 {
             return None;
         }
         let unanswered = self.recent.iter().filter(|a| !**a).count();

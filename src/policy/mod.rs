@@ -54,7 +54,7 @@ pub struct GuardrailsConfig {
     /// escalation naming the guardrail and how many segments wait; it clears when they drain.
     #[serde(with = "humantime_serde")]
     pub held_back_escalate_after: Duration,
-    /// Actuator circuit breaker: with at least this many recent commands judged ...
+    /// Actuator circuit breaker: with at least this many recent commands judged (0: off) ...
     pub actuator_breaker_min_commands: u32,
     /// ... and at least this fraction of them unanswered by their ack deadline, new commands
     /// stop and one escalation says so; an outcome closes the breaker again.
@@ -306,6 +306,12 @@ impl PolicySet {
                     .to_string(),
             );
         }
+        if g.actuator_breaker_min_commands == 0 {
+            out.push(
+                "guardrails.actuator_breaker_min_commands = 0: the actuator circuit breaker is off; an actuator that stops answering makes every loop retry and escalate on its own"
+                    .to_string(),
+            );
+        }
         for p in &self.policies {
             if let Some(limit) = p.max_in_flight {
                 if limit > g.max_in_flight {
@@ -479,11 +485,9 @@ impl PolicySet {
                     .to_string(),
             );
         }
-        if g.actuator_breaker_min_commands == 0
-            || g.actuator_breaker_min_commands as usize > ACTUATOR_BREAKER_RECENT
-        {
+        if g.actuator_breaker_min_commands as usize > ACTUATOR_BREAKER_RECENT {
             errors.push(format!(
-                "guardrails.actuator_breaker_min_commands: {} is outside 1..={ACTUATOR_BREAKER_RECENT} (the breaker judges the last {ACTUATOR_BREAKER_RECENT} commands)",
+                "guardrails.actuator_breaker_min_commands: {} is outside 0..={ACTUATOR_BREAKER_RECENT} (the breaker judges the last {ACTUATOR_BREAKER_RECENT} commands; 0 turns it off)",
                 g.actuator_breaker_min_commands
             ));
         }

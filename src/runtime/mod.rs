@@ -98,8 +98,8 @@ pub struct Core {
     needs_rewind: bool,
     /// A fatal producer error (e.g. fenced by a newer instance): the loop stops with it.
     fatal: Option<String>,
-    /// Per partition: the `closed_through` last written to the changelog.
-    closed_written: BTreeMap<i32, i64>,
+    /// Per partition: the `closed_through` and dead-letter mark last written to the changelog.
+    closed_written: BTreeMap<i32, PartitionMarks>,
 }
 
 /// What the admin thread reads about the instance (besides the read model).
@@ -273,6 +273,11 @@ struct Output {
     /// Rate-limited log lines (held-back firings by guardrail, dead letters by code): when
     /// each kind was last logged, and how many since.
     held_back: BTreeMap<String, (Option<Instant>, u64)>,
+    /// Most bytes of one dead letter (the producer's `message.max.bytes` less headroom;
+    /// halved whenever the broker refuses one as too large).
+    dlq_limit: usize,
+    /// Dead letters written again after a failure, by source record: how many times.
+    dlq_attempts: HashMap<(i32, i64), u32>,
 }
 
 /// Least time between two log lines about the same guardrail holding firings back.
@@ -355,6 +360,18 @@ struct PartitionRecord {
     #[serde(default = "one")]
     version: u32,
     closed_through_ms: i64,
+    /// The dead-letter mark: every failed record at or below this offset is in the DLQ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dead_lettered_through: Option<i64>,
+}
+
+/// What the changelog's partition record says of its partition.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PartitionMarks {
+    /// The end of the last window judged.
+    pub closed_through_ms: Option<i64>,
+    /// The dead-letter mark.
+    pub dead_lettered_through: Option<i64>,
 }
 
 fn one() -> u32 {
@@ -476,6 +493,39 @@ pub struct ProduceContext {
     errors: AtomicU64,
     errors_total: AtomicU64,
     close_to_ack: Mutex<Vec<f64>>,
+    /// Delivery reports of dead-letter writes, for the loop to account (drained every turn).
+    dead_letters: Mutex<Vec<DeadLetterDelivery>>,
+}
+
+/// A dead-letter write's delivery report: the source record's coordinates, and on failure
+/// the record, to write again.
+struct DeadLetterDelivery {
+    partition: i32,
+    offset: i64,
+    failed: Option<FailedDeadLetter>,
+}
+
+struct FailedDeadLetter {
+    error: String,
+    too_large: bool,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// The source coordinates of a dead-letter record (its `segloop.source.*` headers).
+fn dead_letter_source(m: &BorrowedMessage<'_>) -> Option<(i32, i64)> {
+    use rdkafka::message::Headers;
+    let h = m.headers()?;
+    let get = |name: &str| {
+        h.iter()
+            .find(|x| x.key == name)
+            .and_then(|x| std::str::from_utf8(x.value?).ok()?.parse::<i64>().ok())
+    };
+    Some((
+        i32::try_from(get("segloop.source.partition")?).ok()?,
+        get("segloop.source.offset")?,
+    ))
 }
 
 impl ProduceContext {
@@ -506,6 +556,34 @@ impl ProducerContext for ProduceContext {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let m = match result {
+            Ok(m) | Err((_, m)) => m,
+        };
+        if let Some((partition, offset)) = dead_letter_source(m) {
+            use rdkafka::message::Headers;
+            let failed = result.as_ref().err().map(|(e, m)| FailedDeadLetter {
+                error: e.to_string(),
+                too_large: e.rdkafka_error_code()
+                    == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            });
+            if let Ok(mut v) = self.dead_letters.lock() {
+                v.push(DeadLetterDelivery {
+                    partition,
+                    offset,
+                    failed,
+                });
+            }
+        }
         match result {
             Ok(_) => {
                 if opaque > 0 {
@@ -624,6 +702,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     let codec_err = |topic: &str, e: String| anyhow::anyhow!("topics.{topic}: {e}");
     let mut pipeline =
         Pipeline::new(&config, policies, PipelineOptions::live()).map_err(anyhow::Error::msg)?;
+    pipeline.track_dead_letters();
     // No partition is caught up until the lag says so: a verification with no deciding window
     // waits for the re-read telemetry after a restart.
     pipeline.set_caught_up(Some(BTreeSet::new()));
@@ -651,6 +730,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             eos,
             txn_windowed: 0,
             held_back: BTreeMap::new(),
+            dlq_limit: dlq_limit(&config),
+            dlq_attempts: HashMap::new(),
         },
         outcome_codec: build_codec(t.outcomes.codec, &t.outcomes.schema_settings())
             .map_err(|e| codec_err("outcomes", e))?,
@@ -879,6 +960,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
                 }
             }
             core.tick(now);
+            core.account_dead_letters();
             core.write_state(now);
             core.refresh_offsets();
             core.pipeline.end_turn(now);
@@ -1213,10 +1295,10 @@ pub fn read_state_partition(
     reader: &BaseConsumer<kafka::QuietEof>,
     topic: &str,
     p: i32,
-) -> anyhow::Result<(Vec<crate::controller::SegmentState>, Option<i64>)> {
+) -> anyhow::Result<(Vec<crate::controller::SegmentState>, PartitionMarks)> {
     let (low, high) = kafka::watermarks(reader, topic, p)?;
     if high <= low {
-        return Ok((Vec::new(), None));
+        return Ok((Vec::new(), PartitionMarks::default()));
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
@@ -1244,7 +1326,7 @@ pub fn read_state_partition(
     }
     reader.unassign()?;
     let mut states = Vec::with_capacity(latest.len());
-    let mut through = None;
+    let mut marks = PartitionMarks::default();
     for (key, value) in latest {
         let Some(bytes) = value else { continue };
         let version = crate::controller::record_version_of(&bytes);
@@ -1264,7 +1346,12 @@ pub fn read_state_partition(
                     crate::controller::check_record_version("a partition record", r.version)
                         .map(|()| r)
                 }) {
-                Ok(r) => through = Some(r.closed_through_ms),
+                Ok(r) => {
+                    marks = PartitionMarks {
+                        closed_through_ms: Some(r.closed_through_ms).filter(|t| *t != i64::MIN),
+                        dead_lettered_through: r.dead_lettered_through,
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "unreadable partition record ignored"),
             }
             continue;
@@ -1283,7 +1370,7 @@ pub fn read_state_partition(
             ),
         }
     }
-    Ok((states, through))
+    Ok((states, marks))
 }
 
 /// How long transactional calls are retried through a broker outage (below the default
@@ -1579,15 +1666,19 @@ impl Core {
             self.out.counters.state_records += 1;
         }
         for p in self.pipeline.assigned().to_vec() {
-            let Some(through) = self.pipeline.closed_through(p) else {
-                continue;
+            let marks = PartitionMarks {
+                closed_through_ms: self.pipeline.closed_through(p),
+                dead_lettered_through: self.pipeline.dead_letter_mark(p),
             };
-            if self.closed_written.get(&p).is_some_and(|w| *w >= through) {
+            if marks == PartitionMarks::default()
+                || self.closed_written.get(&p).is_some_and(|w| *w == marks)
+            {
                 continue;
             }
             let value = serde_json::to_vec(&PartitionRecord {
                 version: crate::controller::RECORD_VERSION,
-                closed_through_ms: through,
+                closed_through_ms: marks.closed_through_ms.unwrap_or(i64::MIN),
+                dead_lettered_through: marks.dead_lettered_through,
             })
             .expect("a partition record serializes");
             send_record(
@@ -1597,7 +1688,7 @@ impl Core {
                     .payload(value.as_slice())
                     .partition(p),
             );
-            self.closed_written.insert(p, through);
+            self.closed_written.insert(p, marks);
             self.out.counters.state_records += 1;
         }
     }
@@ -1608,12 +1699,12 @@ impl Core {
         let started = Instant::now();
         let topic = self.config.topics.state.name.clone();
         let result =
-            read_state_partition(&self.state_reader, &topic, p).and_then(|(states, through)| {
-                if let Some(t) = through {
-                    self.closed_written.insert(p, t);
-                }
+            read_state_partition(&self.state_reader, &topic, p).and_then(|(states, marks)| {
+                self.closed_written.insert(p, marks);
                 self.pipeline
-                    .restore(p, states, through)
+                    .restore_dead_letter_mark(p, marks.dead_lettered_through);
+                self.pipeline
+                    .restore(p, states, marks.closed_through_ms)
                     .map_err(anyhow::Error::msg)
             });
         let secs = started.elapsed().as_secs_f64();
@@ -1675,6 +1766,58 @@ impl Core {
         self.recent_outcomes.extend(applied);
         self.replay_recent_outcomes(now);
         tracing::info!(?parts, "rewound to the last committed state");
+    }
+
+    /// Dead-letter deliveries since the last turn: an acknowledged write releases the commit
+    /// floor; a failed one is written again (truncated further if it was too large), and after
+    /// [`DLQ_ATTEMPTS`] the run stops, never having committed past it. Exactly-once: the
+    /// failed write fails its transaction, whose rewind writes it again.
+    fn account_dead_letters(&mut self) {
+        let deliveries = std::mem::take(
+            &mut *self
+                .out
+                .producer
+                .context()
+                .dead_letters
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for d in deliveries {
+            let Some(f) = d.failed else {
+                self.out.dlq_attempts.remove(&(d.partition, d.offset));
+                self.pipeline.dead_letter_acked(d.partition, d.offset);
+                continue;
+            };
+            if self.out.eos {
+                if f.too_large {
+                    self.out.dlq_limit = (self.out.dlq_limit / 2).max(MIN_DLQ_LIMIT);
+                }
+                continue;
+            }
+            let attempts = self
+                .out
+                .dlq_attempts
+                .entry((d.partition, d.offset))
+                .or_insert(0);
+            *attempts += 1;
+            if *attempts >= DLQ_ATTEMPTS {
+                self.fatal = Some(format!(
+                    "the DLQ topic {} cannot be written: {} (the dead letter of partition {} offset {} failed {} times); the committed offset stays before it, so a restart writes it again",
+                    self.out.dlq_topic, f.error, d.partition, d.offset, DLQ_ATTEMPTS
+                ));
+                continue;
+            }
+            if let Some(n) = self.out.log_every("dlq-retry", HELD_BACK_LOG_EVERY) {
+                tracing::warn!(error = %f.error, partition = d.partition, offset = d.offset, failures = n, "dead letter not written; writing it again (the commit waits for it)");
+            }
+            self.out.write_dead_letter(
+                (d.partition, d.offset),
+                f.key.as_deref(),
+                f.value.as_deref(),
+                &f.headers,
+                f.too_large,
+            );
+        }
     }
 
     fn refresh_offsets(&mut self) {
@@ -1787,49 +1930,135 @@ impl Output {
         *self.counters.decode_errors.entry(code).or_default() += 1;
         *self.counters.dlq.entry(code).or_default() += 1;
         self.report.records_dlq += 1;
-        let mut headers = OwnedHeaders::new();
-        if let Some(h) = m.headers() {
-            for header in h.iter() {
-                headers = headers.insert(Header {
-                    key: header.key,
-                    value: header.value,
+        let mut headers: Vec<(String, Option<Vec<u8>>)> = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (k, v) in [
+            ("segloop.error.code", code),
+            ("segloop.error.message", e.message.as_str()),
+            ("segloop.source.topic", m.topic()),
+            ("segloop.source.partition", &m.partition().to_string()),
+            ("segloop.source.offset", &m.offset().to_string()),
+        ] {
+            headers.push((k.to_string(), Some(v.as_bytes().to_vec())));
+        }
+        self.write_dead_letter(
+            (m.partition(), m.offset()),
+            m.key(),
+            m.payload(),
+            &headers,
+            false,
+        );
+    }
+
+    /// Writes a dead letter. One too large for the DLQ (its size limit, halved each time the
+    /// broker refuses one as too large) goes truncated, with headers giving its original size
+    /// (its coordinates are in the `segloop.source.*` headers): the one exception to the
+    /// byte-for-byte contract. A write that cannot even be queued is reported like a failed
+    /// delivery, so the loop writes it again and the commit floor waits for it.
+    fn write_dead_letter(
+        &mut self,
+        source: (i32, i64),
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(String, Option<Vec<u8>>)],
+        too_large: bool,
+    ) {
+        if too_large {
+            self.dlq_limit = (self.dlq_limit / 2).max(MIN_DLQ_LIMIT);
+        }
+        let header_bytes: usize = headers
+            .iter()
+            .filter(|(k, _)| k != "segloop.original.size" && k != "segloop.truncated")
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 16)
+            .sum();
+        let key_len = key.map_or(0, <[u8]>::len);
+        let value_len = value.map_or(0, <[u8]>::len);
+        let room = self.dlq_limit.saturating_sub(header_bytes + key_len + 128);
+        let original = headers
+            .iter()
+            .find(|(k, _)| k == "segloop.original.size")
+            .and_then(|(_, v)| std::str::from_utf8(v.as_deref()?).ok()?.parse().ok())
+            .unwrap_or(value_len);
+        let truncated = value_len > room;
+        let mut owned = OwnedHeaders::new();
+        for (k, v) in headers {
+            if k == "segloop.original.size" || k == "segloop.truncated" {
+                continue;
+            }
+            owned = owned.insert(Header {
+                key: k.as_str(),
+                value: v.as_deref(),
+            });
+        }
+        let size = original.to_string();
+        if truncated || original != value_len {
+            owned = owned
+                .insert(Header {
+                    key: "segloop.truncated",
+                    value: Some("true"),
+                })
+                .insert(Header {
+                    key: "segloop.original.size",
+                    value: Some(size.as_str()),
+                });
+            self.counters.dlq_truncated += u64::from(truncated);
+        }
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&self.dlq_topic, 0).headers(owned);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(v) = value {
+            record = record.payload(&v[..v.len().min(room)]);
+        }
+        if let Err(e) = kafka::send_waiting(&self.producer, record) {
+            let too_large = e.rdkafka_error_code()
+                == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge);
+            if let Ok(mut v) = self.producer.context().dead_letters.lock() {
+                v.push(DeadLetterDelivery {
+                    partition: source.0,
+                    offset: source.1,
+                    failed: Some(FailedDeadLetter {
+                        error: e.to_string(),
+                        too_large,
+                        key: key.map(<[u8]>::to_vec),
+                        value: value.map(|v| v[..v.len().min(room)].to_vec()),
+                        headers: headers.to_vec(),
+                    }),
                 });
             }
         }
-        let partition = m.partition().to_string();
-        let offset = m.offset().to_string();
-        headers = headers
-            .insert(Header {
-                key: "segloop.error.code",
-                value: Some(code),
-            })
-            .insert(Header {
-                key: "segloop.error.message",
-                value: Some(e.message.as_str()),
-            })
-            .insert(Header {
-                key: "segloop.source.topic",
-                value: Some(m.topic()),
-            })
-            .insert(Header {
-                key: "segloop.source.partition",
-                value: Some(partition.as_str()),
-            })
-            .insert(Header {
-                key: "segloop.source.offset",
-                value: Some(offset.as_str()),
-            });
-        let mut record: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(&self.dlq_topic, 0).headers(headers);
-        if let Some(k) = m.key() {
-            record = record.key(k);
-        }
-        if let Some(v) = m.payload() {
-            record = record.payload(v);
-        }
-        send_record(&self.producer, record);
     }
 }
+
+/// The first size limit of a dead letter: the producer's `message.max.bytes` (librdkafka's
+/// default 1,000,000) less headroom for the record's framing.
+fn dlq_limit(config: &Config) -> usize {
+    config
+        .kafka
+        .properties
+        .get("message.max.bytes")
+        .and_then(|v| match v {
+            toml::Value::Integer(n) => usize::try_from(*n).ok(),
+            toml::Value::String(s) => s.parse().ok(),
+            _ => None,
+        })
+        .unwrap_or(1_000_000usize)
+        .saturating_sub(4 << 10)
+        .max(MIN_DLQ_LIMIT)
+}
+
+/// The smallest a dead letter is truncated to.
+const MIN_DLQ_LIMIT: usize = 16 << 10;
+
+/// Times a dead letter is written before the run stops (it is never committed past).
+const DLQ_ATTEMPTS: u32 = 5;
 
 /// Writes silences to the control topic (every instance applies them from there).
 #[derive(Clone)]
