@@ -51,11 +51,32 @@ pub enum Command {
     Encode(EncodeArgs),
     /// Print the Avro schemas and their fingerprints
     Schemas(SchemasArgs),
+    /// Test policy files against chosen inputs and expected effects
+    #[command(
+        after_help = "Example:\n  segloop policy test config/policies.test.toml config/demo-policies.test.toml\n\nExit codes: 0 every case passed, 1 a case failed (its diff is printed), 2 a test file is invalid."
+    )]
+    Policy(PolicyArgs),
     /// Add, list or expire silences on a running instance (through its admin API)
     #[command(
         after_help = "Examples:\n  segloop silence add -c config/segloop.toml --segments 'eu-1/checkout/**' --duration 2h --comment 'planned maintenance'\n  segloop silence list -c config/segloop.toml\n  segloop silence expire -c config/segloop.toml 6f1c...\n\nThe admin address and token come from [admin] (token_file or token_env).\nExit codes: 0 done, 1 the admin API refused or could not be reached, 2 usage or config error."
     )]
     Silence(SilenceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    #[command(subcommand)]
+    pub action: PolicyAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyAction {
+    /// Run policy test files (see `segloop::policytest` for the format)
+    Test {
+        /// Test files (TOML), each naming the policy file it tests
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -865,6 +886,41 @@ fn print_quietly(text: &str) -> ExitCode {
 }
 
 /// `segloop silence ...`: the admin API's silences from the command line.
+/// `segloop policy test FILE...`: every case of every file; a failed case prints its diff.
+pub fn policy(args: &PolicyArgs) -> ExitCode {
+    let PolicyAction::Test { files } = &args.action;
+    let (mut passed, mut failed) = (0, 0);
+    for file in files {
+        let results = match crate::policytest::run_file(file) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        for r in results {
+            if r.passed() {
+                passed += 1;
+                println!("ok   {}: {}", file.display(), r.name);
+            } else {
+                failed += 1;
+                println!(
+                    "FAIL {}: {}\n  (- expected, + happened)\n{}",
+                    file.display(),
+                    r.name,
+                    r.diff()
+                );
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 pub fn silence(args: &SilenceArgs, env: &HashMap<String, String>) -> ExitCode {
     let config = match load_config(args.config.as_deref(), &[], env) {
         Ok(c) => c,

@@ -36,6 +36,8 @@
 //! - [`backtest`] — `segloop backtest`: a topic range replayed in (event time, partition,
 //!   offset) order through the pipeline, with a simulated or recorded actuator; JSON, terminal
 //!   and HTML reports; compare and against-live diffs.
+//! - [`policytest`] — `segloop policy test`: policy unit tests (input windows, outcomes,
+//!   expected effects) run through the same pipeline and controller.
 //! - [`bench`] — `segloop bench` figures and the counting allocator behind `bytes_per_segment` (bench builds).
 //! - [`fuzz`] — fuzz targets: every parser of outside input as a function that must not panic
 //!   (`fuzz/` runs them under libFuzzer; `tests/fuzz_corpus.rs` replays the corpus in CI).
@@ -75,6 +77,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod policy;
+pub mod policytest;
 pub mod process;
 pub mod runtime;
 pub mod schema;

@@ -31,5 +31,6 @@ fn main() -> ExitCode {
         Command::Backtest(args) => cli::backtest(&args, &env),
         Command::Bench(args) => cli::bench(&args, &env),
         Command::Silence(args) => cli::silence(&args, &env),
+        Command::Policy(args) => cli::policy(&args),
     }
 }

@@ -75,6 +75,18 @@ impl OutcomeStatus {
             OutcomeStatus::Rejected => "REJECTED",
         }
     }
+
+    /// The status named by its wire name (`APPLIED`, ...).
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            OutcomeStatus::Accepted,
+            OutcomeStatus::Applied,
+            OutcomeStatus::Failed,
+            OutcomeStatus::Rejected,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
 }
 
 /// An actuator's acknowledgement of a command (`schemas/outcome.avsc`).

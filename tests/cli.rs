@@ -318,3 +318,72 @@ fn check_config_warns_about_limits() {
         text(&out.stderr)
     );
 }
+
+/// `segloop policy test` (issue #26): the shipped tests pass, run from another directory (paths
+/// are relative to the test file); a wrong expectation fails with a readable diff (exit 1); an
+/// invalid test file is a usage error (exit 2).
+#[test]
+fn policy_test_passes_the_shipped_tests_and_diffs_a_wrong_expectation() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let elsewhere = tempfile::tempdir().unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        Command::new(env!("CARGO_BIN_EXE_segloop"))
+            .args(args)
+            .current_dir(elsewhere.path())
+            .output()
+            .unwrap()
+    };
+    let shipped: Vec<std::path::PathBuf> = [
+        "config/policies.test.toml",
+        "config/demo-policies.test.toml",
+    ]
+    .iter()
+    .map(|f| repo.join(f))
+    .collect();
+    let mut args: Vec<&std::ffi::OsStr> = vec!["policy".as_ref(), "test".as_ref()];
+    args.extend(shipped.iter().map(|p| p.as_os_str()));
+    let out = run(&args);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("8 passed, 0 failed"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // One expectation moved a window later: exit 1, the diff names both lines.
+    let wrong = std::fs::read_to_string(&shipped[0]).unwrap().replace(
+        "\"w2 eu-1/checkout/api high-latency: command rollback attempt 1\"",
+        "\"w3 eu-1/checkout/api high-latency: command rollback attempt 1\"",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        repo.join("config/policies.toml"),
+        dir.path().join("policies.toml"),
+    )
+    .unwrap();
+    let file = dir.path().join("wrong.test.toml");
+    std::fs::write(&file, wrong).unwrap();
+    let out = run(&["policy".as_ref(), "test".as_ref(), file.as_os_str()]);
+    assert_eq!(out.status.code(), Some(1));
+    let s = text(&out.stdout);
+    assert!(s.contains("FAIL"), "{s}");
+    assert!(
+        s.contains("  - w3 eu-1/checkout/api high-latency: command rollback attempt 1"),
+        "{s}"
+    );
+    assert!(
+        s.contains("  + w2 eu-1/checkout/api high-latency: command rollback attempt 1"),
+        "{s}"
+    );
+    assert!(s.contains("4 passed, 1 failed"), "{s}");
+
+    // An unknown field: a usage error naming it.
+    std::fs::write(&file, "policies = \"policies.toml\"\nwindoe = \"10s\"\n[[case]]\nname = \"x\"\nsegment = []\nexpect = []\n").unwrap();
+    let out = run(&["policy".as_ref(), "test".as_ref(), file.as_os_str()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("windoe"),
+        "{}",
+        text(&out.stderr)
+    );
+}
