@@ -525,6 +525,7 @@ pub fn backtest(args: &BacktestArgs, env: &HashMap<String, String>) -> ExitCode 
                 .policies
                 .as_ref()
                 .map_or("(no policies)".into(), |p| p.display().to_string()),
+            progress: true,
         },
         compare: args.compare.clone(),
         against_live: args.against_live,

@@ -379,7 +379,11 @@ fn html_report_is_self_contained() {
     let r = replay(&s, &Invocation::default());
     let html = r.render_html();
     assert!(html.starts_with("<!DOCTYPE html>"));
-    let drawn = r.loops.iter().filter(|l| !l.commands.is_empty()).count();
+    let drawn = r
+        .loops
+        .iter()
+        .filter(|l| !l.commands.is_empty() || !l.suppressed.is_empty())
+        .count();
     assert_eq!(html.matches("<svg").count(), drawn);
     for external in ["<script", "src=", "href=", "url(", "@import", "<link"] {
         assert!(!html.contains(external), "{external}");
@@ -461,6 +465,12 @@ fn embedded_sample_cli_writes_identical_reports() {
             stdout.contains("policy") && stdout.contains("error-rate"),
             "{stdout}"
         );
+        // Not a terminal: plain progress lines, the last one complete.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("replay progress: 100% ") && stderr.contains("/s, ETA"),
+            "{stderr}"
+        );
         (read(&json), read(&html))
     };
     fn read(p: &Path) -> String {
@@ -471,4 +481,51 @@ fn embedded_sample_cli_writes_identical_reports() {
     assert_eq!(a, b);
     let v: serde_json::Value = serde_json::from_str(&a.0).unwrap();
     assert!(v["totals"]["firings"].as_u64().unwrap() > 0);
+}
+
+/// The report's timelines carry what an SRE reads (issue #26): a y axis with a scale, time
+/// ticks, the threshold's value on its line, a marker with text for every command and
+/// outcome, and suppressions with their reason (inhibited by the ancestor under action); the
+/// summary is HTML tables, not preformatted text.
+#[test]
+fn html_timelines_have_axes_threshold_and_labelled_markers() {
+    let s = sample();
+    let r = replay(&s, &Invocation::default());
+    let html = r.render_html();
+    assert!(!html.contains("<pre>"), "the summary is tables");
+    assert!(html.contains("<table class=\"policies\">"));
+    assert!(html.contains("<table class=\"fired\">"));
+    let svgs: Vec<&str> = html.split("<svg").skip(1).collect();
+    assert!(!svgs.is_empty());
+    for svg in &svgs {
+        assert!(svg.contains("<g class=\"axis axis-y\">"), "{svg}");
+        assert!(svg.contains("<g class=\"axis axis-x\">"), "{svg}");
+        assert!(
+            svg.matches("<text class=\"tick\"").count() >= 4,
+            "y scale and time ticks: {svg}"
+        );
+    }
+    // The threshold's value is written on its line.
+    let with_threshold = svgs
+        .iter()
+        .find(|s| s.contains("class=\"threshold\""))
+        .expect("a timeline with a threshold");
+    assert!(with_threshold.contains("threshold-label"));
+    assert!(
+        with_threshold.contains(">threshold 0.25<") || with_threshold.contains(">threshold 450<")
+    );
+    // Every command of a drawn loop has a labelled marker.
+    let commands: usize = r.loops.iter().map(|l| l.commands.len()).sum();
+    let command_markers = html.matches("<g class=\"marker command\">").count()
+        + html
+            .matches("<g class=\"marker escalation-command\">")
+            .count();
+    assert_eq!(command_markers, commands);
+    // Suppressions carry their reason: the sample's inhibited loops name the ancestor.
+    assert!(html.contains("<g class=\"marker suppression\">"));
+    assert!(
+        html.contains("inhibited by "),
+        "an inhibition names its ancestor"
+    );
+    assert!(html.contains("suppressed: flap_breaker"));
 }

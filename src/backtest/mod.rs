@@ -14,6 +14,7 @@
 //! A backtest never commits offsets for the live group and never writes to the live actions
 //! topic; `--sandbox-topic` receives the would-be commands if asked.
 
+mod progress;
 pub mod report;
 pub mod source;
 
@@ -312,7 +313,7 @@ impl Sink for Book {
             let affected = !fx.decisions.is_empty() || !fx.commands.is_empty();
             trace(&mut self.traces, policies, window, labels, affected);
         }
-        self.take_effects(fx, policies);
+        self.take_effects(fx);
     }
 }
 
@@ -363,12 +364,11 @@ impl Book {
         self.loops.get_mut(key)
     }
 
-    fn take_effects(&mut self, fx: &mut Effects, policies: &PolicySet) {
+    fn take_effects(&mut self, fx: &mut Effects) {
         for cmd in fx.commands.drain(..) {
-            let escalation = policies.policy(&cmd.policy).is_some_and(|p| {
-                p.escalate.as_deref() == Some(cmd.action.as_str())
-                    && cmd.attempt as u32 > p.max_attempts
-            });
+            // Every escalation command (attempts exhausted, flap breaker, held-back work, the
+            // actuator breaker) says why in its params; its attempt number alone does not tell.
+            let escalation = cmd.params.contains_key("escalation_reason");
             if let Outcomes::Simulated(sim) = &self.outcomes {
                 if let Some(o) = sim.answer(&cmd, escalation) {
                     self.seq += 1;
@@ -452,6 +452,8 @@ pub struct Options {
     pub fetch_max_bytes: Option<usize>,
     /// Shown in the report (the policy file's name).
     pub policies_label: String,
+    /// Show progress on standard error (a bar on a terminal, else a line every 10 s).
+    pub progress: bool,
 }
 
 /// Replays a topic range under one policy set.
@@ -502,13 +504,22 @@ pub fn run(
         TelemetryDecoder::new(t.codec, &t.schema_settings()).map_err(anyhow::Error::msg)?
     };
     let started = std::time::Instant::now();
+    let mut progress = opts.progress.then(|| progress::Progress::new(range.len()));
     let stats = source::read_merged(
         config,
         range,
         opts.fetch_max_bytes,
         move |k, v| decoder.event_time(k, v),
-        |r| replay.on_record(r.partition, r.offset, r.broker_ts_ms, r.key, r.value),
+        |r| {
+            replay.on_record(r.partition, r.offset, r.broker_ts_ms, r.key, r.value);
+            if let Some(p) = progress.as_mut() {
+                p.add(1);
+            }
+        },
     )?;
+    if let Some(p) = progress.as_mut() {
+        p.finish();
+    }
     let elapsed = started.elapsed();
     if let Some(s) = sandbox {
         s.flush()?;
