@@ -47,6 +47,39 @@ pub const STATE_RESTORE_SECONDS: &str = "segloop_state_restore_seconds";
 pub const TRANSACTIONS: &str = "segloop_transactions_total";
 pub const CONSUME_ERRORS: &str = "segloop_consume_errors_total";
 pub const LABEL_MAP_BYTES: &str = "segloop_label_map_bytes";
+pub const ESCALATIONS: &str = "segloop_escalations_total";
+pub const HELD_BACK: &str = "segloop_held_back_loops";
+pub const ACTUATOR_BREAKER: &str = "segloop_actuator_breaker_open";
+pub const BUILD_INFO: &str = "segloop_build_info";
+
+/// The reasons an escalation gives (`segloop_escalations_total{reason}`).
+pub const ESCALATION_REASONS: [&str; 7] = [
+    "ack_timeout",
+    "failed",
+    "rejected",
+    "ineffective",
+    "flap_breaker",
+    "held_back",
+    "actuator_not_acknowledging",
+];
+
+/// Zero-valued escalation series for every policy and reason, so `increase()` sees the first
+/// escalation (a series born at 1 looks like no increase to Prometheus).
+pub fn init_escalations<'a>(policies: impl Iterator<Item = &'a str>) {
+    for policy in policies {
+        for reason in ESCALATION_REASONS {
+            metrics::counter!(ESCALATIONS, "policy" => policy.to_string(), "reason" => reason)
+                .increment(0);
+        }
+    }
+}
+
+/// The commit this binary was built from (`SEGLOOP_COMMIT` at build time, as the Dockerfile
+/// passes it), or `unknown`.
+pub const COMMIT: &str = match option_env!("SEGLOOP_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};
 
 /// Every documented metric name (the README lists them; a test checks `/metrics` has them).
 pub const ALL: &[&str] = &[
@@ -67,6 +100,10 @@ pub const ALL: &[&str] = &[
     OUTCOMES_SKIPPED,
     OUTCOMES_UNKNOWN,
     IN_FLIGHT,
+    ESCALATIONS,
+    HELD_BACK,
+    ACTUATOR_BREAKER,
+    BUILD_INFO,
     SEGMENTS,
     SEGMENTS_EVICTED,
     DETECT_SECONDS,
@@ -222,6 +259,26 @@ fn describe_all() {
     );
     describe_gauge!(SEGMENTS, Unit::Count, "Segments held in windows");
     describe_counter!(
+        ESCALATIONS,
+        Unit::Count,
+        "Loops escalated to a person, by policy and reason (segment * : the instance as a whole)"
+    );
+    describe_gauge!(
+        HELD_BACK,
+        Unit::Count,
+        "Firing loops a budget (in-flight, blast radius, rate) holds back now"
+    );
+    describe_gauge!(
+        ACTUATOR_BREAKER,
+        Unit::Count,
+        "1 while the actuator circuit breaker is open (most recent commands unanswered)"
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        Unit::Count,
+        "1, labelled with the version and commit of this build"
+    );
+    describe_counter!(
         SEGMENTS_EVICTED,
         Unit::Count,
         "Segments evicted by the segment cap"
@@ -318,9 +375,17 @@ fn describe_all() {
     for result in ["committed", "aborted"] {
         metrics::counter!(TRANSACTIONS, "result" => result).increment(0);
     }
-    for name in [IN_FLIGHT, SEGMENTS, LABEL_MAP_BYTES] {
+    for name in [
+        IN_FLIGHT,
+        SEGMENTS,
+        LABEL_MAP_BYTES,
+        HELD_BACK,
+        ACTUATOR_BREAKER,
+    ] {
         metrics::gauge!(name).set(0.0);
     }
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => COMMIT)
+        .set(1.0);
     for code in crate::codec::ErrorCode::ALL {
         metrics::counter!(DECODE_ERRORS, "code" => code.as_str()).increment(0);
         metrics::counter!(DLQ_RECORDS, "code" => code.as_str()).increment(0);
@@ -343,6 +408,8 @@ pub struct Counters {
     pub decode_errors: BTreeMap<&'static str, u64>,
     pub dlq: BTreeMap<&'static str, u64>,
     pub dlq_truncated: u64,
+    /// Escalations by (policy, reason).
+    pub escalations: BTreeMap<(String, String), u64>,
     pub commands: BTreeMap<(String, String), u64>,
     pub outcomes: BTreeMap<&'static str, u64>,
     pub outcomes_skipped: u64,
@@ -422,6 +489,11 @@ pub fn publish(c: &mut Counters, gauges: &Gauges) {
     gauge!(IN_FLIGHT).set(gauges.in_flight as f64);
     gauge!(SEGMENTS).set(gauges.segments as f64);
     gauge!(LABEL_MAP_BYTES).set(gauges.label_bytes as f64);
+    gauge!(HELD_BACK).set(gauges.held_back as f64);
+    gauge!(ACTUATOR_BREAKER).set(f64::from(u8::from(gauges.actuator_breaker_open)));
+    for ((policy, reason), n) in std::mem::take(&mut c.escalations) {
+        counter!(ESCALATIONS, "policy" => policy, "reason" => reason).increment(n);
+    }
     counter!(WINDOWS_CLOSED).absolute(gauges.windows_closed);
     counter!(EVALUATIONS).absolute(gauges.evaluations);
     counter!(FIRINGS).absolute(gauges.firings);
@@ -450,4 +522,6 @@ pub struct Gauges {
     pub suppressions: BTreeMap<&'static str, u64>,
     pub lag: BTreeMap<i32, i64>,
     pub label_bytes: u64,
+    pub held_back: u64,
+    pub actuator_breaker_open: bool,
 }

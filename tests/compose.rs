@@ -269,9 +269,10 @@ fn ports_agree_between_compose_config_and_prometheus() {
         ports.iter().any(|p| p.ends_with(&format!(":{admin_port}"))),
         "segloop publishes {ports:?}, admin listens on {admin_port}"
     );
-    let prom: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(repo("deploy/prometheus.yml")).unwrap())
-            .unwrap();
+    let prom: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(repo("deploy/prometheus/prometheus.yml")).unwrap(),
+    )
+    .unwrap();
     let target = prom["scrape_configs"][0]["static_configs"][0]["targets"][0]
         .as_str()
         .unwrap();
@@ -335,4 +336,152 @@ fn the_dashboard_queries_only_documented_metrics() {
         }
     }
     assert!(used >= 10);
+}
+
+/// The dashboard is importable anywhere (issue #27): the datasource is an input and a
+/// datasource variable (no hard-coded uid), and instance and policy are template variables
+/// every query uses; escalations, suppressions, DLQ and lag have panels.
+#[test]
+fn the_dashboard_is_importable_with_template_variables() {
+    let text = std::fs::read_to_string(repo("deploy/grafana/dashboards/segloop.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(dash["__inputs"][0]["name"], "DS_PROMETHEUS");
+    let vars: Vec<&str> = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vars, ["DS_PROMETHEUS", "instance", "policy"]);
+    for panel in dash["panels"].as_array().unwrap() {
+        assert_eq!(
+            panel["datasource"]["uid"], "${DS_PROMETHEUS}",
+            "{}",
+            panel["title"]
+        );
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            assert!(expr.contains("instance=~\"$instance\""), "{expr}");
+        }
+    }
+    let titles: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["title"].as_str().unwrap().to_lowercase())
+        .collect();
+    for want in ["escalations", "suppressed", "dlq", "lag"] {
+        assert!(
+            titles.iter().any(|t| t.contains(want)),
+            "no {want} panel: {titles:?}"
+        );
+    }
+}
+
+/// The image (issue #27): dependencies build in a layer of their own (before the sources are
+/// copied), the binary is stripped, the commit is passed for `segloop_build_info`, and the
+/// build context leaves out build output and history.
+#[test]
+fn the_dockerfile_caches_dependencies_and_strips_the_binary() {
+    let df = std::fs::read_to_string(repo("Dockerfile")).unwrap();
+    let at = |needle: &str| {
+        df.find(needle)
+            .unwrap_or_else(|| panic!("the Dockerfile lacks {needle:?}"))
+    };
+    let deps = at("COPY Cargo.toml Cargo.lock");
+    let first_build = at("cargo build --release --locked");
+    let sources = at("COPY src ./src");
+    assert!(
+        deps < first_build && first_build < sources,
+        "dependencies build before the sources are copied"
+    );
+    assert!(df[sources..].contains("cargo build --release --locked"));
+    assert!(df.contains("strip "), "a stripped binary");
+    assert!(df.contains("ARG SEGLOOP_COMMIT") && df.contains("SEGLOOP_COMMIT="));
+    let ignore = std::fs::read_to_string(repo(".dockerignore")).unwrap();
+    for path in ["target", ".git", "fuzz"] {
+        assert!(
+            ignore
+                .lines()
+                .any(|l| l.trim_start_matches('/').trim_end_matches('/') == path),
+            ".dockerignore lacks {path}"
+        );
+    }
+}
+
+/// The Kubernetes manifests (issue #27; their schema is checked offline by kubernetes-validate
+/// in .ci/run): the config in the ConfigMap is one `segloop check-config` accepts, each pod
+/// gets its own transactional.id from its name, the probes are /healthz and /readyz on the
+/// admin port, and a disruption budget keeps rollouts one pod at a time.
+#[test]
+fn the_kubernetes_manifests_hold_a_valid_config_and_per_pod_identity() {
+    let text = std::fs::read_to_string(repo("deploy/kubernetes/segloop.yaml")).unwrap();
+    let docs: Vec<serde_yaml_ng::Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some(k))
+            .unwrap_or_else(|| panic!("no {k}"))
+    };
+    let data = &kind("ConfigMap")["data"];
+    let dir = tempfile::tempdir().unwrap();
+    let at = format!("{}/", dir.path().display());
+    std::fs::write(
+        dir.path().join("segloop.toml"),
+        data["segloop.toml"]
+            .as_str()
+            .unwrap()
+            .replace("/etc/segloop/", &at),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("policies.toml"),
+        data["policies.toml"].as_str().unwrap(),
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("tls")).unwrap();
+    std::fs::write(dir.path().join("tls/ca.pem"), "x").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segloop"))
+        .args(["check-config"])
+        .arg(dir.path().join("segloop.toml"))
+        .env("KAFKA_PASSWORD", "x")
+        .env("SEGLOOP_ADMIN_TOKEN", "y")
+        .env("SEGLOOP__DELIVERY__TRANSACTIONAL_ID", "segloop-segloop-0")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let pod = &kind("StatefulSet")["spec"]["template"]["spec"]["containers"][0];
+    let env: Vec<(&str, String)> = pod["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap(),
+                serde_yaml_ng::to_string(e).unwrap(),
+            )
+        })
+        .collect();
+    let find = |n: &str| {
+        env.iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert!(find("POD_NAME").contains("metadata.name"));
+    assert!(find("SEGLOOP__DELIVERY__TRANSACTIONAL_ID").contains("$(POD_NAME)"));
+    assert_eq!(pod["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(pod["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert!(kind("PodDisruptionBudget")["spec"]["maxUnavailable"].as_u64() == Some(1));
+    assert!(kind("Secret")["stringData"]["admin-token"].is_string());
+    assert_eq!(
+        kind("Service")["spec"]["ports"][0]["port"].as_u64(),
+        Some(9464)
+    );
 }

@@ -299,6 +299,17 @@ impl Sink for LiveSink<'_, '_> {
 
     fn effects(&mut self, fx: &mut Effects, cause: Cause<'_>, policies: &PolicySet) {
         for d in &fx.decisions {
+            if d.to_state == "escalated" && d.from_state != "escalated" {
+                *self
+                    .out
+                    .counters
+                    .escalations
+                    .entry((
+                        d.policy.clone(),
+                        d.trigger.split(':').next().unwrap_or("").to_string(),
+                    ))
+                    .or_default() += 1;
+            }
             if d.segment == crate::controller::INSTANCE_SEGMENT {
                 // The instance as a whole: held-back work or the actuator breaker.
                 let waiting = d.aggregates.values().next().copied().unwrap_or(0.0);
@@ -832,6 +843,15 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     )?;
 
     let _guard = metrics::set_default_local_recorder(&*metrics.recorder);
+    crate::metrics::init_escalations(
+        core.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pipeline
+            .policies()
+            .policies
+            .iter()
+            .map(|p| p.name.as_str()),
+    );
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now();
     let mut within_before = BTreeSet::new();
@@ -1475,6 +1495,8 @@ fn publish(
         suppressions: c.suppressed.clone(),
         lag,
         label_bytes: core.pipeline.label_bytes() as u64,
+        held_back: core.pipeline.controller().held_back() as u64,
+        actuator_breaker_open: core.pipeline.controller().actuator_breaker_open(),
     };
     crate::metrics::publish(&mut out.counters, &gauges);
 }
