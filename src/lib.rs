@@ -3,7 +3,8 @@
 //! Closes micro-segmentation feedback loops over Kafka: telemetry keyed by segment is windowed
 //! per segment in event time, policies judge each closed window, and the controller emits a
 //! remediation command for exactly the segment in trouble, then verifies, retries or escalates.
-//! See `DESIGN.md` in the README for the wire contract.
+//! The wire contract is in the README ("Wire contract") and `schemas/`; `ARCHITECTURE.md` maps
+//! the code and records each mechanism.
 //!
 //! # Layout
 //!

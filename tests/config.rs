@@ -346,3 +346,38 @@ fn a_secret_file_is_read_bounded() {
     let err = load(Some(&path), &[], &[]).unwrap_err().to_string();
     assert!(err.contains("larger than 1048576 bytes"), "{err}");
 }
+
+/// Every block of the README's policy cookbook is a valid policy (issue #27): what users copy
+/// must load.
+#[test]
+fn the_readme_policy_cookbook_parses() {
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let start = readme
+        .find("## Policy cookbook")
+        .expect("a cookbook section");
+    let end = start + readme[start..].find("\n## ").unwrap();
+    let section = &readme[start..end];
+    let blocks: Vec<&str> = section
+        .split("```toml\n")
+        .skip(1)
+        .map(|b| &b[..b.find("```").unwrap()])
+        .collect();
+    assert!(blocks.len() >= 6, "{}", blocks.len());
+    for block in &blocks {
+        segloop::policy::PolicySet::parse(block, "README cookbook")
+            .unwrap_or_else(|e| panic!("{e}\n{block}"));
+    }
+    // All together, against windows that have the quantile and the `slow` group.
+    let mut cfg = Config::default();
+    cfg.windows.groups.insert(
+        "slow".into(),
+        segloop::config::WindowGroup {
+            size: Duration::from_secs(300),
+            hop: None,
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cookbook.toml");
+    std::fs::write(&path, blocks.concat()).unwrap();
+    segloop::policy::PolicySet::load_for(&path, &cfg.windows).unwrap_or_else(|e| panic!("{e}"));
+}
