@@ -136,10 +136,10 @@ pub struct BacktestArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Replay from this event time: RFC 3339 or relative to now (-6h); default: the beginning
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub from: Option<String>,
     /// Replay up to this event time (same forms); default: the end of the topic now
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub to: Option<String>,
     /// Telemetry topic to replay (default: topics.telemetry.name)
     #[arg(long)]
@@ -200,17 +200,30 @@ pub struct DemoArgs {
     /// Write the summary JSON here
     #[arg(long)]
     pub summary: Option<PathBuf>,
-    /// Demo configuration (window sizes, policies)
-    #[arg(long, default_value = "config/demo.toml")]
-    pub config: PathBuf,
+    /// Demo configuration (window sizes, policies); default: config/demo.toml when it is in the
+    /// current directory, else the built-in one
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
 }
 
 /// `segloop demo`: exit 0 only when every scripted incident went as expected.
 pub fn demo(args: &DemoArgs) -> ExitCode {
+    let config_path = match crate::demo::demo_config(args.config.as_deref()) {
+        Ok((path, builtin)) => {
+            if builtin {
+                eprintln!("using the built-in demo config (no config/demo.toml here)");
+            }
+            path
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
     let opts = crate::demo::DemoOptions {
         duration_s: args.duration.max(30),
         seed: args.seed,
-        config_path: args.config.clone(),
+        config_path,
         live: true,
     };
     match crate::demo::run(&opts) {
@@ -427,7 +440,26 @@ pub fn run(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
     });
     match result {
         Ok(report) => {
-            tracing::info!(?report, "stopped");
+            eprintln!(
+                "stopped: {} records consumed ({} aggregated, {} to the DLQ), {} commands, {} decisions, {} outcomes applied, {} commits",
+                report.records_consumed,
+                report.records_aggregated,
+                report.records_dlq,
+                report.commands,
+                report.decisions,
+                report.outcomes_applied,
+                report.commits
+            );
+            tracing::info!(
+                records_consumed = report.records_consumed,
+                records_aggregated = report.records_aggregated,
+                records_dlq = report.records_dlq,
+                commands = report.commands,
+                decisions = report.decisions,
+                outcomes_applied = report.outcomes_applied,
+                commits = report.commits,
+                "stopped"
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -468,7 +500,28 @@ pub fn actuator(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
 
 /// `segloop backtest`: replay, print the summary, write the reports.
 pub fn backtest(args: &BacktestArgs, env: &HashMap<String, String>) -> ExitCode {
-    let mut config = match load_config(args.config.as_deref(), &args.overrides, env) {
+    // The embedded sample is the demo fleet: without a config it is judged by the demo's.
+    let mut config_path = args.config.clone();
+    if args.embedded_sample && config_path.is_none() {
+        match crate::demo::demo_config(None) {
+            Ok((path, builtin)) => {
+                eprintln!(
+                    "no --config: the embedded sample is judged by the demo config ({})",
+                    if builtin {
+                        "built in".to_string()
+                    } else {
+                        path.display().to_string()
+                    }
+                );
+                config_path = Some(path);
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let mut config = match load_config(config_path.as_deref(), &args.overrides, env) {
         Ok(c) => c,
         Err(code) => return code,
     };

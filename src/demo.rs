@@ -150,6 +150,34 @@ pub struct DemoOptions {
 ///
 /// # Errors
 /// The embedded cluster, the config, or the runtime failed to start.
+/// The demo's config and policies, built into the binary: `segloop demo` and
+/// `segloop backtest --embedded-sample` work from any directory.
+pub const BUILTIN_CONFIG: &str = include_str!("../config/demo.toml");
+pub const BUILTIN_POLICIES: &str = include_str!("../config/demo-policies.toml");
+
+/// The demo config to use: `explicit`, else `config/demo.toml` when it is here (files on disk
+/// override), else the built-in one written to a private temporary directory. Returns the path
+/// and whether it is the built-in one.
+///
+/// # Errors
+/// The built-in files cannot be written.
+pub fn demo_config(
+    explicit: Option<&std::path::Path>,
+) -> anyhow::Result<(std::path::PathBuf, bool)> {
+    if let Some(p) = explicit {
+        return Ok((p.to_path_buf(), false));
+    }
+    let local = std::path::PathBuf::from("config/demo.toml");
+    if local.is_file() {
+        return Ok((local, false));
+    }
+    let dir = std::env::temp_dir().join(format!("segloop-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join("demo.toml"), BUILTIN_CONFIG)?;
+    std::fs::write(dir.join("demo-policies.toml"), BUILTIN_POLICIES)?;
+    Ok((dir.join("demo.toml"), true))
+}
+
 pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
     let env = std::collections::HashMap::new();
     let cluster = MockCluster::new(1).context("cannot start the embedded Kafka cluster")?;

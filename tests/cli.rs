@@ -387,3 +387,56 @@ fn policy_test_passes_the_shipped_tests_and_diffs_a_wrong_expectation() {
         text(&out.stderr)
     );
 }
+
+/// Issue #25, first steps: the embedded sample works from any directory without a config (the
+/// built-in demo config judges it, and says so), `--from -6h` parses as a value, and logs carry
+/// no colour codes into a pipe.
+#[test]
+fn backtest_embedded_sample_works_anywhere_and_relative_times_parse() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let report = elsewhere.path().join("r.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_segloop"))
+        .current_dir(elsewhere.path())
+        .args([
+            "backtest",
+            "--embedded-sample",
+            "--sample-duration",
+            "30",
+            "--report",
+        ])
+        .arg(&report)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("judged by the demo config (built in)"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no ANSI codes in a pipe: {stderr}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(r["totals"]["firings"].as_u64().unwrap() > 0, "{stdout}");
+
+    // `--from -6h` is a value, not a flag: this fails only on the range it names.
+    let out = segloop(
+        &[
+            "backtest",
+            "--embedded-sample",
+            "--report",
+            "/dev/null",
+            "--from",
+            "-6h",
+            "--to",
+            "-7h",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(!err.contains("unexpected argument"), "{err}");
+    assert!(err.contains("--from"), "{err}");
+}

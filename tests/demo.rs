@@ -44,3 +44,29 @@ fn the_scripted_story_goes_as_expected() {
     assert_eq!(parent.actual, "resolved");
     assert!(!parent.segment.contains("/ep-"));
 }
+
+/// The built-in demo config (what `segloop demo` uses outside the repository) is the shipped
+/// one and loads with its policies.
+#[test]
+fn the_builtin_demo_config_is_the_shipped_one_and_loads() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    assert_eq!(
+        segloop::demo::BUILTIN_CONFIG,
+        std::fs::read_to_string(root.join("config/demo.toml")).unwrap()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("demo.toml"), segloop::demo::BUILTIN_CONFIG).unwrap();
+    std::fs::write(
+        dir.path().join("demo-policies.toml"),
+        segloop::demo::BUILTIN_POLICIES,
+    )
+    .unwrap();
+    let config = segloop::config::Config::load(&segloop::config::Sources {
+        file: Some(&dir.path().join("demo.toml")),
+        env: &Default::default(),
+        overrides: &[],
+    })
+    .unwrap();
+    let set = segloop::policy::PolicySet::for_config(&config).unwrap();
+    assert!(set.policies.len() >= 2);
+}
