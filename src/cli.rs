@@ -34,22 +34,47 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the loop against Kafka brokers
+    #[command(
+        after_help = "Examples:\n  segloop run -c config/segloop.toml\n  segloop run -c config/segloop.toml --set kafka.bootstrap_servers=kafka:9092\n  SEGLOOP__KAFKA__GROUP_ID=blue segloop run -c config/segloop.toml\n\nSIGTERM/SIGINT stop gracefully (again: at once); SIGHUP reloads the policies.\n\nExit codes: 0 ok, 1 runtime failure, 2 usage or config error."
+    )]
     Run(ConfigArgs),
     /// Run the whole loop on an embedded Kafka with a synthetic fleet and scripted faults
+    #[command(
+        after_help = "Examples:\n  segloop demo\n  segloop demo --duration 120 --seed 7 --summary demo.json\n\nExit codes: 0 every scripted incident went as expected, 1 one did not (or a failure), 2 usage error."
+    )]
     Demo(DemoArgs),
     /// Replay a telemetry topic through the policies and report what they would have done
+    #[command(
+        after_help = "Examples:\n  segloop backtest --embedded-sample --report r.json --html r.html\n  segloop backtest -c config/segloop.toml --from -6h --report r.json\n  segloop backtest -c config/segloop.toml --policies new.toml --compare config/policies.toml --report r.json\n\nExit codes: 0 ok, 1 runtime failure, 2 usage or config error."
+    )]
     Backtest(BacktestArgs),
     /// The reference actuator: run a handler per command, write outcomes
+    #[command(
+        after_help = "Examples:\n  segloop actuator -c config/segloop.toml\n  segloop actuator -c config/segloop.toml --set actuator.webhook=http://deployer:8080/segloop\n\nExit codes: 0 ok, 1 runtime failure, 2 usage or config error."
+    )]
     Actuator(ConfigArgs),
     /// Benchmarks that print key=value figures
+    #[command(
+        after_help = "Examples:\n  segloop bench window --segments 100000 --events 10000000\n  segloop bench delivery --bootstrap 127.0.0.1:9092 --events 1000000\n\nExit codes: 0 ok, 1 runtime failure, 2 usage or config error."
+    )]
     Bench(BenchArgs),
     /// Validate a config file and print the effective configuration
+    #[command(
+        after_help = "Examples:\n  segloop check-config config/segloop.toml\n  segloop check-config -c config/segloop.toml --partitions 12\n  segloop check-config config/segloop.toml --set windows.size=5s\n\nExit codes: 0 valid (warnings on stderr), 2 invalid (the field and the fix on stderr)."
+    )]
     CheckConfig(CheckConfigArgs),
     /// Decode records (hex per line, or raw bytes) and print them as JSON lines
+    #[command(
+        after_help = "Examples:\n  echo c301a432... | segloop decode\n  kcat -C -b kafka:9092 -t segloop.telemetry -e -f '%s\\n' | segloop decode --codec json\n  segloop decode --raw --key eu-1/x < record.bin\n\nExit codes: 0 every record decoded, 1 some did not (each printed with its error code), 2 usage error."
+    )]
     Decode(DecodeArgs),
     /// Encode JSON lines into records, printed as hex per line
+    #[command(
+        after_help = "Examples:\n  segloop encode < events.jsonl\n  segloop encode --codec avro-confluent --schema command commands.jsonl\n\nExit codes: 0 ok, 1 runtime failure, 2 usage or config error."
+    )]
     Encode(EncodeArgs),
     /// Print the Avro schemas and their fingerprints
+    #[command(after_help = "Examples:\n  segloop schemas\n  segloop schemas --full")]
     Schemas(SchemasArgs),
     /// Test policy files against chosen inputs and expected effects
     #[command(
@@ -276,8 +301,12 @@ pub struct BenchArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckConfigArgs {
+    /// Config file (TOML), or give it with --config/-c like the other subcommands
+    #[arg(required_unless_present = "config", conflicts_with = "config")]
+    pub file: Option<PathBuf>,
     /// Config file (TOML)
-    pub file: PathBuf,
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
     /// The telemetry topic's partition count: also warn what scale-out does to each limit
     #[arg(long)]
     pub partitions: Option<u32>,
@@ -326,8 +355,10 @@ impl From<CodecArg> for CodecKind {
 
 #[derive(Debug, Args)]
 pub struct CodecArgs {
+    /// The framing of the records (as `topics.<name>.codec`)
     #[arg(long, value_enum, default_value = "avro-single-object")]
     pub codec: CodecArg,
+    /// Which record: telemetry, command, outcome or decision
     #[arg(long, value_enum, default_value = "telemetry")]
     pub schema: SchemaArg,
     /// Confluent: the id of the current schema
@@ -694,7 +725,7 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
 /// `segloop check-config`: exit 0 and print the effective config, or the errors and exit 2.
 pub fn check_config(args: &CheckConfigArgs, env: &HashMap<String, String>) -> ExitCode {
     match Config::load(&Sources {
-        file: Some(&args.file),
+        file: args.file.as_deref().or(args.config.as_deref()),
         env,
         overrides: &args.overrides,
     }) {

@@ -440,3 +440,46 @@ fn backtest_embedded_sample_works_anywhere_and_relative_times_parse() {
     assert!(!err.contains("unexpected argument"), "{err}");
     assert!(err.contains("--from"), "{err}");
 }
+
+/// CLI conventions (issue #25): every subcommand's help ends with examples (and the exit codes
+/// where they say more than 0), every option has help text, and check-config takes
+/// `--config/-c` like the others as well as a positional file.
+#[test]
+fn every_subcommand_has_examples_and_check_config_takes_dash_c() {
+    for sub in [
+        "run",
+        "demo",
+        "backtest",
+        "actuator",
+        "bench",
+        "check-config",
+        "decode",
+        "encode",
+        "schemas",
+        "policy",
+        "silence",
+    ] {
+        let out = segloop(&[sub, "--help"], b"");
+        assert!(out.status.success(), "{sub}");
+        let help = text(&out.stdout);
+        assert!(
+            help.contains("Example"),
+            "{sub} --help has no examples:\n{help}"
+        );
+        if sub != "schemas" {
+            assert!(
+                help.contains("Exit codes"),
+                "{sub} --help has no exit codes:\n{help}"
+            );
+        }
+    }
+    let help = text(&segloop(&["decode", "--help"], b"").stdout);
+    for line in help.lines().filter(|l| l.trim_start().starts_with("--")) {
+        let described = line.split_whitespace().count() > 2;
+        assert!(described, "an option without help text: {line}");
+    }
+    let out = segloop(&["check-config", "-c", "config/segloop.toml"], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = segloop(&["check-config"], b"");
+    assert_eq!(out.status.code(), Some(2));
+}
