@@ -35,25 +35,50 @@ const KINDS: [CodecKind; 4] = [
 /// A telemetry record under every framing: the fast decoder and the general one accept the same
 /// records and read the same event from them.
 pub fn telemetry(data: &[u8]) {
-    let settings = SchemaSettings::default();
-    for kind in KINDS {
-        let fast = TelemetryDecoder::new(kind, &settings).expect("built-in schemas build");
-        let general =
-            build_codec::<TelemetryEvent>(kind, &settings).expect("built-in schemas build");
-        let key = None;
-        let a = fast.decode(key, Some(data));
-        let b = crate::codec::decode_record(&*general, key, Some(data));
-        match (a, b) {
-            (Ok(a), Ok(b)) => {
-                let a = match a {
-                    Telemetry::Owned(e) => e,
-                    Telemetry::View(v) => v.to_owned_event(),
-                };
-                assert!(same_event(&a, &b), "{kind:?}: fast {a:?} != general {b:?}");
-            }
-            (Err(a), Err(b)) => assert_eq!(a.code, b.code, "{kind:?}: {a} vs {b}"),
-            (a, b) => panic!("{kind:?}: fast {a:?} but general {b:?}"),
+    type Decoders = Vec<(
+        CodecKind,
+        TelemetryDecoder,
+        Box<dyn crate::codec::Codec<TelemetryEvent>>,
+    )>;
+    thread_local! {
+        // Built once per thread: building them per input took most of the fuzzer's time.
+        static DECODERS: Decoders = KINDS
+            .iter()
+            .map(|kind| {
+                let settings = SchemaSettings::default();
+                (
+                    *kind,
+                    TelemetryDecoder::new(*kind, &settings).expect("built-in schemas build"),
+                    build_codec::<TelemetryEvent>(*kind, &settings).expect("built-in schemas build"),
+                )
+            })
+            .collect();
+    }
+    DECODERS.with(|decoders| {
+        for (kind, fast, general) in decoders {
+            telemetry_agree(*kind, fast, &**general, data);
         }
+    });
+}
+
+fn telemetry_agree(
+    kind: CodecKind,
+    fast: &TelemetryDecoder,
+    general: &dyn crate::codec::Codec<TelemetryEvent>,
+    data: &[u8],
+) {
+    let a = fast.decode(None, Some(data));
+    let b = crate::codec::decode_record(general, None, Some(data));
+    match (a, b) {
+        (Ok(a), Ok(b)) => {
+            let a = match a {
+                Telemetry::Owned(e) => e,
+                Telemetry::View(v) => v.to_owned_event(),
+            };
+            assert!(same_event(&a, &b), "{kind:?}: fast {a:?} != general {b:?}");
+        }
+        (Err(a), Err(b)) => assert_eq!(a.code, b.code, "{kind:?}: {a} vs {b}"),
+        (a, b) => panic!("{kind:?}: fast {a:?} but general {b:?}"),
     }
 }
 
