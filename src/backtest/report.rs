@@ -162,6 +162,31 @@ pub struct LoopReport {
     pub timeline: Timeline,
 }
 
+impl LoopReport {
+    /// How the loop ended: escalated, resolved or still open.
+    fn outcome_text(&self) -> &'static str {
+        if self.escalations > 0 {
+            "escalated"
+        } else if self.resolved > 0 {
+            "resolved"
+        } else {
+            "open"
+        }
+    }
+
+    /// The evidence of its first command: `metric = observed vs threshold`.
+    fn why_text(&self) -> String {
+        self.commands.first().map_or(String::new(), |c| {
+            format!(
+                "{} = {} vs {}",
+                c.metric,
+                short(c.observed),
+                short(c.threshold)
+            )
+        })
+    }
+}
+
 /// A backtest's result.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
@@ -283,20 +308,17 @@ impl Report {
     }
 
     /// The terminal summary.
-    pub fn render_text(&self) -> String {
-        let mut s = String::new();
-        let m = &self.meta;
-        let span = match (self.input.first_event_ms, self.input.last_event_ms) {
+    /// The replay's event-time span, the actuator and the records, as the text and the HTML
+    /// summaries both say them.
+    fn span_text(&self) -> String {
+        match (self.input.first_event_ms, self.input.last_event_ms) {
             (Some(a), Some(b)) => format!("{} … {}", rfc3339(a), rfc3339(b)),
             _ => "no events".into(),
-        };
-        let _ = writeln!(
-            s,
-            "backtest of {} ({} partitions, start: {}) under {}",
-            m.topic, m.partitions, m.seek, m.policies
-        );
-        let _ = writeln!(s, "event time: {span}");
-        let actuator = match &m.actuator {
+        }
+    }
+
+    fn actuator_text(&self) -> String {
+        match &self.meta.actuator {
             ActuatorInfo::Simulated(a) => format!(
                 "simulated (answers after {} ms, {}% succeed, seed {})",
                 a.delay_ms,
@@ -306,30 +328,45 @@ impl Report {
             ActuatorInfo::Recorded { topic, outcomes } => {
                 format!("recorded outcomes from {topic} ({outcomes})")
             }
-        };
-        let _ = writeln!(s, "actuator: {actuator}");
+        }
+    }
+
+    fn records_text(&self) -> String {
         let i = &self.input;
         let rejected: u64 = i.rejected.values().sum();
+        let detail = if i.rejected.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({})",
+                i.rejected
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        format!(
+            "{} read, {} in range, {} aggregated, {} rejected{detail}",
+            i.records_read, i.records_in_range, i.records_aggregated, rejected
+        )
+    }
+
+    pub fn render_text(&self) -> String {
+        let mut s = String::new();
+        let m = &self.meta;
         let _ = writeln!(
             s,
-            "records: {} read, {} in range, {} aggregated, {} rejected{}; {} windows closed\n",
-            i.records_read,
-            i.records_in_range,
-            i.records_aggregated,
-            rejected,
-            if i.rejected.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    " ({})",
-                    i.rejected
-                        .iter()
-                        .map(|(k, v)| format!("{k} {v}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            },
-            i.windows_closed
+            "backtest of {} ({} partitions, start: {}) under {}",
+            m.topic, m.partitions, m.seek, m.policies
+        );
+        let _ = writeln!(s, "event time: {}", self.span_text());
+        let _ = writeln!(s, "actuator: {}", self.actuator_text());
+        let _ = writeln!(
+            s,
+            "records: {}; {} windows closed\n",
+            self.records_text(),
+            self.input.windows_closed
         );
         let _ = writeln!(
             s,
@@ -368,21 +405,7 @@ impl Report {
                 "segment", "policy", "first detection", "commands", "outcome"
             );
             for l in fired.iter().take(50) {
-                let outcome = if l.escalations > 0 {
-                    "escalated"
-                } else if l.resolved > 0 {
-                    "resolved"
-                } else {
-                    "open"
-                };
-                let why = l.commands.first().map_or(String::new(), |c| {
-                    format!(
-                        "{} = {} vs {}",
-                        c.metric,
-                        short(c.observed),
-                        short(c.threshold)
-                    )
-                });
+                let (outcome, why) = (l.outcome_text(), l.why_text());
                 let _ = writeln!(
                     s,
                     "{:<28} {:<12} {:<24} {:>9} {:<10} {}",
@@ -661,23 +684,6 @@ impl Report {
     /// The summary as tables: what was replayed, per policy, and the loops that fired.
     fn summary_tables(&self, h: &mut String) {
         let m = &self.meta;
-        let i = &self.input;
-        let actuator = match &m.actuator {
-            ActuatorInfo::Simulated(a) => format!(
-                "simulated (answers after {} ms, {}% succeed, seed {})",
-                a.delay_ms,
-                a.success * 100.0,
-                a.seed
-            ),
-            ActuatorInfo::Recorded { topic, outcomes } => {
-                format!("recorded outcomes from {topic} ({outcomes})")
-            }
-        };
-        let span = match (i.first_event_ms, i.last_event_ms) {
-            (Some(a), Some(b)) => format!("{} … {}", rfc3339(a), rfc3339(b)),
-            _ => "no events".into(),
-        };
-        let rejected: u64 = i.rejected.values().sum();
         h.push_str("<h2>Replay</h2>\n<table class=\"meta\">\n");
         for (k, v) in [
             (
@@ -688,31 +694,10 @@ impl Report {
                 ),
             ),
             ("policies", m.policies.clone()),
-            ("event time", span),
-            ("actuator", actuator),
-            (
-                "records",
-                format!(
-                    "{} read, {} in range, {} aggregated, {} rejected{}",
-                    i.records_read,
-                    i.records_in_range,
-                    i.records_aggregated,
-                    rejected,
-                    if i.rejected.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            " ({})",
-                            i.rejected
-                                .iter()
-                                .map(|(k, v)| format!("{k} {v}"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    }
-                ),
-            ),
-            ("windows closed", i.windows_closed.to_string()),
+            ("event time", self.span_text()),
+            ("actuator", self.actuator_text()),
+            ("records", self.records_text()),
+            ("windows closed", self.input.windows_closed.to_string()),
         ] {
             row(h, &[k.to_string(), v], false);
         }
@@ -771,21 +756,7 @@ impl Report {
                 true,
             );
             for l in fired.iter().take(HTML_LOOPS) {
-                let outcome = if l.escalations > 0 {
-                    "escalated"
-                } else if l.resolved > 0 {
-                    "resolved"
-                } else {
-                    "open"
-                };
-                let why = l.commands.first().map_or(String::new(), |c| {
-                    format!(
-                        "{} = {} vs {}",
-                        c.metric,
-                        short(c.observed),
-                        short(c.threshold)
-                    )
-                });
+                let (outcome, why) = (l.outcome_text(), l.why_text());
                 row(
                     h,
                     &[
