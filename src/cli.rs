@@ -81,6 +81,23 @@ pub enum Command {
         after_help = "Example:\n  segloop policy test config/policies.test.toml config/demo-policies.test.toml\n\nExit codes: 0 every case passed, 1 a case failed (its diff is printed), 2 a test file is invalid."
     )]
     Policy(PolicyArgs),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell)
+    #[command(
+        after_help = "Examples:\n  segloop completions bash > /etc/bash_completion.d/segloop\n  segloop completions zsh > \"${fpath[1]}/_segloop\"\n\nExit codes: 0 printed, 2 usage error."
+    )]
+    Completions {
+        /// The shell to complete in
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one per subcommand
+    #[command(
+        after_help = "Examples:\n  segloop man | man -l -\n  segloop man --out-dir /usr/local/share/man/man1\n\nExit codes: 0 written, 1 the directory cannot be written, 2 usage error."
+    )]
+    Man {
+        /// Write segloop.1 and segloop-<subcommand>.1 here instead of printing segloop.1
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
     /// Add, list or expire silences on a running instance (through its admin API)
     #[command(
         after_help = "Examples:\n  segloop silence add -c config/segloop.toml --segments 'eu-1/checkout/**' --duration 2h --comment 'planned maintenance'\n  segloop silence list -c config/segloop.toml\n  segloop silence expire -c config/segloop.toml 6f1c...\n\nThe admin address and token come from [admin] (token_file or token_env).\nExit codes: 0 done, 1 the admin API refused or could not be reached, 2 usage or config error."
@@ -971,6 +988,36 @@ fn print_quietly(text: &str) -> ExitCode {
 }
 
 /// `segloop silence ...`: the admin API's silences from the command line.
+/// `segloop completions SHELL`: the completion script on stdout.
+pub fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap::CommandFactory;
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "segloop",
+        &mut std::io::stdout(),
+    );
+    ExitCode::SUCCESS
+}
+
+/// `segloop man [--out-dir DIR]`: the man page on stdout, or one page per subcommand in DIR.
+pub fn man(out_dir: Option<&Path>) -> ExitCode {
+    use clap::CommandFactory;
+    let result = match out_dir {
+        None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
+        Some(dir) => std::fs::create_dir_all(dir)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), dir)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the man pages: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// `segloop policy test FILE...`: every case of every file; a failed case prints its diff.
 pub fn policy(args: &PolicyArgs) -> ExitCode {
     let PolicyAction::Test { files } = &args.action;

@@ -32,5 +32,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => cli::bench(&args, &env),
         Command::Silence(args) => cli::silence(&args, &env),
         Command::Policy(args) => cli::policy(&args),
+        Command::Completions { shell } => cli::completions(shell),
+        Command::Man { out_dir } => cli::man(out_dir.as_deref()),
     }
 }

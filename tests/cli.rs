@@ -458,6 +458,8 @@ fn every_subcommand_has_examples_and_check_config_takes_dash_c() {
         "schemas",
         "policy",
         "silence",
+        "completions",
+        "man",
     ] {
         let out = segloop(&[sub, "--help"], b"");
         assert!(out.status.success(), "{sub}");
@@ -478,6 +480,22 @@ fn every_subcommand_has_examples_and_check_config_takes_dash_c() {
         let described = line.split_whitespace().count() > 2;
         assert!(described, "an option without help text: {line}");
     }
+    // Completions and man pages come from the same command definition.
+    for shell in ["bash", "zsh", "fish"] {
+        let out = segloop(&["completions", shell], b"");
+        assert!(out.status.success());
+        let script = text(&out.stdout);
+        assert!(
+            script.contains("check-config") && script.contains("backtest"),
+            "{shell}"
+        );
+    }
+    let page = text(&segloop(&["man"], b"").stdout);
+    assert!(page.contains(".TH segloop 1"), "{page}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = segloop(&["man", "--out-dir", dir.path().to_str().unwrap()], b"");
+    assert!(out.status.success());
+    assert!(dir.path().join("segloop-backtest.1").is_file());
     let out = segloop(&["check-config", "-c", "config/segloop.toml"], b"");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = segloop(&["check-config"], b"");
