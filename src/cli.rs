@@ -81,6 +81,11 @@ pub enum Command {
         after_help = "Example:\n  segloop policy test config/policies.test.toml config/demo-policies.test.toml\n\nExit codes: 0 every case passed, 1 a case failed (its diff is printed), 2 a test file is invalid."
     )]
     Policy(PolicyArgs),
+    /// Print a topic's records decoded, as JSON lines (dead letters with their error headers)
+    #[command(
+        after_help = "Examples:\n  segloop tail -c config/segloop.toml --topic dlq\n  segloop tail -c config/segloop.toml --topic actions --from -10m --follow\n  segloop tail -c config/segloop.toml --topic telemetry --key eu-1/checkout/api --max 20\n\nExit codes: 0 read, 1 the topic cannot be read, 2 usage or config error."
+    )]
+    Tail(TailArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell)
     #[command(
         after_help = "Examples:\n  segloop completions bash > /etc/bash_completion.d/segloop\n  segloop completions zsh > \"${fpath[1]}/_segloop\"\n\nExit codes: 0 printed, 2 usage error."
@@ -103,6 +108,34 @@ pub enum Command {
         after_help = "Examples:\n  segloop silence add -c config/segloop.toml --segments 'eu-1/checkout/**' --duration 2h --comment 'planned maintenance'\n  segloop silence list -c config/segloop.toml\n  segloop silence expire -c config/segloop.toml 6f1c...\n\nThe admin address and token come from [admin] (token_file or token_env).\nExit codes: 0 done, 1 the admin API refused or could not be reached, 2 usage or config error."
     )]
     Silence(SilenceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Config file (TOML): brokers and topics
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Override a config key, e.g. --set kafka.bootstrap_servers=kafka:9092 (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// A topic role (telemetry, actions, outcomes, decisions, dlq, state, control) or name
+    #[arg(long, default_value = "telemetry")]
+    pub topic: String,
+    /// Start at this time: RFC 3339 or relative to now (-10m); default: the beginning
+    #[arg(long, allow_hyphen_values = true)]
+    pub from: Option<String>,
+    /// Keep printing new records (else stop at the topic's end when it started)
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only this partition
+    #[arg(long)]
+    pub partition: Option<i32>,
+    /// Only records with this key (segment)
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Stop after this many records
+    #[arg(long)]
+    pub max: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -988,6 +1021,49 @@ fn print_quietly(text: &str) -> ExitCode {
 }
 
 /// `segloop silence ...`: the admin API's silences from the command line.
+/// `segloop tail`: a topic's records decoded, as JSON lines on stdout.
+pub fn tail(args: &TailArgs, env: &HashMap<String, String>) -> ExitCode {
+    let config = match load_config(args.config.as_deref(), &args.overrides, env) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+    let from_ms = match args
+        .from
+        .as_deref()
+        .map(|s| crate::backtest::parse_time(s, now))
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: --from {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let opts = crate::tail::TailOptions {
+        topic: args.topic.clone(),
+        from_ms,
+        follow: args.follow,
+        partition: args.partition,
+        key: args.key.clone(),
+        max: args.max,
+    };
+    let stdout = std::io::stdout();
+    match crate::tail::tail(&config, &opts, &mut stdout.lock()) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// `segloop completions SHELL`: the completion script on stdout.
 pub fn completions(shell: clap_complete::Shell) -> ExitCode {
     use clap::CommandFactory;

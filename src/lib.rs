@@ -83,4 +83,5 @@ pub mod process;
 pub mod runtime;
 pub mod schema;
 pub mod sketch;
+pub mod tail;
 pub mod window;

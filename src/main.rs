@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         Command::Silence(args) => cli::silence(&args, &env),
         Command::Policy(args) => cli::policy(&args),
         Command::Completions { shell } => cli::completions(shell),
+        Command::Tail(args) => cli::tail(&args, &env),
         Command::Man { out_dir } => cli::man(out_dir.as_deref()),
     }
 }

@@ -460,6 +460,7 @@ fn every_subcommand_has_examples_and_check_config_takes_dash_c() {
         "silence",
         "completions",
         "man",
+        "tail",
     ] {
         let out = segloop(&[sub, "--help"], b"");
         assert!(out.status.success(), "{sub}");

@@ -654,3 +654,71 @@ fn the_actuator_skips_expired_and_already_answered_commands() {
     segloop::kafka::create_embedded_topics(&cluster, &cfg).unwrap();
     common::the_actuator_skips_expired_and_already_answered_commands(&bs, cfg);
 }
+
+/// `segloop tail` (issue #25): a topic's records decoded as JSON lines, by role; dead letters
+/// with their error headers and bytes; `--key` and `--max` filter.
+#[test]
+fn tail_prints_decoded_records_and_dead_letters_with_their_headers() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bs = cluster.bootstrap_servers();
+    let cfg = config(&bs, "g-tail");
+    segloop::kafka::create_embedded_topics(&cluster, &cfg).unwrap();
+    let t = cfg.topics.clone();
+    let p = producer(&bs);
+    let now = SystemClock.now_ms();
+    for seg in ["tail/a", "tail/b", "tail/a"] {
+        telemetry(&p, &t.telemetry.name, seg, now, 0.5);
+    }
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "segloop.error.code",
+            value: Some("bad_magic"),
+        })
+        .insert(Header {
+            key: "segloop.source.offset",
+            value: Some("7"),
+        });
+    p.send(
+        BaseRecord::to(&t.dlq.name)
+            .key("tail/x")
+            .payload(&b"not avro"[..])
+            .headers(headers),
+    )
+    .unwrap();
+    p.flush(Duration::from_secs(5)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, format!("[kafka]\nbootstrap_servers = \"{bs}\"\n")).unwrap();
+    let tail = |args: &[&str]| -> Vec<serde_json::Value> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_segloop"))
+            .arg("tail")
+            .arg("-c")
+            .arg(&file)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let lines = tail(&[]);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines
+        .iter()
+        .all(|l| l["value"]["measurements"]["error"] == 0.5));
+    let a = tail(&["--key", "tail/a"]);
+    assert_eq!(a.len(), 2);
+    assert!(a.iter().all(|l| l["value"]["segment"] == "tail/a"));
+    assert_eq!(tail(&["--max", "1"]).len(), 1);
+    let dlq = tail(&["--topic", "dlq"]);
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(dlq[0]["headers"]["segloop.error.code"], "bad_magic");
+    assert_eq!(dlq[0]["hex"], "6e6f74206176726f"); // "not avro"
+    assert!(dlq[0]["value"]["undecodable"].is_string());
+}
