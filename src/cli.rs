@@ -86,6 +86,11 @@ pub enum Command {
         after_help = "Examples:\n  segloop tail -c config/segloop.toml --topic dlq\n  segloop tail -c config/segloop.toml --topic actions --from -10m --follow\n  segloop tail -c config/segloop.toml --topic telemetry --key eu-1/checkout/api --max 20\n\nExit codes: 0 read, 1 the topic cannot be read, 2 usage or config error."
     )]
     Tail(TailArgs),
+    /// Dead letters: send them back to their source topic once their cause is fixed
+    #[command(
+        after_help = "Examples:\n  segloop dlq replay -c config/segloop.toml --code unknown_fingerprint --dry-run\n  segloop dlq replay -c config/segloop.toml --code unknown_fingerprint --from -2h\n\nRecords go back byte for byte with their original key (truncated dead letters cannot).\nReplaying twice sends them twice: count with --dry-run first.\n\nExit codes: 0 done, 1 the DLQ cannot be read or a record not sent, 2 usage or config error."
+    )]
+    Dlq(DlqArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell)
     #[command(
         after_help = "Examples:\n  segloop completions bash > /etc/bash_completion.d/segloop\n  segloop completions zsh > \"${fpath[1]}/_segloop\"\n\nExit codes: 0 printed, 2 usage error."
@@ -108,6 +113,40 @@ pub enum Command {
         after_help = "Examples:\n  segloop silence add -c config/segloop.toml --segments 'eu-1/checkout/**' --duration 2h --comment 'planned maintenance'\n  segloop silence list -c config/segloop.toml\n  segloop silence expire -c config/segloop.toml 6f1c...\n\nThe admin address and token come from [admin] (token_file or token_env).\nExit codes: 0 done, 1 the admin API refused or could not be reached, 2 usage or config error."
     )]
     Silence(SilenceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    pub action: DlqAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// Re-produce dead letters (original bytes and key) to their source topic
+    Replay {
+        /// Config file (TOML): brokers and topics
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Override a config key (repeatable)
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Only dead letters of this error code (repeatable), e.g. unknown_fingerprint
+        #[arg(long = "code")]
+        codes: Vec<String>,
+        /// Only dead letters from this source partition
+        #[arg(long)]
+        source_partition: Option<i32>,
+        /// Only dead letters written from this time: RFC 3339 or relative (-2h)
+        #[arg(long, allow_hyphen_values = true)]
+        from: Option<String>,
+        /// Only dead letters written up to this time (same forms)
+        #[arg(long, allow_hyphen_values = true)]
+        to: Option<String>,
+        /// Count what would be sent, send nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -200,6 +239,20 @@ pub struct ConfigArgs {
     /// Override a config key, e.g. --set windows.size=5s (repeatable; beats env and file)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Log lines (and the end-of-run summary) as text or JSON (as logging.format)
+    #[arg(long, value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+}
+
+impl ConfigArgs {
+    /// The overrides, with `--log-format` as one more.
+    fn all_overrides(&self) -> Vec<String> {
+        let mut all = self.overrides.clone();
+        if let Some(f) = &self.log_format {
+            all.push(format!("logging.format={f}"));
+        }
+        all
+    }
 }
 
 #[derive(Debug, Args)]
@@ -495,7 +548,7 @@ fn load_config(
 
 /// `segloop run`: the loop against Kafka brokers until a signal.
 pub fn run(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
-    let config = match load_config(args.config.as_deref(), &args.overrides, env) {
+    let config = match load_config(args.config.as_deref(), &args.all_overrides(), env) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -509,6 +562,7 @@ pub fn run(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
     };
     let control = std::sync::Arc::new(crate::clock::Control::default());
     crate::process::install_signal_handlers(control.clone());
+    let text_logs = config.logging.format == crate::config::LogFormat::Text;
     let result = crate::runtime::run(crate::runtime::RunOptions {
         policies_path: config.policies.clone(),
         config,
@@ -520,7 +574,7 @@ pub fn run(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
         on_core: None,
     });
     match result {
-        Ok(report) => {
+        Ok(report) if text_logs => {
             eprintln!(
                 "stopped: {} records consumed ({} aggregated, {} to the DLQ), {} commands, {} decisions, {} outcomes applied, {} commits",
                 report.records_consumed,
@@ -531,6 +585,9 @@ pub fn run(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
                 report.outcomes_applied,
                 report.commits
             );
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
             tracing::info!(
                 records_consumed = report.records_consumed,
                 records_aggregated = report.records_aggregated,
@@ -552,7 +609,7 @@ pub fn run(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
 
 /// `segloop actuator`: consume commands, run the configured handlers, write outcomes.
 pub fn actuator(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
-    let config = match load_config(args.config.as_deref(), &args.overrides, env) {
+    let config = match load_config(args.config.as_deref(), &args.all_overrides(), env) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -569,7 +626,17 @@ pub fn actuator(args: &ConfigArgs, env: &HashMap<String, String>) -> ExitCode {
     );
     match crate::actuator::run(&config, handler, control, |_| {}) {
         Ok(report) => {
-            tracing::info!(?report, "actuator stopped");
+            tracing::info!(
+                commands = report.commands,
+                applied = report.applied,
+                failed = report.failed,
+                rejected = report.rejected,
+                duplicates = report.duplicates,
+                expired = report.expired,
+                answered_before = report.answered_before,
+                undecodable = report.undecodable,
+                "actuator stopped"
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -1055,6 +1122,61 @@ pub fn tail(args: &TailArgs, env: &HashMap<String, String>) -> ExitCode {
             if e.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
         {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `segloop dlq replay`: dead letters back to their source topic, by code, partition, time.
+pub fn dlq(args: &DlqArgs, env: &HashMap<String, String>) -> ExitCode {
+    let DlqAction::Replay {
+        config,
+        overrides,
+        codes,
+        source_partition,
+        from,
+        to,
+        dry_run,
+    } = &args.action;
+    let config = match load_config(config.as_deref(), overrides, env) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+    let time = |s: &Option<String>, flag: &str| {
+        s.as_deref()
+            .map(|s| crate::backtest::parse_time(s, now).map_err(|e| format!("--{flag} {e}")))
+            .transpose()
+    };
+    let (from_ms, to_ms) = match (time(from, "from"), time(to, "to")) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let filter = crate::tail::ReplayFilter {
+        codes: codes.clone(),
+        source_partition: *source_partition,
+        from_ms,
+        to_ms,
+        dry_run: *dry_run,
+    };
+    match crate::tail::replay_dead_letters(&config, &filter) {
+        Ok(c) => {
+            let verb = if *dry_run { "would send" } else { "sent" };
+            let total: u64 = c.sent.values().sum();
+            for ((topic, code), n) in &c.sent {
+                println!("{verb} {n} to {topic} ({code})");
+            }
+            println!(
+                "{verb} {total} dead letter(s); {} truncated (cannot be replayed), {} filtered out",
+                c.truncated, c.skipped
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -34,6 +34,7 @@ fn main() -> ExitCode {
         Command::Policy(args) => cli::policy(&args),
         Command::Completions { shell } => cli::completions(shell),
         Command::Tail(args) => cli::tail(&args, &env),
+        Command::Dlq(args) => cli::dlq(&args, &env),
         Command::Man { out_dir } => cli::man(out_dir.as_deref()),
     }
 }

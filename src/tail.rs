@@ -120,12 +120,19 @@ fn resolve(config: &Config, topic: &str) -> anyhow::Result<(String, Decode)> {
     Ok((settings.name.clone(), decode))
 }
 
-/// Prints the records as JSON lines to `out`; returns how many.
+/// Reads `topic` from `from_ms` (broker time; `None`: the beginning) to the end it has now (or
+/// on, when `follow`), one partition or all, calling `f` per record until it returns `false`.
 ///
 /// # Errors
-/// The topic does not exist, the broker cannot be reached, or `out` cannot be written.
-pub fn tail(config: &Config, opts: &TailOptions, out: &mut dyn Write) -> anyhow::Result<u64> {
-    let (topic, decode) = resolve(config, &opts.topic)?;
+/// The topic does not exist, the broker cannot be reached, or `f` fails.
+pub fn read(
+    config: &Config,
+    topic: &str,
+    from_ms: Option<i64>,
+    partition: Option<i32>,
+    follow: bool,
+    mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
     let consumer: BaseConsumer<crate::kafka::Collapsing> = crate::kafka::client_config(
         config,
         &[
@@ -136,15 +143,15 @@ pub fn tail(config: &Config, opts: &TailOptions, out: &mut dyn Write) -> anyhow:
     )
     .create_with_context(crate::kafka::Collapsing)
     .context("cannot create a consumer")?;
-    let found = crate::kafka::offsets_from(&consumer, &topic, opts.from_ms)?;
+    let found = crate::kafka::offsets_from(&consumer, topic, from_ms)?;
     let mut tpl = TopicPartitionList::new();
     // Partitions still to read to their end (not following).
     let mut left: BTreeMap<i32, i64> = BTreeMap::new();
     for (p, start) in &found.start {
-        if opts.partition.is_some_and(|want| want != *p) {
+        if partition.is_some_and(|want| want != *p) {
             continue;
         }
-        tpl.add_partition_offset(&topic, *p, Offset::Offset(*start))?;
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*start))?;
         if found.end[p] > *start {
             left.insert(*p, found.end[p]);
         }
@@ -152,19 +159,12 @@ pub fn tail(config: &Config, opts: &TailOptions, out: &mut dyn Write) -> anyhow:
     anyhow::ensure!(
         tpl.count() > 0,
         "{topic} has no partition {}",
-        opts.partition.unwrap_or(-1)
+        partition.unwrap_or(-1)
     );
     consumer
         .assign(&tpl)
         .context("cannot assign the partitions")?;
-    let mut printed = 0u64;
-    loop {
-        if !opts.follow && left.is_empty() {
-            break;
-        }
-        if opts.max.is_some_and(|m| printed >= m) {
-            break;
-        }
+    while follow || !left.is_empty() {
         let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
@@ -174,32 +174,159 @@ pub fn tail(config: &Config, opts: &TailOptions, out: &mut dyn Write) -> anyhow:
                 left.remove(&m.partition());
             }
         }
-        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-        if opts.key.is_some() && key != opts.key {
-            continue;
+        if !f(&m)? {
+            break;
         }
-        let mut line = json!({
-            "partition": m.partition(),
-            "offset": m.offset(),
-            "timestamp_ms": m.timestamp().to_millis(),
-            "key": key,
-        });
-        if let Decode::DeadLetter(_) = decode {
-            let mut headers = serde_json::Map::new();
-            if let Some(h) = m.headers() {
-                for x in h.iter() {
-                    headers.insert(
-                        x.key.to_string(),
-                        json!(x.value.map(|v| String::from_utf8_lossy(v).into_owned())),
-                    );
-                }
-            }
-            line["headers"] = Value::Object(headers);
-            line["hex"] = json!(m.payload().map(hex));
-        }
-        line["value"] = m.payload().map_or(Value::Null, |b| decode.value(b));
-        writeln!(out, "{line}")?;
-        printed += 1;
     }
+    Ok(())
+}
+
+/// Prints the records as JSON lines to `out`; returns how many.
+///
+/// # Errors
+/// The topic does not exist, the broker cannot be reached, or `out` cannot be written.
+pub fn tail(config: &Config, opts: &TailOptions, out: &mut dyn Write) -> anyhow::Result<u64> {
+    let (topic, decode) = resolve(config, &opts.topic)?;
+    let mut printed = 0u64;
+    if opts.max == Some(0) {
+        return Ok(0);
+    }
+    read(
+        config,
+        &topic,
+        opts.from_ms,
+        opts.partition,
+        opts.follow,
+        |m| {
+            let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+            if opts.key.is_some() && key != opts.key {
+                return Ok(true);
+            }
+            let mut line = json!({
+                "partition": m.partition(),
+                "offset": m.offset(),
+                "timestamp_ms": m.timestamp().to_millis(),
+                "key": key,
+            });
+            if let Decode::DeadLetter(_) = decode {
+                line["headers"] = Value::Object(
+                    headers_of(m)
+                        .into_iter()
+                        .map(|(k, v)| {
+                            (
+                                k,
+                                json!(v.map(|v| String::from_utf8_lossy(&v).into_owned())),
+                            )
+                        })
+                        .collect(),
+                );
+                line["hex"] = json!(m.payload().map(hex));
+            }
+            line["value"] = m.payload().map_or(Value::Null, |b| decode.value(b));
+            writeln!(out, "{line}")?;
+            printed += 1;
+            Ok(opts.max.is_none_or(|max| printed < max))
+        },
+    )?;
     Ok(printed)
+}
+
+/// A record's headers, in order.
+pub fn headers_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Option<Vec<u8>>)> {
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Which dead letters to send back.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayFilter {
+    /// Only these error codes (empty: every code).
+    pub codes: Vec<String>,
+    pub source_partition: Option<i32>,
+    /// Broker time of the dead letter, from and to (ms).
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    /// Count only.
+    pub dry_run: bool,
+}
+
+/// What a replay did (or, in a dry run, would do), by source topic and error code.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplayCount {
+    pub sent: BTreeMap<(String, String), u64>,
+    /// Truncated dead letters: their original bytes are gone, they cannot be sent back.
+    pub truncated: u64,
+    /// Read but filtered out.
+    pub skipped: u64,
+}
+
+/// Sends dead letters back to their source topic (original key, value and headers; the
+/// `segloop.*` headers dropped) for when their cause has been fixed.
+///
+/// # Errors
+/// The DLQ cannot be read or a record cannot be produced.
+pub fn replay_dead_letters(config: &Config, filter: &ReplayFilter) -> anyhow::Result<ReplayCount> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        crate::kafka::producer_config(config, &[])
+            .create()
+            .context("cannot create a producer")?;
+    let mut count = ReplayCount::default();
+    let dlq = config.topics.dlq.name.clone();
+    read(config, &dlq, filter.from_ms, None, false, |m| {
+        let headers = headers_of(m);
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| v.as_deref())
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let code = get("segloop.error.code").unwrap_or_default();
+        let source =
+            get("segloop.source.topic").unwrap_or_else(|| config.topics.telemetry.name.clone());
+        let partition: Option<i32> = get("segloop.source.partition").and_then(|p| p.parse().ok());
+        let at = m.timestamp().to_millis().unwrap_or(0);
+        let wanted = (filter.codes.is_empty() || filter.codes.contains(&code))
+            && filter.source_partition.is_none_or(|p| partition == Some(p))
+            && filter.to_ms.is_none_or(|t| at <= t);
+        if !wanted {
+            count.skipped += 1;
+            return Ok(true);
+        }
+        if get("segloop.truncated").as_deref() == Some("true") {
+            count.truncated += 1;
+            return Ok(true);
+        }
+        if !filter.dry_run {
+            let mut kept = OwnedHeaders::new();
+            for (k, v) in headers.iter().filter(|(k, _)| !k.starts_with("segloop.")) {
+                kept = kept.insert(Header {
+                    key: k,
+                    value: v.as_deref(),
+                });
+            }
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&source).headers(kept);
+            if let Some(k) = m.key() {
+                record = record.key(k);
+            }
+            if let Some(v) = m.payload() {
+                record = record.payload(v);
+            }
+            crate::kafka::send_waiting(&producer, record)
+                .with_context(|| format!("cannot send a dead letter back to {source}"))?;
+        }
+        *count.sent.entry((source, code)).or_default() += 1;
+        Ok(true)
+    })?;
+    producer
+        .flush(Duration::from_secs(30))
+        .context("the replayed records were not acknowledged")?;
+    Ok(count)
 }

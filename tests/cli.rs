@@ -461,6 +461,7 @@ fn every_subcommand_has_examples_and_check_config_takes_dash_c() {
         "completions",
         "man",
         "tail",
+        "dlq",
     ] {
         let out = segloop(&[sub, "--help"], b"");
         assert!(out.status.success(), "{sub}");
@@ -501,4 +502,23 @@ fn every_subcommand_has_examples_and_check_config_takes_dash_c() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = segloop(&["check-config"], b"");
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// `segloop demo` as a user runs it after `cargo install` (issue #25): from a directory with no
+/// `config/`, on the built-in demo config, and it passes.
+#[test]
+fn the_demo_runs_from_another_directory_on_its_built_in_config() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_segloop"))
+        .current_dir(elsewhere.path())
+        .args(["demo", "--duration", "30", "--seed", "3"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        stderr.contains("using the built-in demo config"),
+        "{stderr}"
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("DEMO PASSED"), "{stdout}");
 }

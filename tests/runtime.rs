@@ -722,3 +722,115 @@ fn tail_prints_decoded_records_and_dead_letters_with_their_headers() {
     assert_eq!(dlq[0]["hex"], "6e6f74206176726f"); // "not avro"
     assert!(dlq[0]["value"]["undecodable"].is_string());
 }
+
+/// `segloop dlq replay` (issue #25): a dry run counts by source topic and code; a replay sends
+/// the original bytes and key back to the source topic without segloop's headers; a truncated
+/// dead letter is counted, never sent; other codes are filtered out.
+#[test]
+fn dlq_replay_sends_dead_letters_back_to_their_source() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bs = cluster.bootstrap_servers();
+    let cfg = config(&bs, "g-replay");
+    segloop::kafka::create_embedded_topics(&cluster, &cfg).unwrap();
+    let t = cfg.topics.clone();
+    let p = producer(&bs);
+    let letter = |key: &str, value: &[u8], code: &str, truncated: bool| {
+        let mut h = OwnedHeaders::new()
+            .insert(Header {
+                key: "trace-id",
+                value: Some("abc"),
+            })
+            .insert(Header {
+                key: "segloop.error.code",
+                value: Some(code),
+            })
+            .insert(Header {
+                key: "segloop.source.topic",
+                value: Some(t.telemetry.name.as_str()),
+            })
+            .insert(Header {
+                key: "segloop.source.partition",
+                value: Some("0"),
+            });
+        if truncated {
+            h = h.insert(Header {
+                key: "segloop.truncated",
+                value: Some("true"),
+            });
+        }
+        p.send(
+            BaseRecord::to(&t.dlq.name)
+                .key(key)
+                .payload(value)
+                .headers(h),
+        )
+        .unwrap();
+    };
+    letter(
+        "rp/a",
+        b"written with a schema now known",
+        "unknown_fingerprint",
+        false,
+    );
+    letter("rp/b", b"too big, cut", "unknown_fingerprint", true);
+    letter("rp/c", b"late", "late", false);
+    p.flush(Duration::from_secs(5)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, format!("[kafka]\nbootstrap_servers = \"{bs}\"\n")).unwrap();
+    let run = |args: &[&str]| -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_segloop"))
+            .args(["dlq", "replay", "-c"])
+            .arg(&file)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dry = run(&["--code", "unknown_fingerprint", "--dry-run"]);
+    assert!(
+        dry.contains(&format!(
+            "would send 1 to {} (unknown_fingerprint)",
+            t.telemetry.name
+        )),
+        "{dry}"
+    );
+    assert!(
+        dry.contains("1 truncated") && dry.contains("1 filtered out"),
+        "{dry}"
+    );
+    let telemetry_now = || {
+        let c = Reader::new(&bs, &t.telemetry.name, 2);
+        let mut got = Vec::new();
+        c.until(
+            Duration::from_secs(3),
+            || {},
+            |m| {
+                got.push((
+                    m.key().map(<[u8]>::to_vec),
+                    m.payload().map(<[u8]>::to_vec),
+                    m.headers()
+                        .map(|h| h.iter().map(|x| x.key.to_string()).collect::<Vec<_>>()),
+                ));
+                None::<()>
+            },
+        );
+        got
+    };
+    assert!(telemetry_now().is_empty(), "a dry run sends nothing");
+    let sent = run(&["--code", "unknown_fingerprint"]);
+    assert!(sent.contains("sent 1 dead letter(s)"), "{sent}");
+    let back = telemetry_now();
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!(back[0].0.as_deref(), Some(&b"rp/a"[..]));
+    assert_eq!(
+        back[0].1.as_deref(),
+        Some(&b"written with a schema now known"[..])
+    );
+    assert_eq!(back[0].2, Some(vec!["trace-id".to_string()]));
+}
