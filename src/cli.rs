@@ -319,7 +319,8 @@ pub struct BacktestArgs {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// How long the scripted story runs, in seconds
+    /// How long the scripted story runs, in seconds (at least 40: the last incident's retry
+    /// is verified on evidence, which takes its windows)
     #[arg(long, default_value_t = 60)]
     pub duration: u64,
     /// Seed of the fleet's noise and the fault script
@@ -349,7 +350,7 @@ pub fn demo(args: &DemoArgs) -> ExitCode {
         }
     };
     let opts = crate::demo::DemoOptions {
-        duration_s: args.duration.max(30),
+        duration_s: args.duration.max(40),
         seed: args.seed,
         config_path,
         live: true,

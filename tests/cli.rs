@@ -511,7 +511,7 @@ fn the_demo_runs_from_another_directory_on_its_built_in_config() {
     let elsewhere = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_segloop"))
         .current_dir(elsewhere.path())
-        .args(["demo", "--duration", "30", "--seed", "3"])
+        .args(["demo", "--duration", "40", "--seed", "3"])
         .output()
         .unwrap();
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
