@@ -688,13 +688,7 @@ pub fn backtest(args: &BacktestArgs, env: &HashMap<String, String>) -> ExitCode 
             args.actuator_success
         ));
     }
-    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
-    let time = |s: &Option<String>, flag: &str| -> Result<Option<i64>, String> {
-        s.as_deref()
-            .map(|s| crate::backtest::parse_time(s, now).map_err(|e| format!("--{flag} {e}")))
-            .transpose()
-    };
-    let (from_ms, to_ms) = match (time(&args.from, "from"), time(&args.to, "to")) {
+    let (from_ms, to_ms) = match (time_flag(&args.from, "from"), time_flag(&args.to, "to")) {
         (Ok(f), Ok(t)) => (f, t),
         (Err(e), _) | (_, Err(e)) => return usage(e),
     };
@@ -1089,22 +1083,26 @@ fn print_quietly(text: &str) -> ExitCode {
 }
 
 /// `segloop silence ...`: the admin API's silences from the command line.
+/// A time flag's value (RFC 3339 or relative to now, as `--from -6h`), its error naming the
+/// flag; `None` when not given.
+fn time_flag(value: &Option<String>, flag: &str) -> Result<Option<i64>, String> {
+    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+    value
+        .as_deref()
+        .map(|s| crate::backtest::parse_time(s, now).map_err(|e| format!("--{flag} {e}")))
+        .transpose()
+}
+
 /// `segloop tail`: a topic's records decoded, as JSON lines on stdout.
 pub fn tail(args: &TailArgs, env: &HashMap<String, String>) -> ExitCode {
     let config = match load_config(args.config.as_deref(), &args.overrides, env) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
-    let from_ms = match args
-        .from
-        .as_deref()
-        .map(|s| crate::backtest::parse_time(s, now))
-        .transpose()
-    {
+    let from_ms = match time_flag(&args.from, "from") {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("error: --from {e}");
+            eprintln!("error: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -1147,13 +1145,7 @@ pub fn dlq(args: &DlqArgs, env: &HashMap<String, String>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
-    let time = |s: &Option<String>, flag: &str| {
-        s.as_deref()
-            .map(|s| crate::backtest::parse_time(s, now).map_err(|e| format!("--{flag} {e}")))
-            .transpose()
-    };
-    let (from_ms, to_ms) = match (time(from, "from"), time(to, "to")) {
+    let (from_ms, to_ms) = match (time_flag(from, "from"), time_flag(to, "to")) {
         (Ok(f), Ok(t)) => (f, t),
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("error: {e}");
