@@ -96,6 +96,116 @@ impl XorShift {
     }
 }
 
+/// Figures of one eviction run (see [`evict_bench`]).
+#[derive(Debug, Clone)]
+pub struct EvictBenchReport {
+    pub cap: usize,
+    pub events: usize,
+    pub elapsed_secs: f64,
+    pub events_per_sec: f64,
+    pub evicted_segments: u64,
+    pub evicted_events: u64,
+    pub stats: crate::window::EngineStats,
+}
+
+impl EvictBenchReport {
+    /// `accepted = windowed + evicted + revoked + open`, and every evicted event reported.
+    pub fn accounting_exact(&self, reported_events: u64) -> bool {
+        let s = &self.stats;
+        s.accepted == s.windowed_events + s.evicted_events + s.revoked_events + s.open_events
+            && reported_events == s.evicted_events
+    }
+
+    pub fn print(&self, reported_events: u64) {
+        println!("bench=evict");
+        println!("cap={}", self.cap);
+        println!("events={}", self.events);
+        println!("elapsed_secs={:.3}", self.elapsed_secs);
+        println!("events_per_sec={:.0}", self.events_per_sec);
+        println!(
+            "ns_per_event={:.1}",
+            1e9 / self.events_per_sec.max(f64::MIN_POSITIVE)
+        );
+        println!("evicted_segments={}", self.evicted_segments);
+        println!("evicted_events={}", self.evicted_events);
+        println!(
+            "accounting_exact={}",
+            self.accounting_exact(reported_events)
+        );
+    }
+}
+
+/// The segment cap under churn: the engine is filled to `cap` segments, then `events` events
+/// of never-seen segments arrive (two events each, inside one window, so every evicted
+/// segment has events in an open window): every insert goes through eviction. Returns the
+/// figures and the events the evictions reported (`take_evictions`).
+pub fn evict_bench(mut spec: WindowSpec, cap: usize, events: usize) -> (EvictBenchReport, u64) {
+    let cap = cap.max(1);
+    spec.max_segments = cap;
+    // One window holds the whole run: nothing closes, so every evicted event was open.
+    spec.size_ms = 3_600_000;
+    spec.hop_ms = spec.size_ms;
+    let mut engine = WindowEngine::new(spec);
+    engine.assign(0);
+    let mut closed = Vec::new();
+    let name = |i: usize| format!("tenant-{}/svc/ep-{i}", i % 13);
+    let mut offset = 0i64;
+    let mut feed = |engine: &mut WindowEngine, i: usize, ts: i64| {
+        let _ = engine.ingest(
+            Position {
+                partition: 0,
+                offset,
+            },
+            &name(i),
+            ts,
+            [("latency_ms", 10.0)],
+            ts,
+            &mut closed,
+        );
+        offset += 1;
+    };
+    for i in 0..cap {
+        feed(&mut engine, i, 1);
+    }
+    let mut reported = engine
+        .take_evictions()
+        .iter()
+        .map(|e| e.events)
+        .sum::<u64>();
+    let start = Instant::now();
+    for j in 0..events {
+        // Each new segment sends twice (the second event lands on a live slot).
+        let i = cap + j / 2;
+        feed(&mut engine, i, 2);
+        if j % 4096 == 0 {
+            reported += engine
+                .take_evictions()
+                .iter()
+                .map(|e| e.events)
+                .sum::<u64>();
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    reported += engine
+        .take_evictions()
+        .iter()
+        .map(|e| e.events)
+        .sum::<u64>();
+    let stats = engine.stats();
+    (
+        EvictBenchReport {
+            cap,
+            events,
+            elapsed_secs: elapsed,
+            events_per_sec: events as f64 / elapsed.max(1e-9),
+            evicted_segments: stats.evicted_segments,
+            evicted_events: stats.evicted_events,
+            stats,
+        },
+        reported,
+    )
+}
+
 /// Feeds `events` events over `segments` segment ids (random order, each event with a latency
 /// that has a quantile sketch and an error flag) through the same `ingest` call the runtime
 /// makes, with event times spanning at least ten windows so windows close during the run.
@@ -637,7 +747,7 @@ pub fn replay_bench(
 
     // Engine only: the merged records in memory, replayed by the driver.
     // (partition, offset, broker time, key, value)
-    type Held = (i32, i64, Option<i64>, Vec<u8>, Vec<u8>);
+    type Held = (i32, i64, Option<i64>, i64, Vec<u8>, Vec<u8>);
     let mut held: Vec<Held> = Vec::new();
     let decoder = {
         let t = &config.topics.telemetry;
@@ -654,6 +764,7 @@ pub fn replay_bench(
                 r.partition,
                 r.offset,
                 r.broker_ts_ms,
+                r.merge_ts,
                 r.key.unwrap_or_default().to_vec(),
                 r.value.unwrap_or_default().to_vec(),
             ))
@@ -670,8 +781,8 @@ pub fn replay_bench(
             Outcomes::Simulated(Default::default()),
         )?;
         let t = Instant::now();
-        for (p, o, ts, k, v) in &held {
-            replay.on_record(*p, *o, *ts, Some(k), Some(v));
+        for (p, o, ts, merge_ts, k, v) in &held {
+            replay.on_record(*p, *o, *ts, Some(*merge_ts), Some(k), Some(v));
         }
         engine_secs = engine_secs.min(t.elapsed().as_secs_f64());
         std::hint::black_box(replay.clock_ms());

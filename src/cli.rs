@@ -380,7 +380,8 @@ pub fn demo(args: &DemoArgs) -> ExitCode {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Which benchmark: window, e2e, replay, delivery (a real broker) or restore
+    /// Which benchmark: window, evict (the segment cap under churn at --segments/10,
+    /// --segments and 10x), e2e, replay, delivery (a real broker) or restore
     pub which: String,
     /// Distinct segments
     #[arg(long, default_value_t = 100_000)]
@@ -775,6 +776,22 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
             let spec = crate::window::WindowSpec::from_config(&config.windows);
             crate::bench::window_bench(spec, args.segments, args.events).print();
             ExitCode::SUCCESS
+        }
+        "evict" => {
+            // The same churn at three caps: constant per-event cost means the same ns/event.
+            let spec = crate::window::WindowSpec::from_config(&config.windows);
+            let mut exact = true;
+            for cap in [args.segments / 10, args.segments, args.segments * 10] {
+                let (report, reported) = crate::bench::evict_bench(spec.clone(), cap, args.events);
+                report.print(reported);
+                exact &= report.accounting_exact(reported);
+            }
+            if exact {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("error: the eviction accounting does not add up");
+                ExitCode::from(1)
+            }
         }
         "e2e" => finish_bench(
             crate::bench::e2e_bench(

@@ -31,6 +31,7 @@ pub const OUTCOMES_UNKNOWN: &str = "segloop_outcomes_unknown_total";
 pub const IN_FLIGHT: &str = "segloop_in_flight_actions";
 pub const SEGMENTS: &str = "segloop_segments";
 pub const SEGMENTS_EVICTED: &str = "segloop_segments_evicted_total";
+pub const EVICTED_EVENTS: &str = "segloop_evicted_events_total";
 pub const DETECT_SECONDS: &str = "segloop_detect_seconds";
 pub const ACK_SECONDS: &str = "segloop_ack_seconds";
 pub const RESOLVE_SECONDS: &str = "segloop_resolve_seconds";
@@ -106,6 +107,7 @@ pub const ALL: &[&str] = &[
     BUILD_INFO,
     SEGMENTS,
     SEGMENTS_EVICTED,
+    EVICTED_EVENTS,
     DETECT_SECONDS,
     ACK_SECONDS,
     RESOLVE_SECONDS,
@@ -283,6 +285,11 @@ fn describe_all() {
         Unit::Count,
         "Segments evicted by the segment cap"
     );
+    describe_counter!(
+        EVICTED_EVENTS,
+        Unit::Count,
+        "Events in open windows of segments the segment cap evicted: aggregated, never windowed"
+    );
     describe_histogram!(
         DETECT_SECONDS,
         Unit::Seconds,
@@ -360,6 +367,7 @@ fn describe_all() {
         OUTCOMES_SKIPPED,
         OUTCOMES_UNKNOWN,
         SEGMENTS_EVICTED,
+        EVICTED_EVENTS,
         REBALANCES,
         COMMITS,
         COMMIT_ERRORS,
@@ -499,6 +507,7 @@ pub fn publish(c: &mut Counters, gauges: &Gauges) {
     counter!(FIRINGS).absolute(gauges.firings);
     counter!(NON_FINITE_VALUES).absolute(gauges.non_finite);
     counter!(SEGMENTS_EVICTED).absolute(gauges.evicted);
+    counter!(EVICTED_EVENTS).absolute(gauges.evicted_events);
     counter!(PRODUCE_ERRORS).absolute(gauges.produce_errors);
     for (g, n) in &gauges.suppressions {
         counter!(SUPPRESSIONS, "guardrail" => *g).absolute(*n);
@@ -518,6 +527,7 @@ pub struct Gauges {
     pub firings: u64,
     pub non_finite: u64,
     pub evicted: u64,
+    pub evicted_events: u64,
     pub produce_errors: u64,
     pub suppressions: BTreeMap<&'static str, u64>,
     pub lag: BTreeMap<i32, i64>,

@@ -33,7 +33,7 @@ use crate::codec::fast::{Telemetry, TelemetryDecoder};
 use crate::codec::{DecodeError, ErrorCode};
 use crate::config::Config;
 use crate::controller::{Controller, Effects, OutcomeDisposition, SegmentState, StateChange};
-use crate::model::RemediationOutcome;
+use crate::model::{DecisionRecord, RemediationOutcome};
 use crate::policy::{PolicySet, Silence};
 use crate::window::{with_hints, Position, WindowSummary, Windows};
 
@@ -72,6 +72,9 @@ pub enum Cause<'a> {
 pub trait Sink {
     /// A record the pipeline cannot use; `error.code` is its DLQ reason.
     fn reject(&mut self, record: &Record<'_>, error: &DecodeError);
+    /// The segment cap evicted a segment with events in open windows: `decision` records it
+    /// (`to_state = "evicted"`). A replay counts these in its input stats and writes nothing.
+    fn evicted(&mut self, _decision: DecisionRecord) {}
     /// The controller's commands, decisions and timings: drain `fx`. Called once per judged
     /// window (with [`Cause::Window`], effects or not) and once per other controller input.
     fn effects(&mut self, fx: &mut Effects, cause: Cause<'_>, policies: &PolicySet);
@@ -198,6 +201,12 @@ pub struct InputStats {
     /// in an earlier lifetime, not again.
     #[serde(skip_serializing_if = "is_zero")]
     pub dead_lettered_before: u64,
+    /// Segments the cap (`windows.max_segments`) evicted with events in open windows, and
+    /// those events: aggregated, never windowed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub evicted_segments: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub evicted_events: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -300,6 +309,9 @@ pub struct Pipeline {
     stats: InputStats,
     read: Arc<ReadModel>,
     dead_letters: DeadLetters,
+    /// See [`Pipeline::set_read_through`] and [`Pipeline::set_read_until`].
+    read_through: Option<BTreeMap<i32, i64>>,
+    read_until: i64,
 }
 
 impl Pipeline {
@@ -334,7 +346,23 @@ impl Pipeline {
             stats: InputStats::default(),
             read,
             dead_letters: DeadLetters::default(),
+            read_through: None,
+            read_until: i64::MAX,
         })
+    }
+
+    /// Per partition, the driver-clock time up to which everything written to it has been
+    /// read (live: when the consumer was last seen at the high watermark; a replay: where its
+    /// merge stands). The idle advance never moves a partition past it, so an unread backlog
+    /// is never judged late. `None` (the default): every partition is read through now.
+    pub fn set_read_through(&mut self, through: Option<BTreeMap<i32, i64>>) {
+        self.read_through = through;
+    }
+
+    /// Every partition is read through `ms` (a replay's merge: no partition holds an unread
+    /// record with an earlier merge key).
+    pub fn set_read_until(&mut self, ms: i64) {
+        self.read_until = ms;
     }
 
     /// The partitions whose input is caught up (a live driver measures it from the lag; until
@@ -578,6 +606,10 @@ impl Pipeline {
 
     /// Closed windows → controller → sink, in close order.
     fn judge(&mut self, now_ms: i64, sink: &mut dyn Sink) {
+        let evictions = self.engine.take_evictions();
+        if !evictions.is_empty() {
+            self.record_evictions(evictions, now_ms, sink);
+        }
         if self.closed.is_empty() {
             return;
         }
@@ -609,10 +641,55 @@ impl Pipeline {
         self.closed = closed;
     }
 
+    /// Evicted segments' events: counted, logged once per batch, and recorded.
+    fn record_evictions(
+        &mut self,
+        evictions: Vec<crate::window::Eviction>,
+        now_ms: i64,
+        sink: &mut dyn Sink,
+    ) {
+        let events: u64 = evictions.iter().map(|e| e.events).sum();
+        self.stats.evicted_segments += evictions.len() as u64;
+        self.stats.evicted_events += events;
+        tracing::warn!(
+            segments = evictions.len(),
+            events,
+            max_segments = self.engine.spec().max_segments,
+            "the segment cap evicted segments with events in open windows: those events are not windowed (raise windows.max_segments)"
+        );
+        for e in evictions {
+            sink.evicted(DecisionRecord {
+                segment: e.segment.to_string(),
+                policy: String::new(),
+                ts_ms: now_ms,
+                from_state: "open".into(),
+                to_state: "evicted".into(),
+                trigger: "windows.max_segments".into(),
+                window_start_ms: Some(e.oldest_pane_ms),
+                aggregates: [
+                    ("events".to_string(), e.events as f64),
+                    ("partition".to_string(), f64::from(e.partition)),
+                ]
+                .into_iter()
+                .collect(),
+                guardrail: None,
+                command_id: None,
+            });
+        }
+    }
+
     /// Moves the driver's clock to `now_ms`: quiet partitions close their windows, and (when
     /// `deadlines`) ack, verification and backoff deadlines fire.
     pub fn tick(&mut self, now_ms: i64, deadlines: bool, sink: &mut dyn Sink) {
-        self.engine.advance_idle(now_ms, &mut self.closed);
+        let (through, until) = (&self.read_through, self.read_until);
+        self.engine.advance_idle_read(
+            now_ms,
+            &|p| match through {
+                None => until,
+                Some(m) => m.get(&p).copied().unwrap_or(i64::MIN).min(until),
+            },
+            &mut self.closed,
+        );
         self.judge(now_ms, sink);
         if deadlines {
             self.controller.tick(now_ms, &mut self.fx);

@@ -265,8 +265,27 @@ pub struct EngineStats {
     pub windows_closed: u64,
     pub expired_segments: u64,
     pub evicted_segments: u64,
+    /// Accepted events by where they ended: in windows that closed (`windowed`), in open
+    /// windows of segments the cap evicted (`evicted`) or of revoked partitions (`revoked`,
+    /// re-read by their next owner), or still in open windows (`open`, a gauge). Always
+    /// `accepted = windowed + evicted + revoked + open`.
+    pub windowed_events: u64,
+    pub evicted_events: u64,
+    pub revoked_events: u64,
+    pub open_events: u64,
     /// Gauge: segments held now.
     pub segments: u64,
+}
+
+/// A segment the cap evicted while it had events in open windows: what was lost to windows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Eviction {
+    pub partition: i32,
+    pub segment: Arc<str>,
+    /// Events in its open windows, never windowed.
+    pub events: u64,
+    /// Start of its oldest open pane.
+    pub oldest_pane_ms: i64,
 }
 
 /// Measurements kept inline in a pane before spilling to the heap (latency + error is typical).
@@ -371,14 +390,28 @@ impl Panes {
         Some(self.extra.remove(i))
     }
 
-    /// Drops every pane starting before `start_ms`.
-    fn drop_before(&mut self, start_ms: i64) {
+    /// Drops every pane starting before `start_ms`; returns how many events they held.
+    fn drop_before(&mut self, start_ms: i64) -> u64 {
+        let mut events = 0;
         for p in &mut self.ring {
             if p.is_used() && p.start_ms < start_ms {
+                events += p.count;
                 *p = Pane::UNUSED;
             }
         }
-        self.extra.retain(|p| p.start_ms >= start_ms);
+        self.extra.retain(|p| {
+            let keep = p.start_ms >= start_ms;
+            if !keep {
+                events += p.count;
+            }
+            keep
+        });
+        events
+    }
+
+    /// Events in the open panes.
+    fn events(&self) -> u64 {
+        self.iter().map(|p| p.count).sum()
     }
 }
 
@@ -412,31 +445,39 @@ const INLINE_KEY: usize = 28;
 /// the bookkeeping an event updates, each ring pane follows in the next lines.
 #[repr(C, align(64))]
 struct SegmentWindows {
-    key_len: u32,
+    key_len: u16,
+    /// Past its TTL during a close; removed when the close finishes.
+    expired: bool,
     key: [u8; INLINE_KEY],
     /// Engine-wide ingest sequence number of the last event: eviction order (longest idle).
     last_seq: u64,
+    /// The segment's own event-time progress: its latest accepted event time.
     last_event_ms: i64,
-    /// Start of the pane of the segment's first accepted event: no window ends before it.
-    first_pane_ms: i64,
-    /// Past its TTL during a close; removed when the close finishes.
-    expired: bool,
+    /// End of the segment's oldest window not yet closed: an event whose windows all end
+    /// before it is late.
+    next_end_ms: i64,
+    /// Controller clock at its last accepted event: whether it counts towards the partition's
+    /// progress (see `measure_progress`).
+    last_arrival_ms: i64,
     panes: Panes,
     name: Arc<str>,
 }
 
 impl SegmentWindows {
-    fn new(name: &str, first_pane_ms: i64, last_event_ms: i64, last_seq: u64) -> Self {
+    fn new(name: &str, next_end_ms: i64, last_event_ms: i64, last_seq: u64) -> Self {
         let mut key = [0u8; INLINE_KEY];
         let inline = name.len().min(INLINE_KEY);
         key[..inline].copy_from_slice(&name.as_bytes()[..inline]);
         SegmentWindows {
-            key_len: name.len() as u32,
+            // Longer names still compare exactly (through `name`); the length only has to
+            // tell most names apart quickly.
+            key_len: name.len().min(u16::MAX as usize) as u16,
+            expired: false,
             key,
             last_seq,
             last_event_ms,
-            first_pane_ms,
-            expired: false,
+            next_end_ms,
+            last_arrival_ms: i64::MIN,
             panes: Panes::EMPTY,
             name: Arc::from(name),
         }
@@ -445,7 +486,7 @@ impl SegmentWindows {
     #[inline]
     fn is(&self, name: &str) -> bool {
         let b = name.as_bytes();
-        if self.key_len as usize != b.len() {
+        if self.key_len as usize != b.len().min(u16::MAX as usize) {
             return false;
         }
         if b.len() <= INLINE_KEY {
@@ -630,14 +671,21 @@ impl SegmentTable {
 pub struct PartitionWindows {
     partition: i32,
     segments: SegmentTable,
+    /// Latest event time accepted (shown; it closes nothing).
     max_event_ms: i64,
+    /// The partition's progress − `out_of_orderness`: the lower median of its live segments'
+    /// event-time progress (see `measure_progress`), or the idle advance. Never moves back.
     watermark_ms: i64,
-    /// End of the oldest window not yet closed; `None` before the first accepted event.
+    /// End of the oldest window the partition's progress has not closed; `None` before the
+    /// first accepted event. A new segment's windows start here.
     next_end_ms: Option<i64>,
     /// Controller clock at the last accepted event (idle detection).
     last_arrival_ms: i64,
-    /// Lowest offset in an open pane (exact after each close; inserts only lower it when empty).
-    low_offset: Option<i64>,
+    /// Controller clock at the first accepted event.
+    first_arrival_ms: i64,
+    /// Accepted events since the progress was last measured, and the clock then.
+    since_measure: usize,
+    measured_at_ms: i64,
     /// One past the highest offset seen.
     next_offset: Option<i64>,
 }
@@ -651,13 +699,21 @@ impl PartitionWindows {
             watermark_ms: i64::MIN,
             next_end_ms: None,
             last_arrival_ms: i64::MIN,
-            low_offset: None,
+            first_arrival_ms: i64::MIN,
+            since_measure: 0,
+            measured_at_ms: i64::MIN,
             next_offset: None,
         }
     }
 
+    /// The partition's robust watermark (see the module doc).
     pub fn watermark_ms(&self) -> i64 {
         self.watermark_ms
+    }
+
+    /// The latest event time accepted on this partition (which may be an outlier's).
+    pub fn max_event_ms(&self) -> i64 {
+        self.max_event_ms
     }
 
     /// Whether this partition holds windows of `segment`.
@@ -787,6 +843,10 @@ pub struct WindowEngine {
     group: Option<Arc<str>>,
     /// Prefetch hints in flight (see [`WindowEngine::prefetch`]).
     hints: Hints,
+    /// Reused by `measure_progress`.
+    scratch: Vec<i64>,
+    /// Evictions that cost events, until [`WindowEngine::take_evictions`].
+    evictions: Vec<Eviction>,
 }
 
 /// Events per [`WindowEngine::prefetch`] call that work well here.
@@ -854,17 +914,32 @@ impl WindowEngine {
         self.group.as_deref()
     }
 
-    /// Whether [`WindowEngine::ingest`] would take an event at `ts_ms` on `partition`
-    /// (clock skew, lateness), without changing anything.
+    /// Whether [`WindowEngine::ingest`] would take an event of `segment` at `ts_ms` on
+    /// `partition` (clock skew, lateness), without changing anything.
     ///
     /// # Errors
     /// As `ingest`.
-    pub fn check(&self, partition: i32, ts_ms: i64, now_ms: i64) -> Result<(), DecodeError> {
+    pub fn check(
+        &self,
+        partition: i32,
+        segment: &str,
+        ts_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), DecodeError> {
         let Some(p) = self.partitions.get(partition) else {
             return Err(not_assigned(partition));
         };
         let pane_ms = ts_ms.div_euclid(self.spec.hop_ms) * self.spec.hop_ms;
-        check_in(p, &self.spec, self.group.as_deref(), ts_ms, pane_ms, now_ms)
+        let open_from = open_from(p, p.segments.find(segment), &self.spec);
+        check_in(
+            p,
+            open_from,
+            &self.spec,
+            self.group.as_deref(),
+            ts_ms,
+            pane_ms,
+            now_ms,
+        )
     }
 
     pub fn new(spec: WindowSpec) -> Self {
@@ -886,6 +961,8 @@ impl WindowEngine {
             stats: EngineStats::default(),
             group: None,
             hints: Hints::default(),
+            scratch: Vec::new(),
+            evictions: Vec::new(),
         }
     }
 
@@ -906,9 +983,19 @@ impl WindowEngine {
 
     /// Drops a partition's state; returns how many segments it held.
     pub fn revoke(&mut self, partition: i32) -> Option<usize> {
-        let removed = self.partitions.remove(partition)?.segments.len();
+        let p = self.partitions.remove(partition)?;
+        let events: u64 = p.segments.slots.iter().map(|s| s.panes.events()).sum();
+        self.stats.revoked_events += events;
+        self.stats.open_events -= events;
+        let removed = p.segments.len();
         self.segment_total -= removed;
         Some(removed)
+    }
+
+    /// Segments the cap evicted with events in open windows since the last call, oldest
+    /// first (the pipeline records each).
+    pub fn take_evictions(&mut self) -> Vec<Eviction> {
+        std::mem::take(&mut self.evictions)
     }
 
     pub fn partitions(&self) -> impl Iterator<Item = &PartitionWindows> {
@@ -952,9 +1039,15 @@ impl WindowEngine {
 
     /// The offset to commit for a partition: the lowest offset still feeding an open window,
     /// or one past the last offset seen when no window is open. `None` before any input.
+    /// A scan of the partition's segments: called once per commit, never per event.
     pub fn committable_offset(&self, partition: i32) -> Option<i64> {
         let p = self.partitions.get(partition)?;
-        p.low_offset.or(p.next_offset)
+        p.segments
+            .slots
+            .iter()
+            .flat_map(|s| s.panes.iter().map(|pane| pane.min_offset))
+            .min()
+            .or(p.next_offset)
     }
 
     /// Adds one event. Windows that its watermark advance closes are appended to `closed`
@@ -994,7 +1087,18 @@ impl WindowEngine {
         p.next_offset = Some(p.next_offset.map_or(offset + 1, |n| n.max(offset + 1)));
         let pane_no = ts_ms.div_euclid(spec.hop_ms);
         let pane_ms = pane_no * spec.hop_ms;
-        if let Err(e) = check_in(p, spec, self.group.as_deref(), ts_ms, pane_ms, now_ms) {
+        let hash = p.segments.hash(segment);
+        let found = p.segments.find_hashed(hash, segment);
+        let open_from = open_from(p, found, spec);
+        if let Err(e) = check_in(
+            p,
+            open_from,
+            spec,
+            self.group.as_deref(),
+            ts_ms,
+            pane_ms,
+            now_ms,
+        ) {
             match e.code {
                 ErrorCode::ClockSkew => self.stats.clock_skew += 1,
                 ErrorCode::Late => self.stats.late += 1,
@@ -1003,37 +1107,48 @@ impl WindowEngine {
             return Err(e);
         }
 
-        // Watermark first: windows it closes are emitted before this event lands (it cannot
-        // belong to them: they end at or before watermark − grace ≤ ts).
         p.last_arrival_ms = now_ms;
-        if ts_ms > p.max_event_ms {
-            p.max_event_ms = ts_ms;
-            let wm = ts_ms - spec.out_of_orderness_ms;
-            if p.next_end_ms.is_none() {
-                // Oldest window an on-time event may still fall in: the first end past
-                // watermark − grace. This event's windows all end at or after it.
-                let first =
-                    (wm - spec.grace_ms).div_euclid(spec.hop_ms) * spec.hop_ms + spec.hop_ms;
-                p.next_end_ms = Some(first);
-            }
-            self.segment_total -= advance_watermark(
-                p,
-                wm,
-                spec,
-                &self.names,
-                self.group.as_ref(),
-                &mut self.stats,
-                closed,
-            );
+        p.max_event_ms = p.max_event_ms.max(ts_ms);
+        if p.next_end_ms.is_none() {
+            // The first event: nothing is closed for the partition yet. Its progress is first
+            // measured one window span later, when every live segment has had its say (so a
+            // future-dated first event does not set it).
+            p.next_end_ms = Some(i64::MIN);
+            p.first_arrival_ms = now_ms;
         }
-
         self.seq += 1;
         let seq = self.seq;
-        let hash = p.segments.hash(segment);
         let mut p = p;
-        let slot = match p.segments.find_hashed(hash, segment) {
-            Some(slot) => slot,
+        let partition_open_from = p.next_end_ms.unwrap_or(i64::MIN);
+        let slot = match found {
+            Some(slot) => {
+                // The segment's own progress closes its own windows (emitted before this event
+                // lands: they end at or before ts − out_of_orderness − grace ≤ ts).
+                let seg = &mut p.segments.slots[slot];
+                if ts_ms > seg.last_event_ms {
+                    seg.last_event_ms = ts_ms;
+                    let through = last_end(ts_ms.saturating_sub(spec.out_of_orderness_ms), spec);
+                    if seg.next_end_ms <= through {
+                        close_segment(
+                            seg,
+                            through,
+                            spec,
+                            p.partition,
+                            &self.names,
+                            self.group.as_ref(),
+                            &mut self.stats,
+                            closed,
+                        );
+                    }
+                }
+                // An on-time event before the segment's first window (out of order) opens the
+                // windows it falls in: none of them was emitted (they end past every close).
+                let open = partition_open_from.max(own_open_from(seg, spec));
+                seg.next_end_ms = seg.next_end_ms.min((pane_ms + spec.hop_ms).max(open));
+                slot
+            }
             None => {
+                let next_end = (pane_ms + spec.hop_ms).max(open_from);
                 if self.segment_total >= spec.max_segments {
                     self.evict();
                 }
@@ -1043,13 +1158,13 @@ impl WindowEngine {
                     .get_mut(partition)
                     .expect("partition checked above");
                 p.segments
-                    .insert_hashed(hash, SegmentWindows::new(segment, pane_ms, ts_ms, seq))
+                    .insert_hashed(hash, SegmentWindows::new(segment, next_end, ts_ms, seq))
             }
         };
+        let spec = &self.spec;
         let seg = &mut p.segments.slots[slot];
         seg.last_seq = seq;
-        seg.last_event_ms = seg.last_event_ms.max(ts_ms);
-        seg.first_pane_ms = seg.first_pane_ms.min(pane_ms);
+        seg.last_arrival_ms = now_ms;
         let pane = seg.panes.pane_mut(pane_ms, (pane_no & 1) as usize, offset);
         pane.count += 1;
         pane.min_offset = pane.min_offset.min(offset);
@@ -1072,8 +1187,27 @@ impl WindowEngine {
             };
             agg.add(&self.sketch, v);
         }
-        p.low_offset = Some(p.low_offset.map_or(offset, |l| l.min(offset)));
         self.stats.accepted += 1;
+        self.stats.open_events += 1;
+
+        // The partition's progress moves only when it can close something, and is measured at
+        // most once per eighth of its segments' events (a scan of its segments).
+        p.since_measure += 1;
+        if last_end(ts_ms.saturating_sub(spec.out_of_orderness_ms), spec)
+            >= p.next_end_ms.unwrap_or(i64::MAX)
+            && p.since_measure > p.segments.len() / 8
+        {
+            self.segment_total -= measure_progress(
+                p,
+                now_ms,
+                spec,
+                &self.names,
+                self.group.as_ref(),
+                &mut self.stats,
+                &mut self.scratch,
+                closed,
+            );
+        }
         Ok(())
     }
 
@@ -1133,18 +1267,51 @@ impl WindowEngine {
         self.hints = hints;
     }
 
-    /// Advances idle partitions on the controller clock: a partition without an accepted event
-    /// for `idle_timeout` moves its watermark to `now − idle_timeout`, closing windows of quiet
-    /// segments (with `count = 0`).
+    /// Advances idle partitions on the controller clock, every partition taken as read to the
+    /// end (tests, and a driver that knows nothing is waiting): see
+    /// [`WindowEngine::advance_idle_read`].
     pub fn advance_idle(&mut self, now_ms: i64, closed: &mut Vec<WindowSummary>) {
+        self.advance_idle_read(now_ms, &|_| i64::MAX, closed);
+    }
+
+    /// Moves the partitions' progress on the controller clock:
+    /// - a partition with events since its progress was last measured is measured again (at
+    ///   most once per `hop`, so ticks stay cheap);
+    /// - a **truly idle** partition — no accepted event for `idle_timeout`, and everything
+    ///   written to it up to `read_through(partition)` read — advances its watermark to
+    ///   `min(now, read_through) − idle_timeout`, so quiet segments close windows with
+    ///   `count = 0`. A partition with unread backlog is never advanced past it: live,
+    ///   `read_through` is when the consumer was last seen at the high watermark; in a replay,
+    ///   where the merge stands.
+    pub fn advance_idle_read(
+        &mut self,
+        now_ms: i64,
+        read_through: &dyn Fn(i32) -> i64,
+        closed: &mut Vec<WindowSummary>,
+    ) {
         let spec = &self.spec;
         for p in self.partitions.values_mut() {
-            if p.next_end_ms.is_none()
-                || now_ms.saturating_sub(p.last_arrival_ms) < spec.idle_timeout_ms
-            {
+            if p.next_end_ms.is_none() {
                 continue;
             }
-            let wm = now_ms - spec.idle_timeout_ms;
+            if p.since_measure > 0 && now_ms.saturating_sub(p.measured_at_ms) >= spec.hop_ms {
+                self.segment_total -= measure_progress(
+                    p,
+                    now_ms,
+                    spec,
+                    &self.names,
+                    self.group.as_ref(),
+                    &mut self.stats,
+                    &mut self.scratch,
+                    closed,
+                );
+            }
+            if now_ms.saturating_sub(p.last_arrival_ms) < spec.idle_timeout_ms {
+                continue;
+            }
+            let wm = now_ms
+                .min(read_through(p.partition))
+                .saturating_sub(spec.idle_timeout_ms);
             self.segment_total -= advance_watermark(
                 p,
                 wm,
@@ -1158,17 +1325,17 @@ impl WindowEngine {
     }
 
     /// Evicts the longest-idle segments (1% of the cap at a time, at least one) across all
-    /// partitions, so a burst of new segments does not rescan on every insert.
+    /// partitions: one scan per batch, so a burst of new segments costs a constant amount of
+    /// work per insert. Events in an evicted segment's open windows are counted
+    /// (`evicted_events`) and reported (`take_evictions`), never silently dropped.
     fn evict(&mut self) {
         let batch = (self.spec.max_segments / 100).max(1);
-        let mut all: Vec<(u64, i32, Arc<str>)> = self
+        let mut all: Vec<(u64, i32, u32)> = self
             .partitions
             .values()
             .flat_map(|p| {
-                p.segments
-                    .slots
-                    .iter()
-                    .map(move |s| (s.last_seq, p.partition, s.name.clone()))
+                (0..p.segments.slots.len())
+                    .map(move |i| (p.segments.slots[i].last_seq, p.partition, i as u32))
             })
             .collect();
         let batch = batch.min(all.len());
@@ -1176,14 +1343,46 @@ impl WindowEngine {
             return;
         }
         all.select_nth_unstable_by_key(batch - 1, |(seq, _, _)| *seq);
-        for (_, partition, name) in all.into_iter().take(batch) {
-            if let Some(p) = self.partitions.get_mut(partition) {
-                if p.segments.remove(&name) {
-                    self.segment_total -= 1;
-                    self.stats.evicted_segments += 1;
-                }
-                recompute_low_offset(p);
+        let mut victims: Vec<(i32, Arc<str>)> = all[..batch]
+            .iter()
+            .map(|&(_, partition, i)| {
+                let p = self.partitions.get(partition).expect("listed above");
+                (partition, p.segments.slots[i as usize].name.clone())
+            })
+            .collect();
+        // Oldest first, whatever order the selection left them in.
+        victims.sort_by_key(|(partition, name)| {
+            let p = self.partitions.get(*partition).expect("listed above");
+            let i = p.segments.find(name).expect("listed above");
+            p.segments.slots[i].last_seq
+        });
+        for (partition, name) in victims {
+            let Some(p) = self.partitions.get_mut(partition) else {
+                continue;
+            };
+            let Some(i) = p.segments.find(&name) else {
+                continue;
+            };
+            let seg = &p.segments.slots[i];
+            let events = seg.panes.events();
+            if events > 0 {
+                self.evictions.push(Eviction {
+                    partition,
+                    segment: name.clone(),
+                    events,
+                    oldest_pane_ms: seg
+                        .panes
+                        .iter()
+                        .map(|pane| pane.start_ms)
+                        .min()
+                        .unwrap_or(0),
+                });
             }
+            p.segments.remove(&name);
+            self.segment_total -= 1;
+            self.stats.evicted_segments += 1;
+            self.stats.evicted_events += events;
+            self.stats.open_events -= events;
         }
     }
 }
@@ -1217,11 +1416,40 @@ fn not_assigned(partition: i32) -> DecodeError {
     )
 }
 
+/// End of the oldest window still open for an event of the segment in `slot` (or of a new
+/// segment): past what the partition's progress closed and what the segment's own progress
+/// closed. Nothing else closes a segment's windows.
+#[inline]
+fn open_from(p: &PartitionWindows, slot: Option<usize>, spec: &WindowSpec) -> i64 {
+    let partition = p.next_end_ms.unwrap_or(i64::MIN);
+    match slot {
+        Some(i) => partition.max(own_open_from(&p.segments.slots[i], spec)),
+        None => partition,
+    }
+}
+
+/// End of the oldest window the segment's own progress leaves open.
+#[inline]
+fn own_open_from(seg: &SegmentWindows, spec: &WindowSpec) -> i64 {
+    last_end(
+        seg.last_event_ms.saturating_sub(spec.out_of_orderness_ms),
+        spec,
+    )
+    .saturating_add(spec.hop_ms)
+}
+
+/// End of the last window that closes at watermark `wm`: `end + grace ≤ wm`, on the hop grid.
+#[inline]
+fn last_end(wm: i64, spec: &WindowSpec) -> i64 {
+    (wm.saturating_sub(spec.grace_ms)).div_euclid(spec.hop_ms) * spec.hop_ms
+}
+
 /// Clock-skew and lateness checks of an event at `ts_ms` (in the pane starting at `pane_ms`)
-/// on partition `p`.
+/// whose segment's oldest open window ends at `open_from`.
 #[inline]
 fn check_in(
     p: &PartitionWindows,
+    open_from: i64,
     spec: &WindowSpec,
     group: Option<&str>,
     ts_ms: i64,
@@ -1238,20 +1466,69 @@ fn check_in(
             ),
         ));
     }
-    if p.next_end_ms
-        .is_some_and(|next_end| pane_ms + spec.size_ms < next_end)
-    {
+    if pane_ms + spec.size_ms < open_from {
         return Err(DecodeError::new(
             ErrorCode::Late,
             format!(
-                "event time {ts_ms} is behind the watermark {} beyond grace {} ms: its {}windows have closed",
+                "event time {ts_ms} is late: its segment's {}windows closed up to {open_from} (partition watermark {}, grace {} ms)",
+                group.map_or(String::new(), |g| format!("`{g}` ")),
                 p.watermark_ms,
                 spec.grace_ms,
-                group.map_or(String::new(), |g| format!("`{g}` "))
             ),
         ));
     }
     Ok(())
+}
+
+/// Measures the partition's progress — the lower median of the event-time progress of its
+/// live segments (those with an accepted event within one window span, `size +
+/// out_of_orderness + grace`, of the controller clock), and never past the controller clock
+/// — and moves the watermark to it minus `out_of_orderness` if that is later. Fewer than half
+/// the live segments cannot drag it forward, and no number of segments can drag it past the
+/// clock; a segment that stopped sending stops holding it back one window span later. Not
+/// measured before one window span after the partition's first event (every live segment has
+/// had its say by then). Returns how many segments expired.
+#[allow(clippy::too_many_arguments)]
+fn measure_progress(
+    p: &mut PartitionWindows,
+    now_ms: i64,
+    spec: &WindowSpec,
+    names: &Names,
+    group: Option<&Arc<str>>,
+    stats: &mut EngineStats,
+    scratch: &mut Vec<i64>,
+    closed: &mut Vec<WindowSummary>,
+) -> usize {
+    let span = spec.size_ms + spec.out_of_orderness_ms + spec.grace_ms;
+    if now_ms.saturating_sub(p.first_arrival_ms) < span {
+        return 0;
+    }
+    p.since_measure = 0;
+    p.measured_at_ms = now_ms;
+    let live_from = now_ms.saturating_sub(span);
+    scratch.clear();
+    scratch.extend(
+        p.segments
+            .slots
+            .iter()
+            .filter(|s| !s.expired && s.last_arrival_ms >= live_from)
+            .map(|s| s.last_event_ms),
+    );
+    if scratch.is_empty() {
+        return 0;
+    }
+    let k = (scratch.len() - 1) / 2;
+    // Producers ahead of the controller clock are ahead of time itself: never followed.
+    let progress = (*scratch.select_nth_unstable(k).1).min(now_ms);
+    advance_watermark(
+        p,
+        progress.saturating_sub(spec.out_of_orderness_ms),
+        spec,
+        names,
+        group,
+        stats,
+        closed,
+    )
 }
 
 /// Moves the partition's watermark to `wm` if that is later, closing what it passes (see
@@ -1272,8 +1549,9 @@ fn advance_watermark(
     close_windows(p, spec, names, group, stats, closed)
 }
 
-/// Closes every window with `end + grace ≤ watermark`, for every segment of the partition, in
-/// slab order (which depends only on the input). Returns how many segments expired.
+/// Closes, for every segment of the partition, every window with `end + grace ≤ watermark`
+/// it has not closed on its own progress, in slab order (which depends only on the input).
+/// Returns how many segments expired.
 fn close_windows(
     p: &mut PartitionWindows,
     spec: &WindowSpec,
@@ -1282,37 +1560,26 @@ fn close_windows(
     stats: &mut EngineStats,
     closed: &mut Vec<WindowSummary>,
 ) -> usize {
-    let Some(mut next_end) = p.next_end_ms else {
+    let Some(next_end) = p.next_end_ms else {
         return 0;
     };
-    let last_end = (p.watermark_ms - spec.grace_ms).div_euclid(spec.hop_ms) * spec.hop_ms;
-    if last_end < next_end {
+    let through = last_end(p.watermark_ms, spec);
+    if through < next_end {
         return 0;
     }
-    let tumbling = spec.hop_ms == spec.size_ms;
     let mut expired: Vec<Arc<str>> = Vec::new();
-    while next_end <= last_end {
-        let start = next_end - spec.size_ms;
-        for seg in p.segments.slots.iter_mut() {
-            if seg.expired || next_end <= seg.first_pane_ms {
-                continue;
-            }
-            let mut summary = if tumbling {
-                take_tumbling(seg, start, next_end, p.partition, names)
-            } else {
-                merge_hopping(seg, start, next_end, spec.hop_ms, p.partition, names)
-            };
-            summary.group = group.cloned();
-            closed.push(summary);
-            stats.windows_closed += 1;
-            if seg.panes.is_empty() && next_end - seg.last_event_ms > spec.segment_ttl_ms {
-                seg.expired = true;
-                expired.push(seg.name.clone());
-            }
+    for seg in p.segments.slots.iter_mut() {
+        if seg.expired || seg.next_end_ms > through {
+            continue;
         }
-        next_end += spec.hop_ms;
+        close_segment(seg, through, spec, p.partition, names, group, stats, closed);
+        let last_closed = seg.next_end_ms - spec.hop_ms;
+        if seg.panes.is_empty() && last_closed - seg.last_event_ms > spec.segment_ttl_ms {
+            seg.expired = true;
+            expired.push(seg.name.clone());
+        }
     }
-    p.next_end_ms = Some(next_end);
+    p.next_end_ms = Some(through + spec.hop_ms);
     let mut removed = 0;
     for name in expired {
         if p.segments.remove(&name) {
@@ -1320,17 +1587,39 @@ fn close_windows(
             removed += 1;
         }
     }
-    recompute_low_offset(p);
     removed
 }
 
-fn recompute_low_offset(p: &mut PartitionWindows) {
-    p.low_offset = p
-        .segments
-        .slots
-        .iter()
-        .flat_map(|s| s.panes.iter().map(|pane| pane.min_offset))
-        .min();
+/// Closes the segment's windows from its oldest open one through the one ending at
+/// `through`, empty ones included, and counts the events of the panes no later window needs.
+#[allow(clippy::too_many_arguments)]
+fn close_segment(
+    seg: &mut SegmentWindows,
+    through: i64,
+    spec: &WindowSpec,
+    partition: i32,
+    names: &Names,
+    group: Option<&Arc<str>>,
+    stats: &mut EngineStats,
+    closed: &mut Vec<WindowSummary>,
+) {
+    let tumbling = spec.hop_ms == spec.size_ms;
+    let mut end = seg.next_end_ms;
+    while end <= through {
+        let start = end - spec.size_ms;
+        let (mut summary, freed) = if tumbling {
+            take_tumbling(seg, start, end, partition, names)
+        } else {
+            merge_hopping(seg, start, end, spec.hop_ms, partition, names)
+        };
+        summary.group = group.cloned();
+        closed.push(summary);
+        stats.windows_closed += 1;
+        stats.windowed_events += freed;
+        stats.open_events -= freed;
+        end += spec.hop_ms;
+    }
+    seg.next_end_ms = end;
 }
 
 fn summary_of(
@@ -1363,24 +1652,28 @@ fn summary_of(
     }
 }
 
-/// Tumbling: the window is its single pane, moved out.
+/// Tumbling: the window is its single pane, moved out. Also returns the events it freed.
 fn take_tumbling(
     seg: &mut SegmentWindows,
     start: i64,
     end: i64,
     partition: i32,
     names: &Names,
-) -> WindowSummary {
+) -> (WindowSummary, u64) {
     let (count, aggs) = match seg.panes.take(start, end - start) {
         Some(p) => (p.count, p.aggs),
         None => (0, SmallVec::new()),
     };
     // Panes older than this window cannot exist (they closed earlier).
-    seg.panes.drop_before(start);
-    summary_of(seg, partition, start, end, count, aggs, names)
+    let older = seg.panes.drop_before(start);
+    (
+        summary_of(seg, partition, start, end, count, aggs, names),
+        count + older,
+    )
 }
 
-/// Hopping: merge the panes in `[start, end)`, then free those no later window needs.
+/// Hopping: merge the panes in `[start, end)`, then free those no later window needs (and
+/// count their events).
 fn merge_hopping(
     seg: &mut SegmentWindows,
     start: i64,
@@ -1388,7 +1681,7 @@ fn merge_hopping(
     hop: i64,
     partition: i32,
     names: &Names,
-) -> WindowSummary {
+) -> (WindowSummary, u64) {
     let mut count = 0;
     let mut aggs: Vec<(u16, Agg)> = Vec::new();
     for pane in seg
@@ -1406,8 +1699,11 @@ fn merge_hopping(
         }
     }
     // The next window starts at start + hop.
-    seg.panes.drop_before(start + hop);
-    summary_of(seg, partition, start, end, count, aggs, names)
+    let freed = seg.panes.drop_before(start + hop);
+    (
+        summary_of(seg, partition, start, end, count, aggs, names),
+        freed,
+    )
 }
 
 /// The default windows and the named window groups (`windows.groups`), fed the same events.
@@ -1499,7 +1795,7 @@ impl Windows {
         M: IntoIterator<Item = (&'a str, f64)> + Clone,
     {
         for g in &self.groups {
-            g.check(at.partition, ts_ms, now_ms)?;
+            g.check(at.partition, segment, ts_ms, now_ms)?;
         }
         self.main
             .ingest(at, segment, ts_ms, measurements.clone(), now_ms, closed)?;
@@ -1512,11 +1808,27 @@ impl Windows {
         Ok(())
     }
 
-    pub fn advance_idle(&mut self, now_ms: i64, closed: &mut Vec<WindowSummary>) {
-        self.main.advance_idle(now_ms, closed);
+    /// See [`WindowEngine::advance_idle_read`].
+    pub fn advance_idle_read(
+        &mut self,
+        now_ms: i64,
+        read_through: &dyn Fn(i32) -> i64,
+        closed: &mut Vec<WindowSummary>,
+    ) {
+        self.main.advance_idle_read(now_ms, read_through, closed);
         for g in &mut self.groups {
-            g.advance_idle(now_ms, closed);
+            g.advance_idle_read(now_ms, read_through, closed);
         }
+    }
+
+    /// Evictions of every engine (see [`WindowEngine::take_evictions`]); a segment evicted
+    /// from several groups is reported once per group.
+    pub fn take_evictions(&mut self) -> Vec<Eviction> {
+        let mut all = self.main.take_evictions();
+        for g in &mut self.groups {
+            all.extend(g.take_evictions());
+        }
+        all
     }
 }
 

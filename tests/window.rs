@@ -277,18 +277,20 @@ fn committable_offset_is_the_lowest_offset_feeding_an_open_window() {
     h.event("b", 1_050, 1.0).unwrap(); // offset 1, window [1000,2000)
     h.event("a", 950, 1.0).unwrap(); // offset 2, window [0,1000) (out of order)
     assert_eq!(h.engine.committable_offset(0), Some(0));
-    h.event("b", 1_200, 1.0).unwrap(); // offset 3: closes [0,1000)
-    assert_eq!(h.take().len(), 1, "b did not exist before 1000");
+    h.event("c", 1_100, 1.0).unwrap(); // offset 3
+                                       // Offset 4: the median progress of a, b, c is now 1_100: [0,1000) closes.
+    h.event("b", 1_200, 1.0).unwrap();
+    assert_eq!(h.take().len(), 1, "b and c did not exist before 1000");
     // Offsets 0 and 2 fed the closed window; 1 is the lowest still open.
     assert_eq!(h.engine.committable_offset(0), Some(1));
     // Rejected records move the "nothing open" position but never the low mark.
-    assert_eq!(h.event("a", 10, 1.0), Err(ErrorCode::Late)); // offset 4
+    assert_eq!(h.event("a", 10, 1.0), Err(ErrorCode::Late)); // offset 5
     assert_eq!(h.engine.committable_offset(0), Some(1));
     let mut closed = Vec::new();
     h.engine.advance_idle(1_200 + 10_000, &mut closed);
     assert_eq!(
         h.engine.committable_offset(0),
-        Some(5),
+        Some(6),
         "all closed: next offset"
     );
 }
@@ -585,4 +587,190 @@ fn window_groups_close_at_their_own_sizes_from_the_same_events() {
     );
     assert_eq!(late.unwrap_err().code, ErrorCode::Late);
     assert_eq!(closed.len(), before);
+}
+
+// ---- event time that one producer cannot break (the Clocks rule) ------------------------
+
+/// Who sends an event in [`arb_skewed`].
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// On time, with disorder under `out_of_orderness`.
+    Healthy(u8),
+    /// A producer host running ahead by the stream's skew (its own segments).
+    Ahead(u8),
+    /// One future-dated event of its own segment (up to the stream's outlier distance).
+    Outlier(u8),
+}
+
+#[derive(Debug, Clone)]
+struct SkewedStream {
+    /// (source, true time, event time)
+    events: Vec<(Source, i64, i64)>,
+    healthy: u8,
+}
+
+/// Streams in which fewer than half the live segments of the partition run ahead (a skewed
+/// host's segments plus isolated outliers), all within `max_clock_skew`.
+fn arb_skewed() -> impl Strategy<Value = SkewedStream> {
+    (
+        4u8..9,
+        0u8..3,
+        0u8..2,
+        1_000i64..50_000,
+        prop::collection::vec((0u16..1_000, 1i64..40, 0i64..100), 50..600),
+    )
+        .prop_map(|(healthy, ahead, outliers, skew, raw)| {
+            let mut t = 1_000_000i64;
+            let events = raw
+                .into_iter()
+                .map(|(pick, step, jitter)| {
+                    t += step;
+                    let n = u16::from(healthy + ahead);
+                    let source = if outliers > 0 && pick % 97 == 0 {
+                        Source::Outlier((pick % u16::from(outliers)) as u8)
+                    } else if (pick % n) < u16::from(healthy) {
+                        Source::Healthy((pick % n) as u8)
+                    } else {
+                        Source::Ahead((pick % n) as u8 - healthy)
+                    };
+                    let ts = match source {
+                        Source::Healthy(_) => t - jitter,
+                        Source::Ahead(_) => t + skew - jitter,
+                        Source::Outlier(_) => t + skew * 5,
+                    };
+                    (source, t, ts)
+                })
+                .collect();
+            SkewedStream { events, healthy }
+        })
+}
+
+fn source_name(s: Source) -> String {
+    match s {
+        Source::Healthy(i) => format!("healthy-{i}"),
+        Source::Ahead(i) => format!("ahead-host/seg-{i}"),
+        Source::Outlier(i) => format!("outlier-{i}"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// No on-time event of a healthy segment is rejected, and every window of a healthy
+    /// segment closes with exactly the events it sent in it (so no `no_data()` fires for a
+    /// segment that sent in time), however the other segments of the partition run ahead.
+    #[test]
+    fn segments_running_ahead_affect_only_themselves(
+        stream in arb_skewed(),
+        hopping in any::<bool>(),
+        catching_up in any::<bool>(),
+    ) {
+        // Live, the clock is the wall clock: nothing ahead of it is followed. Catching up on a
+        // backlog (or in a replay), every event is behind the clock: the median alone holds.
+        let behind = if catching_up { 600_000 } else { 0 };
+        let (size, hop) = if hopping { (1_000, 250) } else { (1_000, 1_000) };
+        let mut s = spec(size, hop);
+        s.max_clock_skew_ms = 300_000;
+        let mut engine = WindowEngine::new(s);
+        engine.assign(0);
+        let mut closed = Vec::new();
+        let mut healthy_events = Vec::new();
+        for (i, (source, now, ts)) in stream.events.iter().enumerate() {
+            let seg = source_name(*source);
+            let r = engine.ingest(
+                Position { partition: 0, offset: i as i64 },
+                &seg,
+                *ts,
+                [("latency_ms", 1.0)],
+                *now + behind,
+                &mut closed,
+            );
+            if let Source::Healthy(h) = source {
+                prop_assert!(r.is_ok(), "healthy event {} at {} (now {}) rejected: {:?}", i, ts, now, r);
+                healthy_events.push(Ev { seg: *h, ts: *ts, lat: 1, err: false });
+            }
+        }
+        let last = stream.events.last().map_or(0, |e| e.1);
+        engine.advance_idle(last + behind + 400_000, &mut closed);
+        let want = reference(&healthy_events, size, hop);
+        let mut seen = BTreeMap::new();
+        for w in closed.iter().filter(|w| w.segment.starts_with("healthy-")) {
+            let h: u8 = w.segment["healthy-".len()..].parse().unwrap();
+            prop_assert!(h < stream.healthy);
+            let key = (seg_name(h), w.start_ms);
+            let expected = want.get(&key).map_or(0, |e| e.len() as u64);
+            prop_assert_eq!(w.count, expected, "window {:?} of {}", key, w.segment);
+            prop_assert!(seen.insert(key, ()).is_none());
+        }
+        let st = engine.stats();
+        prop_assert_eq!(st.accepted, st.windowed_events + st.evicted_events + st.revoked_events + st.open_events);
+        prop_assert_eq!(st.open_events, 0, "everything closed at the end");
+    }
+}
+
+#[test]
+fn one_future_dated_event_closes_only_its_own_segment_windows() {
+    // Observed: one event 290 s ahead moved its partition's watermark and every following
+    // on-time event of the partition went to the DLQ as late.
+    let mut s = spec(10_000, 10_000);
+    s.out_of_orderness_ms = 2_000;
+    s.max_clock_skew_ms = 300_000;
+    let mut h = Harness::new(s);
+    for t in (0..30_000).step_by(500) {
+        for seg in ["a", "b", "c"] {
+            h.event_at(seg, t, 1.0, t).unwrap();
+        }
+        if t == 15_000 {
+            h.event_at("bad-clock", t + 290_000, 1.0, t).unwrap();
+        }
+    }
+    assert_eq!(h.engine.stats().late, 0);
+    let closed = h.take();
+    for seg in ["a", "b", "c"] {
+        let windows: Vec<_> = closed
+            .iter()
+            .filter(|w| &*w.segment == seg)
+            .map(|w| (w.start_ms, w.count))
+            .collect();
+        assert_eq!(windows, vec![(0, 20), (10_000, 20)], "{seg}");
+    }
+    assert!(h.engine.partition(0).unwrap().watermark_ms() < 30_000);
+}
+
+#[test]
+fn a_partition_with_unread_backlog_is_never_advanced_past_it() {
+    // Observed: after an engine stall longer than idle_timeout, the idle advance (on arrival
+    // time) pushed lagging partitions forward and their unread backlog went to the DLQ as late.
+    let mut h = Harness::new(spec(1_000, 1_000));
+    for t in (0..5_000).step_by(100) {
+        h.event_at("a", t, 1.0, t).unwrap();
+        h.event_at("b", t, 1.0, t).unwrap();
+    }
+    h.take();
+    // A 60 s stall: the consumer was last at the partition's end at 5 s; 60 s of records are
+    // now waiting in Kafka.
+    let stalled_until = 65_000;
+    let mut closed = Vec::new();
+    h.engine
+        .advance_idle_read(stalled_until, &|_| 5_000, &mut closed);
+    for t in (5_000..65_000).step_by(100) {
+        assert_eq!(
+            h.event_at("a", t, 1.0, stalled_until),
+            Ok(()),
+            "backlog at {t}"
+        );
+    }
+    assert_eq!(h.engine.stats().late, 0);
+
+    // The same stall with the partition taken as read through (what arrival time alone
+    // assumed) rejects the backlog: the read-through bound is what protects it.
+    let mut h = Harness::new(spec(1_000, 1_000));
+    for t in (0..5_000).step_by(100) {
+        h.event_at("a", t, 1.0, t).unwrap();
+    }
+    h.engine.advance_idle(stalled_until, &mut closed);
+    assert_eq!(
+        h.event_at("a", 5_000, 1.0, stalled_until),
+        Err(ErrorCode::Late)
+    );
 }

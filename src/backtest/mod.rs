@@ -229,18 +229,23 @@ impl Replay {
         self
     }
 
-    /// The controller clock: the maximum event time replayed so far.
+    /// The controller clock: the greatest merge key replayed so far (see
+    /// [`source::MERGE_LOOKAHEAD`]): the replay's event time, which a few future-dated
+    /// records cannot move.
     pub fn clock_ms(&self) -> i64 {
         self.clock_ms
     }
 
-    /// Replays one record: admitted by the pipeline, the clock moves to its event time, then
-    /// it is ingested.
+    /// Replays one record: admitted by the pipeline, the clock moves to its merge key
+    /// (`merge_ts`; its event time when there is no merge), then it is ingested. Every
+    /// partition counts as read through the merge key (the merge holds nothing earlier), so
+    /// the idle advance never passes a record still to come.
     pub fn on_record(
         &mut self,
         partition: i32,
         offset: i64,
         broker_ts_ms: Option<i64>,
+        merge_ts: Option<i64>,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
     ) {
@@ -255,8 +260,10 @@ impl Replay {
         let Some(event) = self.pipeline.admit(&record, &mut self.book) else {
             return;
         };
-        if event.ts_ms() > self.clock_ms {
-            self.advance(event.ts_ms());
+        let at = merge_ts.unwrap_or(event.ts_ms());
+        self.pipeline.set_read_until(at);
+        if at > self.clock_ms {
+            self.advance(at);
         }
         self.pipeline
             .ingest(&record, &event, self.clock_ms, &mut self.book);
@@ -511,7 +518,14 @@ pub fn run(
         opts.fetch_max_bytes,
         move |k, v| decoder.event_time(k, v),
         |r| {
-            replay.on_record(r.partition, r.offset, r.broker_ts_ms, r.key, r.value);
+            replay.on_record(
+                r.partition,
+                r.offset,
+                r.broker_ts_ms,
+                Some(r.merge_ts),
+                r.key,
+                r.value,
+            );
             if let Some(p) = progress.as_mut() {
                 p.add(1);
             }

@@ -56,6 +56,9 @@ pub struct RawRecord<'a> {
     pub offset: i64,
     /// The broker's timestamp (create or log-append time), when the record has one.
     pub broker_ts_ms: Option<i64>,
+    /// The record's merge key: the least event time of this record and the
+    /// [`MERGE_LOOKAHEAD`] records after it on its partition (see [`read_merged`]).
+    pub merge_ts: i64,
     pub key: Option<&'a [u8]>,
     pub value: Option<&'a [u8]>,
 }
@@ -159,6 +162,28 @@ impl Chunk {
         });
     }
 
+    /// Moves the last `n` records into a new chunk (copying their bytes).
+    fn split_tail(&mut self, n: usize, mut into: Chunk) -> Chunk {
+        let from = self.recs.len() - n.min(self.recs.len());
+        let base = self.recs[from..]
+            .iter()
+            .flat_map(|m| m.key.iter().chain(m.value.iter()).map(|(at, _)| *at))
+            .min()
+            .unwrap_or(self.bytes.len());
+        into.bytes.extend_from_slice(&self.bytes[base..]);
+        into.recs.extend(self.recs[from..].iter().map(|m| {
+            let rebase = |r: Option<(usize, usize)>| r.map(|(at, n)| (at - base, n));
+            Meta {
+                key: rebase(m.key),
+                value: rebase(m.value),
+                ..*m
+            }
+        }));
+        self.recs.truncate(from);
+        self.bytes.truncate(base);
+        into
+    }
+
     fn record(&self, i: usize, partition: i32) -> RawRecord<'_> {
         let m = &self.recs[i];
         let slice = |r: Option<(usize, usize)>| r.map(|(at, n)| &self.bytes[at..at + n]);
@@ -166,6 +191,7 @@ impl Chunk {
             partition,
             offset: m.offset,
             broker_ts_ms: m.broker_ts,
+            merge_ts: m.sort_ts,
             key: slice(m.key),
             value: slice(m.value),
         }
@@ -181,6 +207,13 @@ enum Feed {
 
 /// Records per chunk at most (a chunk also leaves early when the merge waits for it).
 const CHUNK: usize = 512;
+
+/// How many later records of its partition a record's merge key looks at: a record's key is
+/// the least event time of itself and the next `MERGE_LOOKAHEAD`, so a few future-dated
+/// records (an outlier, a producer host running ahead among others) neither hold their
+/// partition back in the merge nor move the replay's clock, while a partition that is quiet
+/// and then resumes is still merged at its new time.
+pub const MERGE_LOOKAHEAD: usize = 8;
 
 /// Per partition, shared by the reader and the merge.
 #[derive(Default)]
@@ -199,8 +232,10 @@ pub struct ReadStats {
 }
 
 /// Reads `range` and hands every record to `on_record` in merged order. `sort_ts` gives a
-/// record's merge key (its event time; `None` for a record that does not decode, which then
-/// sorts with its partition's previous record).
+/// record's event time (`None` for a record that does not decode, which then sorts with its
+/// partition's previous record); its merge key is the least of its own and the next
+/// [`MERGE_LOOKAHEAD`] records' (so a record leaves the reader only once those are read, or
+/// its partition has ended).
 ///
 /// A reader thread polls, computes merge keys and copies records into per-partition chunks;
 /// the calling thread merges the chunks and runs `on_record`, so reading and replaying
@@ -379,12 +414,15 @@ fn read_chunks(
     let mut unfinished = parts.len();
     let mut stats = ReadStats::default();
     let mut idle_polls = 0u32;
-    // Hands a partition's chunk over; `false` once the merge is gone.
+    // Hands a partition's chunk over, but for the records whose merge key still waits on
+    // later ones (unless the partition has ended); `false` once the merge is gone.
     let send = |p: i32, part: &mut Part| -> bool {
-        if part.chunk.recs.is_empty() {
+        let keep = if part.finished { 0 } else { MERGE_LOOKAHEAD };
+        if part.chunk.recs.len() <= keep {
             return true;
         }
         let next = recycle.try_recv().unwrap_or_default();
+        let next = part.chunk.split_tail(keep, next);
         let chunk = std::mem::replace(&mut part.chunk, next);
         shared[&p].buffered.fetch_add(chunk.bytes.len(), Relaxed);
         shared[&p].wanted.store(false, SeqCst);
@@ -423,6 +461,12 @@ fn read_chunks(
                         as u64;
                     let ts = sort_ts(m.key(), m.payload()).unwrap_or(part.last_ts);
                     part.last_ts = ts;
+                    // This record ends the look-ahead of the ones before it (still here: a
+                    // chunk leaves with its last MERGE_LOOKAHEAD records kept back).
+                    let n = part.chunk.recs.len();
+                    for r in &mut part.chunk.recs[n.saturating_sub(MERGE_LOOKAHEAD)..] {
+                        r.sort_ts = r.sort_ts.min(ts);
+                    }
                     part.chunk.push(
                         m.offset(),
                         ts,
@@ -432,7 +476,10 @@ fn read_chunks(
                     );
                     if m.offset() + 1 >= end {
                         finish = Some(p);
-                    } else if part.chunk.recs.len() >= CHUNK || shared[&p].wanted.load(SeqCst) {
+                    } else if part.chunk.recs.len() >= CHUNK + MERGE_LOOKAHEAD
+                        || (shared[&p].wanted.load(SeqCst)
+                            && part.chunk.recs.len() > MERGE_LOOKAHEAD)
+                    {
                         if !send(p, part) {
                             return Ok(stats);
                         }

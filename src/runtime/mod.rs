@@ -297,6 +297,12 @@ impl Sink for LiveSink<'_, '_> {
         }
     }
 
+    fn evicted(&mut self, decision: crate::model::DecisionRecord) {
+        let mut fx = Effects::default();
+        fx.decisions.push(decision);
+        self.out.emit(&mut fx, None);
+    }
+
     fn effects(&mut self, fx: &mut Effects, cause: Cause<'_>, policies: &PolicySet) {
         for d in &fx.decisions {
             if d.to_state == "escalated" && d.from_state != "escalated" {
@@ -717,6 +723,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     // No partition is caught up until the lag says so: a verification with no deciding window
     // waits for the re-read telemetry after a restart.
     pipeline.set_caught_up(Some(BTreeSet::new()));
+    // Nor is any partition read through to its end: the idle advance waits for the lag.
+    pipeline.set_read_through(Some(BTreeMap::new()));
     let read_model = pipeline.read_model();
     let core = Arc::new(Mutex::new(Core {
         pipeline,
@@ -855,6 +863,11 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now();
     let mut within_before = BTreeSet::new();
+    // Partitions at their high watermark in the last lag measurement, when it was taken, and
+    // per partition the time everything written to it was last known read.
+    let mut at_end_before: BTreeSet<i32> = BTreeSet::new();
+    let mut measured_before_ms = i64::MIN;
+    let mut read_through: BTreeMap<i32, i64> = BTreeMap::new();
     let mut last_publish = Instant::now();
     let mut policy_mtime = policies_path.as_ref().and_then(|p| mtime(p));
     let mut last_policy_check = Instant::now();
@@ -1039,10 +1052,26 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
                 .collect();
             let caught_up = within.intersection(&within_before).copied().collect();
             within_before = within;
-            core.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .pipeline
-                .set_caught_up(Some(caught_up));
+            // Read through: at the high watermark in two measurements in a row, so the second
+            // saw a high watermark fetched after the first (one cached from before a stall
+            // cannot pass for the end); everything written before the first was read then.
+            let measured_ms = clock.now_ms();
+            let at_end: BTreeSet<i32> = lag
+                .iter()
+                .filter(|(_, l)| **l == 0)
+                .map(|(p, _)| *p)
+                .collect();
+            for p in at_end.intersection(&at_end_before) {
+                read_through.insert(*p, measured_before_ms);
+            }
+            at_end_before = at_end;
+            measured_before_ms = measured_ms;
+            let mut c = core
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            c.pipeline.set_caught_up(Some(caught_up));
+            c.pipeline.set_read_through(Some(read_through.clone()));
+            drop(c);
             status
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -1491,6 +1520,7 @@ fn publish(
         firings: c.firings,
         non_finite: e.non_finite_values,
         evicted: e.evicted_segments,
+        evicted_events: e.evicted_events,
         produce_errors: producer.context().errors_total.load(Ordering::SeqCst),
         suppressions: c.suppressed.clone(),
         lag,
