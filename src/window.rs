@@ -1,23 +1,34 @@
 //! Event-time window engine: per-segment aggregates in tumbling or hopping windows, closed by
-//! per-partition watermarks.
+//! each segment's own progress and a robust measure of its partition's.
 //!
 //! # Model
 //! - Time is cut into **panes** of length `hop` aligned to the Unix epoch. A window
 //!   `[end - size, end)` is the merge of its `size / hop` panes, so an event is added once, to
 //!   one pane, however many hopping windows overlap it. Tumbling windows are `hop = size`: one
 //!   pane per window, moved (not copied) into the summary when the window closes.
-//! - Each Kafka partition has a **watermark**: max event time accepted − `out_of_orderness`.
-//!   The window ending at `end` closes when `watermark ≥ end + grace`; closing happens inside
-//!   the call that moves the watermark, so what closes depends only on the input sequence (and
-//!   on the controller clock for idle advance), never on how calls are batched.
-//! - An event is **late** when every window containing it has closed; it is returned as
-//!   [`ErrorCode::Late`] and counted. An event more than `max_clock_skew` ahead of the controller
-//!   clock is returned as [`ErrorCode::ClockSkew`] and does not move the watermark.
-//! - A partition with no accepted event for `idle_timeout` (controller clock) advances its
-//!   watermark to `now − idle_timeout`, so quiet segments close windows with `count = 0`.
+//! - Three clocks close windows, and no segment's event time can drag another's (DESIGN.md,
+//!   Clocks):
+//!   - a **segment's own progress** (its latest accepted event time) closes its own windows
+//!     when `progress − out_of_orderness ≥ end + grace`;
+//!   - the **partition's progress** (`watermark_ms + out_of_orderness`) closes every segment's
+//!     windows, quiet ones included: the lower median of its live segments' progress (an
+//!     event within one window span of the controller clock), never past the clock and never
+//!     back (see `measure_progress`), so fewer than half the live segments cannot move it;
+//!   - the **idle advance**: a partition with no accepted event for `idle_timeout` moves to
+//!     `min(now, read_through) − idle_timeout`, where the driver says up to when everything
+//!     written to it was read ([`WindowEngine::advance_idle_read`]): a backlog is never
+//!     advanced over.
+//!
+//!   Closing happens inside the call that moves a clock, so what closes depends only on the
+//!   input sequence and the clock values passed in, never on how calls are batched.
+//! - An event is **late** when every window containing it has closed for its segment; it is
+//!   returned as [`ErrorCode::Late`] and counted. An event more than `max_clock_skew` ahead of
+//!   the controller clock is returned as [`ErrorCode::ClockSkew`] and moves nothing.
 //! - Every segment of a partition closes every window from its first event on, empty or not,
 //!   until it has been quiet for `segment_ttl` (then it is forgotten). Beyond `max_segments` the
-//!   longest-idle segments are evicted. Both are counted.
+//!   longest-idle segments are evicted; the events in their open windows are counted and
+//!   reported ([`WindowEngine::take_evictions`]): `accepted = windowed + evicted + revoked +
+//!   open` ([`EngineStats`]).
 //! - [`WindowEngine::committable_offset`] is the lowest input offset still feeding an open
 //!   window (or the next offset when none is open): committing no further means a restart
 //!   rebuilds every open window exactly by re-reading.

@@ -541,3 +541,108 @@ fn the_actuator_skips_expired_and_already_answered_commands_on_real_kafka() {
     segloop::kafka::prepare_topics(&cfg).unwrap();
     common::the_actuator_skips_expired_and_already_answered_commands(&bs, cfg);
 }
+
+/// A producer host running 20 s ahead (3 segments) and one event 50 s ahead share the
+/// partitions of 30 healthy segments sending with disorder under `out_of_orderness`. Before the
+/// robust watermark, the skewed events moved their partitions' watermarks: the healthy
+/// segments' on-time events went to the DLQ as `late` and their emptied windows fired
+/// `no_data()`. Now nothing is rejected and only the skewed segments' own windows move.
+#[test]
+fn a_skewed_producer_sharing_partitions_breaks_no_other_segment() {
+    const SILENT: &str = r#"
+[guardrails]
+max_in_flight = 100
+max_actions_per_minute = 6000
+blast_radius = 1.0
+max_action_staleness = "30s"
+
+[[policies]]
+name = "silent"
+when = "no_data()"
+for = 1
+action = "restart"
+ack_timeout = "2s"
+max_attempts = 1
+escalate = "page"
+"#;
+    let bs = broker_bootstrap();
+    let mut sets = topics("skew");
+    sets.push("windows.max_clock_skew=60s".into());
+    let cfg = config_with(&bs, &format!("g-skew-{}", std::process::id()), &sets);
+    let t = cfg.topics.clone();
+    let mut inst = Instance::start_with(cfg, SILENT);
+    inst.admin();
+    let p = producer(&bs);
+    let healthy: Vec<String> = (0..30).map(|i| format!("skew/ok-{i}")).collect();
+    let ahead: Vec<String> = (0..3).map(|i| format!("skew/fast-host/seg-{i}")).collect();
+    // Both partitions carry healthy and skewed segments.
+    for part in 0..2 {
+        assert!(healthy
+            .iter()
+            .any(|s| segloop::kafka::murmur2_partition(s.as_bytes(), 2) == part));
+    }
+    assert!((0..2).all(|part| ahead
+        .iter()
+        .chain(["skew/outlier".to_string()].iter())
+        .any(|s| segloop::kafka::murmur2_partition(s.as_bytes(), 2) == part)));
+    let started = SystemClock.now_ms();
+    let mut step = 0i64;
+    while SystemClock.now_ms() < started + 12_000 {
+        let now = SystemClock.now_ms();
+        for (i, s) in healthy.iter().enumerate() {
+            // Disorder under out_of_orderness (100 ms).
+            telemetry(
+                &p,
+                &t.telemetry.name,
+                s,
+                now - ((i as i64 * 7 + step * 13) % 80),
+                0.0,
+            );
+        }
+        for s in &ahead {
+            telemetry(&p, &t.telemetry.name, s, now + 20_000, 0.0);
+        }
+        if step % 20 == 5 {
+            telemetry(&p, &t.telemetry.name, "skew/outlier", now + 50_000, 0.0);
+        }
+        p.flush(Duration::from_secs(5)).unwrap();
+        step += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let producer_stopped = SystemClock.now_ms();
+    // Stop before the idle advance may close the windows after the producer stopped (it
+    // waits for idle_timeout and two lag measurements at the end, 2 s apart).
+    std::thread::sleep(Duration::from_millis(500));
+    let report = inst.stop();
+    assert_eq!(report.records_dlq, 0, "no event was rejected: {report:?}");
+    assert_eq!(
+        report.records_consumed,
+        report.records_aggregated + report.records_dlq
+    );
+    let actions = Reader::new(&bs, &t.actions.name, 2);
+    let mut commanded = std::collections::BTreeSet::new();
+    actions.until(
+        Duration::from_secs(5),
+        || {},
+        |m| {
+            let c = decode_command(m.payload()?);
+            if c.issued_at_ms < producer_stopped {
+                commanded.insert(c.segment);
+            }
+            None::<()>
+        },
+    );
+    let healthy_commanded: Vec<_> = commanded
+        .iter()
+        .filter(|s| s.starts_with("skew/ok-"))
+        .collect();
+    assert!(
+        healthy_commanded.is_empty(),
+        "no_data() fired for segments that sent in time: {healthy_commanded:?} (all: {commanded:?})"
+    );
+    // The policy is armed: the outlier's own jump emptied its own windows.
+    assert!(
+        commanded.contains("skew/outlier"),
+        "the outlier's own empty windows: {commanded:?}"
+    );
+}

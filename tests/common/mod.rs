@@ -95,6 +95,12 @@ pub struct Instance {
 
 impl Instance {
     pub fn start(config: Config) -> Instance {
+        Instance::start_with(config, POLICIES)
+    }
+
+    /// An instance under `policies` (TOML).
+    pub fn start_with(config: Config, policies: &str) -> Instance {
+        let policies = PolicySet::parse(policies, "test").unwrap();
         let control = Arc::new(Control::default());
         let admin = Arc::new(Mutex::new(None));
         let core = Arc::new(Mutex::new(None));
@@ -102,7 +108,7 @@ impl Instance {
         let handle = std::thread::spawn(move || {
             runtime::run(RunOptions {
                 config,
-                policies: PolicySet::parse(POLICIES, "test").unwrap(),
+                policies,
                 policies_path: None,
                 control: c2,
                 clock: Arc::new(SystemClock),
