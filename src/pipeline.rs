@@ -327,7 +327,15 @@ impl Pipeline {
         let mut controller = Controller::new(policies);
         controller.set_evidence_grace(evidence_grace_ms(&config.windows));
         Ok(Pipeline {
-            engine: Windows::from_config(&config.windows),
+            engine: {
+                let mut w = Windows::from_config(&config.windows);
+                if options.skew == SkewReference::BrokerTimestamp {
+                    // Skew is judged at admission, against the broker timestamp; the replay's
+                    // clock (robust event time) is no wall clock to judge it by.
+                    w.judge_skew_at_admission();
+                }
+                w
+            },
             labels: LabelMap {
                 on: labels_on,
                 cap: config.windows.max_segments,

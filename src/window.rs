@@ -1819,6 +1819,14 @@ impl Windows {
         Ok(())
     }
 
+    /// Leaves clock skew to the caller (a replay judges it against broker timestamps at
+    /// admission): the engines check no event against the clock passed to them.
+    pub fn judge_skew_at_admission(&mut self) {
+        for e in std::iter::once(&mut self.main).chain(&mut self.groups) {
+            e.spec.max_clock_skew_ms = i64::MAX;
+        }
+    }
+
     /// See [`WindowEngine::advance_idle_read`].
     pub fn advance_idle_read(
         &mut self,

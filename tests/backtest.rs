@@ -529,3 +529,110 @@ fn html_timelines_have_axes_threshold_and_labelled_markers() {
     );
     assert!(html.contains("suppressed: flap_breaker"));
 }
+
+/// A replay whose partitions carry future-dated records among on-time ones (a record 120 s
+/// ahead, and a host 5 s ahead): the merge neither holds their partitions back nor lets them
+/// move the clock, so no on-time record is judged late and no healthy segment's windows empty
+/// out. (Merged by event time alone, the outlier held its partition back until the others
+/// reached its time; the records behind it were then idle-advanced over and DLQ'd as late.)
+#[test]
+fn a_replayed_outlier_breaks_no_other_segment() {
+    use segloop::codec::build_codec;
+    use segloop::model::TelemetryEvent;
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let config = demo_config(&cluster.bootstrap_servers());
+    segloop::kafka::create_embedded_topics(&cluster, &config).unwrap();
+    let t = &config.topics.telemetry;
+    let codec = build_codec::<TelemetryEvent>(t.codec, &t.schema_settings()).unwrap();
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .create()
+        .unwrap();
+    let send = |seg: &str, ts: i64| {
+        let e = TelemetryEvent {
+            segment: seg.into(),
+            ts_ms: ts,
+            measurements: BTreeMap::from([("error".into(), 0.0), ("latency_ms".into(), 20.0)]),
+            labels: BTreeMap::new(),
+            event_id: None,
+        };
+        let mut bytes = Vec::new();
+        codec.encode(&e, &mut bytes).unwrap();
+        let p = segloop::kafka::murmur2_partition(seg.as_bytes(), PARTITIONS);
+        producer
+            .send(
+                BaseRecord::to(&t.name)
+                    .key(seg)
+                    .payload(&bytes)
+                    .partition(p),
+            )
+            .unwrap();
+        producer.poll(Duration::ZERO);
+    };
+    let healthy: Vec<String> = (0..48).map(|i| format!("bt/ok-{i}")).collect();
+    let fast: Vec<String> = (0..2).map(|i| format!("bt/fast-host/seg-{i}")).collect();
+    let base = segloop::fleet::SAMPLE_EPOCH_MS;
+    let span = 60_000;
+    for at in (0..span).step_by(250) {
+        for s in &healthy {
+            send(s, base + at);
+        }
+        for s in &fast {
+            send(s, base + at + 5_000);
+        }
+        if at == 20_000 {
+            send("bt/outlier", base + at + 120_000);
+        }
+        if at < 10_000 {
+            send("bt/goes-quiet", base + at);
+        }
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let policies = PolicySet::parse(
+        r#"
+[[policies]]
+name = "silent"
+when = "no_data()"
+for = 1
+action = "restart"
+"#,
+        "test",
+    )
+    .unwrap();
+    let r = backtest::execute(
+        config.clone(),
+        policies,
+        &Invocation::default(),
+        &mut |_| {},
+    )
+    .expect("backtest");
+    assert!(r.input.rejected.is_empty(), "{:?}", r.input);
+    assert_eq!(r.input.records_aggregated, r.input.records_read);
+    let early: Vec<_> = r
+        .loops
+        .iter()
+        .filter(|l| l.segment.starts_with("bt/ok-"))
+        .flat_map(|l| {
+            l.commands
+                .iter()
+                .map(move |c| (&l.segment, c.window_start_ms))
+        })
+        .filter(|(_, start)| *start < base + span - 5_000)
+        .collect();
+    assert!(
+        early.is_empty(),
+        "no_data() for segments that sent: {early:?}"
+    );
+    // A segment that really went quiet is still seen: the robust progress passes it.
+    let quiet = r
+        .loops
+        .iter()
+        .find(|l| l.segment == "bt/goes-quiet")
+        .expect("the quiet segment fired");
+    let first = quiet.commands.first().expect("a command").window_start_ms;
+    assert!(
+        (base + 10_000..base + 15_000).contains(&first),
+        "no_data() soon after it stopped: {first}"
+    );
+    drop(cluster);
+}
