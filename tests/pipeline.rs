@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use segloop::codec::{build_codec, CodecKind, DecodeError};
 use segloop::config::{Config, Sources};
 use segloop::controller::Effects;
-use segloop::model::{RemediationCommand, TelemetryEvent};
+use segloop::model::{DecisionRecord, RemediationCommand, TelemetryEvent};
 use segloop::pipeline::{Cause, Options, Pipeline, Record, Sink};
 use segloop::policy::PolicySet;
 
@@ -13,11 +13,15 @@ use segloop::policy::PolicySet;
 struct Collect {
     commands: Vec<RemediationCommand>,
     rejected: Vec<String>,
+    evicted: Vec<DecisionRecord>,
 }
 
 impl Sink for Collect {
     fn reject(&mut self, _: &Record<'_>, e: &DecodeError) {
         self.rejected.push(e.code.as_str().to_string());
+    }
+    fn evicted(&mut self, decision: DecisionRecord) {
+        self.evicted.push(decision);
     }
     fn effects(&mut self, fx: &mut Effects, _: Cause<'_>, _: &PolicySet) {
         self.commands.append(&mut fx.commands);
@@ -242,4 +246,42 @@ fn dead_letters_hold_the_commit_floor_and_are_written_once_across_lifetimes() {
     assert!(sink.rejected.is_empty(), "{:?}", sink.rejected);
     assert_eq!(q.stats().dead_lettered_before, 1);
     assert_eq!(q.committable_offset(0), Some(6));
+}
+
+/// The segment cap never drops events silently: a segment evicted with events in an open
+/// window is counted in the input stats and handed to the sink as an `evicted` decision with
+/// its event count (live: the decisions topic, a metric and a log line).
+#[test]
+fn evicted_open_windows_are_counted_and_recorded() {
+    let policies = PolicySet::parse(
+        "[[policies]]\nname = \"p\"\nwhen = \"mean(error) > 0.5\"\naction = \"page\"\n",
+        "p.toml",
+    )
+    .unwrap();
+    let cfg = config(&["windows.max_segments=2"]);
+    let mut p = Pipeline::new(&cfg, policies, Options::live()).unwrap();
+    p.assign(0);
+    let mut sink = Collect::default();
+    for (offset, (seg, ts)) in [("a", 0), ("a", 5), ("b", 10), ("c", 20)].iter().enumerate() {
+        let value = encode(seg, *ts, 0.0, &[]);
+        let r = Record {
+            partition: 0,
+            offset: offset as i64,
+            key: Some(seg.as_bytes()),
+            value: Some(&value),
+            timestamp_ms: None,
+            handle: offset,
+        };
+        p.on_record(&r, *ts, &mut sink);
+    }
+    assert_eq!(p.stats().evicted_segments, 1);
+    assert_eq!(p.stats().evicted_events, 2, "a's two events were in its open window");
+    assert_eq!(sink.evicted.len(), 1);
+    let d = &sink.evicted[0];
+    assert_eq!(
+        (d.segment.as_str(), d.to_state.as_str(), d.trigger.as_str()),
+        ("a", "evicted", "windows.max_segments")
+    );
+    assert_eq!(d.aggregates.get("events"), Some(&2.0));
+    assert_eq!(d.window_start_ms, Some(0));
 }
