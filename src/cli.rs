@@ -872,6 +872,13 @@ pub fn check_config(args: &CheckConfigArgs, env: &HashMap<String, String>) -> Ex
                         eprintln!("warning: {w}");
                     }
                 }
+                let default_cap = crate::config::WindowConfig::default().max_segments;
+                if config.windows.max_segments < default_cap {
+                    eprintln!(
+                        "warning: windows.max_segments = {} (default {default_cap}): past it the longest-idle 1% of segments are evicted, and the events in their open windows are never judged (counted in segloop_evicted_events_total, recorded as `evicted` decisions); a segment evicted while failing gets no command",
+                        config.windows.max_segments
+                    );
+                }
                 let mut text = config.to_toml();
                 if let Some(s) = summary {
                     text.push_str(&s);

@@ -27,6 +27,24 @@ fn check_config_accepts_shipped_and_rejects_bad_with_exit_2() {
     let ok = segloop(&["check-config", "config/segloop.toml"], b"");
     assert!(ok.status.success(), "{}", text(&ok.stderr));
     assert!(text(&ok.stdout).contains("[windows]"));
+    assert!(!text(&ok.stderr).contains("max_segments"));
+    // A lowered segment cap says what eviction costs.
+    let capped = segloop(
+        &[
+            "check-config",
+            "config/segloop.toml",
+            "--set",
+            "windows.max_segments=500",
+        ],
+        b"",
+    );
+    assert!(capped.status.success());
+    assert!(
+        text(&capped.stderr).contains("windows.max_segments = 500")
+            && text(&capped.stderr).contains("segloop_evicted_events_total"),
+        "{}",
+        text(&capped.stderr)
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
