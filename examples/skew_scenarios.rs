@@ -66,7 +66,12 @@ fn main() {
     for step in 0..1_200i64 {
         let now = t0 + step * 100;
         for s in 0..50 {
-            r.send(&format!("ok-{s}"), now - (s * 7 + step * 13) % 50, now, true);
+            r.send(
+                &format!("ok-{s}"),
+                now - (s * 7 + step * 13) % 50,
+                now,
+                true,
+            );
             n += 1;
         }
         if step == 600 {
@@ -81,7 +86,12 @@ fn main() {
     for step in 0..1_200i64 {
         let now = t0 + step * 100;
         for s in 0..124 {
-            r.send(&format!("ok-{s}"), now - (s * 7 + step * 13) % 50, now, true);
+            r.send(
+                &format!("ok-{s}"),
+                now - (s * 7 + step * 13) % 50,
+                now,
+                true,
+            );
             n += 1;
         }
         for s in 0..5 {

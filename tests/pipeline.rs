@@ -262,7 +262,10 @@ fn evicted_open_windows_are_counted_and_recorded() {
     let mut p = Pipeline::new(&cfg, policies, Options::live()).unwrap();
     p.assign(0);
     let mut sink = Collect::default();
-    for (offset, (seg, ts)) in [("a", 0), ("a", 5), ("b", 10), ("c", 20)].iter().enumerate() {
+    for (offset, (seg, ts)) in [("a", 0), ("a", 5), ("b", 10), ("c", 20)]
+        .iter()
+        .enumerate()
+    {
         let value = encode(seg, *ts, 0.0, &[]);
         let r = Record {
             partition: 0,
@@ -275,7 +278,11 @@ fn evicted_open_windows_are_counted_and_recorded() {
         p.on_record(&r, *ts, &mut sink);
     }
     assert_eq!(p.stats().evicted_segments, 1);
-    assert_eq!(p.stats().evicted_events, 2, "a's two events were in its open window");
+    assert_eq!(
+        p.stats().evicted_events,
+        2,
+        "a's two events were in its open window"
+    );
     assert_eq!(sink.evicted.len(), 1);
     let d = &sink.evicted[0];
     assert_eq!(
