@@ -58,14 +58,16 @@ impl Run {
     }
 }
 
-fn main() {
+/// Two minutes of telemetry every 100 ms from `healthy` on-time segments (disorder under
+/// 50 ms), `ahead` segments of a host running 20 s ahead, and, at one step, one event of its
+/// own segment 290 s ahead.
+fn scenario(name: &str, healthy: i64, ahead: i64, outlier_at: Option<i64>) {
     let t0 = 1_764_000_000_000i64;
-    // 1. One future-dated event (290 s ahead, inside max_clock_skew) among 50 segments.
     let mut r = Run::new();
     let mut n = 0;
     for step in 0..1_200i64 {
         let now = t0 + step * 100;
-        for s in 0..50 {
+        for s in 0..healthy {
             r.send(
                 &format!("ok-{s}"),
                 now - (s * 7 + step * 13) % 50,
@@ -74,29 +76,19 @@ fn main() {
             );
             n += 1;
         }
-        if step == 600 {
+        for s in 0..ahead {
+            r.send(&format!("fast-host/{s}"), now + 20_000, now, false);
+        }
+        if outlier_at == Some(step) {
             r.send("bad-clock", now + 290_000, now, false);
         }
     }
-    r.report("one_future_dated_event", n);
+    r.report(name, n);
+}
 
+fn main() {
+    // 1. One future-dated event (290 s ahead, inside max_clock_skew) among 50 segments.
+    scenario("one_future_dated_event", 50, 0, Some(600));
     // 2. One producer host 20 s ahead (5 segments) among 124 healthy ones.
-    let mut r = Run::new();
-    let mut n = 0;
-    for step in 0..1_200i64 {
-        let now = t0 + step * 100;
-        for s in 0..124 {
-            r.send(
-                &format!("ok-{s}"),
-                now - (s * 7 + step * 13) % 50,
-                now,
-                true,
-            );
-            n += 1;
-        }
-        for s in 0..5 {
-            r.send(&format!("fast-host/{s}"), now + 20_000, now, false);
-        }
-    }
-    r.report("host_20s_ahead", n);
+    scenario("host_20s_ahead", 124, 5, None);
 }

@@ -1139,10 +1139,7 @@ impl WindowEngine {
                 if ts_ms > seg.last_event_ms {
                     seg.last_event_ms = ts_ms;
                     // `next_end` is on the hop grid: no division unless something closes.
-                    let reach = ts_ms
-                        .saturating_sub(spec.out_of_orderness_ms)
-                        .saturating_sub(spec.grace_ms);
-                    if seg.next_end_ms <= reach {
+                    if seg.next_end_ms <= reach(ts_ms, spec) {
                         let through =
                             last_end(ts_ms.saturating_sub(spec.out_of_orderness_ms), spec);
                         close_segment(
@@ -1211,10 +1208,7 @@ impl WindowEngine {
         // The partition's progress moves only when it can close something, and is measured at
         // most once per eighth of its segments' events (a scan of its segments).
         p.since_measure += 1;
-        if ts_ms
-            .saturating_sub(spec.out_of_orderness_ms)
-            .saturating_sub(spec.grace_ms)
-            >= p.next_end_ms.unwrap_or(i64::MAX)
+        if reach(ts_ms, spec) >= p.next_end_ms.unwrap_or(i64::MAX)
             && p.since_measure > p.segments.len() / 8
         {
             self.segment_total -= measure_progress(
@@ -1249,10 +1243,7 @@ impl WindowEngine {
             // An event that will close its segment's windows clones the segment's name into
             // each summary: load the name's reference count now (a miss per close otherwise).
             if let Some(seg) = seg {
-                let reach = ts_ms
-                    .saturating_sub(spec.out_of_orderness_ms)
-                    .saturating_sub(spec.grace_ms);
-                if seg.next_end_ms <= reach {
+                if seg.next_end_ms <= reach(ts_ms, spec) {
                     prefetch_read((Arc::as_ptr(&seg.name) as *const u8).wrapping_sub(16));
                 }
             }
@@ -1454,12 +1445,7 @@ fn not_assigned(partition: i32) -> DecodeError {
 #[inline]
 fn closed_to(p: &PartitionWindows, slot: Option<usize>, spec: &WindowSpec) -> (i64, i64) {
     let partition = p.next_end_ms.unwrap_or(i64::MIN);
-    let own = slot.map_or(i64::MIN, |i| {
-        p.segments.slots[i]
-            .last_event_ms
-            .saturating_sub(spec.out_of_orderness_ms)
-            .saturating_sub(spec.grace_ms)
-    });
+    let own = slot.map_or(i64::MIN, |i| reach(p.segments.slots[i].last_event_ms, spec));
     (partition, own)
 }
 
@@ -1471,6 +1457,16 @@ fn own_open_from(seg: &SegmentWindows, spec: &WindowSpec) -> i64 {
         spec,
     )
     .saturating_add(spec.hop_ms)
+}
+
+/// How far an event time closes windows: a window ending at or before `reach(ts)` closes
+/// (`ts − out_of_orderness − grace`). Window ends are on the hop grid, so comparing an end with
+/// it needs no division.
+#[inline]
+fn reach(ts_ms: i64, spec: &WindowSpec) -> i64 {
+    ts_ms
+        .saturating_sub(spec.out_of_orderness_ms)
+        .saturating_sub(spec.grace_ms)
 }
 
 /// End of the last window that closes at watermark `wm`: `end + grace ≤ wm`, on the hop grid.

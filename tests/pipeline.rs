@@ -66,6 +66,19 @@ fn encode(segment: &str, ts: i64, error: f64, labels: &[(&str, &str)]) -> Vec<u8
     out
 }
 
+/// Feeds one encoded event on partition 0 at `offset`, with the driver clock at its time.
+fn feed(p: &mut Pipeline, sink: &mut Collect, offset: i64, seg: &str, ts: i64, value: &[u8]) {
+    let r = Record {
+        partition: 0,
+        offset,
+        key: Some(seg.as_bytes()),
+        value: Some(value),
+        timestamp_ms: None,
+        handle: offset as usize,
+    };
+    p.on_record(&r, ts, sink);
+}
+
 /// One rule for labels in every driver: a full label map is emptied only when a new segment
 /// needs room, never because a known segment sent the same labels again. (Live used to empty
 /// it on every labelled event once full, so a policy selecting on labels lost its segments.)
@@ -98,15 +111,7 @@ action = "rollback"
     ];
     for (offset, (seg, ts, labels)) in events.iter().enumerate() {
         let value = encode(seg, *ts, 1.0, labels);
-        let r = Record {
-            partition: 0,
-            offset: offset as i64,
-            key: Some(seg.as_bytes()),
-            value: Some(&value),
-            timestamp_ms: None,
-            handle: offset,
-        };
-        p.on_record(&r, *ts, &mut sink);
+        feed(&mut p, &mut sink, offset as i64, seg, *ts, &value);
     }
     assert!(sink.rejected.is_empty(), "{:?}", sink.rejected);
     let acted: Vec<&str> = sink.commands.iter().map(|c| c.segment.as_str()).collect();
@@ -131,15 +136,7 @@ fn labels_leave_with_their_segment() {
     let mut sink = Collect::default();
     let feed = |p: &mut Pipeline, sink: &mut Collect, offset: i64, seg: &str, ts: i64| {
         let value = encode(seg, ts, 0.0, &[("team", "y"), ("tier", "gold")]);
-        let r = Record {
-            partition: 0,
-            offset,
-            key: Some(seg.as_bytes()),
-            value: Some(&value),
-            timestamp_ms: None,
-            handle: 0,
-        };
-        p.on_record(&r, ts, sink);
+        feed(p, sink, offset, seg, ts, &value);
     };
     feed(&mut p, &mut sink, 0, "gone-soon", 0);
     feed(&mut p, &mut sink, 1, "stays", 0);
@@ -267,15 +264,7 @@ fn evicted_open_windows_are_counted_and_recorded() {
         .enumerate()
     {
         let value = encode(seg, *ts, 0.0, &[]);
-        let r = Record {
-            partition: 0,
-            offset: offset as i64,
-            key: Some(seg.as_bytes()),
-            value: Some(&value),
-            timestamp_ms: None,
-            handle: offset,
-        };
-        p.on_record(&r, *ts, &mut sink);
+        feed(&mut p, &mut sink, offset as i64, seg, *ts, &value);
     }
     assert_eq!(p.stats().evicted_segments, 1);
     assert_eq!(
