@@ -1137,7 +1137,6 @@ impl WindowEngine {
                 // lands: they end at or before ts − out_of_orderness − grace ≤ ts).
                 let seg = &mut p.segments.slots[slot];
                 if ts_ms > seg.last_event_ms {
-                    seg.last_event_ms = ts_ms;
                     // `next_end` is on the hop grid: no division unless something closes.
                     if seg.next_end_ms <= reach(ts_ms, spec) {
                         let through =
@@ -1153,6 +1152,7 @@ impl WindowEngine {
                             closed,
                         );
                     }
+                    seg.last_event_ms = ts_ms;
                 }
                 // An on-time event before the segment's first window (out of order) opens the
                 // windows it falls in: none of them was emitted (they end past every close).
@@ -1638,6 +1638,9 @@ fn close_windows(
 
 /// Closes the segment's windows from its oldest open one through the one ending at
 /// `through`, empty ones included, and counts the events of the panes no later window needs.
+/// Empty windows more than `segment_ttl` after the segment's last event are skipped (a quiet
+/// segment is forgotten after its TTL anyway), so a jump in event time — decades, at worst —
+/// costs at most one TTL of windows plus one per open pane, never one per hop of the jump.
 #[allow(clippy::too_many_arguments)]
 fn close_segment(
     seg: &mut SegmentWindows,
@@ -1652,6 +1655,20 @@ fn close_segment(
     let tumbling = spec.hop_ms == spec.size_ms;
     let mut end = seg.next_end_ms;
     while end <= through {
+        // The first empty window past the TTL is emitted (the sweep then forgets the segment),
+        // later ones are not.
+        if (end - spec.hop_ms).saturating_sub(seg.last_event_ms) > spec.segment_ttl_ms {
+            let next_pane = seg.panes.iter().map(|pane| pane.start_ms).min();
+            if next_pane.is_none_or(|n| n >= end) {
+                // Past the TTL with nothing in this window: on to the first window holding
+                // the next pane, or past `through`.
+                let resume = next_pane.map_or(i64::MAX, |n| n.saturating_add(spec.hop_ms));
+                end = resume
+                    .min(through.saturating_add(spec.hop_ms))
+                    .max(end + spec.hop_ms);
+                continue;
+            }
+        }
         let start = end - spec.size_ms;
         let (mut summary, freed) = if tumbling {
             take_tumbling(seg, start, end, partition, names)
