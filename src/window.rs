@@ -1141,16 +1141,14 @@ impl WindowEngine {
                     if seg.next_end_ms <= reach(ts_ms, spec) {
                         let through =
                             last_end(ts_ms.saturating_sub(spec.out_of_orderness_ms), spec);
-                        close_segment(
-                            seg,
-                            through,
+                        Closing {
                             spec,
-                            p.partition,
-                            &self.names,
-                            self.group.as_ref(),
-                            &mut self.stats,
+                            names: &self.names,
+                            group: self.group.as_ref(),
+                            stats: &mut self.stats,
                             closed,
-                        );
+                        }
+                        .close_segment(seg, through, p.partition);
                     }
                     seg.last_event_ms = ts_ms;
                 }
@@ -1211,16 +1209,14 @@ impl WindowEngine {
         if reach(ts_ms, spec) >= p.next_end_ms.unwrap_or(i64::MAX)
             && p.since_measure > p.segments.len() / 8
         {
-            self.segment_total -= measure_progress(
-                p,
-                now_ms,
+            let mut closing = Closing {
                 spec,
-                &self.names,
-                self.group.as_ref(),
-                &mut self.stats,
-                &mut self.scratch,
+                names: &self.names,
+                group: self.group.as_ref(),
+                stats: &mut self.stats,
                 closed,
-            );
+            };
+            self.segment_total -= closing.measure_progress(p, now_ms, &mut self.scratch);
         }
         Ok(())
     }
@@ -1312,21 +1308,19 @@ impl WindowEngine {
         closed: &mut Vec<WindowSummary>,
     ) {
         let spec = &self.spec;
+        let mut closing = Closing {
+            spec,
+            names: &self.names,
+            group: self.group.as_ref(),
+            stats: &mut self.stats,
+            closed,
+        };
         for p in self.partitions.values_mut() {
             if p.next_end_ms.is_none() {
                 continue;
             }
             if p.since_measure > 0 && now_ms.saturating_sub(p.measured_at_ms) >= spec.hop_ms {
-                self.segment_total -= measure_progress(
-                    p,
-                    now_ms,
-                    spec,
-                    &self.names,
-                    self.group.as_ref(),
-                    &mut self.stats,
-                    &mut self.scratch,
-                    closed,
-                );
+                self.segment_total -= closing.measure_progress(p, now_ms, &mut self.scratch);
             }
             if now_ms.saturating_sub(p.last_arrival_ms) < spec.idle_timeout_ms {
                 continue;
@@ -1334,15 +1328,7 @@ impl WindowEngine {
             let wm = now_ms
                 .min(read_through(p.partition))
                 .saturating_sub(spec.idle_timeout_ms);
-            self.segment_total -= advance_watermark(
-                p,
-                wm,
-                spec,
-                &self.names,
-                self.group.as_ref(),
-                &mut self.stats,
-                closed,
-            );
+            self.segment_total -= closing.advance_watermark(p, wm);
         }
     }
 
@@ -1365,19 +1351,17 @@ impl WindowEngine {
             return;
         }
         all.select_nth_unstable_by_key(batch - 1, |(seq, _, _)| *seq);
-        let mut victims: Vec<(i32, Arc<str>)> = all[..batch]
+        let victims = &mut all[..batch];
+        // Oldest first, whatever order the selection left them in.
+        victims.sort_unstable_by_key(|(seq, _, _)| *seq);
+        // Names, not slot numbers: removing a segment moves another into its slot.
+        let victims: Vec<(i32, Arc<str>)> = victims
             .iter()
             .map(|&(_, partition, i)| {
                 let p = self.partitions.get(partition).expect("listed above");
                 (partition, p.segments.slots[i as usize].name.clone())
             })
             .collect();
-        // Oldest first, whatever order the selection left them in.
-        victims.sort_by_key(|(partition, name)| {
-            let p = self.partitions.get(*partition).expect("listed above");
-            let i = p.segments.find(name).expect("listed above");
-            p.segments.slots[i].last_seq
-        });
         for (partition, name) in victims {
             let Some(p) = self.partitions.get_mut(partition) else {
                 continue;
@@ -1521,168 +1505,147 @@ fn check_in(
 /// Segments a partition's progress is measured on at most (see `measure_progress`).
 const PROGRESS_SAMPLE: usize = 4096;
 
-/// Measures the partition's progress — the lower median of the event-time progress of its
-/// live segments (those with an accepted event within one window span, `size +
-/// out_of_orderness + grace`, of the controller clock), and never past the controller clock
-/// — and moves the watermark to it minus `out_of_orderness` if that is later. Fewer than half
-/// the live segments cannot drag it forward, and no number of segments can drag it past the
-/// clock; a segment that stopped sending stops holding it back one window span later. Not
-/// measured before one window span after the partition's first event (every live segment has
-/// had its say by then). Returns how many segments expired.
-#[allow(clippy::too_many_arguments)]
-fn measure_progress(
-    p: &mut PartitionWindows,
-    now_ms: i64,
-    spec: &WindowSpec,
-    names: &Names,
-    group: Option<&Arc<str>>,
-    stats: &mut EngineStats,
-    scratch: &mut Vec<i64>,
-    closed: &mut Vec<WindowSummary>,
-) -> usize {
-    let span = spec.size_ms + spec.out_of_orderness_ms + spec.grace_ms;
-    if now_ms.saturating_sub(p.first_arrival_ms) < span {
-        return 0;
-    }
-    p.since_measure = 0;
-    p.measured_at_ms = now_ms;
-    let live_from = now_ms.saturating_sub(span);
-    scratch.clear();
-    // A large partition is measured on an evenly spaced sample of its slots (slot order depends
-    // only on the input, so the sample does too): the median of a few thousand is as robust,
-    // and a scan of a million slots per measurement cost a quarter of the engine's time.
-    let stride = p.segments.slots.len().div_ceil(PROGRESS_SAMPLE).max(1);
-    scratch.extend(
-        p.segments
-            .slots
-            .iter()
-            .step_by(stride)
-            .filter(|s| !s.expired && s.last_arrival_ms >= live_from)
-            .map(|s| s.last_event_ms),
-    );
-    if scratch.is_empty() {
-        return 0;
-    }
-    let k = (scratch.len() - 1) / 2;
-    // Producers ahead of the controller clock are ahead of time itself: never followed.
-    let progress = (*scratch.select_nth_unstable(k).1).min(now_ms);
-    advance_watermark(
-        p,
-        progress.saturating_sub(spec.out_of_orderness_ms),
-        spec,
-        names,
-        group,
-        stats,
-        closed,
-    )
+/// What every close needs besides the partition or segment it closes: the geometry, the
+/// measurement names, the group the summaries carry, the counters, and where closed windows go.
+struct Closing<'a> {
+    spec: &'a WindowSpec,
+    names: &'a Names,
+    group: Option<&'a Arc<str>>,
+    stats: &'a mut EngineStats,
+    closed: &'a mut Vec<WindowSummary>,
 }
 
-/// Moves the partition's watermark to `wm` if that is later, closing what it passes (see
-/// `close_windows`). Returns how many segments expired.
-fn advance_watermark(
-    p: &mut PartitionWindows,
-    wm: i64,
-    spec: &WindowSpec,
-    names: &Names,
-    group: Option<&Arc<str>>,
-    stats: &mut EngineStats,
-    closed: &mut Vec<WindowSummary>,
-) -> usize {
-    if wm <= p.watermark_ms {
-        return 0;
+impl Closing<'_> {
+    /// Measures the partition's progress — the lower median of the event-time progress of
+    /// its live segments (those with an accepted event within one window span, `size +
+    /// out_of_orderness + grace`, of the controller clock), and never past the controller
+    /// clock — and moves the watermark to it minus `out_of_orderness` if that is later. Fewer
+    /// than half the live segments cannot drag it forward, and no number of segments can drag
+    /// it past the clock; a segment that stopped sending stops holding it back one window span
+    /// later. Not measured before one window span after the partition's first event (every
+    /// live segment has had its say by then). Returns how many segments expired.
+    fn measure_progress(
+        &mut self,
+        p: &mut PartitionWindows,
+        now_ms: i64,
+        scratch: &mut Vec<i64>,
+    ) -> usize {
+        let spec = self.spec;
+        let span = spec.size_ms + spec.out_of_orderness_ms + spec.grace_ms;
+        if now_ms.saturating_sub(p.first_arrival_ms) < span {
+            return 0;
+        }
+        p.since_measure = 0;
+        p.measured_at_ms = now_ms;
+        let live_from = now_ms.saturating_sub(span);
+        scratch.clear();
+        // A large partition is measured on an evenly spaced sample of its slots (slot order
+        // depends only on the input, so the sample does too): the median of a few thousand is
+        // as robust, and a scan of a million slots per measurement cost a quarter of the
+        // engine's time.
+        let stride = p.segments.slots.len().div_ceil(PROGRESS_SAMPLE).max(1);
+        scratch.extend(
+            p.segments
+                .slots
+                .iter()
+                .step_by(stride)
+                .filter(|s| !s.expired && s.last_arrival_ms >= live_from)
+                .map(|s| s.last_event_ms),
+        );
+        if scratch.is_empty() {
+            return 0;
+        }
+        let k = (scratch.len() - 1) / 2;
+        // Producers ahead of the controller clock are ahead of time itself: never followed.
+        let progress = (*scratch.select_nth_unstable(k).1).min(now_ms);
+        self.advance_watermark(p, progress.saturating_sub(spec.out_of_orderness_ms))
     }
-    p.watermark_ms = wm;
-    close_windows(p, spec, names, group, stats, closed)
-}
 
-/// Closes, for every segment of the partition, every window with `end + grace ≤ watermark`
-/// it has not closed on its own progress, in slab order (which depends only on the input).
-/// Returns how many segments expired.
-fn close_windows(
-    p: &mut PartitionWindows,
-    spec: &WindowSpec,
-    names: &Names,
-    group: Option<&Arc<str>>,
-    stats: &mut EngineStats,
-    closed: &mut Vec<WindowSummary>,
-) -> usize {
-    let Some(next_end) = p.next_end_ms else {
-        return 0;
-    };
-    let through = last_end(p.watermark_ms, spec);
-    if through < next_end {
-        return 0;
-    }
-    let mut expired: Vec<Arc<str>> = Vec::new();
-    for seg in p.segments.slots.iter_mut() {
-        if seg.expired || seg.next_end_ms > through {
-            continue;
+    /// Moves the partition's watermark to `wm` if that is later, closing what it passes (see
+    /// `close_windows`). Returns how many segments expired.
+    fn advance_watermark(&mut self, p: &mut PartitionWindows, wm: i64) -> usize {
+        if wm <= p.watermark_ms {
+            return 0;
         }
-        close_segment(seg, through, spec, p.partition, names, group, stats, closed);
-        let last_closed = seg.next_end_ms - spec.hop_ms;
-        if seg.panes.is_empty() && last_closed - seg.last_event_ms > spec.segment_ttl_ms {
-            seg.expired = true;
-            expired.push(seg.name.clone());
-        }
+        p.watermark_ms = wm;
+        self.close_windows(p)
     }
-    p.next_end_ms = Some(through + spec.hop_ms);
-    let mut removed = 0;
-    for name in expired {
-        if p.segments.remove(&name) {
-            stats.expired_segments += 1;
-            removed += 1;
-        }
-    }
-    removed
-}
 
-/// Closes the segment's windows from its oldest open one through the one ending at
-/// `through`, empty ones included, and counts the events of the panes no later window needs.
-/// Empty windows more than `segment_ttl` after the segment's last event are skipped (a quiet
-/// segment is forgotten after its TTL anyway), so a jump in event time — decades, at worst —
-/// costs at most one TTL of windows plus one per open pane, never one per hop of the jump.
-#[allow(clippy::too_many_arguments)]
-fn close_segment(
-    seg: &mut SegmentWindows,
-    through: i64,
-    spec: &WindowSpec,
-    partition: i32,
-    names: &Names,
-    group: Option<&Arc<str>>,
-    stats: &mut EngineStats,
-    closed: &mut Vec<WindowSummary>,
-) {
-    let tumbling = spec.hop_ms == spec.size_ms;
-    let mut end = seg.next_end_ms;
-    while end <= through {
-        // The first empty window past the TTL is emitted (the sweep then forgets the segment),
-        // later ones are not.
-        if (end - spec.hop_ms).saturating_sub(seg.last_event_ms) > spec.segment_ttl_ms {
-            let next_pane = seg.panes.iter().map(|pane| pane.start_ms).min();
-            if next_pane.is_none_or(|n| n >= end) {
-                // Past the TTL with nothing in this window: on to the first window holding
-                // the next pane, or past `through`.
-                let resume = next_pane.map_or(i64::MAX, |n| n.saturating_add(spec.hop_ms));
-                end = resume
-                    .min(through.saturating_add(spec.hop_ms))
-                    .max(end + spec.hop_ms);
+    /// Closes, for every segment of the partition, every window with `end + grace ≤
+    /// watermark` it has not closed on its own progress, in slab order (which depends only on
+    /// the input). Returns how many segments expired.
+    fn close_windows(&mut self, p: &mut PartitionWindows) -> usize {
+        let spec = self.spec;
+        let Some(next_end) = p.next_end_ms else {
+            return 0;
+        };
+        let through = last_end(p.watermark_ms, spec);
+        if through < next_end {
+            return 0;
+        }
+        let mut expired: Vec<Arc<str>> = Vec::new();
+        for seg in p.segments.slots.iter_mut() {
+            if seg.expired || seg.next_end_ms > through {
                 continue;
             }
+            self.close_segment(seg, through, p.partition);
+            let last_closed = seg.next_end_ms - spec.hop_ms;
+            if seg.panes.is_empty() && last_closed - seg.last_event_ms > spec.segment_ttl_ms {
+                seg.expired = true;
+                expired.push(seg.name.clone());
+            }
         }
-        let start = end - spec.size_ms;
-        let (mut summary, freed) = if tumbling {
-            take_tumbling(seg, start, end, partition, names)
-        } else {
-            merge_hopping(seg, start, end, spec.hop_ms, partition, names)
-        };
-        summary.group = group.cloned();
-        closed.push(summary);
-        stats.windows_closed += 1;
-        stats.windowed_events += freed;
-        stats.open_events -= freed;
-        end += spec.hop_ms;
+        p.next_end_ms = Some(through + spec.hop_ms);
+        let mut removed = 0;
+        for name in expired {
+            if p.segments.remove(&name) {
+                self.stats.expired_segments += 1;
+                removed += 1;
+            }
+        }
+        removed
     }
-    seg.next_end_ms = end;
+
+    /// Closes the segment's windows from its oldest open one through the one ending at
+    /// `through`, empty ones included, and counts the events of the panes no later window
+    /// needs. Empty windows more than `segment_ttl` after the segment's last event are skipped
+    /// (a quiet segment is forgotten after its TTL anyway), so a jump in event time — decades,
+    /// at worst — costs at most one TTL of windows plus one per open pane, never one per hop
+    /// of the jump.
+    fn close_segment(&mut self, seg: &mut SegmentWindows, through: i64, partition: i32) {
+        let spec = self.spec;
+        let tumbling = spec.hop_ms == spec.size_ms;
+        let mut end = seg.next_end_ms;
+        while end <= through {
+            // The first empty window past the TTL is emitted (the sweep then forgets the
+            // segment), later ones are not.
+            if (end - spec.hop_ms).saturating_sub(seg.last_event_ms) > spec.segment_ttl_ms {
+                let next_pane = seg.panes.iter().map(|pane| pane.start_ms).min();
+                if next_pane.is_none_or(|n| n >= end) {
+                    // Past the TTL with nothing in this window: on to the first window holding
+                    // the next pane, or past `through`.
+                    let resume = next_pane.map_or(i64::MAX, |n| n.saturating_add(spec.hop_ms));
+                    end = resume
+                        .min(through.saturating_add(spec.hop_ms))
+                        .max(end + spec.hop_ms);
+                    continue;
+                }
+            }
+            let start = end - spec.size_ms;
+            let (mut summary, freed) = if tumbling {
+                take_tumbling(seg, start, end, partition, self.names)
+            } else {
+                merge_hopping(seg, start, end, spec.hop_ms, partition, self.names)
+            };
+            summary.group = self.group.cloned();
+            self.closed.push(summary);
+            self.stats.windows_closed += 1;
+            self.stats.windowed_events += freed;
+            self.stats.open_events -= freed;
+            end += spec.hop_ms;
+        }
+        seg.next_end_ms = end;
+    }
 }
 
 fn summary_of(
