@@ -234,11 +234,39 @@ pub fn run(
     )
     .create()
     .context("cannot create the outcomes producer")?;
-    let commands = build_codec::<RemediationCommand>(t.actions.codec, &t.actions.schema_settings())
-        .map_err(anyhow::Error::msg)?;
-    let outcomes =
-        build_codec::<RemediationOutcome>(t.outcomes.codec, &t.outcomes.schema_settings())
+    let mut commands =
+        build_codec::<RemediationCommand>(t.actions.codec, &config.schema_settings(&t.actions))
             .map_err(anyhow::Error::msg)?;
+    let outcome_settings = crate::registry::writer_settings(
+        config,
+        &t.outcomes,
+        &t.outcomes.name,
+        crate::schema::SchemaKind::Outcome,
+    )?;
+    let mut outcomes = build_codec::<RemediationOutcome>(t.outcomes.codec, &outcome_settings)
+        .map_err(anyhow::Error::msg)?;
+    // With a registry, the writer schema of an id not seen is asked for; a registry that
+    // does not answer within schema_registry.max_wait stops the actuator (a command is never
+    // skipped for it).
+    let mut schemas = crate::registry::Registry::from_config(&config.schema_registry)
+        .map_err(anyhow::Error::msg)?
+        .map(|r| crate::registry::Resolver::patient(Arc::new(r), config.schema_registry.max_wait));
+    fn learn<T>(
+        schemas: &mut Option<crate::registry::Resolver>,
+        codec: &mut dyn crate::codec::Codec<T>,
+        value: Option<&[u8]>,
+    ) -> anyhow::Result<()> {
+        if let (Some(source), Some(value)) = (schemas.as_mut(), value) {
+            crate::codec::learn_schema(codec, source, value).map_err(|(id, reason)| {
+                anyhow::anyhow!(
+                    "the schema registry did not answer for schema id {id} within \
+                     schema_registry.max_wait: {reason}"
+                )
+            })?;
+        }
+        Ok(())
+    }
+    let mut unanswered = None;
     let mut seen = Seen::new(100_000);
     let mut report = ActuatorReport::default();
     // Idempotence across restarts and group changes: a command another actuator (or this one,
@@ -250,6 +278,9 @@ pub fn run(
         SystemClock.now_ms() - lookback,
         Duration::from_secs(30),
         |v| {
+            if let Err(e) = learn(&mut schemas, outcomes.as_mut(), Some(v)) {
+                unanswered.get_or_insert(e);
+            }
             if let Ok(o) = outcomes.decode(v) {
                 if seen.first(&o.command_id) {
                     report.answered_before += 1;
@@ -257,6 +288,9 @@ pub fn run(
             }
         },
     )?;
+    if let Some(e) = unanswered {
+        return Err(e.context("cannot read the outcomes topic's recent history"));
+    }
     if report.answered_before > 0 {
         tracing::info!(
             commands = report.answered_before,
@@ -290,6 +324,7 @@ pub fn run(
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 uncommitted = true;
+                learn(&mut schemas, commands.as_mut(), m.payload())?;
                 let cmd = match decode_record(commands.as_ref(), m.key(), m.payload()) {
                     Ok(c) => c,
                     Err(e) => {

@@ -494,7 +494,7 @@ impl CodecArgs {
             _ => None,
         };
         Ok(SchemaSettings {
-            schema_id: self.schema_id,
+            schema_id: Some(self.schema_id),
             schema_ids,
             writer_schemas: self.writer_schemas.clone(),
             raw_writer_schema,

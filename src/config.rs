@@ -32,6 +32,166 @@ pub struct Config {
     pub admin: AdminConfig,
     pub logging: LoggingConfig,
     pub actuator: ActuatorConfig,
+    pub schema_registry: SchemaRegistryConfig,
+}
+
+/// A Confluent-compatible Schema Registry (Confluent, Apicurio's `/apis/ccompat/v7`, Karapace,
+/// Redpanda). With a `url`, the `avro-confluent` codec reads the writer schema of every id it
+/// has not seen from the registry (once per id), and segloop registers the schemas of the
+/// topics it writes under their TopicNameStrategy subjects (`<topic>-value`) at startup.
+/// Without one, ids come from `topics.<role>.schema_id` and `schema_ids`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemaRegistryConfig {
+    /// Base URL, e.g. `https://registry:8081` or `http://apicurio:8080/apis/ccompat/v7`.
+    pub url: Option<String>,
+    /// HTTP basic auth (Confluent Cloud: the API key and secret).
+    pub username: Option<String>,
+    /// The password, or `{ env = "VAR" }` / `{ file = "path" }`. Never printed.
+    pub password: Option<toml::Value>,
+    /// PEM file of the CA(s) that signed the registry's certificate (default: the system's).
+    pub ca_location: Option<PathBuf>,
+    /// PEM client certificate and its PKCS#8 key, for a registry that requires mutual TLS.
+    pub certificate_location: Option<PathBuf>,
+    pub key_location: Option<PathBuf>,
+    /// One request's time limit (connect, send, answer).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long records of an id the registry has not answered for may wait (their partition
+    /// paused, `/readyz` false) before `segloop run` stops with the cause.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// `password` with its reference read (filled by `Config::load`).
+    #[serde(skip)]
+    resolved_password: Option<Secret>,
+}
+
+impl Default for SchemaRegistryConfig {
+    fn default() -> Self {
+        SchemaRegistryConfig {
+            url: None,
+            username: None,
+            password: None,
+            ca_location: None,
+            certificate_location: None,
+            key_location: None,
+            timeout: Duration::from_secs(5),
+            max_wait: Duration::from_secs(60),
+            resolved_password: None,
+        }
+    }
+}
+
+impl fmt::Debug for SchemaRegistryConfig {
+    /// The password prints as `[redacted]`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SchemaRegistryConfig")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| REDACTED))
+            .field("ca_location", &self.ca_location)
+            .field("certificate_location", &self.certificate_location)
+            .field("key_location", &self.key_location)
+            .field("timeout", &self.timeout)
+            .field("max_wait", &self.max_wait)
+            .finish()
+    }
+}
+
+impl SchemaRegistryConfig {
+    /// The basic-auth password, its reference read.
+    pub fn password(&self) -> Option<&Secret> {
+        self.resolved_password.as_ref()
+    }
+
+    fn resolve(&mut self, base: &Path, env: &HashMap<String, String>) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        self.resolved_password = None;
+        if let Some(v) = &self.password {
+            match property_value("password", v, base, env) {
+                Ok(s) => self.resolved_password = Some(Secret(s)),
+                Err(message) => errors.push(FieldError {
+                    field: "schema_registry.password".into(),
+                    message,
+                }),
+            }
+        }
+        errors
+    }
+
+    fn validate(&self, err: &mut impl FnMut(&str, String)) {
+        let Some(url) = &self.url else {
+            for (field, set) in [
+                ("username", self.username.is_some()),
+                ("ca_location", self.ca_location.is_some()),
+                ("certificate_location", self.certificate_location.is_some()),
+            ] {
+                if set {
+                    err(
+                        &format!("schema_registry.{field}"),
+                        "is set but schema_registry.url is not; set the registry's URL".into(),
+                    );
+                }
+            }
+            return;
+        };
+        let https = url.starts_with("https://");
+        if !https && !url.starts_with("http://") {
+            err(
+                "schema_registry.url",
+                format!("{url:?} is not an http:// or https:// URL"),
+            );
+        }
+        if !https && (self.ca_location.is_some() || self.certificate_location.is_some()) {
+            err(
+                "schema_registry.url",
+                format!("{url} is not https:// but TLS files are set; use https://"),
+            );
+        }
+        if self.certificate_location.is_some() != self.key_location.is_some() {
+            err(
+                "schema_registry.key_location",
+                "certificate_location and key_location go together (mutual TLS)".into(),
+            );
+        }
+        if self.password.is_some() && self.username.is_none() {
+            err(
+                "schema_registry.username",
+                "a password is set without a username".into(),
+            );
+        }
+        for (field, path) in [
+            ("ca_location", &self.ca_location),
+            ("certificate_location", &self.certificate_location),
+            ("key_location", &self.key_location),
+        ] {
+            if let Some(p) = path {
+                if let Err(e) = std::fs::metadata(p) {
+                    err(
+                        &format!("schema_registry.{field}"),
+                        format!("cannot read {}: {e}", p.display()),
+                    );
+                }
+            }
+        }
+        if self.timeout < Duration::from_millis(100) {
+            err(
+                "schema_registry.timeout",
+                "must be at least 100ms, e.g. \"5s\"".into(),
+            );
+        }
+        if self.max_wait < self.timeout {
+            err(
+                "schema_registry.max_wait",
+                format!(
+                    "{} is shorter than schema_registry.timeout {}: not one request could be \
+                     waited for; raise it",
+                    humantime::format_duration(self.max_wait),
+                    humantime::format_duration(self.timeout)
+                ),
+            );
+        }
+    }
 }
 
 /// `segloop actuator`: the reference actuator's handlers.
@@ -312,10 +472,11 @@ impl TopicConfig {
         }
     }
 
-    /// The codec settings, with ids parsed (validated by [`Config::validate`]).
+    /// The codec settings without a registry, ids parsed (validated by [`Config::validate`]).
+    /// With one, see [`Config::schema_settings`].
     pub fn schema_settings(&self) -> SchemaSettings {
         SchemaSettings {
-            schema_id: self.schema_id,
+            schema_id: Some(self.schema_id),
             schema_ids: self
                 .schema_ids
                 .iter()
@@ -745,6 +906,27 @@ impl Config {
                     message: "empty key segment".into(),
                 });
             }
+            // A topic's table created by an override (`topics.telemetry.codec=...`) starts
+            // with the role's default name, which the table would otherwise lack.
+            if let [first, role, _, ..] = path.as_slice() {
+                let defaults = TopicsConfig::default();
+                let default_name = defaults.all().into_iter().find(|(r, _)| r == role);
+                if let (true, Some((_, topic))) = (first == "topics", default_name) {
+                    let name_path = [first.clone(), role.clone(), "name".to_string()];
+                    let has_name = table
+                        .get(first)
+                        .and_then(|t| t.get(role.as_str()))
+                        .and_then(|t| t.get("name"))
+                        .is_some();
+                    if !has_name {
+                        set_path(
+                            &mut table,
+                            &name_path,
+                            toml::Value::String(topic.name.clone()),
+                        );
+                    }
+                }
+            }
             // A literal that parses as TOML (`5`, `true`) is tried as such first, then as a
             // string, so `SEGLOOP__KAFKA__GROUP_ID=123` still sets a string field.
             let typed = parse_scalar(&value);
@@ -770,6 +952,7 @@ impl Config {
         config.resolve_paths(&base_dir);
         let mut errors = config.kafka.resolve(&base_dir, sources.env);
         errors.extend(config.admin.resolve(&base_dir, sources.env));
+        errors.extend(config.schema_registry.resolve(&base_dir, sources.env));
         if let Err(more) = config.validate() {
             errors.extend(more);
         }
@@ -779,6 +962,17 @@ impl Config {
         Ok(config)
     }
 
+    /// A topic's codec settings. With a Schema Registry no id is presumed to be the current
+    /// schema (`schema_id` is not used): the registry says what each id is, and the id segloop
+    /// writes with is the one it registers at startup. `schema_ids` still map ids to files.
+    pub fn schema_settings(&self, topic: &TopicConfig) -> SchemaSettings {
+        let mut s = topic.schema_settings();
+        if self.schema_registry.url.is_some() {
+            s.schema_id = None;
+        }
+        s
+    }
+
     fn resolve_paths(&mut self, base: &Path) {
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -786,6 +980,17 @@ impl Config {
             }
         };
         if let Some(p) = self.policies.as_mut() {
+            resolve(p);
+        }
+        let r = &mut self.schema_registry;
+        for p in [
+            &mut r.ca_location,
+            &mut r.certificate_location,
+            &mut r.key_location,
+        ]
+        .into_iter()
+        .flatten()
+        {
             resolve(p);
         }
         for topic in self.topics.all_mut() {
@@ -984,6 +1189,7 @@ impl Config {
         if self.delivery.commit_interval.is_zero() {
             err("delivery.commit_interval", "must be above 0".into());
         }
+        self.schema_registry.validate(&mut err);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -999,6 +1205,11 @@ impl Config {
         for (k, v) in shown.kafka.properties.iter_mut() {
             if is_secret_key(k) && !matches!(v, toml::Value::Table(_)) {
                 *v = toml::Value::String(REDACTED.into());
+            }
+        }
+        if let Some(p) = shown.schema_registry.password.as_mut() {
+            if !matches!(p, toml::Value::Table(_)) {
+                *p = toml::Value::String(REDACTED.into());
             }
         }
         toml::to_string_pretty(&shown).expect("config should serialize to TOML")

@@ -47,6 +47,9 @@
 //! - [`actuator`] — `segloop actuator`, the reference actuator (shell or webhook handlers,
 //!   idempotent on `command_id`); the demo's simulated actuator runs on it.
 //! - [`fleet`] — the synthetic fleet and scripted incidents (demo and the backtest sample).
+//! - [`registry`] — the Schema Registry client (Confluent REST API): writer schemas by id
+//!   for the `avro-confluent` codec (the engine's [`codec::SchemaSource`]), and registration
+//!   of the schemas segloop writes.
 //! - [`kafka`] — Kafka adapters shared by the drivers: client configs, topic checks and
 //!   creation, watermarks, the murmur2 partitioner.
 //! - [`metrics`] — the documented Prometheus names and the per-instance recorder.
@@ -80,6 +83,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod policytest;
 pub mod process;
+pub mod registry;
 pub mod runtime;
 pub mod schema;
 pub mod sketch;

@@ -52,6 +52,8 @@ pub const ESCALATIONS: &str = "segloop_escalations_total";
 pub const HELD_BACK: &str = "segloop_held_back_loops";
 pub const ACTUATOR_BREAKER: &str = "segloop_actuator_breaker_open";
 pub const BUILD_INFO: &str = "segloop_build_info";
+pub const SCHEMA_WAITING: &str = "segloop_schema_waiting_partitions";
+pub const REGISTRY_REQUESTS: &str = "segloop_schema_registry_requests_total";
 
 /// The reasons an escalation gives (`segloop_escalations_total{reason}`).
 pub const ESCALATION_REASONS: [&str; 7] = [
@@ -356,6 +358,16 @@ fn describe_all() {
         Unit::Count,
         "Exactly-once transactions, by result (committed, aborted)"
     );
+    describe_gauge!(
+        SCHEMA_WAITING,
+        Unit::Count,
+        "Telemetry partitions paused on a schema id the registry has not answered for"
+    );
+    describe_counter!(
+        REGISTRY_REQUESTS,
+        Unit::Count,
+        "Schema Registry lookups of writer schemas by id (each id is asked until answered)"
+    );
     // Zero-valued series so every documented name is exposed from the start.
     for name in [
         LATE_RECORDS,
@@ -375,6 +387,7 @@ fn describe_all() {
         WINDOWED_EVENTS,
         STATE_RECORDS,
         STATE_RESTORED,
+        REGISTRY_REQUESTS,
         // Listed before the first error (then by topic and code).
         CONSUME_ERRORS,
     ] {
@@ -389,6 +402,7 @@ fn describe_all() {
         LABEL_MAP_BYTES,
         HELD_BACK,
         ACTUATOR_BREAKER,
+        SCHEMA_WAITING,
     ] {
         metrics::gauge!(name).set(0.0);
     }

@@ -30,7 +30,7 @@ use dashmap::DashMap;
 use serde::Serialize;
 
 use crate::codec::fast::{Telemetry, TelemetryDecoder};
-use crate::codec::{DecodeError, ErrorCode};
+use crate::codec::{DecodeError, ErrorCode, SchemaSource};
 use crate::config::Config;
 use crate::controller::{Controller, Effects, OutcomeDisposition, SegmentState, StateChange};
 use crate::model::{DecisionRecord, RemediationOutcome};
@@ -312,6 +312,22 @@ pub struct Pipeline {
     /// See [`Pipeline::set_read_through`] and [`Pipeline::set_read_until`].
     read_through: Option<BTreeMap<i32, i64>>,
     read_until: i64,
+    /// Where writer schemas of Confluent ids the codec has not seen come from (a registry).
+    schemas: Option<Box<dyn SchemaSource>>,
+    /// Partitions waiting on the registry, from the first record of an unanswered id on.
+    waiting: BTreeMap<i32, SchemaWait>,
+}
+
+/// A partition stopped at a record whose schema id the registry has not answered for. That
+/// record and every later one of the partition are not read until the driver has the answer
+/// and reads the partition again from [`SchemaWait::offset`] (live: a seek); it holds the
+/// partition's commit floor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchemaWait {
+    pub offset: i64,
+    pub schema_id: u32,
+    /// Why there is no answer yet (the registry's last error, or "asking").
+    pub reason: String,
 }
 
 impl Pipeline {
@@ -319,7 +335,7 @@ impl Pipeline {
     /// The telemetry codec settings are invalid (the message names the topic).
     pub fn new(config: &Config, policies: PolicySet, options: Options) -> Result<Self, String> {
         let t = &config.topics.telemetry;
-        let decoder = TelemetryDecoder::new(t.codec, &t.schema_settings())
+        let decoder = TelemetryDecoder::new(t.codec, &config.schema_settings(t))
             .map_err(|e| format!("topics.telemetry: {e}"))?;
         let read = Arc::new(ReadModel::default());
         read.set_silences(policies.silences.iter());
@@ -356,7 +372,28 @@ impl Pipeline {
             dead_letters: DeadLetters::default(),
             read_through: None,
             read_until: i64::MAX,
+            schemas: None,
+            waiting: BTreeMap::new(),
         })
+    }
+
+    /// Asks `source` for the writer schema of every Confluent id the telemetry codec has not
+    /// seen (see [`SchemaLookup`]): found, it is learned and the record decoded; missing, the
+    /// record is dead-lettered as `unknown_schema_id`; no answer yet, the partition waits
+    /// ([`Pipeline::waiting`]).
+    pub fn set_schema_source(&mut self, source: Box<dyn SchemaSource>) {
+        self.schemas = Some(source);
+    }
+
+    /// Partitions waiting on the schema registry.
+    pub fn waiting(&self) -> &BTreeMap<i32, SchemaWait> {
+        &self.waiting
+    }
+
+    /// The driver will deliver `partition` again from its waiting record on: its records are
+    /// read again.
+    pub fn stop_waiting(&mut self, partition: i32) {
+        self.waiting.remove(&partition);
     }
 
     /// Per partition, the driver-clock time up to which everything written to it has been
@@ -421,6 +458,7 @@ impl Pipeline {
         self.closed_through.remove(&partition);
         self.replay_until.remove(&partition);
         self.dead_letters.revoke(partition);
+        self.waiting.remove(&partition);
         self.read.states.retain(|_, s| s.partition != partition);
     }
 
@@ -456,14 +494,14 @@ impl Pipeline {
 
     /// The commit floor of `partition`, the one rule every driver commits by: the lowest of
     /// the offset still feeding an open window and every dead-letter write not yet
-    /// acknowledged. (Records waiting on a schema registry will hold it too.)
+    /// acknowledged, and the record waiting on the schema registry.
     pub fn committable_offset(&self, partition: i32) -> Option<i64> {
-        let windows = self.engine.committable_offset(partition)?;
-        Some(
-            self.dead_letters
-                .floor(partition)
-                .map_or(windows, |d| d.min(windows)),
-        )
+        let floors = [
+            self.dead_letters.floor(partition),
+            self.waiting.get(&partition).map(|w| w.offset),
+        ];
+        let windows = self.engine.committable_offset(partition);
+        floors.into_iter().flatten().chain(windows).min()
     }
 
     /// Dead-letter writes will be acknowledged ([`Pipeline::dead_letter_acked`]): until then
@@ -527,14 +565,25 @@ impl Pipeline {
         if self.assigned.binary_search(&record.partition).is_err() {
             return None;
         }
-        self.stats.records_read += 1;
-        let event = match self.decoder.decode(record.key, record.value) {
-            Ok(e) => e,
-            Err(e) => {
-                self.reject(record, &e, sink);
+        if let Some(w) = self.waiting.get(&record.partition) {
+            if record.offset >= w.offset {
+                // Read again once the registry answers.
                 return None;
             }
+        }
+        let event = match self.decoder.decode(record.key, record.value) {
+            Ok(e) => e,
+            Err(e) => match self.learn_schema(record, e) {
+                Ok(Some(e)) => e,
+                Ok(None) => return None,
+                Err(e) => {
+                    self.stats.records_read += 1;
+                    self.reject(record, &e, sink);
+                    return None;
+                }
+            },
         };
+        self.stats.records_read += 1;
         let ts = event.ts_ms();
         if self.options.from_ms.is_some_and(|f| ts < f) {
             self.stats.records_before_range += 1;
@@ -596,6 +645,34 @@ impl Pipeline {
             Err(e) => self.reject(record, &e, sink),
         }
         self.judge(now_ms, sink);
+    }
+
+    /// A record the codec could not decode: when its schema id is one the codec has never
+    /// seen and a registry is set, asks the registry, learns the answer and decodes again.
+    /// `Ok(None)`: no answer yet, the partition waits from this record on.
+    fn learn_schema<'a>(
+        &mut self,
+        record: &Record<'a>,
+        error: DecodeError,
+    ) -> Result<Option<Telemetry<'a>>, DecodeError> {
+        let (Some(source), ErrorCode::UnknownSchemaId) = (self.schemas.as_mut(), error.code) else {
+            return Err(error);
+        };
+        match self.decoder.learn_schema(source.as_mut(), record.value) {
+            Ok(true) => self.decoder.decode(record.key, record.value).map(Some),
+            Ok(false) => Err(error),
+            Err((schema_id, reason)) => {
+                self.waiting.insert(
+                    record.partition,
+                    SchemaWait {
+                        offset: record.offset,
+                        schema_id,
+                        reason,
+                    },
+                );
+                Ok(None)
+            }
+        }
     }
 
     fn reject(&mut self, record: &Record<'_>, e: &DecodeError, sink: &mut dyn Sink) {

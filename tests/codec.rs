@@ -28,7 +28,7 @@ fn golden_settings(version: &str) -> SchemaSettings {
     schema_ids.insert(2, v1());
     schema_ids.insert(3, golden("schemas/telemetry.v3.avsc"));
     SchemaSettings {
-        schema_id: 1,
+        schema_id: Some(1),
         schema_ids,
         writer_schemas: vec![golden("schemas/telemetry.v3.avsc")],
         raw_writer_schema: match version {

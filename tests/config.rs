@@ -381,3 +381,88 @@ fn the_readme_policy_cookbook_parses() {
     std::fs::write(&path, blocks.concat()).unwrap();
     segloop::policy::PolicySet::load_for(&path, &cfg.windows).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// One field of a topic set from the environment or the command line keeps the role's
+/// default topic name (the table used to be created without it: "missing field `name`").
+#[test]
+fn one_topic_field_can_be_overridden_alone() {
+    let c = load(
+        None,
+        &[("SEGLOOP__TOPICS__TELEMETRY__CODEC", "avro-confluent")],
+        &["topics.outcomes.codec=avro-confluent"],
+    )
+    .unwrap();
+    let defaults = segloop::config::TopicsConfig::default();
+    assert_eq!(c.topics.telemetry.name, defaults.telemetry.name);
+    assert_eq!(c.topics.outcomes.name, defaults.outcomes.name);
+    assert_eq!(
+        c.topics.telemetry.codec,
+        segloop::codec::CodecKind::AvroConfluent
+    );
+}
+
+/// `[schema_registry]`: each wrong combination names the field and the fix; the password is
+/// read from its reference and never printed.
+#[test]
+fn schema_registry_settings_are_checked_and_the_password_never_printed() {
+    let err = |sets: &[&str]| match load(None, &[], sets) {
+        Err(ConfigError::Invalid(errors)) => errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        other => panic!("expected field errors, got {other:?}"),
+    };
+    assert!(err(&["schema_registry.url=registry:8081"]).contains("schema_registry.url"));
+    assert!(err(&["schema_registry.username=u"]).contains("schema_registry.url is not"));
+    let e = err(&[
+        "schema_registry.url=https://r:8081",
+        "schema_registry.certificate_location=/etc/hostname",
+    ]);
+    assert!(e.contains("schema_registry.key_location"), "{e}");
+    let e = err(&[
+        "schema_registry.url=http://r:8081",
+        "schema_registry.ca_location=/etc/hostname",
+    ]);
+    assert!(e.contains("not https://"), "{e}");
+    let e = err(&[
+        "schema_registry.url=http://r:8081",
+        "schema_registry.max_wait=1s",
+    ]);
+    assert!(e.contains("schema_registry.max_wait"), "{e}");
+    let e = err(&[
+        "schema_registry.url=http://r:8081",
+        "schema_registry.username=u",
+        "schema_registry.password.env=NOT_SET_ANYWHERE",
+    ]);
+    assert!(
+        e.contains("schema_registry.password") && e.contains("NOT_SET_ANYWHERE"),
+        "{e}"
+    );
+
+    let c = load(
+        None,
+        &[("REGISTRY_SECRET", "hunter2")],
+        &[
+            "schema_registry.url=http://r:8081",
+            "schema_registry.username=u",
+            "schema_registry.password.env=REGISTRY_SECRET",
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.schema_registry.password().unwrap().expose(), "hunter2");
+    let c = load(
+        None,
+        &[],
+        &[
+            "schema_registry.url=http://r:8081",
+            "schema_registry.username=u",
+            "schema_registry.password=hunter2",
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.schema_registry.password().unwrap().expose(), "hunter2");
+    for shown in [c.to_toml(), format!("{c:?}")] {
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+}

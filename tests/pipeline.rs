@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use segloop::codec::{build_codec, CodecKind, DecodeError};
+use segloop::codec::{build_codec, CodecKind, DecodeError, SchemaLookup, SchemaSource};
 use segloop::config::{Config, Sources};
 use segloop::controller::Effects;
 use segloop::model::{DecisionRecord, RemediationCommand, TelemetryEvent};
@@ -280,4 +280,209 @@ fn evicted_open_windows_are_counted_and_recorded() {
     );
     assert_eq!(d.aggregates.get("events"), Some(&2.0));
     assert_eq!(d.window_start_ms, Some(0));
+}
+
+/// A registry in a test: answers by id (an id it has no answer for waits), and notes every
+/// id it is asked for.
+struct FakeRegistry {
+    answers: std::sync::Arc<std::sync::Mutex<BTreeMap<u32, SchemaLookup>>>,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+}
+
+impl SchemaSource for FakeRegistry {
+    fn lookup(&mut self, id: u32) -> SchemaLookup {
+        self.asked.lock().unwrap().push(id);
+        self.answers
+            .lock()
+            .unwrap()
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| SchemaLookup::Waiting("connection refused".into()))
+    }
+}
+
+/// A Confluent-framed telemetry datum under `id`, written with the writer schema `schema`
+/// (`extra` fields beyond the current ones are given their values).
+fn confluent(
+    id: u32,
+    schema: &str,
+    segment: &str,
+    ts: i64,
+    extra: &[(&str, apache_avro::types::Value)],
+) -> Vec<u8> {
+    use apache_avro::types::Value;
+    let schema = apache_avro::Schema::parse_str(schema).unwrap();
+    let mut fields = vec![
+        ("segment".to_string(), Value::String(segment.into())),
+        ("ts_ms".to_string(), Value::TimestampMillis(ts)),
+        (
+            "measurements".to_string(),
+            Value::Map([("error".to_string(), Value::Double(0.0))].into()),
+        ),
+        ("labels".to_string(), Value::Map(Default::default())),
+        (
+            "event_id".to_string(),
+            Value::Union(0, Box::new(Value::Null)),
+        ),
+    ];
+    fields.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let mut out = vec![0u8];
+    out.extend_from_slice(&id.to_be_bytes());
+    apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+        .build()
+        .unwrap()
+        .write_value(&mut out, Value::Record(fields))
+        .unwrap();
+    out
+}
+
+/// With a Schema Registry, an id the codec has not seen is asked for once: a record waits
+/// (its partition stops there and holds the commit floor, nothing is rejected) until the
+/// registry answers; found, it decodes (the current schema, or a newer compatible one through
+/// resolution); missing or unresolvable, it is dead-lettered as `unknown_schema_id`. No id is
+/// presumed to be the current schema (the config's default `schema_id` 1 means nothing here).
+#[test]
+fn unknown_schema_ids_wait_for_the_registry_then_decode() {
+    let current = segloop::schema::SchemaKind::Telemetry.source();
+    let v3 = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/schemas/telemetry.v3.avsc"
+    ))
+    .unwrap();
+    let incompatible = current.replace(
+        r#"{"type": "long", "logicalType": "timestamp-millis"}"#,
+        r#""string""#,
+    );
+    assert_ne!(incompatible, current);
+    let cfg = config(&[
+        "topics.telemetry.codec=avro-confluent",
+        "schema_registry.url=http://127.0.0.1:9",
+    ]);
+    let answers = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut p = Pipeline::new(
+        &cfg,
+        PolicySet::parse("", "p.toml").unwrap(),
+        Options::live(),
+    )
+    .unwrap();
+    p.set_schema_source(Box::new(FakeRegistry {
+        answers: answers.clone(),
+        asked: asked.clone(),
+    }));
+    p.assign(0);
+    let mut sink = Collect::default();
+    let on = |p: &mut Pipeline, sink: &mut Collect, offset: i64, value: &[u8]| {
+        let r = Record {
+            partition: 0,
+            offset,
+            key: Some(b"a"),
+            value: Some(value),
+            timestamp_ms: None,
+            handle: 0,
+        };
+        p.on_record(&r, 1_000 + offset, sink);
+    };
+    // The default schema_id (1) is not taken for the current schema: it is asked for.
+    let one = confluent(1, current, "a", 1_000, &[]);
+    let v41 = confluent(41, current, "a", 1_001, &[]);
+    on(&mut p, &mut sink, 0, &one);
+    assert_eq!(p.waiting()[&0].schema_id, 1);
+    assert_eq!(p.waiting()[&0].offset, 0);
+    answers
+        .lock()
+        .unwrap()
+        .insert(1, SchemaLookup::Found(current.into()));
+    p.stop_waiting(0);
+    on(&mut p, &mut sink, 0, &one);
+    assert!(p.waiting().is_empty());
+
+    // Unanswered: the partition waits at offset 1, later records are not read, nothing is
+    // rejected, and the commit floor stays at the waiting record.
+    on(&mut p, &mut sink, 1, &v41);
+    on(&mut p, &mut sink, 2, &v41);
+    assert_eq!(p.waiting()[&0].offset, 1);
+    assert_eq!(p.waiting()[&0].reason, "connection refused");
+    assert_eq!(
+        p.committable_offset(0),
+        Some(0),
+        "the open window's first record"
+    );
+    assert!(sink.rejected.is_empty());
+    assert_eq!(p.stats().records_aggregated, 1);
+    assert_eq!(p.stats().records_read, 1, "waiting records are not read");
+
+    // Answered: read again from the waiting record, all decode; the id is never asked again.
+    answers
+        .lock()
+        .unwrap()
+        .insert(41, SchemaLookup::Found(current.into()));
+    p.stop_waiting(0);
+    for offset in 1..4 {
+        on(&mut p, &mut sink, offset, &v41);
+    }
+    assert_eq!(p.stats().records_aggregated, 4);
+    assert_eq!(*asked.lock().unwrap(), [1, 1, 41, 41]);
+
+    // A newer compatible version under its own id: resolved into the current schema.
+    answers
+        .lock()
+        .unwrap()
+        .insert(42, SchemaLookup::Found(v3.clone().into()));
+    let newer = confluent(
+        42,
+        &v3,
+        "a",
+        1_005,
+        &[
+            (
+                "host",
+                apache_avro::types::Value::Union(
+                    1,
+                    Box::new(apache_avro::types::Value::String("h1".into())),
+                ),
+            ),
+            ("sample_rate", apache_avro::types::Value::Double(0.5)),
+        ],
+    );
+    on(&mut p, &mut sink, 4, &newer);
+    on(&mut p, &mut sink, 5, &newer);
+    assert_eq!(p.stats().records_aggregated, 6);
+
+    // Missing, and a schema that does not resolve: dead-lettered, each id asked once.
+    answers.lock().unwrap().insert(
+        43,
+        SchemaLookup::Missing("schema id 43 is not in the registry".into()),
+    );
+    answers
+        .lock()
+        .unwrap()
+        .insert(44, SchemaLookup::Found(incompatible.clone().into()));
+    on(
+        &mut p,
+        &mut sink,
+        6,
+        &confluent(43, current, "a", 1_006, &[]),
+    );
+    on(
+        &mut p,
+        &mut sink,
+        7,
+        &confluent(43, current, "a", 1_007, &[]),
+    );
+    on(
+        &mut p,
+        &mut sink,
+        8,
+        &confluent(44, current, "a", 1_008, &[]),
+    );
+    on(
+        &mut p,
+        &mut sink,
+        9,
+        &confluent(44, current, "a", 1_009, &[]),
+    );
+    assert_eq!(sink.rejected, ["unknown_schema_id"; 4]);
+    assert!(p.waiting().is_empty());
+    assert_eq!(*asked.lock().unwrap(), [1, 1, 41, 41, 42, 43, 44]);
 }

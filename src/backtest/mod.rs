@@ -506,17 +506,36 @@ pub fn run(
         replay = replay.with_sink(move |cmd| s.send(cmd));
         sandbox = Some(shared);
     }
-    let decoder = {
+    let mut decoder = {
         let t = &config.topics.telemetry;
-        TelemetryDecoder::new(t.codec, &t.schema_settings()).map_err(anyhow::Error::msg)?
+        TelemetryDecoder::new(t.codec, &config.schema_settings(t)).map_err(anyhow::Error::msg)?
     };
+    // A registry error fails the replay: its report must not depend on the registry's health.
+    let resolver = crate::registry::blocking_resolver(config)?;
+    if let Some(r) = &resolver {
+        replay.pipeline.set_schema_source(Box::new(r.clone()));
+    }
+    let unanswered: Arc<std::sync::Mutex<Option<(u32, String)>>> = Arc::default();
+    let mut merge_source = resolver.clone();
+    let merge_unanswered = unanswered.clone();
     let started = std::time::Instant::now();
     let mut progress = opts.progress.then(|| progress::Progress::new(range.len()));
     let stats = source::read_merged(
         config,
         range,
         opts.fetch_max_bytes,
-        move |k, v| decoder.event_time(k, v),
+        move |k, v| match merge_source.as_mut() {
+            None => decoder.event_time(k, v),
+            Some(source) => decoder
+                .event_time_learning(source, k, v)
+                .unwrap_or_else(|e| {
+                    merge_unanswered
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .get_or_insert(e);
+                    None
+                }),
+        },
         |r| {
             replay.on_record(
                 r.partition,
@@ -533,6 +552,23 @@ pub fn run(
     )?;
     if let Some(p) = progress.as_mut() {
         p.finish();
+    }
+    let waiting = replay
+        .pipeline
+        .waiting()
+        .values()
+        .next()
+        .map(|w| (w.schema_id, w.reason.clone()));
+    let unanswered = unanswered
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some((id, reason)) = waiting.or(unanswered) {
+        anyhow::bail!(
+            "the schema registry did not answer for schema id {id}: {reason}. A backtest does \
+             not wait for the registry (its report must not depend on it): run it again when \
+             the registry answers"
+        );
     }
     let elapsed = started.elapsed();
     if let Some(s) = sandbox {
@@ -574,8 +610,16 @@ impl Sandbox {
             )
             .create()
             .context("cannot create the sandbox producer")?,
-            codec: build_codec::<RemediationCommand>(a.codec, &a.schema_settings())
-                .map_err(anyhow::Error::msg)?,
+            codec: build_codec::<RemediationCommand>(
+                a.codec,
+                &crate::registry::writer_settings(
+                    config,
+                    a,
+                    topic,
+                    crate::schema::SchemaKind::Command,
+                )?,
+            )
+            .map_err(anyhow::Error::msg)?,
             topic: topic.to_string(),
         })
     }
@@ -610,21 +654,63 @@ fn read_topic<T: crate::codec::Record>(
     fetch_max_bytes: Option<usize>,
     time: fn(&T) -> i64,
 ) -> anyhow::Result<Vec<T>> {
-    let codec =
-        build_codec::<T>(topic.codec, &topic.schema_settings()).map_err(anyhow::Error::msg)?;
+    let settings = config.schema_settings(topic);
+    let build = || build_codec::<T>(topic.codec, &settings).map_err(anyhow::Error::msg);
+    let (mut merge_codec, mut codec) = (build()?, build()?);
+    let resolver = crate::registry::blocking_resolver(config)?;
+    let (mut merge_source, mut source) = (resolver.clone(), resolver);
+    let unanswered: Arc<std::sync::Mutex<Option<(u32, String)>>> = Arc::default();
+    let merge_unanswered = unanswered.clone();
+    // Decodes a value, its schema learned from the registry first when it is new.
+    fn decode<T>(
+        codec: &mut Box<dyn crate::codec::Codec<T>>,
+        source: Option<&mut crate::registry::Resolver>,
+        value: Option<&[u8]>,
+        unanswered: &std::sync::Mutex<Option<(u32, String)>>,
+    ) -> Option<T> {
+        let value = value?;
+        if let Some(source) = source {
+            if let Err(e) = crate::codec::learn_schema(codec.as_mut(), source, value) {
+                unanswered
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_or_insert(e);
+                return None;
+            }
+        }
+        codec.decode(value).ok()
+    }
     let range = source::resolve_range(config, &topic.name, None, 0)?;
     let mut out = Vec::new();
     source::read_merged(
         config,
         &range,
         fetch_max_bytes,
-        |_, v| v.and_then(|v| codec.decode(v).ok()).map(|r| time(&r)),
+        move |_, v| {
+            decode(
+                &mut merge_codec,
+                merge_source.as_mut(),
+                v,
+                &merge_unanswered,
+            )
+            .map(|r| time(&r))
+        },
         |r| {
-            if let Some(record) = r.value.and_then(|v| codec.decode(v).ok()) {
+            if let Some(record) = decode(&mut codec, source.as_mut(), r.value, &unanswered) {
                 out.push(record);
             }
         },
     )?;
+    if let Some((id, reason)) = unanswered
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+    {
+        anyhow::bail!(
+            "{}: the schema registry did not answer for schema id {id}: {reason}",
+            topic.name
+        );
+    }
     Ok(out)
 }
 

@@ -267,8 +267,31 @@ impl Telemetry<'_> {
 /// current schema, the general codec for everything else.
 pub struct TelemetryDecoder {
     general: Box<dyn Codec<TelemetryEvent>>,
-    /// Header bytes that announce a current-schema datum (`None`: never take the fast path).
-    fast_prefix: Option<Vec<u8>>,
+    fast: FastPath,
+}
+
+/// Which records are current-schema datums, read by the fast path.
+enum FastPath {
+    Never,
+    /// Records starting with these header bytes.
+    Prefix(Vec<u8>),
+    /// Confluent records whose id names the current schema (configured, or learned from a
+    /// registry: a producer registers the same schema under ids of its own).
+    ConfluentIds(SmallVec<[u32; 4]>),
+}
+
+impl FastPath {
+    #[inline]
+    fn datum<'a>(&self, value: &'a [u8]) -> Option<&'a [u8]> {
+        match self {
+            FastPath::Never => None,
+            FastPath::Prefix(p) => value.strip_prefix(p.as_slice()),
+            FastPath::ConfluentIds(ids) => {
+                let id = super::confluent_schema_id(value)?;
+                ids.contains(&id).then(|| &value[5..])
+            }
+        }
+    }
 }
 
 impl TelemetryDecoder {
@@ -277,24 +300,66 @@ impl TelemetryDecoder {
     pub fn new(kind: CodecKind, settings: &SchemaSettings) -> Result<Self, String> {
         let general = super::build_codec::<TelemetryEvent>(kind, settings)?;
         let current = crate::schema::fingerprint(crate::schema::SchemaKind::Telemetry.schema());
-        let fast_prefix = match kind {
+        let fast = match kind {
             CodecKind::AvroSingleObject => {
                 let mut p = vec![0xC3, 0x01];
                 p.extend_from_slice(&current.to_le_bytes());
-                Some(p)
+                FastPath::Prefix(p)
             }
             CodecKind::AvroConfluent => {
-                let mut p = vec![0x00];
-                p.extend_from_slice(&settings.schema_id.to_be_bytes());
-                Some(p)
+                FastPath::ConfluentIds(settings.schema_id.into_iter().collect())
             }
-            CodecKind::AvroRaw if settings.raw_writer_schema.is_none() => Some(Vec::new()),
-            _ => None,
+            CodecKind::AvroRaw if settings.raw_writer_schema.is_none() => {
+                FastPath::Prefix(Vec::new())
+            }
+            _ => FastPath::Never,
         };
-        Ok(TelemetryDecoder {
-            general,
-            fast_prefix,
-        })
+        Ok(TelemetryDecoder { general, fast })
+    }
+
+    /// See [`super::learn_schema`]; an id of the current schema joins the fast path.
+    ///
+    /// # Errors
+    /// As `learn_schema`: no answer yet for the id.
+    pub fn learn_schema(
+        &mut self,
+        source: &mut dyn super::SchemaSource,
+        value: Option<&[u8]>,
+    ) -> Result<bool, (u32, String)> {
+        let Some(value) = value else {
+            return Ok(false);
+        };
+        let Some(id) = self.general.unseen_schema_id(value) else {
+            return Ok(false);
+        };
+        super::learn_schema(self.general.as_mut(), source, value)?;
+        if let (Some(fp), FastPath::ConfluentIds(ids)) =
+            (self.general.schema_of(id), &mut self.fast)
+        {
+            let current = crate::schema::fingerprint(crate::schema::SchemaKind::Telemetry.schema());
+            if fp == current && !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        Ok(true)
+    }
+
+    /// A record's event time like [`TelemetryDecoder::event_time`], learning its schema id
+    /// from `source` first when it is new. `Err`: no answer for the id yet.
+    ///
+    /// # Errors
+    /// As [`TelemetryDecoder::learn_schema`].
+    pub fn event_time_learning(
+        &mut self,
+        source: &mut dyn super::SchemaSource,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<Option<i64>, (u32, String)> {
+        if let Some(ts) = self.fast_event_time(value) {
+            return Ok(Some(ts));
+        }
+        self.learn_schema(source, value)?;
+        Ok(self.event_time(key, value))
     }
 
     /// A record's event time, read without decoding the rest (a merge key: a replay orders
@@ -308,7 +373,7 @@ impl TelemetryDecoder {
     /// other record (which this never decodes: it is for hints, cheap or nothing).
     #[inline]
     pub fn fast_event_time(&self, value: Option<&[u8]>) -> Option<i64> {
-        let datum = value?.strip_prefix(self.fast_prefix.as_deref()?)?;
+        let datum = self.fast.datum(value?)?;
         let mut c = Cursor { rest: datum };
         c.bytes().ok()?;
         c.long().ok()
@@ -326,9 +391,9 @@ impl TelemetryDecoder {
         let value = value.ok_or_else(|| {
             DecodeError::new(ErrorCode::Truncated, "record has no value (tombstone)")
         })?;
-        let record = match &self.fast_prefix {
-            Some(p) if value.starts_with(p) => Telemetry::View(read_telemetry(&value[p.len()..])?),
-            _ => Telemetry::Owned(self.general.decode(value)?),
+        let record = match self.fast.datum(value) {
+            Some(datum) => Telemetry::View(read_telemetry(datum)?),
+            None => Telemetry::Owned(self.general.decode(value)?),
         };
         match &record {
             Telemetry::View(v) => {

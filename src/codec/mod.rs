@@ -5,7 +5,7 @@
 //! | codec                | framing                                                   |
 //! |----------------------|-----------------------------------------------------------|
 //! | `avro-single-object` | `C3 01` + 8-byte little-endian CRC-64-AVRO fingerprint     |
-//! | `avro-confluent`     | `00` + 4-byte big-endian schema id (ids from config)        |
+//! | `avro-confluent`     | `00` + 4-byte big-endian schema id (from a registry or config) |
 //! | `avro-raw`           | the bare Avro datum, written with a configured schema       |
 //! | `json`               | one JSON object (telemetry only)                            |
 //!
@@ -237,6 +237,21 @@ pub trait Codec<T>: Send + Sync {
     fn encode(&self, value: &T, out: &mut Vec<u8>) -> Result<(), EncodeError>;
     /// Decodes one record's value. Does not check the key: see [`decode_record`].
     fn decode(&self, bytes: &[u8]) -> Result<T, DecodeError>;
+    /// The schema id framing `value` when this codec has never seen it (neither configured
+    /// nor learned): the id to ask a [`SchemaSource`] for. Only the Confluent codec has ids.
+    fn unseen_schema_id(&self, _value: &[u8]) -> Option<u32> {
+        None
+    }
+    /// Learns what `id` is: the writer schema's text from a registry, or why it cannot be
+    /// used (records framed with it then fail as `unknown_schema_id` with that reason).
+    /// Returns the schema's fingerprint when it was usable.
+    fn learn(&mut self, _id: u32, _schema: Result<&str, String>) -> Option<u64> {
+        None
+    }
+    /// The fingerprint of the writer schema an id names, when known and usable.
+    fn schema_of(&self, _id: u32) -> Option<u64> {
+        None
+    }
 }
 
 /// Decodes a Kafka record: the value through `codec`, then the value checks of
@@ -316,8 +331,10 @@ impl fmt::Display for CodecKind {
 /// Which schemas a topic's codec writes with and accepts. Paths are already resolved.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SchemaSettings {
-    /// Confluent wire format: the id segloop writes its current schema under.
-    pub schema_id: u32,
+    /// Confluent wire format: the id that names the current schema, which segloop writes
+    /// with. `None` with a Schema Registry until segloop has registered its schema: no id is
+    /// presumed to be the current schema, the registry says what each id is.
+    pub schema_id: Option<u32>,
     /// Confluent wire format: other writer schemas by registry id.
     pub schema_ids: HashMap<u32, PathBuf>,
     /// Extra writer schemas accepted by fingerprint (e.g. a newer producer's version).
@@ -345,9 +362,11 @@ pub fn build_codec<T: Record>(
         CodecKind::AvroConfluent => {
             let mut readers = AvroReaders::<T>::new()?;
             let mut ids = HashMap::new();
-            ids.insert(settings.schema_id, readers.current_fingerprint);
+            if let Some(id) = settings.schema_id {
+                ids.insert(id, Ok(readers.current_fingerprint));
+            }
             for (id, path) in &settings.schema_ids {
-                if *id == settings.schema_id {
+                if Some(*id) == settings.schema_id {
                     return Err(format!(
                         "schema id {id} is both the id segloop writes with (schema_id) and a \
                          writer schema in schema_ids; give {} another id",
@@ -355,7 +374,7 @@ pub fn build_codec<T: Record>(
                     ));
                 }
                 let fp = readers.add_writer(load_schema_file(path)?)?;
-                ids.insert(*id, fp);
+                ids.insert(*id, Ok(fp));
             }
             Box::new(ConfluentCodec {
                 readers,
@@ -429,6 +448,19 @@ impl<T: Record> AvroReaders<T> {
             self.resolving.insert(fp, reader);
         }
         Ok(fp)
+    }
+
+    /// Whether records written with `schema` can be read as the current schema (Avro schema
+    /// resolution: new fields need defaults, types must promote), checked once, up front.
+    fn check_resolves(&self, schema: &Schema) -> Result<(), String> {
+        apache_avro::schema_compatibility::SchemaCompatibility::can_read(schema, self.reader_schema)
+            .map(|_| ())
+            .map_err(|e| {
+                format!(
+                    "the writer schema does not resolve into the current {} schema: {e}",
+                    T::KIND.name()
+                )
+            })
     }
 
     fn knows(&self, fp: u64) -> bool {
@@ -597,8 +629,64 @@ impl<T: Record> Codec<T> for SingleObjectCodec<T> {
 /// Confluent wire format: `00`, the 4-byte big-endian schema id, the datum.
 pub struct ConfluentCodec<T> {
     readers: AvroReaders<T>,
-    write_id: u32,
-    ids: HashMap<u32, u64>,
+    write_id: Option<u32>,
+    /// Every id seen: its writer schema's fingerprint, or why it cannot be used (not in the
+    /// registry, not Avro, not resolvable into the current schema).
+    ids: HashMap<u32, Result<u64, String>>,
+}
+
+/// Most writer schemas a codec learns from a registry (each is parsed once and kept for the
+/// life of the process): far beyond the versions a topic sees, small enough to bound memory.
+pub const MAX_LEARNED_SCHEMAS: usize = 4096;
+
+/// The schema id of a Confluent-framed value (`00` + 4-byte big-endian id), if it has one.
+pub fn confluent_schema_id(value: &[u8]) -> Option<u32> {
+    match value {
+        [CONFLUENT_MAGIC, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
+/// Where writer schemas come from for Confluent ids a codec has not seen: a Schema Registry.
+/// The engine asks; a driver implements it (HTTP is not the engine's business).
+pub trait SchemaSource: Send {
+    /// The writer schema registered under `id`. Called once per id a codec has not seen.
+    fn lookup(&mut self, id: u32) -> SchemaLookup;
+}
+
+/// Learns the writer schema of `value`'s Confluent id from `source` when `codec` has never
+/// seen that id. Returns whether it learned one (found or missing: either way decoding again
+/// gives the final answer).
+///
+/// # Errors
+/// The source has no answer yet: the id and why. The record must wait.
+pub fn learn_schema<T>(
+    codec: &mut dyn Codec<T>,
+    source: &mut dyn SchemaSource,
+    value: &[u8],
+) -> Result<bool, (u32, String)> {
+    let Some(id) = codec.unseen_schema_id(value) else {
+        return Ok(false);
+    };
+    match source.lookup(id) {
+        SchemaLookup::Found(text) => codec.learn(id, Ok(&text)),
+        SchemaLookup::Missing(why) => codec.learn(id, Err(why)),
+        SchemaLookup::Waiting(reason) => return Err((id, reason)),
+    };
+    Ok(true)
+}
+
+/// What a [`SchemaSource`] knows of an id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SchemaLookup {
+    /// The schema's text (Avro JSON).
+    Found(std::sync::Arc<str>),
+    /// The registry answered: there is no such id (or it is not an Avro schema). Records
+    /// framed with it go to the DLQ as `unknown_schema_id`, with this reason.
+    Missing(String),
+    /// No answer yet (being fetched, or the registry is unreachable: the reason). Records
+    /// framed with it wait; nothing is decided for them.
+    Waiting(String),
 }
 
 impl<T: Record> Codec<T> for ConfluentCodec<T> {
@@ -607,9 +695,46 @@ impl<T: Record> Codec<T> for ConfluentCodec<T> {
     }
 
     fn encode(&self, value: &T, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        let Some(id) = self.write_id else {
+            return Err(EncodeError {
+                kind: T::KIND.name(),
+                message: "no schema id to write with: the schema is not registered".into(),
+            });
+        };
         out.push(CONFLUENT_MAGIC);
-        out.extend_from_slice(&self.write_id.to_be_bytes());
+        out.extend_from_slice(&id.to_be_bytes());
         self.readers.encode_datum(value, out)
+    }
+
+    fn unseen_schema_id(&self, value: &[u8]) -> Option<u32> {
+        confluent_schema_id(value).filter(|id| !self.ids.contains_key(id))
+    }
+
+    fn schema_of(&self, id: u32) -> Option<u64> {
+        self.ids.get(&id).and_then(|r| r.as_ref().ok()).copied()
+    }
+
+    fn learn(&mut self, id: u32, schema: Result<&str, String>) -> Option<u64> {
+        let learned = schema.and_then(|text| {
+            if self.readers.resolving.len() >= MAX_LEARNED_SCHEMAS {
+                return Err(format!(
+                    "more than {MAX_LEARNED_SCHEMAS} writer schemas learned; segloop keeps no more"
+                ));
+            }
+            let schema = Schema::parse_str(text)
+                .map_err(|e| format!("the registry's schema {id} is not valid Avro: {e}"))?;
+            let known = fingerprint(&schema);
+            if self.readers.knows(known) {
+                return Ok(known);
+            }
+            // Kept for the life of the process, like the built-in schemas (bounded above).
+            let schema: &'static Schema = Box::leak(Box::new(schema));
+            self.readers.check_resolves(schema)?;
+            self.readers.add_writer(schema)
+        });
+        let fp = learned.as_ref().ok().copied();
+        self.ids.insert(id, learned);
+        fp
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<T, DecodeError> {
@@ -638,16 +763,21 @@ impl<T: Record> Codec<T> for ConfluentCodec<T> {
             ));
         };
         let id = u32::from_be_bytes(header[1..5].try_into().expect("4 bytes"));
-        let Some(&fp) = self.ids.get(&id) else {
-            return Err(DecodeError::new(
+        match self.ids.get(&id) {
+            Some(Ok(fp)) => self.readers.decode_datum(*fp, &bytes[5..]),
+            Some(Err(why)) => Err(DecodeError::new(
+                ErrorCode::UnknownSchemaId,
+                format!("schema id {id} cannot be used: {why}"),
+            )),
+            None => Err(DecodeError::new(
                 ErrorCode::UnknownSchemaId,
                 format!(
-                    "schema id {id} is not configured for {} records; map it in schema_ids",
+                    "schema id {id} is not configured for {} records; map it in schema_ids \
+                     or set [schema_registry]",
                     T::KIND.name()
                 ),
-            ));
-        };
-        self.readers.decode_datum(fp, &bytes[5..])
+            )),
+        }
     }
 }
 

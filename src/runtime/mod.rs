@@ -15,6 +15,7 @@
 //! shared [`Core`] briefly and never across I/O.
 
 pub mod admin;
+mod schema_wait;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -82,6 +83,10 @@ pub struct Core {
     pub config: Config,
     out: Output,
     outcome_codec: Box<dyn Codec<RemediationOutcome>>,
+    /// With a registry: where the outcome codec learns schema ids, and the outcome
+    /// partitions waiting on it (see [`schema_wait`]).
+    outcome_schemas: Option<crate::registry::Resolver>,
+    outcome_waiting: BTreeMap<i32, crate::pipeline::SchemaWait>,
     /// Committable offsets per owned partition (computed after producing their effects).
     pub pending_offsets: BTreeMap<i32, i64>,
     /// Reads a partition of the state changelog on assign (read_committed).
@@ -111,6 +116,9 @@ pub struct Status {
     pub lag: BTreeMap<i32, i64>,
     /// Consume errors seen in the last [`ERROR_FRESH`] (`/readyz` is false meanwhile).
     pub consume_errors: Vec<String>,
+    /// Partitions waiting on the schema registry, each as a sentence (`/readyz` is false
+    /// meanwhile).
+    pub schema_waits: Vec<String>,
 }
 
 /// The engine loop's heartbeat, bumped every turn: `/healthz` reads it without any lock.
@@ -725,14 +733,32 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     pipeline.set_caught_up(Some(BTreeSet::new()));
     // Nor is any partition read through to its end: the idle advance waits for the lag.
     pipeline.set_read_through(Some(BTreeMap::new()));
+    // With a registry: ids learned in the background; the schemas segloop writes registered.
+    let registry = crate::registry::Registry::from_config(&config.schema_registry)
+        .map_err(anyhow::Error::msg)?
+        .map(Arc::new);
+    let resolver = registry.map(crate::registry::Resolver::background);
+    let max_wait = config.schema_registry.max_wait;
+    let mut schema_waits = resolver.as_ref().map(|r| {
+        pipeline.set_schema_source(Box::new(r.clone()));
+        schema_wait::SchemaWaits::new(r.clone(), &t.telemetry.name, max_wait)
+    });
+    let mut outcome_waits = resolver
+        .as_ref()
+        .map(|r| schema_wait::SchemaWaits::new(r.clone(), &t.outcomes.name, max_wait));
+    let writer = |topic: &crate::config::TopicConfig, kind| {
+        crate::registry::writer_settings(&config, topic, &topic.name, kind)
+    };
+    let command_settings = writer(&t.actions, crate::schema::SchemaKind::Command)?;
+    let decision_settings = writer(&t.decisions, crate::schema::SchemaKind::Decision)?;
     let read_model = pipeline.read_model();
     let core = Arc::new(Mutex::new(Core {
         pipeline,
         out: Output {
             producer: producer.clone(),
-            command_codec: build_codec(t.actions.codec, &t.actions.schema_settings())
+            command_codec: build_codec(t.actions.codec, &command_settings)
                 .map_err(|e| codec_err("actions", e))?,
-            decision_codec: build_codec(t.decisions.codec, &t.decisions.schema_settings())
+            decision_codec: build_codec(t.decisions.codec, &decision_settings)
                 .map_err(|e| codec_err("decisions", e))?,
             actions_topic: t.actions.name.clone(),
             decisions_topic: t.decisions.name.clone(),
@@ -752,8 +778,10 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             dlq_limit: dlq_limit(&config),
             dlq_attempts: HashMap::new(),
         },
-        outcome_codec: build_codec(t.outcomes.codec, &t.outcomes.schema_settings())
+        outcome_codec: build_codec(t.outcomes.codec, &config.schema_settings(&t.outcomes))
             .map_err(|e| codec_err("outcomes", e))?,
+        outcome_schemas: resolver.clone(),
+        outcome_waiting: BTreeMap::new(),
         pending_offsets: BTreeMap::new(),
         state_reader: state_reader(&config)?,
         recent_outcomes: std::collections::VecDeque::new(),
@@ -878,6 +906,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     let mut telemetry_errors = ConsumeErrors::new(&t.telemetry.name);
     let mut outcome_errors = ConsumeErrors::new(&t.outcomes.name);
     let mut control_errors = ConsumeErrors::new(&t.control.name);
+    // A reason to stop that still lets the shutdown commit what is safe (then `run` fails).
+    let mut stop_error: Option<anyhow::Error> = None;
     while !control.stopping() {
         turns += 1;
         let turn_start = Instant::now();
@@ -941,6 +971,14 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
         let now = clock.now_ms();
+        if let Some(w) = schema_waits.as_mut() {
+            for ev in &events {
+                match ev {
+                    GroupEvent::Assigned(parts) => w.rebalanced(&consumer, parts, true),
+                    GroupEvent::Revoked(parts) => w.rebalanced(&consumer, parts, false),
+                }
+            }
+        }
         {
             let mut core = core
                 .lock()
@@ -1006,6 +1044,15 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
                 .iter()
                 .filter_map(|e| e.fresh())
                 .collect();
+        }
+        if let Err(e) = sync_schema_waits(
+            &core,
+            &status,
+            (&consumer, schema_waits.as_mut()),
+            (&outcomes, outcome_waits.as_mut()),
+        ) {
+            stop_error = Some(e);
+            break;
         }
         if let Some(why) = [&telemetry_errors, &outcome_errors, &control_errors]
             .iter()
@@ -1121,7 +1168,62 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         .report();
     drop(batch);
     drop(consumer);
-    Ok(report)
+    match stop_error {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+/// Pauses the telemetry and outcome partitions waiting on the schema registry, and reads the
+/// answered ones again (see [`schema_wait`]); publishes the waits to `/readyz` and metrics.
+///
+/// # Errors
+/// A partition waited longer than `schema_registry.max_wait`.
+fn sync_schema_waits(
+    core: &Arc<Mutex<Core>>,
+    status: &Mutex<Status>,
+    (telemetry, telemetry_waits): (
+        &BaseConsumer<GroupContext>,
+        Option<&mut schema_wait::SchemaWaits>,
+    ),
+    (outcomes, outcome_waits): (
+        &BaseConsumer<kafka::Collapsing>,
+        Option<&mut schema_wait::SchemaWaits>,
+    ),
+) -> anyhow::Result<()> {
+    let (Some(tw), Some(ow)) = (telemetry_waits, outcome_waits) else {
+        return Ok(());
+    };
+    let lock = || {
+        core.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let (waiting, outcome_waiting) = {
+        let c = lock();
+        (c.pipeline.waiting().clone(), c.outcome_waiting.clone())
+    };
+    let result = tw.sync(telemetry, &waiting).and_then(|answered| {
+        let more = ow.sync(outcomes, &outcome_waiting)?;
+        if !answered.is_empty() || !more.is_empty() {
+            let mut c = lock();
+            for p in answered {
+                c.pipeline.stop_waiting(p);
+            }
+            for p in more {
+                c.outcome_waiting.remove(&p);
+            }
+        }
+        Ok(())
+    });
+    let mut described = tw.describe();
+    described.extend(ow.describe());
+    metrics::gauge!(crate::metrics::SCHEMA_WAITING).set((tw.len() + ow.len()) as f64);
+    metrics::counter!(crate::metrics::REGISTRY_REQUESTS).absolute(tw.requests());
+    status
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .schema_waits = described;
+    result
 }
 
 fn side_consumer(
@@ -1599,6 +1701,27 @@ impl Core {
     }
 
     fn on_outcome(&mut self, m: &BorrowedMessage<'_>, now: i64) {
+        if let Some(w) = self.outcome_waiting.get(&m.partition()) {
+            if m.offset() >= w.offset {
+                // Read again once the registry answers.
+                return;
+            }
+        }
+        if let (Some(source), Some(value)) = (self.outcome_schemas.as_mut(), m.payload()) {
+            if let Err((schema_id, reason)) =
+                crate::codec::learn_schema(self.outcome_codec.as_mut(), source, value)
+            {
+                self.outcome_waiting.insert(
+                    m.partition(),
+                    crate::pipeline::SchemaWait {
+                        offset: m.offset(),
+                        schema_id,
+                        reason,
+                    },
+                );
+                return;
+            }
+        }
         if let Some(end) = self.outcomes_backlog.get(&m.partition()) {
             if m.offset() + 1 >= *end {
                 self.outcomes_backlog.remove(&m.partition());
