@@ -872,6 +872,9 @@ pub fn check_config(args: &CheckConfigArgs, env: &HashMap<String, String>) -> Ex
                         eprintln!("warning: {w}");
                     }
                 }
+                for w in config.registry_warnings() {
+                    eprintln!("warning: {w}");
+                }
                 let default_cap = crate::config::WindowConfig::default().max_segments;
                 if config.windows.max_segments < default_cap {
                     eprintln!(

@@ -962,6 +962,38 @@ impl Config {
         Ok(config)
     }
 
+    /// Settings a Schema Registry makes unused or a registry that is set but unused: what
+    /// `check-config` and `segloop run` warn about (nothing is silently ignored).
+    pub fn registry_warnings(&self) -> Vec<String> {
+        let Some(url) = &self.schema_registry.url else {
+            return Vec::new();
+        };
+        let confluent: Vec<(&str, &TopicConfig)> = self
+            .topics
+            .all()
+            .into_iter()
+            .filter(|(_, t)| t.codec == CodecKind::AvroConfluent)
+            .collect();
+        if confluent.is_empty() {
+            return vec![format!(
+                "schema_registry.url is set ({url}) but no topic uses the avro-confluent codec: \
+                 the registry is not used"
+            )];
+        }
+        confluent
+            .into_iter()
+            .filter(|(_, t)| t.schema_id != default_schema_id())
+            .map(|(role, t)| {
+                format!(
+                    "topics.{role}.schema_id = {} is not used with a schema registry: ids come \
+                     from the registry (segloop writes with the id it registers under \
+                     {}-value)",
+                    t.schema_id, t.name
+                )
+            })
+            .collect()
+    }
+
     /// A topic's codec settings. With a Schema Registry no id is presumed to be the current
     /// schema (`schema_id` is not used): the registry says what each id is, and the id segloop
     /// writes with is the one it registers at startup. `schema_ids` still map ids to files.

@@ -290,6 +290,21 @@ fn uses_labels(policies: &PolicySet) -> bool {
     policies.policies.iter().any(|p| !p.labels.is_empty())
 }
 
+/// How far `partition` counts as read through: its read-through (all of them: `until`), never
+/// past the merge's `until`, nor past where it stood when a schema wait began (`frozen`).
+fn read_through_at(
+    through: &Option<BTreeMap<i32, i64>>,
+    until: i64,
+    frozen: &BTreeMap<i32, i64>,
+    partition: i32,
+) -> i64 {
+    let t = match through {
+        None => until,
+        Some(m) => m.get(&partition).copied().unwrap_or(i64::MIN).min(until),
+    };
+    frozen.get(&partition).map_or(t, |f| t.min(*f))
+}
+
 /// The engine (windows, policies, controller) behind one step for every driver.
 pub struct Pipeline {
     engine: Windows,
@@ -316,6 +331,10 @@ pub struct Pipeline {
     schemas: Option<Box<dyn SchemaSource>>,
     /// Partitions waiting on the registry, from the first record of an unanswered id on.
     waiting: BTreeMap<i32, SchemaWait>,
+    /// The read-through of each waiting partition when its wait began: the idle advance
+    /// goes no further while it waits (the consumer may have fetched past the waiting
+    /// record, so the lag says nothing of the records the wait holds back).
+    waiting_read_through: BTreeMap<i32, i64>,
 }
 
 /// A partition stopped at a record whose schema id the registry has not answered for. That
@@ -374,6 +393,7 @@ impl Pipeline {
             read_until: i64::MAX,
             schemas: None,
             waiting: BTreeMap::new(),
+            waiting_read_through: BTreeMap::new(),
         })
     }
 
@@ -394,6 +414,17 @@ impl Pipeline {
     /// read again.
     pub fn stop_waiting(&mut self, partition: i32) {
         self.waiting.remove(&partition);
+        self.waiting_read_through.remove(&partition);
+    }
+
+    /// How far `partition` counts as read through (see [`Pipeline::set_read_through`]).
+    fn read_through_of(&self, partition: i32) -> i64 {
+        read_through_at(
+            &self.read_through,
+            self.read_until,
+            &self.waiting_read_through,
+            partition,
+        )
     }
 
     /// Per partition, the driver-clock time up to which everything written to it has been
@@ -459,6 +490,7 @@ impl Pipeline {
         self.replay_until.remove(&partition);
         self.dead_letters.revoke(partition);
         self.waiting.remove(&partition);
+        self.waiting_read_through.remove(&partition);
         self.read.states.retain(|_, s| s.partition != partition);
     }
 
@@ -662,6 +694,8 @@ impl Pipeline {
             Ok(true) => self.decoder.decode(record.key, record.value).map(Some),
             Ok(false) => Err(error),
             Err((schema_id, reason)) => {
+                let frozen = self.read_through_of(record.partition);
+                self.waiting_read_through.insert(record.partition, frozen);
                 self.waiting.insert(
                     record.partition,
                     SchemaWait {
@@ -766,13 +800,14 @@ impl Pipeline {
     /// Moves the driver's clock to `now_ms`: quiet partitions close their windows, and (when
     /// `deadlines`) ack, verification and backoff deadlines fire.
     pub fn tick(&mut self, now_ms: i64, deadlines: bool, sink: &mut dyn Sink) {
-        let (through, until) = (&self.read_through, self.read_until);
+        let (through, until, frozen) = (
+            &self.read_through,
+            self.read_until,
+            &self.waiting_read_through,
+        );
         self.engine.advance_idle_read(
             now_ms,
-            &|p| match through {
-                None => until,
-                Some(m) => m.get(&p).copied().unwrap_or(i64::MIN).min(until),
-            },
+            &|p| read_through_at(through, until, frozen, p),
             &mut self.closed,
         );
         self.judge(now_ms, sink);

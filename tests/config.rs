@@ -466,3 +466,31 @@ fn schema_registry_settings_are_checked_and_the_password_never_printed() {
         assert!(!shown.contains("hunter2"), "{shown}");
     }
 }
+
+/// A registry makes `schema_id` unused, and a registry without an avro-confluent topic is
+/// unused itself: both are said, never silently ignored.
+#[test]
+fn unused_registry_settings_are_warned_about() {
+    let c = load(None, &[], &["schema_registry.url=http://r:8081"]).unwrap();
+    let w = c.registry_warnings();
+    assert!(
+        w.len() == 1 && w[0].contains("no topic uses the avro-confluent codec"),
+        "{w:?}"
+    );
+    let c = load(
+        None,
+        &[],
+        &[
+            "schema_registry.url=http://r:8081",
+            "topics.telemetry.codec=avro-confluent",
+            "topics.telemetry.schema_id=7",
+        ],
+    )
+    .unwrap();
+    let w = c.registry_warnings();
+    assert!(
+        w.len() == 1 && w[0].contains("topics.telemetry.schema_id = 7"),
+        "{w:?}"
+    );
+    assert!(load(None, &[], &[]).unwrap().registry_warnings().is_empty());
+}

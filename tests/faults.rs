@@ -315,22 +315,6 @@ fn rebalance_moves_an_in_flight_command_and_the_new_owner_closes_the_loop() {
     assert!(b.wait().unwrap().success());
 }
 
-/// `GET /metrics` of a process: the value of an unlabelled counter.
-fn metric(port: u16, name: &str) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 /// A broker of its own, restarted while telemetry flows: segloop (exactly-once) reconnects,
 /// and every record produced is counted once, in a judged window or in the DLQ.
 #[test]

@@ -371,6 +371,8 @@ fn unknown_schema_ids_wait_for_the_registry_then_decode() {
         asked: asked.clone(),
     }));
     p.assign(0);
+    // Live: the consumer was last seen at the partition's end at 1 s.
+    p.set_read_through(Some(BTreeMap::from([(0, 1_000)])));
     let mut sink = Collect::default();
     let on = |p: &mut Pipeline, sink: &mut Collect, offset: i64, value: &[u8]| {
         let r = Record {
@@ -411,6 +413,12 @@ fn unknown_schema_ids_wait_for_the_registry_then_decode() {
     assert!(sink.rejected.is_empty());
     assert_eq!(p.stats().records_aggregated, 1);
     assert_eq!(p.stats().records_read, 1, "waiting records are not read");
+
+    // While it waits, the consumer may be at the end of the partition (it fetched past the
+    // waiting record): the lag-based read-through says "read", the idle advance must not
+    // believe it, or the waiting records come back late.
+    p.set_read_through(Some(BTreeMap::from([(0, 60_000)])));
+    p.tick(60_000, true, &mut sink);
 
     // Answered: read again from the waiting record, all decode; the id is never asked again.
     answers

@@ -734,6 +734,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     // Nor is any partition read through to its end: the idle advance waits for the lag.
     pipeline.set_read_through(Some(BTreeMap::new()));
     // With a registry: ids learned in the background; the schemas segloop writes registered.
+    for w in config.registry_warnings() {
+        tracing::warn!("{w}");
+    }
     let registry = crate::registry::Registry::from_config(&config.schema_registry)
         .map_err(anyhow::Error::msg)?
         .map(Arc::new);

@@ -314,6 +314,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `GET /metrics` of a process: the value of an unlabelled counter.
+pub fn metric(port: u16, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// `GET /readyz` of a process: its assigned partitions.
 pub fn assigned_of(port: u16) -> Vec<i64> {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
