@@ -4,8 +4,6 @@
 #
 #   scripts/registry.sh start    fetch the bundle with Maven (once), unpack it, start, wait
 #   scripts/registry.sh status   print the URL; exit 1 when not running
-#   scripts/registry.sh pause    freeze the process (SIGSTOP): connections open, nothing answers
-#   scripts/registry.sh resume   thaw it (SIGCONT); its schemas are still there
 #   scripts/registry.sh stop     stop it and remove its state
 #
 # State lives in $SEGLOOP_REGISTRY_DIR (default: /tmp/segloop-registry): `url` holds the base URL
@@ -117,16 +115,10 @@ status() {
   fi
 }
 
-signal() {
-  running || fail "the registry is not running"
-  kill "-$1" "$(cat "$dir/registry.pid")"
-}
-
 stop() {
   if running; then
     local pid
     pid=$(cat "$dir/registry.pid")
-    kill -CONT "$pid" 2>/dev/null || true
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 40); do
       kill -0 "$pid" 2>/dev/null || break
@@ -143,8 +135,6 @@ stop() {
 case "${1:-}" in
   start) start ;;
   status) status ;;
-  pause) signal STOP && echo "registry paused" ;;
-  resume) signal CONT && echo "registry resumed" ;;
   stop) stop ;;
-  *) echo "usage: $0 start|status|pause|resume|stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start|status|stop" >&2; exit 2 ;;
 esac

@@ -96,15 +96,7 @@ impl Registry {
         let mut tls = ureq::tls::TlsConfig::builder().provider(ureq::tls::TlsProvider::NativeTls);
         tls = match &config.ca_location {
             Some(path) => {
-                let pem = read_pem(path, "schema_registry.ca_location")?;
-                let certs = ureq::tls::parse_pem(&pem)
-                    .filter_map(|item| match item {
-                        Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
-                        Ok(_) => None,
-                        Err(e) => Some(Err(e)),
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| format!("schema_registry.ca_location: {e}"))?;
+                let certs = read_certificates(path, "schema_registry.ca_location")?;
                 if certs.is_empty() {
                     return Err(format!(
                         "schema_registry.ca_location: {} holds no PEM certificate",
@@ -116,15 +108,7 @@ impl Registry {
             None => tls.root_certs(ureq::tls::RootCerts::PlatformVerifier),
         };
         if let (Some(cert), Some(key)) = (&config.certificate_location, &config.key_location) {
-            let pem = read_pem(cert, "schema_registry.certificate_location")?;
-            let chain = ureq::tls::parse_pem(&pem)
-                .filter_map(|item| match item {
-                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
-                    Ok(_) => None,
-                    Err(e) => Some(Err(e)),
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("schema_registry.certificate_location: {e}"))?;
+            let chain = read_certificates(cert, "schema_registry.certificate_location")?;
             let key_pem = read_pem(key, "schema_registry.key_location")?;
             let key = ureq::tls::PrivateKey::from_pem(&key_pem).map_err(|e| {
                 format!("schema_registry.key_location: {e} (a PKCS#8 PEM key is expected)")
@@ -315,6 +299,22 @@ fn read_pem(path: &std::path::Path, field: &str) -> Result<Vec<u8>, String> {
     crate::config::read_bounded(path, crate::config::MAX_SECRET_BYTES)
         .map(String::into_bytes)
         .map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))
+}
+
+/// The PEM certificates of a file (other PEM items are skipped).
+fn read_certificates(
+    path: &std::path::Path,
+    field: &str,
+) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
+    let pem = read_pem(path, field)?;
+    ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{field}: {e}"))
 }
 
 fn read_answer(mut answer: ureq::http::Response<ureq::Body>) -> Result<(u16, String), String> {

@@ -1,18 +1,15 @@
 """Produces telemetry with the Python Confluent client's AvroSerializer: an implementation of
 the Confluent framing and the Schema Registry protocol independent of segloop's.
 
-    avro_producer.py BOOTSTRAP REGISTRY_URL TOPIC SCHEMA_FILE COUNT SEGMENTS START_TS [GO_FILE]
+    avro_producer.py BOOTSTRAP REGISTRY_URL TOPIC SCHEMA_FILE COUNT SEGMENTS START_TS
 
 Registers SCHEMA_FILE under TOPIC-value (TopicNameStrategy), prints `id N` (the id the
 registry gave), then produces COUNT records over SEGMENTS segments (`py/s<i>`, key = segment,
-murmur2 partitioning like Java producers), event times from START_TS 10 ms apart. With GO_FILE
-it waits for that file to exist between registering and producing (the serializer keeps the id:
-producing needs no registry then). Fields of the schema beyond the current ones get values.
+murmur2 partitioning like Java producers), event times from START_TS 10 ms apart. Fields of the
+schema beyond the current ones get values.
 """
 import json
-import os
 import sys
-import time
 
 from confluent_kafka import Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -22,7 +19,6 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 def main():
     bootstrap, registry, topic, schema_file, count, segments, start = sys.argv[1:8]
-    go_file = sys.argv[8] if len(sys.argv) > 8 else None
     count, segments, start = int(count), int(segments), int(start)
     schema = open(schema_file).read()
     fields = {f["name"] for f in json.loads(schema)["fields"]}
@@ -47,9 +43,6 @@ def main():
     first = serializer(record(0), ctx)
     schema_id = int.from_bytes(first[1:5], "big")
     print(f"id {schema_id}", flush=True)
-    if go_file:
-        while not os.path.exists(go_file):
-            time.sleep(0.05)
     producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random",
                          "linger.ms": 5})
     for i in range(count):
