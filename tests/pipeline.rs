@@ -466,30 +466,10 @@ fn unknown_schema_ids_wait_for_the_registry_then_decode() {
         .lock()
         .unwrap()
         .insert(44, SchemaLookup::Found(incompatible.clone().into()));
-    on(
-        &mut p,
-        &mut sink,
-        6,
-        &confluent(43, current, "a", 1_006, &[]),
-    );
-    on(
-        &mut p,
-        &mut sink,
-        7,
-        &confluent(43, current, "a", 1_007, &[]),
-    );
-    on(
-        &mut p,
-        &mut sink,
-        8,
-        &confluent(44, current, "a", 1_008, &[]),
-    );
-    on(
-        &mut p,
-        &mut sink,
-        9,
-        &confluent(44, current, "a", 1_009, &[]),
-    );
+    for (offset, id) in [(6, 43), (7, 43), (8, 44), (9, 44)] {
+        let value = confluent(id, current, "a", 1_000 + offset, &[]);
+        on(&mut p, &mut sink, offset, &value);
+    }
     assert_eq!(sink.rejected, ["unknown_schema_id"; 4]);
     assert!(p.waiting().is_empty());
     assert_eq!(*asked.lock().unwrap(), [1, 1, 41, 41, 42, 43, 44]);

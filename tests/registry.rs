@@ -205,7 +205,20 @@ fn run_segloop(config: &Path, stderr: &Path) -> Proc {
 /// ahead (within `max_clock_skew`): the Python start-up on a loaded machine must not make
 /// its first records older than windows the idle advance already closed.
 fn produce_all(bs: &str, topic: &str, schema: &Path, count: usize, start_ms: i64) -> u32 {
+    produce_with_error(bs, topic, schema, count, start_ms, 0.0)
+}
+
+/// [`produce_all`] with every record's `error` measurement at `error`.
+fn produce_with_error(
+    bs: &str,
+    topic: &str,
+    schema: &Path,
+    count: usize,
+    start_ms: i64,
+    error: f64,
+) -> u32 {
     let out = Command::new("python3")
+        .env("AVRO_PRODUCER_ERROR", error.to_string())
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/python/avro_producer.py"
@@ -252,6 +265,54 @@ fn v4_schema(dir: &Path) -> PathBuf {
     let p = dir.join("telemetry.v4.avsc");
     std::fs::write(&p, v4).unwrap();
     p
+}
+
+/// What each test starts from: the broker, the registry (and a gate to it), a tag naming the
+/// test's topics, a `segloop run` config (see [`registry_config`]) and where its log goes.
+struct Setup {
+    bs: String,
+    url: String,
+    gate: Gate,
+    tag: String,
+    dir: tempfile::TempDir,
+    port: u16,
+    cfg: PathBuf,
+    log: PathBuf,
+    topic: String,
+}
+
+/// A [`Setup`] for the test `name`: segloop reaches the registry through the gate, waits at
+/// most `max_wait`, and registers its command schema when `actions_confluent`.
+fn setup(name: &str, max_wait: &str, actions_confluent: bool) -> Setup {
+    let bs = broker_bootstrap();
+    let url = registry_url();
+    let gate = Gate::new();
+    let tag = format!("sr-{name}-{}", std::process::id());
+    prepare(&url, &tag);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let extra = format!("max_wait = \"{max_wait}\"");
+    let cfg = registry_config(
+        dir.path(),
+        &bs,
+        &tag,
+        port,
+        (&gate.url, &extra),
+        actions_confluent,
+    );
+    let log = dir.path().join("run.log");
+    let topic = format!("rk.{tag}.telemetry");
+    Setup {
+        bs,
+        url,
+        gate,
+        tag,
+        dir,
+        port,
+        cfg,
+        log,
+        topic,
+    }
 }
 
 /// Waits until the process has judged windows holding `n` events (its metric).
@@ -312,26 +373,20 @@ fn now_ms() -> i64 {
 #[test]
 fn python_avro_serializer_records_decode_across_a_new_version_live_and_in_a_backtest() {
     let t0 = Instant::now();
-    let bs = broker_bootstrap();
-    let url = registry_url();
-    let gate = Gate::new();
-    let tag = format!("sr-interop-{}", std::process::id());
-    prepare(&url, &tag);
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cfg = registry_config(
-        dir.path(),
-        &bs,
-        &tag,
+    let Setup {
+        bs,
+        url,
+        gate,
+        tag,
+        dir,
         port,
-        (&gate.url, "max_wait = \"30s\""),
-        true,
-    );
-    let log = dir.path().join("run.log");
+        cfg,
+        log,
+        topic,
+    } = setup("interop", "30s", true);
     let mut run = run_segloop(&cfg, &log);
     wait_assigned(port, 2);
     phase(t0, "segloop assigned");
-    let topic = format!("rk.{tag}.telemetry");
 
     let v2 = produce_all(&bs, &topic, &current_schema(), 300, now_ms() - 3_000);
     wait_windowed(port, 300.0, "the first version", &log);
@@ -416,24 +471,18 @@ fn python_avro_serializer_records_decode_across_a_new_version_live_and_in_a_back
 #[test]
 fn a_registry_down_at_startup_is_waited_for() {
     let t0 = Instant::now();
-    let bs = broker_bootstrap();
-    let url = registry_url();
-    let gate = Gate::new();
-    let tag = format!("sr-startup-{}", std::process::id());
-    prepare(&url, &tag);
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cfg = registry_config(
-        dir.path(),
-        &bs,
-        &tag,
+    let Setup {
+        bs,
+        gate,
+        tag,
         port,
-        (&gate.url, "max_wait = \"40s\""),
-        false,
-    );
+        cfg,
+        log,
+        topic,
+        dir: _dir,
+        ..
+    } = setup("startup", "40s", false);
     // Records of two versions are on the topic before segloop starts (it creates the topic).
-    let topic = format!("rk.{tag}.telemetry");
-    let log = dir.path().join("run.log");
     let mut first = run_segloop(&cfg, &log);
     wait_assigned(port, 2);
     signal(&first, "-TERM");
@@ -488,25 +537,19 @@ fn a_registry_down_at_startup_is_waited_for() {
 #[test]
 fn a_registry_down_mid_run_is_waited_for_up_to_max_wait_then_stops_the_run() {
     let t0 = Instant::now();
-    let bs = broker_bootstrap();
-    let url = registry_url();
-    let gate = Gate::new();
-    let tag = format!("sr-midrun-{}", std::process::id());
-    prepare(&url, &tag);
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cfg = registry_config(
-        dir.path(),
-        &bs,
-        &tag,
+    let Setup {
+        bs,
+        gate,
+        tag,
+        dir,
         port,
-        (&gate.url, "max_wait = \"8s\""),
-        false,
-    );
-    let log = dir.path().join("run.log");
+        cfg,
+        log,
+        topic,
+        ..
+    } = setup("midrun", "8s", false);
     let mut run = run_segloop(&cfg, &log);
     wait_assigned(port, 2);
-    let topic = format!("rk.{tag}.telemetry");
     produce_all(&bs, &topic, &current_schema(), 200, now_ms() - 2_000);
     wait_windowed(port, 200.0, "the first version", &log);
     phase(t0, "first version windowed");
@@ -599,6 +642,68 @@ fn a_registry_down_mid_run_is_waited_for_up_to_max_wait_then_stops_the_run() {
     signal(&again, "-TERM");
     assert!(again.wait().unwrap().success());
     phase(t0, "read again");
+}
+
+/// Every topic on the registry: telemetry from the Python serializer, commands registered by
+/// `segloop run` and read by `segloop actuator`, outcomes registered by the actuator and read
+/// by `segloop run`: the loop closes (an APPLIED outcome is applied) with no id in any config.
+#[test]
+fn the_loop_closes_with_every_topic_on_the_registry() {
+    let Setup {
+        bs,
+        url,
+        tag,
+        port,
+        cfg,
+        log,
+        topic,
+        dir: _dir,
+        ..
+    } = setup("loop", "30s", true);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    let outcomes = format!("[topics.outcomes]\nname = \"rk.{tag}.outcomes\"\n");
+    assert!(text.contains(&outcomes));
+    text = text.replace(
+        &outcomes,
+        &format!("{outcomes}codec = \"avro-confluent\"\n"),
+    );
+    text.push_str("[actuator]\nname = \"registry-test\"\n[actuator.shell]\nrollback = \"true\"\npage = \"true\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let mut run = run_segloop(&cfg, &log);
+    wait_assigned(port, 2);
+    let actuator = Proc(
+        Command::new(env!("CARGO_BIN_EXE_segloop"))
+            .args(["actuator", "--config"])
+            .arg(&cfg)
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    produce_with_error(&bs, &topic, &current_schema(), 100, now_ms() - 1_000, 1.0);
+    let applied = "segloop_outcomes_total{status=\"APPLIED\"}";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(port, applied).unwrap_or(0.0) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no APPLIED outcome applied; the run's log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(dlq_records(&bs, &tag), 0, "nothing dead-lettered");
+    for subject in ["actions", "outcomes"] {
+        let (status, versions) = http(
+            "GET",
+            &format!("{url}/subjects/rk.{tag}.{subject}-value/versions"),
+            None,
+        );
+        assert_eq!((status, versions.as_str()), (200, "[1]"), "{subject}");
+    }
+    drop(actuator);
+    signal(&run, "-TERM");
+    assert!(run.wait().unwrap().success());
 }
 
 /// A subject whose compatibility rule refuses segloop's schema stops `segloop run` at

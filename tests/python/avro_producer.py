@@ -6,9 +6,11 @@ the Confluent framing and the Schema Registry protocol independent of segloop's.
 Registers SCHEMA_FILE under TOPIC-value (TopicNameStrategy), prints `id N` (the id the
 registry gave), then produces COUNT records over SEGMENTS segments (`py/s<i>`, key = segment,
 murmur2 partitioning like Java producers), event times from START_TS 10 ms apart. Fields of the
-schema beyond the current ones get values.
+schema beyond the current ones get values. The `error` measurement is $AVRO_PRODUCER_ERROR
+(default 0).
 """
 import json
+import os
 import sys
 
 from confluent_kafka import Producer
@@ -25,12 +27,13 @@ def main():
     client = SchemaRegistryClient({"url": registry})
     serializer = AvroSerializer(client, schema, conf={"auto.register.schemas": True})
     ctx = SerializationContext(topic, MessageField.VALUE)
+    error = float(os.environ.get("AVRO_PRODUCER_ERROR", "0"))
 
     def record(i):
         r = {
             "segment": f"py/s{i % segments}",
             "ts_ms": start + i * 10,
-            "measurements": {"error": 0.0, "latency_ms": 20.0 + i % 7},
+            "measurements": {"error": error, "latency_ms": 20.0 + i % 7},
             "labels": {"producer": "python"},
             "event_id": f"py-{i}",
         }
