@@ -46,7 +46,26 @@ enum Decode {
 }
 
 impl Decode {
-    fn value(&self, bytes: &[u8]) -> Value {
+    /// The value as JSON; with a registry, the writer schema of an id not seen is asked for
+    /// first (an unanswered id shows as undecodable, with the registry's reason).
+    fn value(&mut self, bytes: &[u8], schemas: Option<&mut crate::registry::Resolver>) -> Value {
+        if let Some(source) = schemas {
+            let learned = match self {
+                Decode::Telemetry(c) | Decode::DeadLetter(c) => {
+                    crate::codec::learn_schema(c.as_mut(), source, bytes)
+                }
+                Decode::Command(c) => crate::codec::learn_schema(c.as_mut(), source, bytes),
+                Decode::Outcome(c) => crate::codec::learn_schema(c.as_mut(), source, bytes),
+                Decode::Decision(c) => crate::codec::learn_schema(c.as_mut(), source, bytes),
+                Decode::Json => Ok(false),
+            };
+            if let Err((id, reason)) = learned {
+                return json!({
+                    "undecodable": format!("the schema registry did not answer for schema id {id}: {reason}"),
+                    "hex": hex(bytes),
+                });
+            }
+        }
         let decoded = match self {
             Decode::Telemetry(c) | Decode::DeadLetter(c) => {
                 c.decode(bytes).map(|r| json!(r)).map_err(|e| e.to_string())
@@ -88,7 +107,7 @@ fn resolve(config: &Config, topic: &str) -> anyhow::Result<(String, Decode)> {
             "--topic {topic}: give a role (telemetry, actions, outcomes, decisions, dlq, state, control) or the name of one of the configured topics"
         );
     };
-    let s = settings.schema_settings();
+    let s = config.schema_settings(settings);
     let avro = |k: CodecKind| {
         if k == CodecKind::Json {
             CodecKind::AvroSingleObject
@@ -112,7 +131,7 @@ fn resolve(config: &Config, topic: &str) -> anyhow::Result<(String, Decode)> {
         "dlq" => {
             let tel = &t.telemetry;
             Decode::DeadLetter(
-                build_codec(tel.codec, &tel.schema_settings()).map_err(anyhow::Error::msg)?,
+                build_codec(tel.codec, &config.schema_settings(tel)).map_err(anyhow::Error::msg)?,
             )
         }
         _ => Decode::Json,
@@ -186,7 +205,8 @@ pub fn read(
 /// # Errors
 /// The topic does not exist, the broker cannot be reached, or `out` cannot be written.
 pub fn tail(config: &Config, opts: &TailOptions, out: &mut dyn Write) -> anyhow::Result<u64> {
-    let (topic, decode) = resolve(config, &opts.topic)?;
+    let (topic, mut decode) = resolve(config, &opts.topic)?;
+    let mut schemas = crate::registry::blocking_resolver(config)?;
     let mut printed = 0u64;
     if opts.max == Some(0) {
         return Ok(0);
@@ -222,7 +242,9 @@ pub fn tail(config: &Config, opts: &TailOptions, out: &mut dyn Write) -> anyhow:
                 );
                 line["hex"] = json!(m.payload().map(hex));
             }
-            line["value"] = m.payload().map_or(Value::Null, |b| decode.value(b));
+            line["value"] = m
+                .payload()
+                .map_or(Value::Null, |b| decode.value(b, schemas.as_mut()));
             writeln!(out, "{line}")?;
             printed += 1;
             Ok(opts.max.is_none_or(|max| printed < max))

@@ -281,3 +281,88 @@ fn a_hostile_policy_edit_leaves_the_running_process_alone() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("policy reload refused"), "{log}");
 }
+
+/// What a registry answers is outside input too: any schema text (garbage, another type, a
+/// mutated telemetry schema) for any id, then any record under that id, never panics; a
+/// usable answer decodes a datum the same as the built-in schema does, an unusable one makes
+/// its records `unknown_schema_id` (never a wait, never a silent drop).
+#[test]
+fn any_registry_answer_is_learned_or_refused_without_panic() {
+    use proptest::prelude::*;
+    use segloop::codec::{SchemaLookup, SchemaSource};
+
+    struct One(Option<String>);
+    impl SchemaSource for One {
+        fn lookup(&mut self, _: u32) -> SchemaLookup {
+            match self.0.take() {
+                Some(text) => SchemaLookup::Found(text.into()),
+                None => SchemaLookup::Missing("asked twice".into()),
+            }
+        }
+    }
+    let current = segloop::schema::SchemaKind::Telemetry.source().to_string();
+    let schema = prop_oneof![
+        ".{0,200}",
+        Just(current.clone()),
+        Just(r#""string""#.to_string()),
+        Just(
+            r#"{"type":"record","name":"TelemetryEvent","namespace":"io.segloop","fields":[]}"#
+                .to_string()
+        ),
+        (0..current.len(), any::<char>()).prop_map({
+            let current = current.clone();
+            move |(at, c)| {
+                let mut s = current.clone();
+                let at = (0..=at).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+                s.insert(at, c);
+                s
+            }
+        }),
+    ];
+    let event = TelemetryEvent {
+        segment: "a/b".into(),
+        ts_ms: 1_700_000_000_000,
+        measurements: [("error".to_string(), 1.0)].into(),
+        labels: Default::default(),
+        event_id: None,
+    };
+    let mut datum = Vec::new();
+    let writer = build_codec::<TelemetryEvent>(
+        CodecKind::AvroConfluent,
+        &segloop::codec::SchemaSettings {
+            schema_id: Some(9),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    writer.encode(&event, &mut datum).unwrap();
+    let settings = segloop::codec::SchemaSettings::default();
+    proptest!(ProptestConfig::with_cases(256), |(text in schema, tail in proptest::collection::vec(any::<u8>(), 0..64), id in 1u32..1000)| {
+        let mut decoder = TelemetryDecoder::new(CodecKind::AvroConfluent, &settings).unwrap();
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&id.to_be_bytes());
+        framed.extend_from_slice(&datum[5..]);
+        let usable = text == current;
+        let mut source = One(Some(text));
+        prop_assert_eq!(decoder.learn_schema(&mut source, Some(&framed)), Ok(true));
+        let result = decoder.decode(Some(b"a/b"), Some(&framed));
+        if usable {
+            let record = result.unwrap();
+            prop_assert_eq!(record.segment(), "a/b");
+            prop_assert_eq!(record.ts_ms(), 1_700_000_000_000);
+        } else if let Err(e) = &result {
+            // A schema that is not usable answers as the id's own error.
+            prop_assert!(
+                [ErrorCode::UnknownSchemaId, ErrorCode::Malformed, ErrorCode::Truncated, ErrorCode::TrailingBytes, ErrorCode::SchemaMismatch, ErrorCode::InvalidValue, ErrorCode::KeyMismatch]
+                    .contains(&e.code),
+                "{e:?}"
+            );
+        }
+        // Garbage after the header under the same id: an error or a record, never a panic,
+        // and never asked again.
+        let mut garbage = framed[..5].to_vec();
+        garbage.extend_from_slice(&tail);
+        let _ = decoder.decode(Some(b"a/b"), Some(&garbage));
+        prop_assert_eq!(decoder.learn_schema(&mut source, Some(&garbage)), Ok(false));
+    });
+}

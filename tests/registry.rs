@@ -419,6 +419,29 @@ fn python_avro_serializer_records_decode_across_a_new_version_live_and_in_a_back
     signal(&run, "-TERM");
     assert!(run.wait().unwrap().success());
 
+    // `segloop tail` shows them decoded through the registry too.
+    let out = Command::new(env!("CARGO_BIN_EXE_segloop"))
+        .args(["tail", "--config"])
+        .arg(&cfg)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 600);
+    assert!(
+        lines.iter().all(|l| l["value"]["segment"].is_string()),
+        "{:?}",
+        lines.iter().find(|l| !l["value"]["segment"].is_string())
+    );
+
     // The same records replayed: decoded through the registry, nothing rejected.
     let backtest = |report: &Path| {
         Command::new(env!("CARGO_BIN_EXE_segloop"))
