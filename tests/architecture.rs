@@ -81,7 +81,8 @@ struct Graph {
     crates: BTreeMap<String, BTreeSet<&'static str>>,
 }
 
-fn graph(src: &Path) -> Graph {
+/// Every `.rs` file under `src`.
+fn rust_files(src: &Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
     let mut stack = vec![src.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -94,6 +95,11 @@ fn graph(src: &Path) -> Graph {
             }
         }
     }
+    files
+}
+
+fn graph(src: &Path) -> Graph {
+    let files = rust_files(src);
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut crates: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
     for f in &files {
@@ -225,4 +231,28 @@ fn the_checker_sees_imports_and_cycles() {
     };
     assert_eq!(g.path("x", "x").unwrap(), ["x", "y", "x"]);
     assert_eq!(g.path("x", "z"), None);
+}
+
+/// The library reads no process environment: settings come in through `Config` (whose loader
+/// is handed the environment) and the options of each call. Only the binary's entry point and
+/// the logging setup of the long-running subcommands (`process`: `RUST_LOG`, `NO_COLOR`) may.
+#[test]
+fn the_library_reads_no_process_environment() {
+    let files = rust_files(&src());
+    let allowed = ["main.rs", "process.rs"];
+    let offenders: Vec<String> = files
+        .iter()
+        .filter(|p| !allowed.iter().any(|a| p.ends_with(a)))
+        .filter(|p| {
+            let text = code(&std::fs::read_to_string(p).unwrap());
+            ["env::var(", "env::var_os(", "env::vars("]
+                .iter()
+                .any(|needle| text.contains(needle))
+        })
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "process environment read in {offenders:?}"
+    );
 }

@@ -1144,20 +1144,14 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         }
     }
 
-    // Graceful shutdown: stop polling, flush, commit what is safe.
+    // Graceful shutdown: stop polling, flush, commit what is safe. (The loop's time split is
+    // this log line's; the library reads no process environment.)
     tracing::info!(
         turns,
         poll_secs = poll_time.as_secs_f64(),
         work_secs = work_time.as_secs_f64(),
         "shutting down: flushing and committing"
     );
-    if std::env::var_os("SEGLOOP_LOOP_STATS").is_some() {
-        eprintln!(
-            "loop: turns={turns} poll_secs={:.3} work_secs={:.3}",
-            poll_time.as_secs_f64(),
-            work_time.as_secs_f64()
-        );
-    }
     let deadline = config.delivery.shutdown_timeout;
     core.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
