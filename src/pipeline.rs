@@ -290,6 +290,18 @@ fn uses_labels(policies: &PolicySet) -> bool {
     policies.policies.iter().any(|p| !p.labels.is_empty())
 }
 
+/// A record the windows refused, as the dead letter's error (the engine's reasons under their
+/// stable DLQ codes).
+fn rejected(r: crate::window::Rejection) -> DecodeError {
+    use crate::window::Rejected;
+    let code = match r.kind {
+        Rejected::Late => ErrorCode::Late,
+        Rejected::ClockSkew => ErrorCode::ClockSkew,
+        Rejected::NotAssigned => ErrorCode::NotAssigned,
+    };
+    DecodeError::new(code, r.message)
+}
+
 /// How far `partition` counts as read through: its read-through (all of them: `until`), never
 /// past the merge's `until`, nor past where it stood when a schema wait began (`frozen`).
 fn read_through_at(
@@ -674,7 +686,7 @@ impl Pipeline {
                 s.first_event_ms = Some(s.first_event_ms.map_or(ts, |f| f.min(ts)));
                 s.last_event_ms = Some(s.last_event_ms.map_or(ts, |l| l.max(ts)));
             }
-            Err(e) => self.reject(record, &e, sink),
+            Err(r) => self.reject(record, &rejected(r), sink),
         }
         self.judge(now_ms, sink);
     }

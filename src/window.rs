@@ -22,8 +22,9 @@
 //!   Closing happens inside the call that moves a clock, so what closes depends only on the
 //!   input sequence and the clock values passed in, never on how calls are batched.
 //! - An event is **late** when every window containing it has closed for its segment; it is
-//!   returned as [`ErrorCode::Late`] and counted. An event more than `max_clock_skew` ahead of
-//!   the controller clock is returned as [`ErrorCode::ClockSkew`] and moves nothing.
+//!   returned as a [`Rejection`] ([`Rejected::Late`]) and counted. An event more than
+//!   `max_clock_skew` ahead of the controller clock is returned as [`Rejected::ClockSkew`] and
+//!   moves nothing.
 //! - Every segment of a partition closes every window from its first event on, empty or not,
 //!   until it has been quiet for `segment_ttl` (then it is forgotten). Beyond `max_segments` the
 //!   longest-idle segments are evicted; the events in their open windows are counted and
@@ -50,7 +51,6 @@ use smallvec::SmallVec;
 
 use crate::sketch::{QuantileSketch, SketchParams};
 
-use crate::codec::{DecodeError, ErrorCode};
 use crate::config::WindowConfig;
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
@@ -936,7 +936,7 @@ impl WindowEngine {
         segment: &str,
         ts_ms: i64,
         now_ms: i64,
-    ) -> Result<(), DecodeError> {
+    ) -> Result<(), Rejection> {
         let Some(p) = self.partitions.get(partition) else {
             return Err(not_assigned(partition));
         };
@@ -1066,8 +1066,7 @@ impl WindowEngine {
     /// DLQs them. Non-finite values are skipped and counted; the event still counts.
     ///
     /// # Errors
-    /// [`ErrorCode::Late`], [`ErrorCode::ClockSkew`], or [`ErrorCode::InvalidValue`] for a
-    /// partition that was not assigned.
+    /// A [`Rejection`]: late, clock skew, or a partition that was not assigned.
     pub fn ingest<'a>(
         &mut self,
         at: Position,
@@ -1076,7 +1075,7 @@ impl WindowEngine {
         measurements: impl IntoIterator<Item = (&'a str, f64)>,
         now_ms: i64,
         closed: &mut Vec<WindowSummary>,
-    ) -> Result<(), DecodeError> {
+    ) -> Result<(), Rejection> {
         self.ingest_inner(at, segment, ts_ms, measurements, now_ms, closed)
     }
 
@@ -1089,7 +1088,7 @@ impl WindowEngine {
         measurements: impl IntoIterator<Item = (&'a str, f64)>,
         now_ms: i64,
         closed: &mut Vec<WindowSummary>,
-    ) -> Result<(), DecodeError> {
+    ) -> Result<(), Rejection> {
         let Position { partition, offset } = at;
         let spec = &self.spec;
         let Some(p) = self.partitions.get_mut(partition) else {
@@ -1110,10 +1109,10 @@ impl WindowEngine {
             pane_ms,
             now_ms,
         ) {
-            match e.code {
-                ErrorCode::ClockSkew => self.stats.clock_skew += 1,
-                ErrorCode::Late => self.stats.late += 1,
-                _ => {}
+            match e.kind {
+                Rejected::ClockSkew => self.stats.clock_skew += 1,
+                Rejected::Late => self.stats.late += 1,
+                Rejected::NotAssigned => {}
             }
             return Err(e);
         }
@@ -1415,11 +1414,36 @@ fn prefetch_read(ptr: *const u8) {
     let _ = ptr;
 }
 
-fn not_assigned(partition: i32) -> DecodeError {
-    DecodeError::new(
-        ErrorCode::InvalidValue,
-        format!("partition {partition} is not assigned to this instance"),
-    )
+/// Why the windows refuse an event: the engine's own reasons (the pipeline dead-letters the
+/// record under the matching code; the engine knows no codec).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub kind: Rejected,
+    pub message: String,
+}
+
+/// The kinds of [`Rejection`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// Every window the event belongs to has closed for its segment.
+    Late,
+    /// Further ahead of the controller clock than `max_clock_skew`.
+    ClockSkew,
+    /// Of a partition these windows do not hold (not assigned here, or revoked).
+    NotAssigned,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn not_assigned(partition: i32) -> Rejection {
+    Rejection {
+        kind: Rejected::NotAssigned,
+        message: format!("partition {partition} is not assigned to this instance"),
+    }
 }
 
 /// What closed the windows of the segment in `slot` (or of a new segment): the end of the
@@ -1473,31 +1497,31 @@ fn check_in(
     ts_ms: i64,
     pane_ms: i64,
     now_ms: i64,
-) -> Result<(), DecodeError> {
+) -> Result<(), Rejection> {
     if ts_ms > now_ms.saturating_add(spec.max_clock_skew_ms) {
-        return Err(DecodeError::new(
-            ErrorCode::ClockSkew,
-            format!(
+        return Err(Rejection {
+            kind: Rejected::ClockSkew,
+            message: format!(
                 "event time {ts_ms} is {} ms ahead of the controller clock {now_ms} (max skew {} ms)",
                 ts_ms - now_ms,
                 spec.max_clock_skew_ms
             ),
-        ));
+        });
     }
     let last_window_end = pane_ms + spec.size_ms;
     if last_window_end < partition_open || last_window_end <= own_reach {
         let open_from = partition_open.max(
             last_end(own_reach.saturating_add(spec.grace_ms), spec).saturating_add(spec.hop_ms),
         );
-        return Err(DecodeError::new(
-            ErrorCode::Late,
-            format!(
+        return Err(Rejection {
+            kind: Rejected::Late,
+            message: format!(
                 "event time {ts_ms} is late: its segment's {}windows closed up to {open_from} (partition watermark {}, grace {} ms)",
                 group.map_or(String::new(), |g| format!("`{g}` ")),
                 p.watermark_ms,
                 spec.grace_ms,
             ),
-        ));
+        });
     }
     Ok(())
 }
@@ -1816,7 +1840,7 @@ impl Windows {
         measurements: M,
         now_ms: i64,
         closed: &mut Vec<WindowSummary>,
-    ) -> Result<(), DecodeError>
+    ) -> Result<(), Rejection>
     where
         M: IntoIterator<Item = (&'a str, f64)> + Clone,
     {

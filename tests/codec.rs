@@ -336,7 +336,8 @@ fn error_codes_are_stable_strings() {
             "invalid_value",
             "key_mismatch",
             "late",
-            "clock_skew"
+            "clock_skew",
+            "not_assigned"
         ]
     );
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use segloop::codec::ErrorCode;
+use segloop::window::Rejected;
 use segloop::window::{Position, WindowEngine, WindowSpec, WindowSummary};
 
 fn spec(size_ms: i64, hop_ms: i64) -> WindowSpec {
@@ -40,11 +40,11 @@ impl Harness {
     }
 
     /// Ingest on partition 0 with the controller clock at the event time.
-    fn event(&mut self, seg: &str, ts: i64, latency: f64) -> Result<(), ErrorCode> {
+    fn event(&mut self, seg: &str, ts: i64, latency: f64) -> Result<(), Rejected> {
         self.event_at(seg, ts, latency, ts)
     }
 
-    fn event_at(&mut self, seg: &str, ts: i64, latency: f64, now: i64) -> Result<(), ErrorCode> {
+    fn event_at(&mut self, seg: &str, ts: i64, latency: f64, now: i64) -> Result<(), Rejected> {
         let offset = self.offset;
         self.offset += 1;
         self.engine
@@ -59,7 +59,7 @@ impl Harness {
                 now,
                 &mut self.closed,
             )
-            .map_err(|e| e.code)
+            .map_err(|e| e.kind)
     }
 
     fn take(&mut self) -> Vec<WindowSummary> {
@@ -104,7 +104,7 @@ fn grace_delays_closing_and_accepts_events_until_then() {
     h.event("a", 1_600, 1.0).unwrap(); // watermark 1500: closes [0,1000)
     let closed = h.take();
     assert_eq!(closed[0].count, 2);
-    assert_eq!(h.event("a", 999, 1.0), Err(ErrorCode::Late));
+    assert_eq!(h.event("a", 999, 1.0), Err(Rejected::Late));
 }
 
 #[test]
@@ -112,8 +112,8 @@ fn late_events_are_returned_and_counted() {
     let mut h = Harness::new(spec(1_000, 1_000));
     h.event("a", 100, 1.0).unwrap();
     h.event("a", 2_500, 1.0).unwrap();
-    assert_eq!(h.event("a", 500, 1.0), Err(ErrorCode::Late));
-    assert_eq!(h.event("b", 1_999, 1.0), Err(ErrorCode::Late));
+    assert_eq!(h.event("a", 500, 1.0), Err(Rejected::Late));
+    assert_eq!(h.event("b", 1_999, 1.0), Err(Rejected::Late));
     assert_eq!(h.engine.stats().late, 2);
     // A late event does not feed any window.
     assert!(h.take().iter().all(|w| w.count <= 1));
@@ -125,7 +125,7 @@ fn events_too_far_ahead_of_the_controller_clock_are_clock_skew() {
     h.event_at("a", 1_000, 1.0, 1_000).unwrap();
     assert_eq!(
         h.event_at("a", 1_000 + 60_001, 1.0, 1_000),
-        Err(ErrorCode::ClockSkew)
+        Err(Rejected::ClockSkew)
     );
     // The skewed event did not move the watermark: an on-time event is not late.
     h.event_at("a", 1_500, 1.0, 1_500).unwrap();
@@ -266,7 +266,7 @@ fn revoke_drops_exactly_that_partitions_segments() {
             &mut closed,
         )
         .unwrap_err();
-    assert_eq!(err.code, ErrorCode::InvalidValue);
+    assert_eq!(err.kind, Rejected::NotAssigned);
 }
 
 #[test]
@@ -284,7 +284,7 @@ fn committable_offset_is_the_lowest_offset_feeding_an_open_window() {
     // Offsets 0 and 2 fed the closed window; 1 is the lowest still open.
     assert_eq!(h.engine.committable_offset(0), Some(1));
     // Rejected records move the "nothing open" position but never the low mark.
-    assert_eq!(h.event("a", 10, 1.0), Err(ErrorCode::Late)); // offset 5
+    assert_eq!(h.event("a", 10, 1.0), Err(Rejected::Late)); // offset 5
     assert_eq!(h.engine.committable_offset(0), Some(1));
     let mut closed = Vec::new();
     h.engine.advance_idle(1_200 + 10_000, &mut closed);
@@ -585,7 +585,7 @@ fn window_groups_close_at_their_own_sizes_from_the_same_events() {
         12_000,
         &mut closed,
     );
-    assert_eq!(late.unwrap_err().code, ErrorCode::Late);
+    assert_eq!(late.unwrap_err().kind, Rejected::Late);
     assert_eq!(closed.len(), before);
 }
 
@@ -771,7 +771,7 @@ fn a_partition_with_unread_backlog_is_never_advanced_past_it() {
     h.engine.advance_idle(stalled_until, &mut closed);
     assert_eq!(
         h.event_at("a", 5_000, 1.0, stalled_until),
-        Err(ErrorCode::Late)
+        Err(Rejected::Late)
     );
 }
 

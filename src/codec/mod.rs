@@ -69,10 +69,13 @@ pub enum ErrorCode {
     Late,
     /// Further ahead of the controller clock than the allowed skew (window engine).
     ClockSkew,
+    /// Its partition is not held by this instance's windows (window engine: a rebalance raced
+    /// the record; the partition's owner reads it).
+    NotAssigned,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::Truncated,
         ErrorCode::BadMagic,
         ErrorCode::UnknownFingerprint,
@@ -84,6 +87,7 @@ impl ErrorCode {
         ErrorCode::KeyMismatch,
         ErrorCode::Late,
         ErrorCode::ClockSkew,
+        ErrorCode::NotAssigned,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -99,6 +103,7 @@ impl ErrorCode {
             ErrorCode::KeyMismatch => "key_mismatch",
             ErrorCode::Late => "late",
             ErrorCode::ClockSkew => "clock_skew",
+            ErrorCode::NotAssigned => "not_assigned",
         }
     }
 }
