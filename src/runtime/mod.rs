@@ -421,9 +421,34 @@ struct GroupContext {
     events: Mutex<Vec<GroupEvent>>,
     revoke_timeout: Duration,
     client_errors: Mutex<Vec<(rdkafka::error::KafkaError, String)>>,
+    /// Per telemetry partition, the high watermark of its last fetch response, from
+    /// librdkafka's statistics (`STATS_INTERVAL`): what the lag is measured against.
+    high_watermarks: Mutex<BTreeMap<i32, i64>>,
 }
 
+/// How often librdkafka reports statistics to the telemetry consumer (its high watermarks).
+/// The lag is measured every 2 s, so each measurement sees a report made after the last one.
+const STATS_INTERVAL: &str = "500";
+
 impl ClientContext for GroupContext {
+    /// Keeps the high watermark of every telemetry partition (the statistics are delivered on
+    /// the polling thread, like every callback of this consumer).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let mut known = self
+            .high_watermarks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for p in topic.partitions.values() {
+            // Partition -1 is librdkafka's internal "unassigned" queue; -1001 is "not known".
+            if p.partition >= 0 && p.hi_offset >= 0 {
+                known.insert(p.partition, p.hi_offset);
+            }
+        }
+    }
+
     /// Errors outside a poll (authentication, TLS) are kept for the loop, which reports them
     /// like consume errors; others are logged.
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
@@ -833,6 +858,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         producer: producer.clone(),
         events: Mutex::new(Vec::new()),
         client_errors: Mutex::new(Vec::new()),
+        high_watermarks: Mutex::new(BTreeMap::new()),
         revoke_timeout: Duration::from_millis(session_timeout / 2)
             .min(config.delivery.shutdown_timeout),
     };
@@ -848,6 +874,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             ("fetch.queue.backoff.ms", "5"),
         ],
     )
+    // The high watermarks the lag is measured against (GroupContext::stats): set over any
+    // `kafka.properties` value, which would leave the lag stale or unknown.
+    .set("statistics.interval.ms", STATS_INTERVAL)
     .create_with_context(group_ctx)
     .context("cannot create the telemetry consumer")?;
     consumer
@@ -1091,7 +1120,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         }
         if last_lag.elapsed() >= Duration::from_secs(2) {
             last_lag = Instant::now();
-            let lag = measure_lag(&consumer, &t.telemetry.name);
+            let lag = measure_lag(&consumer);
             // Caught up: within the readiness threshold in two measurements in a row (2 s
             // apart), so a backlog's tail, or records fetched but not yet delivered (no
             // position yet), are read before a verification is judged without its window.
@@ -1543,48 +1572,36 @@ fn txn_retry(
     }
 }
 
-fn measure_lag(consumer: &BaseConsumer<GroupContext>, topic: &str) -> BTreeMap<i32, i64> {
-    let mut lag = BTreeMap::new();
-    let positions = match consumer.position() {
-        Ok(p) => p
-            .elements()
-            .iter()
-            .map(|e| (e.partition(), e.offset()))
-            .collect::<Vec<_>>(),
-        Err(_) => return lag,
+/// Records behind the high watermark per assigned partition: the consumer's position against
+/// the high watermark of the partition's last fetch response, as librdkafka's statistics
+/// report it (a local read; asking the broker, 500 ms per partition at worst, stalled the loop
+/// for seconds whenever the embedded cluster was slow to answer).
+fn measure_lag(consumer: &BaseConsumer<GroupContext>) -> BTreeMap<i32, i64> {
+    let Ok(positions) = consumer.position() else {
+        return BTreeMap::new();
     };
-    let Ok(topic) = std::ffi::CString::new(topic) else {
-        return lag;
-    };
-    for (p, offset) in positions {
-        // The high watermark as of the partition's last fetch response, kept by librdkafka: a
-        // local read. (Asking the broker, 500 ms per partition at worst, stalled the loop for
-        // seconds whenever the embedded cluster was slow to answer.)
-        let (mut low, mut high) = (0i64, 0i64);
-        // SAFETY: the client handle lives as long as `consumer`; the topic is a valid C string
-        // and both out-pointers point at live locals.
-        let err = unsafe {
-            rdkafka::bindings::rd_kafka_get_watermark_offsets(
-                consumer.client().native_ptr(),
-                topic.as_ptr(),
-                p,
-                &mut low,
-                &mut high,
-            )
-        };
-        if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || high < 0 {
-            continue;
-        }
-        // No position yet: nothing was delivered since the assignment although the partition
-        // was fetched (its high watermark is known), so nothing is waiting: caught up. (Counting
-        // the position as 0 reported the whole topic as lag after a quiet restart.)
-        let lag_now = match offset {
-            Offset::Offset(o) => (high - o).max(0),
-            _ => 0,
-        };
-        lag.insert(p, lag_now);
-    }
-    lag
+    let high = consumer
+        .context()
+        .high_watermarks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    positions
+        .elements()
+        .iter()
+        .filter_map(|e| {
+            let high = *high.get(&e.partition())?;
+            // No position yet: nothing was delivered since the assignment although the
+            // partition was fetched (its high watermark is known), so nothing is waiting:
+            // caught up. (Counting the position as 0 reported the whole topic as lag after a
+            // quiet restart.)
+            let lag = match e.offset() {
+                Offset::Offset(o) => (high - o).max(0),
+                _ => 0,
+            };
+            Some((e.partition(), lag))
+        })
+        .collect()
 }
 
 fn publish(
