@@ -186,13 +186,21 @@ fn registry_config(
     path
 }
 
+/// `segloop <subcommand> --config F <args>` as a user runs it: the binary, from another
+/// directory.
+fn segloop(subcommand: &str, config: &Path, args: &[&std::ffi::OsStr]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_segloop"));
+    cmd.args([subcommand, "--config"])
+        .arg(config)
+        .args(args)
+        .current_dir(std::env::temp_dir());
+    cmd
+}
+
 /// `segloop run --config F` from another directory, its stderr kept in a file.
 fn run_segloop(config: &Path, stderr: &Path) -> Proc {
     Proc(
-        Command::new(env!("CARGO_BIN_EXE_segloop"))
-            .args(["run", "--config"])
-            .arg(config)
-            .current_dir(std::env::temp_dir())
+        segloop("run", config, &[])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(stderr).unwrap())
             .spawn()
@@ -420,12 +428,7 @@ fn python_avro_serializer_records_decode_across_a_new_version_live_and_in_a_back
     assert!(run.wait().unwrap().success());
 
     // `segloop tail` shows them decoded through the registry too.
-    let out = Command::new(env!("CARGO_BIN_EXE_segloop"))
-        .args(["tail", "--config"])
-        .arg(&cfg)
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
+    let out = segloop("tail", &cfg, &[]).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -444,12 +447,7 @@ fn python_avro_serializer_records_decode_across_a_new_version_live_and_in_a_back
 
     // The same records replayed: decoded through the registry, nothing rejected.
     let backtest = |report: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_segloop"))
-            .args(["backtest", "--config"])
-            .arg(&cfg)
-            .arg("--report")
-            .arg(report)
-            .current_dir(std::env::temp_dir())
+        segloop("backtest", &cfg, &["--report".as_ref(), report.as_os_str()])
             .output()
             .unwrap()
     };
@@ -695,10 +693,7 @@ fn the_loop_closes_with_every_topic_on_the_registry() {
     let mut run = run_segloop(&cfg, &log);
     wait_assigned(port, 2);
     let actuator = Proc(
-        Command::new(env!("CARGO_BIN_EXE_segloop"))
-            .args(["actuator", "--config"])
-            .arg(&cfg)
-            .current_dir(std::env::temp_dir())
+        segloop("actuator", &cfg, &[])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -754,12 +749,7 @@ fn an_incompatible_registered_schema_is_refused_at_startup() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let cfg = registry_config(dir.path(), &bs, &tag, port, (&url, ""), true);
-    let out = Command::new(env!("CARGO_BIN_EXE_segloop"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
+    let out = segloop("run", &cfg, &[]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
