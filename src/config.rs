@@ -439,6 +439,8 @@ impl KafkaConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicConfig {
+    /// Default: the role's (`segloop.telemetry`, ...), so a table may set only its codec.
+    #[serde(default = "unset_topic_name")]
     pub name: String,
     #[serde(default)]
     pub codec: CodecKind,
@@ -458,6 +460,13 @@ pub struct TopicConfig {
 
 fn default_schema_id() -> u32 {
     1
+}
+
+/// A topic table without `name`: replaced by the role's default name when the config loads.
+const UNSET_TOPIC_NAME: &str = "\u{0}unset";
+
+fn unset_topic_name() -> String {
+    UNSET_TOPIC_NAME.to_string()
 }
 
 impl TopicConfig {
@@ -906,27 +915,6 @@ impl Config {
                     message: "empty key segment".into(),
                 });
             }
-            // A topic's table created by an override (`topics.telemetry.codec=...`) starts
-            // with the role's default name, which the table would otherwise lack.
-            if let [first, role, _, ..] = path.as_slice() {
-                let defaults = TopicsConfig::default();
-                let default_name = defaults.all().into_iter().find(|(r, _)| r == role);
-                if let (true, Some((_, topic))) = (first == "topics", default_name) {
-                    let name_path = [first.clone(), role.clone(), "name".to_string()];
-                    let has_name = table
-                        .get(first)
-                        .and_then(|t| t.get(role.as_str()))
-                        .and_then(|t| t.get("name"))
-                        .is_some();
-                    if !has_name {
-                        set_path(
-                            &mut table,
-                            &name_path,
-                            toml::Value::String(topic.name.clone()),
-                        );
-                    }
-                }
-            }
             // A literal that parses as TOML (`5`, `true`) is tried as such first, then as a
             // string, so `SEGLOOP__KAFKA__GROUP_ID=123` still sets a string field.
             let typed = parse_scalar(&value);
@@ -949,6 +937,12 @@ impl Config {
             })?;
         }
 
+        let defaults = TopicsConfig::default();
+        for (topic, (_, default)) in config.topics.all_mut().into_iter().zip(defaults.all()) {
+            if topic.name == UNSET_TOPIC_NAME {
+                topic.name = default.name.clone();
+            }
+        }
         config.resolve_paths(&base_dir);
         let mut errors = config.kafka.resolve(&base_dir, sources.env);
         errors.extend(config.admin.resolve(&base_dir, sources.env));

@@ -382,10 +382,23 @@ fn the_readme_policy_cookbook_parses() {
     segloop::policy::PolicySet::load_for(&path, &cfg.windows).unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// One field of a topic set from the environment or the command line keeps the role's
-/// default topic name (the table used to be created without it: "missing field `name`").
+/// One field of a topic set in a file, the environment or the command line keeps the role's
+/// default topic name (a table without `name` used to fail: "missing field `name`").
 #[test]
 fn one_topic_field_can_be_overridden_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "[topics.telemetry]\ncodec = \"avro-confluent\"\n");
+    let c = load(Some(&path), &[], &[]).unwrap();
+    assert_eq!(c.topics.telemetry.name, "segloop.telemetry");
+    assert_eq!(
+        c.topics.telemetry.codec,
+        segloop::codec::CodecKind::AvroConfluent
+    );
+    let path = write(&dir, "[topics.telemetry]\nname = \"\"\n");
+    assert!(
+        load(Some(&path), &[], &[]).is_err(),
+        "an empty name is still refused"
+    );
     let c = load(
         None,
         &[("SEGLOOP__TOPICS__TELEMETRY__CODEC", "avro-confluent")],
