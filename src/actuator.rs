@@ -237,8 +237,12 @@ pub fn run(
     let mut commands =
         build_codec::<RemediationCommand>(t.actions.codec, &config.schema_settings(&t.actions))
             .map_err(anyhow::Error::msg)?;
+    let registry = crate::registry::Registry::from_config(&config.schema_registry)
+        .map_err(anyhow::Error::msg)?
+        .map(Arc::new);
     let outcome_settings = crate::registry::writer_settings(
         config,
+        registry.as_deref(),
         &t.outcomes,
         &t.outcomes.name,
         crate::schema::SchemaKind::Outcome,
@@ -248,9 +252,8 @@ pub fn run(
     // With a registry, the writer schema of an id not seen is asked for; a registry that
     // does not answer within schema_registry.max_wait stops the actuator (a command is never
     // skipped for it).
-    let mut schemas = crate::registry::Registry::from_config(&config.schema_registry)
-        .map_err(anyhow::Error::msg)?
-        .map(|r| crate::registry::Resolver::patient(Arc::new(r), config.schema_registry.max_wait));
+    let mut schemas =
+        registry.map(|r| crate::registry::Resolver::patient(r, config.schema_registry.max_wait));
     fn learn<T>(
         schemas: &mut Option<crate::registry::Resolver>,
         codec: &mut dyn crate::codec::Codec<T>,

@@ -524,23 +524,21 @@ impl SchemaSource for Resolver {
 /// The codec settings of `topic` for writing under the topic name `name`: with a registry and
 /// the `avro-confluent` codec, segloop's current `kind` schema registered (or found) under the
 /// subject `<name>-value` (TopicNameStrategy) and written with the id the registry gives.
-/// Without a registry, or with another codec, the configured settings.
+/// Without a registry, or with another codec, the configured settings. `registry` is the
+/// config's client ([`Registry::from_config`]), built once by the caller.
 ///
 /// # Errors
 /// The registry refuses the schema (its compatibility rule, naming the subject), or does not
 /// answer within `schema_registry.max_wait`.
 pub fn writer_settings(
     config: &crate::config::Config,
+    registry: Option<&Registry>,
     topic: &crate::config::TopicConfig,
     name: &str,
     kind: crate::schema::SchemaKind,
 ) -> anyhow::Result<crate::codec::SchemaSettings> {
     let mut settings = config.schema_settings(topic);
-    if topic.codec != crate::codec::CodecKind::AvroConfluent {
-        return Ok(settings);
-    }
-    let Some(registry) =
-        Registry::from_config(&config.schema_registry).map_err(anyhow::Error::msg)?
+    let Some(registry) = registry.filter(|_| topic.codec == crate::codec::CodecKind::AvroConfluent)
     else {
         return Ok(settings);
     };

@@ -57,7 +57,7 @@ impl Decode {
                 Decode::Command(c) => crate::codec::learn_schema(c.as_mut(), source, bytes),
                 Decode::Outcome(c) => crate::codec::learn_schema(c.as_mut(), source, bytes),
                 Decode::Decision(c) => crate::codec::learn_schema(c.as_mut(), source, bytes),
-                Decode::Json => Ok(false),
+                Decode::Json => Ok(None),
             };
             if let Err((id, reason)) = learned {
                 return json!({

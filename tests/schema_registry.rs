@@ -187,11 +187,18 @@ fn registration_gives_the_id_and_a_compatibility_refusal_names_the_subject() {
             "topics.decisions.name=t.decisions",
         ],
     );
-    let s = segloop::registry::writer_settings(&cfg, &cfg.topics.actions, "t.actions", command)
-        .unwrap();
+    let s = segloop::registry::writer_settings(
+        &cfg,
+        Some(&client),
+        &cfg.topics.actions,
+        "t.actions",
+        command,
+    )
+    .unwrap();
     assert_eq!(s.schema_id, Some(17));
     let s = segloop::registry::writer_settings(
         &cfg,
+        Some(&client),
         &cfg.topics.decisions,
         "t.decisions",
         segloop::schema::SchemaKind::Decision,

@@ -614,6 +614,9 @@ impl Sandbox {
                 a.codec,
                 &crate::registry::writer_settings(
                     config,
+                    crate::registry::Registry::from_config(&config.schema_registry)
+                        .map_err(anyhow::Error::msg)?
+                        .as_ref(),
                     a,
                     topic,
                     crate::schema::SchemaKind::Command,

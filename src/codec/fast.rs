@@ -329,10 +329,9 @@ impl TelemetryDecoder {
         let Some(value) = value else {
             return Ok(false);
         };
-        let Some(id) = self.general.unseen_schema_id(value) else {
+        let Some(id) = super::learn_schema(self.general.as_mut(), source, value)? else {
             return Ok(false);
         };
-        super::learn_schema(self.general.as_mut(), source, value)?;
         if let (Some(fp), FastPath::ConfluentIds(ids)) =
             (self.general.schema_of(id), &mut self.fast)
         {

@@ -660,8 +660,8 @@ pub trait SchemaSource: Send {
 }
 
 /// Learns the writer schema of `value`'s Confluent id from `source` when `codec` has never
-/// seen that id. Returns whether it learned one (found or missing: either way decoding again
-/// gives the final answer).
+/// seen that id. Returns the id it learned, if any (found or missing: either way decoding
+/// again gives the final answer).
 ///
 /// # Errors
 /// The source has no answer yet: the id and why. The record must wait.
@@ -669,16 +669,16 @@ pub fn learn_schema<T>(
     codec: &mut dyn Codec<T>,
     source: &mut dyn SchemaSource,
     value: &[u8],
-) -> Result<bool, (u32, String)> {
+) -> Result<Option<u32>, (u32, String)> {
     let Some(id) = codec.unseen_schema_id(value) else {
-        return Ok(false);
+        return Ok(None);
     };
     match source.lookup(id) {
         SchemaLookup::Found(text) => codec.learn(id, Ok(&text)),
         SchemaLookup::Missing(why) => codec.learn(id, Err(why)),
         SchemaLookup::Waiting(reason) => return Err((id, reason)),
     };
-    Ok(true)
+    Ok(Some(id))
 }
 
 /// What a [`SchemaSource`] knows of an id.

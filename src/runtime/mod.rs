@@ -765,6 +765,11 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     let registry = crate::registry::Registry::from_config(&config.schema_registry)
         .map_err(anyhow::Error::msg)?
         .map(Arc::new);
+    let writer = |topic: &crate::config::TopicConfig, kind| {
+        crate::registry::writer_settings(&config, registry.as_deref(), topic, &topic.name, kind)
+    };
+    let command_settings = writer(&t.actions, crate::schema::SchemaKind::Command)?;
+    let decision_settings = writer(&t.decisions, crate::schema::SchemaKind::Decision)?;
     let resolver = registry.map(crate::registry::Resolver::background);
     let max_wait = config.schema_registry.max_wait;
     let mut schema_waits = resolver.as_ref().map(|r| {
@@ -774,11 +779,6 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     let mut outcome_waits = resolver
         .as_ref()
         .map(|r| schema_wait::SchemaWaits::new(r.clone(), &t.outcomes.name, max_wait));
-    let writer = |topic: &crate::config::TopicConfig, kind| {
-        crate::registry::writer_settings(&config, topic, &topic.name, kind)
-    };
-    let command_settings = writer(&t.actions, crate::schema::SchemaKind::Command)?;
-    let decision_settings = writer(&t.decisions, crate::schema::SchemaKind::Decision)?;
     let read_model = pipeline.read_model();
     let core = Arc::new(Mutex::new(Core {
         pipeline,
