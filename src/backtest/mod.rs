@@ -515,7 +515,7 @@ pub fn run(
     if let Some(r) = &resolver {
         replay.pipeline.set_schema_source(Box::new(r.clone()));
     }
-    let unanswered: Arc<std::sync::Mutex<Option<(u32, String)>>> = Arc::default();
+    let unanswered = Unanswered::default();
     let mut merge_source = resolver.clone();
     let merge_unanswered = unanswered.clone();
     let started = std::time::Instant::now();
@@ -529,10 +529,7 @@ pub fn run(
             Some(source) => decoder
                 .event_time_learning(source, k, v)
                 .unwrap_or_else(|e| {
-                    merge_unanswered
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .get_or_insert(e);
+                    merge_unanswered.note(e);
                     None
                 }),
         },
@@ -559,11 +556,7 @@ pub fn run(
         .values()
         .next()
         .map(|w| (w.schema_id, w.reason.clone()));
-    let unanswered = unanswered
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take();
-    if let Some((id, reason)) = waiting.or(unanswered) {
+    if let Some((id, reason)) = waiting.or(unanswered.take()) {
         anyhow::bail!(
             "the schema registry did not answer for schema id {id}: {reason}. A backtest does \
              not wait for the registry (its report must not depend on it): run it again when \
@@ -588,6 +581,27 @@ pub fn run(
         policies: opts.policies_label.clone(),
         actuator,
     }))
+}
+
+/// The first schema id the registry did not answer for during a read (the merge runs on the
+/// reader's thread, so clones share it): a replay fails with it.
+#[derive(Clone, Default)]
+struct Unanswered(Arc<std::sync::Mutex<Option<(u32, String)>>>);
+
+impl Unanswered {
+    fn note(&self, e: (u32, String)) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(e);
+    }
+
+    fn take(&self) -> Option<(u32, String)> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
 }
 
 /// The would-be commands' topic.
@@ -662,22 +676,19 @@ fn read_topic<T: crate::codec::Record>(
     let (mut merge_codec, mut codec) = (build()?, build()?);
     let resolver = crate::registry::blocking_resolver(config)?;
     let (mut merge_source, mut source) = (resolver.clone(), resolver);
-    let unanswered: Arc<std::sync::Mutex<Option<(u32, String)>>> = Arc::default();
+    let unanswered = Unanswered::default();
     let merge_unanswered = unanswered.clone();
     // Decodes a value, its schema learned from the registry first when it is new.
     fn decode<T>(
         codec: &mut Box<dyn crate::codec::Codec<T>>,
         source: Option<&mut crate::registry::Resolver>,
         value: Option<&[u8]>,
-        unanswered: &std::sync::Mutex<Option<(u32, String)>>,
+        unanswered: &Unanswered,
     ) -> Option<T> {
         let value = value?;
         if let Some(source) = source {
             if let Err(e) = crate::codec::learn_schema(codec.as_mut(), source, value) {
-                unanswered
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get_or_insert(e);
+                unanswered.note(e);
                 return None;
             }
         }
@@ -704,11 +715,7 @@ fn read_topic<T: crate::codec::Record>(
             }
         },
     )?;
-    if let Some((id, reason)) = unanswered
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take()
-    {
+    if let Some((id, reason)) = unanswered.take() {
         anyhow::bail!(
             "{}: the schema registry did not answer for schema id {id}: {reason}",
             topic.name
