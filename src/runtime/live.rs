@@ -1,0 +1,755 @@
+//! The loop's state: the pipeline and its live output (records to Kafka, counters).
+
+use super::*;
+
+/// State shared by the engine loop and the rebalance callback (the admin thread reads the
+/// pipeline's [`ReadModel`] and the [`Status`] instead).
+pub struct Core {
+    pub pipeline: Pipeline,
+    pub config: Config,
+    pub(super) out: Output,
+    pub(super) outcome_codec: Box<dyn Codec<RemediationOutcome>>,
+    /// With a registry: where the outcome codec learns schema ids, and the outcome
+    /// partitions waiting on it (see [`schema_wait`]).
+    pub(super) outcome_schemas: Option<crate::registry::Resolver>,
+    pub(super) outcome_waiting: BTreeMap<i32, crate::pipeline::SchemaWait>,
+    /// Committable offsets per owned partition (computed after producing their effects).
+    pub pending_offsets: BTreeMap<i32, i64>,
+    /// Reads a partition of the state changelog on assign (read_committed).
+    pub(super) state_reader: BaseConsumer<kafka::QuietEof>,
+    /// Outcomes for segments not owned when they arrived (newest last, bounded): replayed
+    /// after a partition's state is restored, so acks that raced a rebalance or a restart
+    /// still land.
+    pub(super) recent_outcomes: std::collections::VecDeque<RemediationOutcome>,
+    /// Outcome partitions still behind the end they had at startup (deadlines wait for them).
+    pub(super) outcomes_backlog: BTreeMap<i32, i64>,
+    /// Exactly-once: outcomes applied in the open transaction (replayed if it aborts).
+    pub(super) txn_outcomes: Vec<RemediationOutcome>,
+    /// Exactly-once: a transaction aborted; the owned partitions must rewind.
+    pub(super) needs_rewind: bool,
+    /// A fatal producer error (e.g. fenced by a newer instance): the loop stops with it.
+    pub(super) fatal: Option<String>,
+    /// Per partition: the `closed_through` and dead-letter mark last written to the changelog.
+    pub(super) closed_written: BTreeMap<i32, PartitionMarks>,
+}
+
+/// Outcomes kept for replay after a restore.
+pub(super) const RECENT_OUTCOMES: usize = 100_000;
+
+/// The live side of the pipeline: records to Kafka, counters, the run report.
+pub(super) struct Output {
+    pub(super) producer: Arc<ThreadedProducer<ProduceContext>>,
+    pub(super) command_codec: Box<dyn Codec<RemediationCommand>>,
+    pub(super) decision_codec: Box<dyn Codec<DecisionRecord>>,
+    pub(super) actions_topic: String,
+    pub(super) decisions_topic: String,
+    pub(super) dlq_topic: String,
+    pub(super) counters: Counters,
+    pub(super) report: RunReport,
+    /// Exactly-once: one transaction per commit interval.
+    pub(super) eos: bool,
+    /// Exactly-once: events of windows judged in the open transaction.
+    pub(super) txn_windowed: u64,
+    /// Rate-limited log lines (held-back firings by guardrail, dead letters by code): when
+    /// each kind was last logged, and how many since.
+    pub(super) held_back: BTreeMap<String, (Option<Instant>, u64)>,
+    /// Most bytes of one dead letter (the producer's `message.max.bytes` less headroom;
+    /// halved whenever the broker refuses one as too large).
+    pub(super) dlq_limit: usize,
+    /// Dead letters written again after a failure, by source record: how many times.
+    pub(super) dlq_attempts: HashMap<(i32, i64), u32>,
+}
+
+/// Least time between two log lines about the same guardrail holding firings back.
+pub(super) const HELD_BACK_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The sink of one turn: the output, and the polled batch the records came from (a rejected
+/// record goes to the DLQ with its original headers).
+pub(super) struct LiveSink<'o, 'b> {
+    pub(super) out: &'o mut Output,
+    pub(super) batch: &'b [BorrowedMessage<'b>],
+}
+
+impl Sink for LiveSink<'_, '_> {
+    fn reject(&mut self, record: &Record<'_>, error: &DecodeError) {
+        if let Some(m) = self.batch.get(record.handle) {
+            self.out.dead_letter(m, error);
+        }
+    }
+
+    fn evicted(&mut self, decision: crate::model::DecisionRecord) {
+        let mut fx = Effects::default();
+        fx.decisions.push(decision);
+        self.out.emit(&mut fx, None);
+    }
+
+    fn effects(&mut self, fx: &mut Effects, cause: Cause<'_>, policies: &PolicySet) {
+        for d in &fx.decisions {
+            if d.to_state == "escalated" && d.from_state != "escalated" {
+                *self
+                    .out
+                    .counters
+                    .escalations
+                    .entry((
+                        d.policy.clone(),
+                        d.trigger.split(':').next().unwrap_or("").to_string(),
+                    ))
+                    .or_default() += 1;
+            }
+            if d.segment == crate::controller::INSTANCE_SEGMENT {
+                // The instance as a whole: held-back work or the actuator breaker.
+                let waiting = d.aggregates.values().next().copied().unwrap_or(0.0);
+                if d.to_state == "escalated" {
+                    tracing::warn!(trigger = %d.trigger, count = waiting, policy = %d.policy, command_id = d.command_id.as_deref().unwrap_or(""), "instance escalation");
+                } else {
+                    tracing::info!(trigger = %d.trigger, "instance escalation cleared");
+                }
+            } else if let Some(g) = &d.guardrail {
+                self.out.held_back(g, &d.segment, &d.policy, policies);
+            } else if d.from_state != d.to_state
+                && matches!(
+                    d.to_state.as_str(),
+                    "resolved" | "escalated" | "backoff" | "removed"
+                )
+            {
+                // The transitions an operator follows (commands have their own line).
+                tracing::info!(
+                    segment = %d.segment,
+                    policy = %d.policy,
+                    from = %d.from_state,
+                    to = %d.to_state,
+                    trigger = %d.trigger,
+                    command_id = d.command_id.as_deref().unwrap_or(""),
+                    "loop"
+                );
+            }
+        }
+        let mut closed_at = None;
+        if let Cause::Window { window, .. } = cause {
+            if window.group.is_none() {
+                if self.out.eos {
+                    self.out.txn_windowed += window.count;
+                } else {
+                    self.out.report.records_windowed += window.count;
+                    self.out.counters.windowed += window.count;
+                }
+            }
+            if !fx.commands.is_empty() {
+                closed_at = Some(Instant::now());
+            }
+        }
+        self.out.emit(fx, closed_at);
+    }
+}
+
+impl Core {
+    /// What the run did so far.
+    pub fn report(&self) -> RunReport {
+        let s = self.pipeline.stats();
+        RunReport {
+            records_consumed: s.records_read,
+            records_aggregated: s.records_aggregated,
+            ..self.out.report.clone()
+        }
+    }
+
+    pub(super) fn sink(&mut self) -> (&mut Pipeline, LiveSink<'_, 'static>) {
+        (
+            &mut self.pipeline,
+            LiveSink {
+                out: &mut self.out,
+                batch: &[],
+            },
+        )
+    }
+
+    pub(super) fn apply_group_event(&mut self, ev: GroupEvent, now: i64) {
+        self.out.counters.rebalances += 1;
+        match ev {
+            GroupEvent::Assigned(parts) => {
+                tracing::info!(?parts, "partitions assigned");
+                for p in parts {
+                    self.pipeline.assign(p);
+                    self.restore_partition(p);
+                }
+                self.replay_recent_outcomes(now);
+            }
+            GroupEvent::Revoked(parts) => {
+                tracing::info!(?parts, "partitions revoked");
+                for p in parts {
+                    self.pipeline.revoke(p);
+                    self.pending_offsets.remove(&p);
+                    self.closed_written.remove(&p);
+                }
+            }
+        }
+    }
+
+    /// One polled batch of telemetry through the pipeline.
+    pub(super) fn on_telemetry(&mut self, batch: &[BorrowedMessage<'_>], now: i64) {
+        let records: Vec<Record<'_>> = batch
+            .iter()
+            .enumerate()
+            .map(|(handle, m)| {
+                self.out.count_consumed("telemetry", m);
+                Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key(),
+                    value: m.payload(),
+                    timestamp_ms: m.timestamp().to_millis(),
+                    handle,
+                }
+            })
+            .collect();
+        let mut sink = LiveSink {
+            out: &mut self.out,
+            batch,
+        };
+        self.pipeline.on_batch(&records, now, &mut sink);
+    }
+
+    pub(super) fn on_outcome(&mut self, m: &BorrowedMessage<'_>, now: i64) {
+        if let Some(w) = self.outcome_waiting.get(&m.partition()) {
+            if m.offset() >= w.offset {
+                // Read again once the registry answers.
+                return;
+            }
+        }
+        if let (Some(source), Some(value)) = (self.outcome_schemas.as_mut(), m.payload()) {
+            if let Err((schema_id, reason)) =
+                crate::codec::learn_schema(self.outcome_codec.as_mut(), source, value)
+            {
+                self.outcome_waiting.insert(
+                    m.partition(),
+                    crate::pipeline::SchemaWait {
+                        offset: m.offset(),
+                        schema_id,
+                        reason,
+                    },
+                );
+                return;
+            }
+        }
+        if let Some(end) = self.outcomes_backlog.get(&m.partition()) {
+            if m.offset() + 1 >= *end {
+                self.outcomes_backlog.remove(&m.partition());
+                if self.outcomes_backlog.is_empty() {
+                    tracing::info!("outcomes backlog read");
+                }
+            }
+        }
+        self.out.count_consumed("outcomes", m);
+        let o = match decode_record(self.outcome_codec.as_ref(), m.key(), m.payload()) {
+            Ok(o) => o,
+            Err(e) => return self.out.dead_letter(m, &e),
+        };
+        if let Some(o) = self.apply_outcome(o, now) {
+            self.out.report.outcomes_skipped += 1;
+            self.out.counters.outcomes_skipped += 1;
+            if self.recent_outcomes.len() >= RECENT_OUTCOMES {
+                self.recent_outcomes.pop_front();
+            }
+            self.recent_outcomes.push_back(o);
+        }
+    }
+
+    /// Applies an outcome; gives back one for a segment not owned here (yet).
+    pub(super) fn apply_outcome(
+        &mut self,
+        o: RemediationOutcome,
+        now: i64,
+    ) -> Option<RemediationOutcome> {
+        let (pipeline, mut sink) = self.sink();
+        match pipeline.on_outcome(&o, now, &mut sink) {
+            OutcomeDisposition::Applied => {
+                self.out.report.outcomes_applied += 1;
+                *self
+                    .out
+                    .counters
+                    .outcomes
+                    .entry(o.status.as_str())
+                    .or_default() += 1;
+                if self.out.eos {
+                    self.txn_outcomes.push(o);
+                }
+            }
+            OutcomeDisposition::NotOurs => return Some(o),
+            OutcomeDisposition::Unknown => self.out.counters.outcomes_unknown += 1,
+            OutcomeDisposition::Duplicate => {}
+        }
+        None
+    }
+
+    /// Applies buffered outcomes whose segments are owned now.
+    pub(super) fn replay_recent_outcomes(&mut self, now: i64) {
+        for o in std::mem::take(&mut self.recent_outcomes) {
+            if let Some(o) = self.apply_outcome(o, now) {
+                self.recent_outcomes.push_back(o);
+            }
+        }
+    }
+
+    pub(super) fn on_control(&mut self, m: &BorrowedMessage<'_>) {
+        let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+            return;
+        };
+        let Some(id) = key.strip_prefix("silence/") else {
+            return;
+        };
+        match m.payload() {
+            None => {
+                self.pipeline.remove_silence(id);
+                tracing::info!(id, "silence removed");
+            }
+            Some(bytes) => match serde_json::from_slice::<SilenceRecord>(bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|s| {
+                    crate::controller::check_record_version("a silence record", s.version)
+                        .map_err(|e| {
+                            self.fatal = Some(format!("control topic: {e}"));
+                            e
+                        })
+                        .map(|()| s)
+                }) {
+                Ok(s) => match Silence::new(&s.id, &s.segments, s.from_ms, s.until_ms, &s.reason) {
+                    Ok(silence) => {
+                        tracing::info!(id = %s.id, segments = %s.segments, created_by = %s.created_by, "silence applied");
+                        self.pipeline.add_silence(silence.by(&s.created_by));
+                    }
+                    Err(e) => tracing::warn!(id, error = %e, "ignoring a silence with a bad glob"),
+                },
+                Err(e) => tracing::warn!(id, error = %e, "ignoring an unreadable control record"),
+            },
+        }
+    }
+
+    /// Quiet partitions and deadlines on the controller clock (deadlines wait until the
+    /// outcomes backlog is read: an ack may be in it).
+    pub(super) fn tick(&mut self, now: i64) {
+        let deadlines = self.outcomes_backlog.is_empty();
+        let (pipeline, mut sink) = self.sink();
+        pipeline.tick(now, deadlines, &mut sink);
+    }
+
+    pub(super) fn reload(&mut self, set: PolicySet, now: i64) {
+        let (pipeline, mut sink) = self.sink();
+        pipeline.reload(set, now, &mut sink);
+    }
+
+    /// Writes the controller state changed since the last call to the state changelog
+    /// (key: segment; partition: the telemetry partition; a tombstone once a segment is
+    /// quiet again).
+    pub(super) fn write_state(&mut self, now: i64) {
+        let topic = self.config.topics.state.name.clone();
+        for change in self.pipeline.take_state_changes(now) {
+            let mut record: BaseRecord<'_, [u8], [u8], usize> =
+                BaseRecord::with_opaque_to(&topic, 0)
+                    .key(change.segment.as_bytes())
+                    .partition(change.partition);
+            if let Some(v) = change.state.as_deref() {
+                record = record.payload(v);
+            }
+            send_record(&self.out.producer, record);
+            self.out.counters.state_records += 1;
+        }
+        for p in self.pipeline.assigned().to_vec() {
+            let marks = PartitionMarks {
+                closed_through_ms: self.pipeline.closed_through(p),
+                dead_lettered_through: self.pipeline.dead_letter_mark(p),
+            };
+            if marks == PartitionMarks::default()
+                || self.closed_written.get(&p).is_some_and(|w| *w == marks)
+            {
+                continue;
+            }
+            let value = serde_json::to_vec(&PartitionRecord {
+                version: crate::controller::RECORD_VERSION,
+                closed_through_ms: marks.closed_through_ms.unwrap_or(i64::MIN),
+                dead_lettered_through: marks.dead_lettered_through,
+            })
+            .expect("a partition record serializes");
+            send_record(
+                &self.out.producer,
+                BaseRecord::with_opaque_to(&topic, 0)
+                    .key(PARTITION_KEY)
+                    .payload(value.as_slice())
+                    .partition(p),
+            );
+            self.closed_written.insert(p, marks);
+            self.out.counters.state_records += 1;
+        }
+    }
+
+    /// Restores partition `p`'s controller state from the changelog: the latest record per
+    /// segment, read (committed records only) up to the end the partition has now.
+    pub(super) fn restore_partition(&mut self, p: i32) {
+        let started = Instant::now();
+        let topic = self.config.topics.state.name.clone();
+        let result =
+            read_state_partition(&self.state_reader, &topic, p).and_then(|(states, marks)| {
+                self.closed_written.insert(p, marks);
+                self.pipeline
+                    .restore_dead_letter_mark(p, marks.dead_lettered_through);
+                self.pipeline
+                    .restore(p, states, marks.closed_through_ms)
+                    .map_err(anyhow::Error::msg)
+            });
+        let secs = started.elapsed().as_secs_f64();
+        self.out.counters.restore_secs.push(secs);
+        match result {
+            Ok(n) => {
+                self.out.counters.state_restored += n as u64;
+                tracing::info!(
+                    partition = p,
+                    segments = n,
+                    secs,
+                    "controller state restored"
+                );
+            }
+            Err(e) if e.downcast_ref::<NewerRecord>().is_some() => {
+                // Misreading a newer format would act on wrong state: stop instead.
+                tracing::error!(partition = p, error = %e, "controller state of a newer format");
+                self.fatal = Some(e.to_string());
+            }
+            Err(e) => {
+                tracing::error!(partition = p, error = %e, "controller state not restored; the partition starts from windows alone");
+            }
+        }
+    }
+
+    /// Exactly-once, after an aborted transaction: every owned partition goes back to its
+    /// last committed state (committed offset, changelog), and the outcomes the aborted
+    /// transaction had applied are applied again.
+    pub(super) fn rewind(&mut self, consumer: &BaseConsumer<GroupContext>, now: i64) {
+        let topic = self.config.topics.telemetry.name.clone();
+        let parts = self.pipeline.assigned().to_vec();
+        let committed = consumer
+            .committed(Duration::from_secs(10))
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| (e.partition(), e.offset()))
+                    .collect::<BTreeMap<_, _>>()
+            })
+            .unwrap_or_default();
+        self.out.txn_windowed = 0;
+        for p in &parts {
+            self.pipeline.revoke(*p);
+            self.pending_offsets.remove(p);
+            self.closed_written.remove(p);
+            self.pipeline.assign(*p);
+            let to = match committed.get(p) {
+                Some(Offset::Offset(o)) => Offset::Offset(*o),
+                _ => Offset::Beginning,
+            };
+            if let Err(e) = consumer.seek(&topic, *p, to, Duration::from_secs(10)) {
+                tracing::error!(partition = p, error = %e, "rewind: seek failed");
+                self.fatal = Some(format!("exactly-once: rewind of partition {p} failed: {e}"));
+                return;
+            }
+            self.restore_partition(*p);
+        }
+        let applied = std::mem::take(&mut self.txn_outcomes);
+        self.recent_outcomes.extend(applied);
+        self.replay_recent_outcomes(now);
+        tracing::info!(?parts, "rewound to the last committed state");
+    }
+
+    /// Dead-letter deliveries since the last turn: an acknowledged write releases the commit
+    /// floor; a failed one is written again (truncated further if it was too large), and after
+    /// [`DLQ_ATTEMPTS`] the run stops, never having committed past it. Exactly-once: the
+    /// failed write fails its transaction, whose rewind writes it again.
+    pub(super) fn account_dead_letters(&mut self) {
+        let deliveries = std::mem::take(
+            &mut *self
+                .out
+                .producer
+                .context()
+                .dead_letters
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for d in deliveries {
+            let Some(f) = d.failed else {
+                self.out.dlq_attempts.remove(&(d.partition, d.offset));
+                self.pipeline.dead_letter_acked(d.partition, d.offset);
+                continue;
+            };
+            if self.out.eos {
+                if f.too_large {
+                    self.out.dlq_limit = (self.out.dlq_limit / 2).max(MIN_DLQ_LIMIT);
+                }
+                continue;
+            }
+            let attempts = self
+                .out
+                .dlq_attempts
+                .entry((d.partition, d.offset))
+                .or_insert(0);
+            *attempts += 1;
+            if *attempts >= DLQ_ATTEMPTS {
+                self.fatal = Some(format!(
+                    "the DLQ topic {} cannot be written: {} (the dead letter of partition {} offset {} failed {} times); the committed offset stays before it, so a restart writes it again",
+                    self.out.dlq_topic, f.error, d.partition, d.offset, DLQ_ATTEMPTS
+                ));
+                continue;
+            }
+            if let Some(n) = self.out.log_every("dlq-retry", HELD_BACK_LOG_EVERY) {
+                tracing::warn!(error = %f.error, partition = d.partition, offset = d.offset, failures = n, "dead letter not written; writing it again (the commit waits for it)");
+            }
+            self.out.write_dead_letter(
+                (d.partition, d.offset),
+                f.key.as_deref(),
+                f.value.as_deref(),
+                &f.headers,
+                f.too_large,
+            );
+        }
+    }
+
+    pub(super) fn refresh_offsets(&mut self) {
+        for &p in self.pipeline.assigned() {
+            if let Some(o) = self.pipeline.committable_offset(p) {
+                self.pending_offsets.insert(p, o);
+            }
+        }
+    }
+}
+
+impl Output {
+    /// Counts a consumed record and its bytes (key and value) under its topic's role.
+    pub(super) fn count_consumed(&mut self, role: &'static str, m: &BorrowedMessage<'_>) {
+        let bytes = m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len);
+        let entry = self
+            .counters
+            .consumed
+            .entry((role, m.partition()))
+            .or_default();
+        entry.0 += 1;
+        entry.1 += bytes as u64;
+    }
+
+    /// Logs a firing a guardrail held back: the first at once, then one line per guardrail at
+    /// most every [`HELD_BACK_LOG_EVERY`] with the count meanwhile (never silently disarmed).
+    pub(super) fn held_back(
+        &mut self,
+        guardrail: &str,
+        segment: &str,
+        policy: &str,
+        policies: &PolicySet,
+    ) {
+        if let Some(n) = self.log_every(guardrail, HELD_BACK_LOG_EVERY) {
+            tracing::warn!(
+                guardrail,
+                limit = %policies.limit_of(guardrail, policy),
+                segment,
+                policy,
+                held_back = n,
+                "firing held back by a guardrail"
+            );
+        }
+    }
+
+    /// Counts an event of `kind`; `Some(count since the last line)` when a line is due (the
+    /// first at once, then at most one per `every`).
+    pub(super) fn log_every(&mut self, kind: &str, every: Duration) -> Option<u64> {
+        let now = Instant::now();
+        let entry = self.held_back.entry(kind.to_string()).or_insert((None, 0));
+        entry.1 += 1;
+        if entry.0.is_none_or(|last| now - last >= every) {
+            let n = entry.1;
+            *entry = (Some(now), 0);
+            Some(n)
+        } else {
+            None
+        }
+    }
+
+    pub(super) fn emit(&mut self, fx: &mut Effects, closed_at: Option<Instant>) {
+        for cmd in fx.commands.drain(..) {
+            let mut bytes = Vec::with_capacity(256);
+            if let Err(e) = self.command_codec.encode(&cmd, &mut bytes) {
+                tracing::error!(error = %e, "cannot encode a command");
+                continue;
+            }
+            *self
+                .counters
+                .commands
+                .entry((cmd.action.clone(), cmd.policy.clone()))
+                .or_default() += 1;
+            self.report.commands += 1;
+            tracing::info!(segment = %cmd.segment, policy = %cmd.policy, action = %cmd.action, attempt = cmd.attempt, command_id = %cmd.command_id, "command");
+            send(
+                &self.producer,
+                &self.actions_topic,
+                cmd.segment.as_bytes(),
+                &bytes,
+                closed_at.map_or(0, stamp),
+            );
+        }
+        for d in fx.decisions.drain(..) {
+            let mut bytes = Vec::with_capacity(256);
+            if self.decision_codec.encode(&d, &mut bytes).is_ok() {
+                self.report.decisions += 1;
+                send(
+                    &self.producer,
+                    &self.decisions_topic,
+                    d.segment.as_bytes(),
+                    &bytes,
+                    0,
+                );
+            }
+        }
+        for timing in fx.timings.drain(..) {
+            self.counters
+                .timings
+                .push((timing.kind, timing.policy, timing.ms as f64 / 1000.0));
+        }
+    }
+
+    pub(super) fn dead_letter(&mut self, m: &BorrowedMessage<'_>, e: &DecodeError) {
+        let code = e.code.as_str();
+        if let Some(n) = self.log_every(&format!("dlq/{code}"), HELD_BACK_LOG_EVERY) {
+            tracing::warn!(
+                code,
+                records = n,
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                error = %e.message,
+                "records dead-lettered (a sample; one line per code at most every 10 s)"
+            );
+        }
+        *self.counters.decode_errors.entry(code).or_default() += 1;
+        *self.counters.dlq.entry(code).or_default() += 1;
+        self.report.records_dlq += 1;
+        let mut headers: Vec<(String, Option<Vec<u8>>)> = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (k, v) in [
+            ("segloop.error.code", code),
+            ("segloop.error.message", e.message.as_str()),
+            ("segloop.source.topic", m.topic()),
+            ("segloop.source.partition", &m.partition().to_string()),
+            ("segloop.source.offset", &m.offset().to_string()),
+        ] {
+            headers.push((k.to_string(), Some(v.as_bytes().to_vec())));
+        }
+        self.write_dead_letter(
+            (m.partition(), m.offset()),
+            m.key(),
+            m.payload(),
+            &headers,
+            false,
+        );
+    }
+
+    /// Writes a dead letter. One too large for the DLQ (its size limit, halved each time the
+    /// broker refuses one as too large) goes truncated, with headers giving its original size
+    /// (its coordinates are in the `segloop.source.*` headers): the one exception to the
+    /// byte-for-byte contract. A write that cannot even be queued is reported like a failed
+    /// delivery, so the loop writes it again and the commit floor waits for it.
+    pub(super) fn write_dead_letter(
+        &mut self,
+        source: (i32, i64),
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(String, Option<Vec<u8>>)],
+        too_large: bool,
+    ) {
+        if too_large {
+            self.dlq_limit = (self.dlq_limit / 2).max(MIN_DLQ_LIMIT);
+        }
+        let header_bytes: usize = headers
+            .iter()
+            .filter(|(k, _)| k != "segloop.original.size" && k != "segloop.truncated")
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 16)
+            .sum();
+        let key_len = key.map_or(0, <[u8]>::len);
+        let value_len = value.map_or(0, <[u8]>::len);
+        let room = self.dlq_limit.saturating_sub(header_bytes + key_len + 128);
+        let original = headers
+            .iter()
+            .find(|(k, _)| k == "segloop.original.size")
+            .and_then(|(_, v)| std::str::from_utf8(v.as_deref()?).ok()?.parse().ok())
+            .unwrap_or(value_len);
+        let truncated = value_len > room;
+        let mut owned = OwnedHeaders::new();
+        for (k, v) in headers {
+            if k == "segloop.original.size" || k == "segloop.truncated" {
+                continue;
+            }
+            owned = owned.insert(Header {
+                key: k.as_str(),
+                value: v.as_deref(),
+            });
+        }
+        let size = original.to_string();
+        if truncated || original != value_len {
+            owned = owned
+                .insert(Header {
+                    key: "segloop.truncated",
+                    value: Some("true"),
+                })
+                .insert(Header {
+                    key: "segloop.original.size",
+                    value: Some(size.as_str()),
+                });
+            self.counters.dlq_truncated += u64::from(truncated);
+        }
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&self.dlq_topic, 0).headers(owned);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(v) = value {
+            record = record.payload(&v[..v.len().min(room)]);
+        }
+        if let Err(e) = kafka::send_waiting(&self.producer, record) {
+            let too_large = e.rdkafka_error_code()
+                == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge);
+            if let Ok(mut v) = self.producer.context().dead_letters.lock() {
+                v.push(DeadLetterDelivery {
+                    partition: source.0,
+                    offset: source.1,
+                    failed: Some(FailedDeadLetter {
+                        error: e.to_string(),
+                        too_large,
+                        key: key.map(<[u8]>::to_vec),
+                        value: value.map(|v| v[..v.len().min(room)].to_vec()),
+                        headers: headers.to_vec(),
+                    }),
+                });
+            }
+        }
+    }
+}
+
+/// The first size limit of a dead letter: the producer's `message.max.bytes` (librdkafka's
+/// default 1,000,000) less headroom for the record's framing.
+pub(super) fn dlq_limit(config: &Config) -> usize {
+    config
+        .kafka
+        .properties
+        .get("message.max.bytes")
+        .and_then(|v| match v {
+            toml::Value::Integer(n) => usize::try_from(*n).ok(),
+            toml::Value::String(s) => s.parse().ok(),
+            _ => None,
+        })
+        .unwrap_or(1_000_000usize)
+        .saturating_sub(4 << 10)
+        .max(MIN_DLQ_LIMIT)
+}
+
+/// The smallest a dead letter is truncated to.
+pub(super) const MIN_DLQ_LIMIT: usize = 16 << 10;
+
+/// Times a dead letter is written before the run stops (it is never committed past).
+pub(super) const DLQ_ATTEMPTS: u32 = 5;
