@@ -913,8 +913,13 @@ pub fn restore_bench(
     let mut restored = 0;
     for p in 0..partitions {
         controller.assign(p);
-        let (states, _marks) =
-            crate::runtime::read_state_partition(&reader, &config.topics.state.name, p)?;
+        let (states, _marks) = crate::runtime::read_state_partition(
+            &reader,
+            &config.topics.state.name,
+            p,
+            started + config.delivery.restore_timeout,
+            &mut |_, _| {},
+        )?;
         for s in states {
             controller.restore(s).map_err(anyhow::Error::msg)?;
             restored += 1;

@@ -635,6 +635,11 @@ pub struct DeliveryConfig {
     /// Graceful shutdown deadline after SIGINT/SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Most time the controller state of one assignment may take to restore from the
+    /// changelog, all its partitions together; a partition not restored by then starts from
+    /// its windows alone (logged, `segloop_state_restore_failures_total`).
+    #[serde(with = "humantime_serde")]
+    pub restore_timeout: Duration,
     /// At startup, outcomes are read from this far back (acknowledgements that arrived while
     /// this instance was down are applied after its state is restored).
     #[serde(with = "humantime_serde")]
@@ -650,6 +655,7 @@ impl Default for DeliveryConfig {
             mode: DeliveryMode::AtLeastOnce,
             commit_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(10),
+            restore_timeout: Duration::from_secs(120),
             outcome_lookback: Duration::from_secs(15 * 60),
             transactional_id: None,
         }
@@ -1211,6 +1217,12 @@ impl Config {
         }
         if self.actuator.timeout.is_zero() {
             err("actuator.timeout", "must be above 0".into());
+        }
+        if self.delivery.restore_timeout.is_zero() {
+            err(
+                "delivery.restore_timeout",
+                "must be above 0 (e.g. \"2m\"): the time a rebalance may spend restoring controller state".into(),
+            );
         }
         if self.delivery.commit_interval.is_zero() {
             err("delivery.commit_interval", "must be above 0".into());

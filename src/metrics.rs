@@ -45,6 +45,8 @@ pub const WINDOWED_EVENTS: &str = "segloop_windowed_events_total";
 pub const STATE_RECORDS: &str = "segloop_state_records_total";
 pub const STATE_RESTORED: &str = "segloop_state_restored_segments_total";
 pub const STATE_RESTORE_SECONDS: &str = "segloop_state_restore_seconds";
+pub const STATE_RESTORE_FAILURES: &str = "segloop_state_restore_failures_total";
+pub const HANDED_OVER: &str = "segloop_records_handed_over_total";
 pub const TRANSACTIONS: &str = "segloop_transactions_total";
 pub const CONSUME_ERRORS: &str = "segloop_consume_errors_total";
 pub const LABEL_MAP_BYTES: &str = "segloop_label_map_bytes";
@@ -123,6 +125,8 @@ pub const ALL: &[&str] = &[
     STATE_RECORDS,
     STATE_RESTORED,
     STATE_RESTORE_SECONDS,
+    STATE_RESTORE_FAILURES,
+    HANDED_OVER,
     TRANSACTIONS,
     CONSUME_ERRORS,
     LABEL_MAP_BYTES,
@@ -348,6 +352,16 @@ fn describe_all() {
         Unit::Count,
         "Segments whose controller state was restored from the changelog on assign"
     );
+    describe_counter!(
+        STATE_RESTORE_FAILURES,
+        Unit::Count,
+        "Assigned partitions whose controller state could not be restored within delivery.restore_timeout (they start from their windows alone)"
+    );
+    describe_counter!(
+        HANDED_OVER,
+        Unit::Count,
+        "Telemetry records polled before their partition was revoked in the same batch, left for the new owner"
+    );
     describe_histogram!(
         STATE_RESTORE_SECONDS,
         Unit::Seconds,
@@ -387,6 +401,8 @@ fn describe_all() {
         WINDOWED_EVENTS,
         STATE_RECORDS,
         STATE_RESTORED,
+        STATE_RESTORE_FAILURES,
+        HANDED_OVER,
         REGISTRY_REQUESTS,
         // Listed before the first error (then by topic and code).
         CONSUME_ERRORS,
@@ -444,6 +460,8 @@ pub struct Counters {
     pub windowed: u64,
     pub state_records: u64,
     pub state_restored: u64,
+    pub restore_failures: u64,
+    pub handed_over: u64,
     pub restore_secs: Vec<f64>,
     pub transactions: BTreeMap<&'static str, u64>,
     pub consume_errors: BTreeMap<(String, String), u64>,
@@ -499,6 +517,8 @@ pub fn publish(c: &mut Counters, gauges: &Gauges) {
     counter!(WINDOWED_EVENTS).increment(std::mem::take(&mut c.windowed));
     counter!(STATE_RECORDS).increment(std::mem::take(&mut c.state_records));
     counter!(STATE_RESTORED).increment(std::mem::take(&mut c.state_restored));
+    counter!(STATE_RESTORE_FAILURES).increment(std::mem::take(&mut c.restore_failures));
+    counter!(HANDED_OVER).increment(std::mem::take(&mut c.handed_over));
     for s in c.restore_secs.drain(..) {
         histogram!(STATE_RESTORE_SECONDS).record(s);
     }

@@ -250,7 +250,7 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<Byt
             )
         }
         (&Method::GET, "/readyz") => {
-            let (joined, assigned, lag, errors, schema_waits) = {
+            let (joined, assigned, lag, errors, schema_waits, restoring) = {
                 let s = shared
                     .status
                     .lock()
@@ -261,6 +261,7 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<Byt
                     s.lag.clone(),
                     s.consume_errors.clone(),
                     s.schema_waits.clone(),
+                    s.restoring.clone(),
                 )
             };
             let caught_up = assigned
@@ -268,11 +269,16 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<Byt
                 .all(|p| lag.get(p).is_some_and(|l| *l <= READY_MAX_LAG));
             // A standby (the group has more members than partitions) is ready with none.
             let standby = joined && assigned.is_empty();
-            let ready = joined && caught_up && errors.is_empty() && schema_waits.is_empty();
+            let ready = joined
+                && caught_up
+                && errors.is_empty()
+                && schema_waits.is_empty()
+                && restoring.is_none();
             json_response(
                 if ready { 200 } else { 503 },
                 json!({ "ready": ready, "standby": standby, "assigned": assigned, "lag": lag,
-                        "consume_errors": errors, "schema_waits": schema_waits }),
+                        "consume_errors": errors, "schema_waits": schema_waits,
+                        "restoring": restoring }),
             )
         }
         (&Method::GET, "/actions") => {

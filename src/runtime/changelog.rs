@@ -5,7 +5,7 @@ use super::*;
 /// A state or control record written by a newer segloop: the run stops rather than misread it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub(super) struct NewerRecord(String);
+pub(super) struct NewerRecord(pub(super) String);
 
 /// The changelog key of a partition's own record (`closed_through`); segment ids are never
 /// empty, so it cannot collide with one.
@@ -29,6 +29,59 @@ pub struct PartitionMarks {
     pub closed_through_ms: Option<i64>,
     /// The dead-letter mark.
     pub dead_lettered_through: Option<i64>,
+}
+
+/// A partition's controller state as read from the changelog.
+pub(super) type Restored = (Vec<crate::controller::SegmentState>, PartitionMarks);
+
+/// The changelog's reader: restores the state of assigned partitions, within
+/// `delivery.restore_timeout` for one assignment as a whole.
+pub(super) struct Changelog {
+    reader: BaseConsumer<kafka::QuietEof>,
+    topic: String,
+    timeout: Duration,
+}
+
+impl Changelog {
+    pub(super) fn new(config: &Config) -> anyhow::Result<Self> {
+        Ok(Changelog {
+            reader: state_reader(config)?,
+            topic: config.topics.state.name.clone(),
+            timeout: config.delivery.restore_timeout,
+        })
+    }
+
+    /// Reads the state of `parts`, one after the other, all within the restore timeout; each
+    /// with the seconds its read took. `progress` is told where the restore is, as a
+    /// sentence, every 10,000 records.
+    pub(super) fn restore(
+        &self,
+        parts: &[i32],
+        progress: &mut dyn FnMut(String),
+    ) -> Vec<(i32, anyhow::Result<Restored>, f64)> {
+        let deadline = Instant::now() + self.timeout;
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                let started = Instant::now();
+                let read = read_state_partition(
+                    &self.reader,
+                    &self.topic,
+                    p,
+                    deadline,
+                    &mut |read, total| {
+                        progress(format!(
+                            "restoring controller state: partition {p} ({} of {}), {read} of {total} changelog records",
+                            i + 1,
+                            parts.len()
+                        ));
+                    },
+                );
+                (p, read, started.elapsed().as_secs_f64())
+            })
+            .collect()
+    }
 }
 
 pub(super) fn one() -> u32 {
@@ -59,13 +112,23 @@ pub fn state_reader(config: &Config) -> anyhow::Result<BaseConsumer<kafka::Quiet
 /// Reads partition `p` of the state changelog to its current end: the latest state of every
 /// segment (tombstoned ones left out) and the partition's `closed_through`, if recorded.
 ///
+/// `progress` is told the records read and the records to read, every 10,000 records and at
+/// the end.
+///
 /// # Errors
-/// The partition cannot be read within 120 s, or holds another partition's state.
+/// The partition cannot be read by `deadline` (the restore's total bound,
+/// `delivery.restore_timeout`), or holds a record of a newer format ([`NewerRecord`]).
 pub fn read_state_partition(
     reader: &BaseConsumer<kafka::QuietEof>,
     topic: &str,
     p: i32,
-) -> anyhow::Result<(Vec<crate::controller::SegmentState>, PartitionMarks)> {
+    deadline: Instant,
+    progress: &mut dyn FnMut(i64, i64),
+) -> anyhow::Result<Restored> {
+    anyhow::ensure!(
+        Instant::now() < deadline,
+        "restoring {topic}/{p} not started: delivery.restore_timeout was spent on the assignment's other partitions"
+    );
     let (low, high) = kafka::watermarks(reader, topic, p)?;
     if high <= low {
         return Ok((Vec::new(), PartitionMarks::default()));
@@ -74,27 +137,36 @@ pub fn read_state_partition(
     tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
     reader.assign(&tpl)?;
     let mut latest: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
+    let total = high - low;
+    let mut read = 0i64;
+    progress(0, total);
+    let result = loop {
         match reader.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 if let Some(k) = m.key() {
                     latest.insert(k.to_vec(), m.payload().map(<[u8]>::to_vec));
                 }
+                read = m.offset() + 1 - low;
+                if read % 10_000 == 0 {
+                    progress(read, total);
+                }
                 if m.offset() + 1 >= high {
-                    break;
+                    break Ok(());
                 }
             }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break Ok(()),
             Some(Err(e)) => tracing::warn!(error = %e, "state changelog reader"),
             None => {}
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "restoring {topic}/{p} took over 120 s"
-        );
-    }
+        if Instant::now() >= deadline {
+            break Err(anyhow::anyhow!(
+                "restoring {topic}/{p} did not finish within delivery.restore_timeout ({read} of {total} records read)"
+            ));
+        }
+    };
     reader.unassign()?;
+    result?;
+    progress(total, total);
     let mut states = Vec::with_capacity(latest.len());
     let mut marks = PartitionMarks::default();
     for (key, value) in latest {

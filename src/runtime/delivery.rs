@@ -1,13 +1,17 @@
 //! Delivery: the producer, offset commits and transactions.
 
 use super::*;
+use std::sync::atomic::AtomicUsize;
 
 /// Producer callbacks: count failures; time commands from window close to broker ack.
 #[derive(Default)]
 pub struct ProduceContext {
-    pub(super) errors: AtomicU64,
     pub(super) errors_total: AtomicU64,
     pub(super) close_to_ack: Mutex<Vec<f64>>,
+    /// Every record sent, until its delivery report: what a commit waits for.
+    pub(super) deliveries: Deliveries,
+    /// Commands: when their window closed ([`stamp`]), by delivery sequence number.
+    pub(super) stamps: Mutex<HashMap<usize, usize>>,
     /// Delivery reports of dead-letter writes, for the loop to account (drained every turn).
     pub(super) dead_letters: Mutex<Vec<DeadLetterDelivery>>,
 }
@@ -41,12 +45,6 @@ pub(super) fn dead_letter_source(m: &BorrowedMessage<'_>) -> Option<(i32, i64)> 
         i32::try_from(get("segloop.source.partition")?).ok()?,
         get("segloop.source.offset")?,
     ))
-}
-
-impl ProduceContext {
-    pub(super) fn take_errors(&self) -> u64 {
-        self.errors.swap(0, Ordering::SeqCst)
-    }
 }
 
 impl ClientContext for ProduceContext {
@@ -99,21 +97,82 @@ impl ProducerContext for ProduceContext {
                 });
             }
         }
+        let stamp_of = self.stamps.lock().ok().and_then(|mut v| v.remove(&opaque));
+        self.deliveries.finish(opaque, result.is_ok());
         match result {
             Ok(_) => {
-                if opaque > 0 {
-                    let secs = (stamp(Instant::now()).saturating_sub(opaque)) as f64 / 1e6;
+                if let Some(at) = stamp_of {
+                    let secs = (stamp(Instant::now()).saturating_sub(at)) as f64 / 1e6;
                     if let Ok(mut v) = self.close_to_ack.lock() {
                         v.push(secs);
                     }
                 }
             }
             Err((e, _)) => {
-                self.errors.fetch_add(1, Ordering::SeqCst);
                 self.errors_total.fetch_add(1, Ordering::SeqCst);
                 tracing::error!(error = %e, "record could not be delivered");
             }
         }
+    }
+}
+
+/// The delivery sequence: every record sent gets the next number (its delivery opaque), open
+/// until librdkafka reports it delivered or failed.
+#[derive(Debug)]
+pub(super) struct Deliveries {
+    next: AtomicUsize,
+    open: Mutex<BTreeSet<usize>>,
+    /// Failed records not yet accounted by a commit.
+    failed: Mutex<BTreeSet<usize>>,
+}
+
+impl Default for Deliveries {
+    fn default() -> Self {
+        Deliveries {
+            next: AtomicUsize::new(1),
+            open: Mutex::new(BTreeSet::new()),
+            failed: Mutex::new(BTreeSet::new()),
+        }
+    }
+}
+
+impl Deliveries {
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The number of the next record sent: everything sent before it has a smaller one.
+    pub(super) fn mark(&self) -> usize {
+        self.next.load(Ordering::SeqCst)
+    }
+
+    /// A record is about to be sent: its number.
+    pub(super) fn start(&self) -> usize {
+        let seq = self.next.fetch_add(1, Ordering::SeqCst);
+        Self::lock(&self.open).insert(seq);
+        seq
+    }
+
+    /// Record `seq` was delivered (`ok`) or failed (or could not be queued).
+    pub(super) fn finish(&self, seq: usize, ok: bool) {
+        if !ok {
+            Self::lock(&self.failed).insert(seq);
+        }
+        Self::lock(&self.open).remove(&seq);
+    }
+
+    /// Whether every record sent before `mark` is reported: `None` while one is open,
+    /// `Some(false)` if one failed (the failures before `mark` are then accounted and
+    /// forgotten), `Some(true)` if all were delivered.
+    pub(super) fn settled(&self, mark: usize) -> Option<bool> {
+        if Self::lock(&self.open).first().is_some_and(|s| *s < mark) {
+            return None;
+        }
+        let mut failed = Self::lock(&self.failed);
+        let later = failed.split_off(&mark);
+        let ok = failed.is_empty();
+        *failed = later;
+        Some(ok)
     }
 }
 
@@ -134,85 +193,134 @@ pub(super) fn commit<C: ConsumerContext>(
     Ok(())
 }
 
-pub(super) fn commit_owned(
-    consumer: &BaseConsumer<GroupContext>,
-    core: &Arc<Mutex<Core>>,
+/// What a commit of offsets came to.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum CommitResult {
+    Committed,
+    /// No owned partition had a committable offset.
+    Nothing,
+    /// A record produced before the offsets was not acknowledged: not committed.
+    Unconfirmed,
+    Failed(String),
+}
+
+/// Commits `offsets` once every record produced so far is acknowledged (the producer flushed
+/// within `timeout`): the revoke callback's and the shutdown's commit. (The loop's periodic
+/// commit waits for nothing: see [`Committer`].)
+pub(super) fn commit_flushed<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
     producer: &ThreadedProducer<ProduceContext>,
-    mode: CommitMode,
-    flush_timeout: Duration,
-) {
-    if core
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .out
-        .eos
+    offsets: &[(i32, i64)],
+    timeout: Duration,
+) -> CommitResult {
+    let mark = producer.context().deliveries.mark();
+    if producer.flush(timeout).is_err() || producer.context().deliveries.settled(mark) != Some(true)
     {
-        let topic = consumer.context().topic.clone();
-        commit_transaction(consumer, &topic, core, producer, flush_timeout);
-        return;
+        tracing::warn!("produced records not confirmed; not committing");
+        return CommitResult::Unconfirmed;
     }
-    // Offsets are read before the flush: everything they cover was produced before it.
-    let offsets: Vec<(i32, i64)> = {
-        let core = core
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        core.pending_offsets.iter().map(|(p, o)| (*p, *o)).collect()
-    };
-    if producer.flush(flush_timeout).is_err() || producer.context().take_errors() > 0 {
-        tracing::warn!("produced records not confirmed; not committing this round");
-        core.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .out
-            .counters
-            .commit_errors += 1;
-        return;
+    if offsets.is_empty() {
+        return CommitResult::Nothing;
     }
-    let topic = consumer.context().topic.clone();
-    let result = commit(consumer, &topic, &offsets, mode);
-    let mut core = core
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    match result {
-        Ok(()) => {
-            if !offsets.is_empty() {
-                core.out.counters.commits += 1;
-                core.out.report.commits += 1;
-            }
-        }
+    match commit(consumer, topic, offsets, CommitMode::Sync) {
+        Ok(()) => CommitResult::Committed,
         Err(e) => {
-            core.out.counters.commit_errors += 1;
-            tracing::warn!(error = %e, "offset commit failed");
+            tracing::warn!(error = %e, "offset commit failed; the partitions' next reader re-reads");
+            CommitResult::Failed(e.to_string())
         }
     }
 }
 
-/// Exactly-once: commits the open transaction with the committable offsets of every owned
-/// partition, then begins the next. When the commit fails the transaction is aborted and
-/// the owned partitions are marked for a rewind to the last committed state; a fatal error
-/// (fenced by a newer instance) is kept for the loop to stop with.
+/// At-least-once, the loop's periodic commit without waiting on the producer: every
+/// `commit_interval` the committable offsets are noted with the producer's delivery mark, and
+/// they are committed (asynchronously) on the first turn at which every record produced
+/// before the mark is acknowledged. A failed record before the mark drops the note; the next
+/// one commits (as a skipped round did when the commit flushed the producer).
+#[derive(Debug, Default)]
+pub(super) struct Committer {
+    notes: std::collections::VecDeque<(usize, Vec<(i32, i64)>)>,
+}
+
+/// Offset notes kept while the producer catches up (older ones give way: newer offsets
+/// cover them).
+const MAX_NOTES: usize = 16;
+
+impl Committer {
+    /// Notes the committable offsets, produced before `mark`.
+    pub(super) fn note(&mut self, mark: usize, offsets: Vec<(i32, i64)>) {
+        if self.notes.len() >= MAX_NOTES {
+            self.notes.pop_front();
+        }
+        self.notes.push_back((mark, offsets));
+    }
+
+    /// The partitions left: their offsets are the new owner's to commit.
+    pub(super) fn revoked(&mut self, parts: &[i32]) {
+        for (_, offsets) in &mut self.notes {
+            offsets.retain(|(p, _)| !parts.contains(p));
+        }
+    }
+
+    /// The newest note whose records are all acknowledged, if any (older ones are passed
+    /// over); a note with a failed record yields [`CommitResult::Unconfirmed`] instead.
+    pub(super) fn ready(
+        &mut self,
+        deliveries: &Deliveries,
+    ) -> Option<Result<Vec<(i32, i64)>, CommitResult>> {
+        let mut found = None;
+        while let Some((mark, _)) = self.notes.front() {
+            match deliveries.settled(*mark) {
+                None => break,
+                Some(ok) => {
+                    let (_, offsets) = self.notes.pop_front().expect("a front note");
+                    found = Some(if ok {
+                        Ok(offsets)
+                    } else {
+                        Err(CommitResult::Unconfirmed)
+                    });
+                }
+            }
+        }
+        found
+    }
+}
+
+/// The exactly-once transaction's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum TxnResult {
+    /// Committed (`offsets`: with offsets in it); `fatal`: the next could not begin.
+    Committed {
+        offsets: bool,
+        fatal: Option<String>,
+    },
+    /// Aborted: the owned partitions rewind to the last committed state.
+    Aborted {
+        error: String,
+        fatal: Option<String>,
+    },
+    /// Failed past recovery (fenced by a newer instance).
+    Fatal(String),
+    /// Not tried: the run is stopping for a fatal error.
+    Skipped,
+}
+
+/// Exactly-once: commits the open transaction with `offsets` (the committable offsets of every
+/// owned partition), then begins the next; a failed commit is aborted (the caller rewinds).
 pub(super) fn commit_transaction<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
-    core: &Arc<Mutex<Core>>,
     producer: &ThreadedProducer<ProduceContext>,
+    offsets: &BTreeMap<i32, i64>,
     timeout: Duration,
-) {
-    let offsets: Vec<(i32, i64)> = {
-        let core = core
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if core.fatal.is_some() {
-            return;
-        }
-        core.pending_offsets.iter().map(|(p, o)| (*p, *o)).collect()
-    };
+) -> TxnResult {
     // Broker outages surface as retriable errors ("retry call to resume"): keep calling
     // until the transaction timeout would expire.
     let deadline = Instant::now() + TXN_RETRY_FOR;
     let attempt = || -> rdkafka::error::KafkaResult<()> {
         if !offsets.is_empty() {
             let mut tpl = TopicPartitionList::new();
-            for (p, o) in &offsets {
+            for (p, o) in offsets {
                 tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
             }
             let cgm =
@@ -227,48 +335,32 @@ pub(super) fn commit_transaction<C: ConsumerContext>(
         }
         txn_retry(deadline, || producer.commit_transaction(timeout))
     };
-    let result = attempt();
-    let mut core = core
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    match result {
-        Ok(()) => {
-            *core
-                .out
-                .counters
-                .transactions
-                .entry("committed")
-                .or_default() += 1;
-            core.txn_outcomes.clear();
-            let n = std::mem::take(&mut core.out.txn_windowed);
-            core.out.report.records_windowed += n;
-            core.out.counters.windowed += n;
-            if !offsets.is_empty() {
-                core.out.counters.commits += 1;
-                core.out.report.commits += 1;
-            }
+    let begin = || {
+        producer.begin_transaction().err().map(|e| {
+            tracing::error!(error = %e, "exactly-once: cannot begin a transaction");
+            format!("exactly-once: {e}")
+        })
+    };
+    match attempt() {
+        Ok(()) => TxnResult::Committed {
+            offsets: !offsets.is_empty(),
+            fatal: begin(),
+        },
+        Err(e) if matches!(&e, rdkafka::error::KafkaError::Transaction(t) if t.is_fatal()) => {
+            tracing::error!(error = %e, "exactly-once: fatal transaction error (fenced by a newer instance?)");
+            TxnResult::Fatal(format!("exactly-once: {e}"))
         }
         Err(e) => {
-            let fatal = matches!(&e, rdkafka::error::KafkaError::Transaction(t) if t.is_fatal());
-            if fatal {
-                tracing::error!(error = %e, "exactly-once: fatal transaction error (fenced by a newer instance?)");
-                core.fatal = Some(format!("exactly-once: {e}"));
-                return;
-            }
             tracing::warn!(error = %e, "exactly-once: commit failed; aborting and rewinding");
-            core.out.counters.commit_errors += 1;
-            *core.out.counters.transactions.entry("aborted").or_default() += 1;
-            if let Err(e) = txn_retry(deadline, || producer.abort_transaction(timeout)) {
-                tracing::error!(error = %e, "exactly-once: abort failed");
-                core.fatal = Some(format!("exactly-once: {e}"));
-                return;
+            if let Err(abort) = txn_retry(deadline, || producer.abort_transaction(timeout)) {
+                tracing::error!(error = %abort, "exactly-once: abort failed");
+                return TxnResult::Fatal(format!("exactly-once: {abort}"));
             }
-            core.needs_rewind = true;
+            TxnResult::Aborted {
+                error: e.to_string(),
+                fatal: begin(),
+            }
         }
-    }
-    if let Err(e) = producer.begin_transaction() {
-        tracing::error!(error = %e, "exactly-once: cannot begin a transaction");
-        core.fatal = Some(format!("exactly-once: {e}"));
     }
 }
 
@@ -322,33 +414,52 @@ impl SilencePublisher {
     }
 }
 
+/// Sends a record; `closed_at` (a [`stamp`], 0 for none): a command's window close, to time
+/// it to the broker's ack.
 pub(super) fn send(
     producer: &ThreadedProducer<ProduceContext>,
     topic: &str,
     key: &[u8],
     payload: &[u8],
-    opaque: usize,
+    closed_at: usize,
 ) {
-    send_record(
+    send_timed(
         producer,
-        BaseRecord::with_opaque_to(topic, opaque)
+        BaseRecord::with_opaque_to(topic, 0)
             .key(key)
             .payload(payload),
+        closed_at,
     );
 }
 
 /// Sends, waiting while the producer queue is full (backpressure, bounded queue); a record
-/// that cannot be queued at all counts as a produce error.
+/// that cannot be queued at all counts as a produce error (and fails the commit it precedes).
 pub(super) fn send_record(
     producer: &ThreadedProducer<ProduceContext>,
     record: BaseRecord<'_, [u8], [u8], usize>,
 ) {
+    send_timed(producer, record, 0);
+}
+
+fn send_timed(
+    producer: &ThreadedProducer<ProduceContext>,
+    mut record: BaseRecord<'_, [u8], [u8], usize>,
+    closed_at: usize,
+) {
+    let context = producer.context();
+    let seq = context.deliveries.start();
+    record.delivery_opaque = seq;
+    if closed_at > 0 {
+        if let Ok(mut stamps) = context.stamps.lock() {
+            stamps.insert(seq, closed_at);
+        }
+    }
     if let Err(e) = kafka::send_waiting(producer, record) {
-        producer.context().errors.fetch_add(1, Ordering::SeqCst);
-        producer
-            .context()
-            .errors_total
-            .fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut stamps) = context.stamps.lock() {
+            stamps.remove(&seq);
+        }
+        context.deliveries.finish(seq, false);
+        context.errors_total.fetch_add(1, Ordering::SeqCst);
         tracing::error!(error = %e, "cannot queue a record");
     }
 }

@@ -2,24 +2,140 @@
 
 use super::*;
 
-/// Rebalance events for the loop to apply (the callback runs inside `poll`).
-#[derive(Debug)]
+/// A rebalance, in the telemetry stream where it happened (see [`Stream`]).
+#[derive(Debug, Clone, PartialEq)]
 pub(super) enum GroupEvent {
     Assigned(Vec<i32>),
-    Revoked(Vec<i32>),
+    /// The partitions left; the callback already handed over what was processed before it
+    /// (committed its offsets, or the open transaction with them).
+    Revoked {
+        parts: Vec<i32>,
+        handover: Handover,
+    },
 }
 
+/// What the revoke callback did with the work processed before it.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Handover {
+    /// At-least-once: the offsets of the leaving partitions.
+    Commit(CommitResult),
+    /// Exactly-once: the open transaction (it takes every owned partition's offsets).
+    Transaction(TxnResult),
+}
+
+/// The telemetry consumer's callbacks. The rebalance callback runs inside `poll`, on the
+/// loop's thread, and touches no engine state: on revoke it commits the offsets the loop
+/// last published ([`CommitBook`]) and records the event; the loop applies events in the order
+/// they came between the records ([`Stream`]).
 pub(super) struct GroupContext {
     pub(super) topic: String,
-    pub(super) clock: Arc<dyn Clock>,
-    pub(super) core: Arc<Mutex<Core>>,
     pub(super) producer: Arc<ThreadedProducer<ProduceContext>>,
+    pub(super) eos: bool,
+    pub(super) book: Arc<Mutex<CommitBook>>,
     pub(super) events: Mutex<Vec<GroupEvent>>,
     pub(super) revoke_timeout: Duration,
     pub(super) client_errors: Mutex<Vec<(rdkafka::error::KafkaError, String)>>,
     /// Per telemetry partition, the high watermark of its last fetch response, from
     /// librdkafka's statistics (`STATS_INTERVAL`): what the lag is measured against.
     pub(super) high_watermarks: Mutex<BTreeMap<i32, i64>>,
+}
+
+impl GroupContext {
+    fn push(&self, ev: GroupEvent) {
+        self.events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(ev);
+    }
+
+    /// The events since the last call, in the order they happened.
+    pub(super) fn take_events(&self) -> Vec<GroupEvent> {
+        std::mem::take(
+            &mut *self
+                .events
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
+/// The committable offsets of the owned partitions, as the loop last published them (at the
+/// end of every turn, after the turn's state records were queued): what a revoke commits.
+#[derive(Debug, Default)]
+pub(super) struct CommitBook {
+    pub(super) offsets: BTreeMap<i32, i64>,
+    /// The run is stopping for a fatal error: no more transactions.
+    pub(super) fatal: bool,
+}
+
+/// The records and group events of one poll batch, in the order `poll` produced them (a
+/// rebalance callback runs inside the `poll` that returns the record after it).
+pub(super) struct Stream<M> {
+    pub(super) records: Vec<M>,
+    /// Each event with the number of records polled before it.
+    pub(super) events: Vec<(usize, GroupEvent)>,
+}
+
+/// One step of applying a [`Stream`].
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Step {
+    /// These records (indices into the batch), in order.
+    Records(Vec<usize>),
+    Group(GroupEvent),
+}
+
+impl<M> Default for Stream<M> {
+    fn default() -> Self {
+        Stream {
+            records: Vec::with_capacity(4096),
+            events: Vec::new(),
+        }
+    }
+}
+
+impl<M> Stream<M> {
+    pub(super) fn clear(&mut self) {
+        self.records.clear();
+        self.events.clear();
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.events.is_empty()
+    }
+
+    /// The steps that apply the batch in order, and the number of records left out: a record
+    /// polled before a revoke of its partition was not processed when the callback handed
+    /// the partition over (the new owner reads it from the committed offset), so this instance
+    /// must not process it either. Records after an assignment belong to it.
+    pub(super) fn plan(&self, partition: impl Fn(&M) -> i32) -> (Vec<Step>, usize) {
+        let mut steps = Vec::new();
+        let mut left_out = 0;
+        let mut from = 0;
+        let mut events = self.events.iter().peekable();
+        loop {
+            let to = events.peek().map_or(self.records.len(), |(at, _)| *at);
+            let run: Vec<usize> = (from..to)
+                .filter(|&i| {
+                    let p = partition(&self.records[i]);
+                    let revoked_later = self.events.iter().any(|(at, ev)| {
+                        *at > i
+                            && matches!(ev, GroupEvent::Revoked { parts, .. } if parts.contains(&p))
+                    });
+                    left_out += usize::from(revoked_later);
+                    !revoked_later
+                })
+                .collect();
+            if !run.is_empty() {
+                steps.push(Step::Records(run));
+            }
+            from = to;
+            match events.next() {
+                Some((_, ev)) => steps.push(Step::Group(ev.clone())),
+                None => break,
+            }
+        }
+        (steps, left_out)
+    }
 }
 
 /// How often librdkafka reports statistics to the telemetry consumer (its high watermarks).
@@ -66,69 +182,53 @@ impl ClientContext for GroupContext {
 }
 
 impl ConsumerContext for GroupContext {
+    /// A revoke hands the leaving partitions over before librdkafka lets them go: every record
+    /// produced so far acknowledged, then their committable offsets committed (exactly-once:
+    /// the open transaction committed with them). No engine state is touched here.
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-            // The controller state of the partitions leaving goes to the changelog first.
-            self.core
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        let (offsets, fatal) = {
+            let book = self
+                .book
                 .lock()
-                .expect("core lock")
-                .write_state(self.clock.now_ms());
-            if self
-                .core
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .out
-                .eos
-            {
-                // The open transaction takes the leaving partitions' offsets with it.
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            (book.offsets.clone(), book.fatal)
+        };
+        let handover = if self.eos {
+            Handover::Transaction(if fatal {
+                TxnResult::Skipped
+            } else {
                 commit_transaction(
                     consumer,
                     &self.topic,
-                    &self.core,
                     &self.producer,
+                    &offsets,
                     self.revoke_timeout,
-                );
-                self.events
-                    .lock()
-                    .expect("events lock")
-                    .push(GroupEvent::Revoked(parts));
-                return;
-            }
-            // Everything produced so far must be acknowledged before its offsets commit.
-            let flushed = self.producer.flush(self.revoke_timeout).is_ok()
-                && self.producer.context().take_errors() == 0;
-            if flushed {
-                let offsets = {
-                    let core = self
-                        .core
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    parts
-                        .iter()
-                        .filter_map(|p| core.pending_offsets.get(p).map(|o| (*p, *o)))
-                        .collect::<Vec<_>>()
-                };
-                if let Err(e) = commit(consumer, &self.topic, &offsets, CommitMode::Sync) {
-                    tracing::warn!(error = %e, "commit on revoke failed; the new owner re-reads");
-                }
-            } else {
-                tracing::warn!("produce not confirmed before revoke; not committing");
-            }
-            self.events
-                .lock()
-                .expect("events lock")
-                .push(GroupEvent::Revoked(parts));
-        }
+                )
+            })
+        } else {
+            let leaving: Vec<(i32, i64)> = offsets
+                .into_iter()
+                .filter(|(p, _)| parts.contains(p))
+                .collect();
+            Handover::Commit(commit_flushed(
+                consumer,
+                &self.topic,
+                &self.producer,
+                &leaving,
+                self.revoke_timeout,
+            ))
+        };
+        self.push(GroupEvent::Revoked { parts, handover });
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-            self.events
-                .lock()
-                .expect("events lock")
-                .push(GroupEvent::Assigned(parts));
+            self.push(GroupEvent::Assigned(parts));
         }
     }
 }

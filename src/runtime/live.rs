@@ -2,8 +2,11 @@
 
 use super::*;
 
-/// State shared by the engine loop and the rebalance callback (the admin thread reads the
-/// pipeline's [`ReadModel`] and the [`Status`] instead).
+/// The loop's state. Only the loop changes it, one step at a time, and it never holds it across
+/// a broker round trip (commits, flushes, transactions, changelog reads and seeks happen
+/// between steps). The rebalance callback does not touch it; the admin thread reads the
+/// pipeline's [`ReadModel`] and the [`Status`]. It sits behind a mutex only for observers
+/// (the demo's terminal view, tests: `RunOptions::on_core`).
 pub struct Core {
     pub pipeline: Pipeline,
     pub config: Config,
@@ -15,8 +18,6 @@ pub struct Core {
     pub(super) outcome_waiting: BTreeMap<i32, crate::pipeline::SchemaWait>,
     /// Committable offsets per owned partition (computed after producing their effects).
     pub pending_offsets: BTreeMap<i32, i64>,
-    /// Reads a partition of the state changelog on assign (read_committed).
-    pub(super) state_reader: BaseConsumer<kafka::QuietEof>,
     /// Outcomes for segments not owned when they arrived (newest last, bounded): replayed
     /// after a partition's state is restored, so acks that raced a rebalance or a restart
     /// still land.
@@ -163,34 +164,91 @@ impl Core {
         )
     }
 
-    pub(super) fn apply_group_event(&mut self, ev: GroupEvent, now: i64) {
+    /// Partitions assigned: each starts empty; its state comes with [`Core::restored`].
+    pub(super) fn on_assigned(&mut self, parts: &[i32]) {
         self.out.counters.rebalances += 1;
-        match ev {
-            GroupEvent::Assigned(parts) => {
-                tracing::info!(?parts, "partitions assigned");
-                for p in parts {
-                    self.pipeline.assign(p);
-                    self.restore_partition(p);
-                }
-                self.replay_recent_outcomes(now);
+        tracing::info!(?parts, "partitions assigned");
+        for &p in parts {
+            self.pipeline.assign(p);
+        }
+    }
+
+    /// Partitions revoked: what the callback handed over is accounted, and their state goes.
+    pub(super) fn on_revoked(&mut self, parts: &[i32], handover: Handover) {
+        self.out.counters.rebalances += 1;
+        tracing::info!(?parts, ?handover, "partitions revoked");
+        match handover {
+            Handover::Commit(result) => self.after_commit(&result),
+            Handover::Transaction(result) => self.after_transaction(result),
+        }
+        for p in parts {
+            self.pipeline.revoke(*p);
+            self.pending_offsets.remove(p);
+            self.closed_written.remove(p);
+        }
+    }
+
+    /// Counts a commit of offsets.
+    pub(super) fn after_commit(&mut self, result: &CommitResult) {
+        match result {
+            CommitResult::Committed => {
+                self.out.counters.commits += 1;
+                self.out.report.commits += 1;
             }
-            GroupEvent::Revoked(parts) => {
-                tracing::info!(?parts, "partitions revoked");
-                for p in parts {
-                    self.pipeline.revoke(p);
-                    self.pending_offsets.remove(&p);
-                    self.closed_written.remove(&p);
-                }
+            CommitResult::Nothing => {}
+            CommitResult::Unconfirmed | CommitResult::Failed(_) => {
+                self.out.counters.commit_errors += 1;
             }
         }
     }
 
-    /// One polled batch of telemetry through the pipeline.
-    pub(super) fn on_telemetry(&mut self, batch: &[BorrowedMessage<'_>], now: i64) {
-        let records: Vec<Record<'_>> = batch
+    /// Accounts the exactly-once transaction's outcome: a commit makes its windows' events
+    /// count and forgets its outcomes; an abort asks for a rewind; a fatal error stops the run.
+    pub(super) fn after_transaction(&mut self, result: TxnResult) {
+        let fatal = match result {
+            TxnResult::Skipped => None,
+            TxnResult::Fatal(e) => Some(e),
+            TxnResult::Committed { offsets, fatal } => {
+                *self
+                    .out
+                    .counters
+                    .transactions
+                    .entry("committed")
+                    .or_default() += 1;
+                self.txn_outcomes.clear();
+                let n = std::mem::take(&mut self.out.txn_windowed);
+                self.out.report.records_windowed += n;
+                self.out.counters.windowed += n;
+                if offsets {
+                    self.out.counters.commits += 1;
+                    self.out.report.commits += 1;
+                }
+                fatal
+            }
+            TxnResult::Aborted { error, fatal } => {
+                tracing::warn!(%error, "exactly-once: transaction aborted; rewinding");
+                self.out.counters.commit_errors += 1;
+                *self.out.counters.transactions.entry("aborted").or_default() += 1;
+                self.needs_rewind = true;
+                fatal
+            }
+        };
+        if let Some(e) = fatal {
+            self.fatal.get_or_insert(e);
+        }
+    }
+
+    /// Records `which` of a polled batch (indices, in order) through the pipeline.
+    pub(super) fn on_telemetry(
+        &mut self,
+        batch: &[BorrowedMessage<'_>],
+        which: &[usize],
+        now: i64,
+    ) {
+        let records: Vec<Record<'_>> = which
             .iter()
-            .enumerate()
-            .map(|(handle, m)| {
+            .map(|&handle| {
+                let m = &batch[handle];
                 self.out.count_consumed("telemetry", m);
                 Record {
                     partition: m.partition(),
@@ -381,21 +439,18 @@ impl Core {
         }
     }
 
-    /// Restores partition `p`'s controller state from the changelog: the latest record per
-    /// segment, read (committed records only) up to the end the partition has now.
-    pub(super) fn restore_partition(&mut self, p: i32) {
-        let started = Instant::now();
-        let topic = self.config.topics.state.name.clone();
-        let result =
-            read_state_partition(&self.state_reader, &topic, p).and_then(|(states, marks)| {
-                self.closed_written.insert(p, marks);
-                self.pipeline
-                    .restore_dead_letter_mark(p, marks.dead_lettered_through);
-                self.pipeline
-                    .restore(p, states, marks.closed_through_ms)
-                    .map_err(anyhow::Error::msg)
-            });
-        let secs = started.elapsed().as_secs_f64();
+    /// Partition `p`'s controller state as read from the changelog (`secs`: how long the
+    /// read took): applied, or the partition starts from its windows alone (logged), or the
+    /// run stops for a record of a newer format.
+    pub(super) fn restored(&mut self, p: i32, read: anyhow::Result<Restored>, secs: f64) {
+        let result = read.and_then(|(states, marks)| {
+            self.closed_written.insert(p, marks);
+            self.pipeline
+                .restore_dead_letter_mark(p, marks.dead_lettered_through);
+            self.pipeline
+                .restore(p, states, marks.closed_through_ms)
+                .map_err(anyhow::Error::msg)
+        });
         self.out.counters.restore_secs.push(secs);
         match result {
             Ok(n) => {
@@ -413,47 +468,23 @@ impl Core {
                 self.fatal = Some(e.to_string());
             }
             Err(e) => {
+                self.out.counters.restore_failures += 1;
                 tracing::error!(partition = p, error = %e, "controller state not restored; the partition starts from windows alone");
             }
         }
     }
 
-    /// Exactly-once, after an aborted transaction: every owned partition goes back to its
-    /// last committed state (committed offset, changelog), and the outcomes the aborted
-    /// transaction had applied are applied again.
-    pub(super) fn rewind(&mut self, consumer: &BaseConsumer<GroupContext>, now: i64) {
-        let topic = self.config.topics.telemetry.name.clone();
-        let parts = self.pipeline.assigned().to_vec();
-        let committed = consumer
-            .committed(Duration::from_secs(10))
-            .map(|tpl| {
-                tpl.elements()
-                    .iter()
-                    .map(|e| (e.partition(), e.offset()))
-                    .collect::<BTreeMap<_, _>>()
-            })
-            .unwrap_or_default();
+    /// Exactly-once, after an aborted transaction: partition `p` starts again, empty (the
+    /// loop seeks it to its committed offset and restores its committed state), and the
+    /// outcomes the aborted transaction had applied wait to be applied again.
+    pub(super) fn restart(&mut self, p: i32) {
         self.out.txn_windowed = 0;
-        for p in &parts {
-            self.pipeline.revoke(*p);
-            self.pending_offsets.remove(p);
-            self.closed_written.remove(p);
-            self.pipeline.assign(*p);
-            let to = match committed.get(p) {
-                Some(Offset::Offset(o)) => Offset::Offset(*o),
-                _ => Offset::Beginning,
-            };
-            if let Err(e) = consumer.seek(&topic, *p, to, Duration::from_secs(10)) {
-                tracing::error!(partition = p, error = %e, "rewind: seek failed");
-                self.fatal = Some(format!("exactly-once: rewind of partition {p} failed: {e}"));
-                return;
-            }
-            self.restore_partition(*p);
-        }
+        self.pipeline.revoke(p);
+        self.pending_offsets.remove(&p);
+        self.closed_written.remove(&p);
+        self.pipeline.assign(p);
         let applied = std::mem::take(&mut self.txn_outcomes);
         self.recent_outcomes.extend(applied);
-        self.replay_recent_outcomes(now);
-        tracing::info!(?parts, "rewound to the last committed state");
     }
 
     /// Dead-letter deliveries since the last turn: an acknowledged write releases the commit
@@ -753,3 +784,73 @@ pub(super) const MIN_DLQ_LIMIT: usize = 16 << 10;
 
 /// Times a dead letter is written before the run stops (it is never committed past).
 pub(super) const DLQ_ATTEMPTS: u32 = 5;
+
+/// The loop's state at startup: the pipeline (nothing caught up or read through until the
+/// lag says so; with a registry, schema ids learned through `resolver`) and its output, with
+/// the schemas segloop writes registered.
+pub(super) fn build_core(
+    config: &Config,
+    policies: PolicySet,
+    producer: Arc<ThreadedProducer<ProduceContext>>,
+    registry: Option<&crate::registry::Registry>,
+    resolver: Option<crate::registry::Resolver>,
+    eos: bool,
+) -> anyhow::Result<Core> {
+    let t = &config.topics;
+    let codec_err = |topic: &str, e: String| anyhow::anyhow!("topics.{topic}: {e}");
+    let mut pipeline =
+        Pipeline::new(config, policies, PipelineOptions::live()).map_err(anyhow::Error::msg)?;
+    pipeline.track_dead_letters();
+    // No partition is caught up until the lag says so: a verification with no deciding window
+    // waits for the re-read telemetry after a restart.
+    pipeline.set_caught_up(Some(BTreeSet::new()));
+    // Nor is any partition read through to its end: the idle advance waits for the lag.
+    pipeline.set_read_through(Some(BTreeMap::new()));
+    if let Some(r) = &resolver {
+        pipeline.set_schema_source(Box::new(r.clone()));
+    }
+    let writer = |topic: &crate::config::TopicConfig, kind| {
+        crate::registry::writer_settings(config, registry, topic, &topic.name, kind)
+    };
+    let command_settings = writer(&t.actions, crate::schema::SchemaKind::Command)?;
+    let decision_settings = writer(&t.decisions, crate::schema::SchemaKind::Decision)?;
+    Ok(Core {
+        pipeline,
+        out: Output {
+            producer,
+            command_codec: build_codec(t.actions.codec, &command_settings)
+                .map_err(|e| codec_err("actions", e))?,
+            decision_codec: build_codec(t.decisions.codec, &decision_settings)
+                .map_err(|e| codec_err("decisions", e))?,
+            actions_topic: t.actions.name.clone(),
+            decisions_topic: t.decisions.name.clone(),
+            dlq_topic: t.dlq.name.clone(),
+            counters: Counters {
+                topic_names: [
+                    ("telemetry", t.telemetry.name.clone()),
+                    ("outcomes", t.outcomes.name.clone()),
+                ]
+                .into(),
+                ..Counters::default()
+            },
+            report: RunReport::default(),
+            eos,
+            txn_windowed: 0,
+            held_back: BTreeMap::new(),
+            dlq_limit: dlq_limit(config),
+            dlq_attempts: HashMap::new(),
+        },
+        outcome_codec: build_codec(t.outcomes.codec, &config.schema_settings(&t.outcomes))
+            .map_err(|e| codec_err("outcomes", e))?,
+        outcome_schemas: resolver,
+        outcome_waiting: BTreeMap::new(),
+        pending_offsets: BTreeMap::new(),
+        recent_outcomes: std::collections::VecDeque::new(),
+        outcomes_backlog: BTreeMap::new(),
+        txn_outcomes: Vec::new(),
+        needs_rewind: false,
+        fatal: None,
+        closed_written: BTreeMap::new(),
+        config: config.clone(),
+    })
+}

@@ -21,6 +21,7 @@ mod errors;
 mod group;
 mod live;
 mod schema_wait;
+mod turn;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -52,7 +53,6 @@ pub use delivery::{ProduceContext, SilencePublisher};
 use errors::*;
 use group::*;
 pub use live::Core;
-use live::*;
 
 /// What a run did, for the caller (the demo's accounting, tests).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -102,6 +102,9 @@ pub struct Status {
     /// Partitions waiting on the schema registry, each as a sentence (`/readyz` is false
     /// meanwhile).
     pub schema_waits: Vec<String>,
+    /// The controller state being restored after an assignment, as a sentence with its
+    /// progress (`/readyz` is false meanwhile).
+    pub restoring: Option<String>,
 }
 
 /// The engine loop's heartbeat, bumped every turn: `/healthz` reads it without any lock.
@@ -157,128 +160,42 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     } = opts;
     kafka::connect(&config)?;
     let partitions = kafka::prepare_topics(&config)?;
-    let telemetry_partitions = partitions[config.topics.telemetry.name.as_str()];
-    let control_partitions = partitions[config.topics.control.name.as_str()];
+    let t = &config.topics;
     tracing::info!(
         brokers = %config.kafka.bootstrap_servers,
         group = %config.kafka.group_id,
-        telemetry_partitions,
+        telemetry_partitions = partitions[t.telemetry.name.as_str()],
         "starting segloop"
     );
-
     let eos = config.delivery.mode == crate::config::DeliveryMode::ExactlyOnce;
-    let txn_id = config
-        .delivery
-        .transactional_id
-        .clone()
-        .unwrap_or_else(|| format!("{}-{}", config.kafka.group_id, config.kafka.client_id));
-    let mut producer_props = vec![
-        ("enable.idempotence", "true"),
-        ("acks", "all"),
-        ("partitioner", "murmur2_random"),
-        ("linger.ms", "5"),
-        ("queue.buffering.max.messages", "100000"),
-    ];
-    if eos {
-        producer_props.push(("transactional.id", txn_id.as_str()));
-    }
-    let producer: Arc<ThreadedProducer<ProduceContext>> = Arc::new(
-        kafka::producer_config(&config, &producer_props)
-            .create_with_context(ProduceContext::default())
-            .context("cannot create the Kafka producer")?,
-    );
-    if eos {
-        // Fences any earlier producer with this id (a crashed predecessor) and aborts its
-        // open transaction.
-        producer
-            .init_transactions(Duration::from_secs(30))
-            .with_context(|| {
-                format!("cannot initialise transactions (transactional.id {txn_id})")
-            })?;
-        producer
-            .begin_transaction()
-            .context("cannot begin a transaction")?;
-        tracing::info!(transactional_id = %txn_id, "exactly-once: transactions on");
-    }
-
-    let t = &config.topics;
-    let codec_err = |topic: &str, e: String| anyhow::anyhow!("topics.{topic}: {e}");
-    let mut pipeline =
-        Pipeline::new(&config, policies, PipelineOptions::live()).map_err(anyhow::Error::msg)?;
-    pipeline.track_dead_letters();
-    // No partition is caught up until the lag says so: a verification with no deciding window
-    // waits for the re-read telemetry after a restart.
-    pipeline.set_caught_up(Some(BTreeSet::new()));
-    // Nor is any partition read through to its end: the idle advance waits for the lag.
-    pipeline.set_read_through(Some(BTreeMap::new()));
-    // With a registry: ids learned in the background; the schemas segloop writes registered.
+    let producer = start_producer(&config, eos)?;
     for w in config.registry_warnings() {
         tracing::warn!("{w}");
     }
     let registry = crate::registry::Registry::from_config(&config.schema_registry)
         .map_err(anyhow::Error::msg)?
         .map(Arc::new);
-    let writer = |topic: &crate::config::TopicConfig, kind| {
-        crate::registry::writer_settings(&config, registry.as_deref(), topic, &topic.name, kind)
-    };
-    let command_settings = writer(&t.actions, crate::schema::SchemaKind::Command)?;
-    let decision_settings = writer(&t.decisions, crate::schema::SchemaKind::Decision)?;
-    let resolver = registry.map(crate::registry::Resolver::background);
-    let max_wait = config.schema_registry.max_wait;
-    let mut schema_waits = resolver.as_ref().map(|r| {
-        pipeline.set_schema_source(Box::new(r.clone()));
-        schema_wait::SchemaWaits::new(r.clone(), &t.telemetry.name, max_wait)
-    });
-    let mut outcome_waits = resolver
+    let resolver = registry
         .as_ref()
-        .map(|r| schema_wait::SchemaWaits::new(r.clone(), &t.outcomes.name, max_wait));
-    let read_model = pipeline.read_model();
-    let core = Arc::new(Mutex::new(Core {
-        pipeline,
-        out: Output {
-            producer: producer.clone(),
-            command_codec: build_codec(t.actions.codec, &command_settings)
-                .map_err(|e| codec_err("actions", e))?,
-            decision_codec: build_codec(t.decisions.codec, &decision_settings)
-                .map_err(|e| codec_err("decisions", e))?,
-            actions_topic: t.actions.name.clone(),
-            decisions_topic: t.decisions.name.clone(),
-            dlq_topic: t.dlq.name.clone(),
-            counters: Counters {
-                topic_names: [
-                    ("telemetry", t.telemetry.name.clone()),
-                    ("outcomes", t.outcomes.name.clone()),
-                ]
-                .into(),
-                ..Counters::default()
-            },
-            report: RunReport::default(),
-            eos,
-            txn_windowed: 0,
-            held_back: BTreeMap::new(),
-            dlq_limit: dlq_limit(&config),
-            dlq_attempts: HashMap::new(),
-        },
-        outcome_codec: build_codec(t.outcomes.codec, &config.schema_settings(&t.outcomes))
-            .map_err(|e| codec_err("outcomes", e))?,
-        outcome_schemas: resolver.clone(),
-        outcome_waiting: BTreeMap::new(),
-        pending_offsets: BTreeMap::new(),
-        state_reader: state_reader(&config)?,
-        recent_outcomes: std::collections::VecDeque::new(),
-        outcomes_backlog: BTreeMap::new(),
-        txn_outcomes: Vec::new(),
-        needs_rewind: false,
-        fatal: None,
-        closed_written: BTreeMap::new(),
-        config: config.clone(),
-    }));
+        .map(|r| crate::registry::Resolver::background(r.clone()));
+    let core = Arc::new(Mutex::new(live::build_core(
+        &config,
+        policies,
+        producer.clone(),
+        registry.as_deref(),
+        resolver.clone(),
+        eos,
+    )?));
+    let read_model = core
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .pipeline
+        .read_model();
     let status = Arc::new(Mutex::new(Status::default()));
     let heartbeat = Arc::new(Heartbeat::default());
     if let Some(f) = on_core {
         f(core.clone());
     }
-
     let admin = admin::Admin::start(
         &config.admin.listen,
         admin::Shared {
@@ -297,18 +214,115 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     if let Some(f) = on_admin {
         f(admin.addr);
     }
+    let book = Arc::new(Mutex::new(CommitBook::default()));
+    let consumer = telemetry_consumer(&config, producer.clone(), book.clone(), eos)?;
+    let outcomes = outcome_consumer(&config, &core, clock.now_ms())?;
+    let controls = side_consumer(
+        &config,
+        &t.control.name,
+        partitions[t.control.name.as_str()],
+        Offset::Beginning,
+    )?;
+    let _guard = metrics::set_default_local_recorder(&*metrics.recorder);
+    crate::metrics::init_escalations(
+        core.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pipeline
+            .policies()
+            .policies
+            .iter()
+            .map(|p| p.name.as_str()),
+    );
+    let mut turns = turn::Loop::new(turn::Parts {
+        core,
+        status,
+        heartbeat,
+        producer,
+        outcomes,
+        controls,
+        changelog: Changelog::new(&config)?,
+        book,
+        resolver,
+        policies_path,
+        clock,
+        config,
+    });
+    let ended = turns.run(&consumer, &control);
+    let report = match &ended {
+        turn::Ended::Failed(_) => None,
+        _ => Some(turns.shutdown(&consumer)),
+    };
+    admin.stop();
+    drop(consumer);
+    match (ended, report) {
+        (turn::Ended::Stopped, Some(report)) => Ok(report),
+        (turn::Ended::Failed(e) | turn::Ended::FailedAfterCommit(e), _) => Err(e),
+        (turn::Ended::Stopped, None) => unreachable!("a stopped run shuts down"),
+    }
+}
 
+/// The producer of commands, decisions, state and dead letters (idempotent, `acks=all`,
+/// murmur2); exactly-once: transactional, with its first transaction begun.
+fn start_producer(
+    config: &Config,
+    eos: bool,
+) -> anyhow::Result<Arc<ThreadedProducer<ProduceContext>>> {
+    let txn_id = config
+        .delivery
+        .transactional_id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", config.kafka.group_id, config.kafka.client_id));
+    let mut props = vec![
+        ("enable.idempotence", "true"),
+        ("acks", "all"),
+        ("partitioner", "murmur2_random"),
+        ("linger.ms", "5"),
+        ("queue.buffering.max.messages", "100000"),
+    ];
+    if eos {
+        props.push(("transactional.id", txn_id.as_str()));
+    }
+    let producer: Arc<ThreadedProducer<ProduceContext>> = Arc::new(
+        kafka::producer_config(config, &props)
+            .create_with_context(ProduceContext::default())
+            .context("cannot create the Kafka producer")?,
+    );
+    if eos {
+        // Fences any earlier producer with this id (a crashed predecessor) and aborts its
+        // open transaction.
+        producer
+            .init_transactions(Duration::from_secs(30))
+            .with_context(|| {
+                format!("cannot initialise transactions (transactional.id {txn_id})")
+            })?;
+        producer
+            .begin_transaction()
+            .context("cannot begin a transaction")?;
+        tracing::info!(transactional_id = %txn_id, "exactly-once: transactions on");
+    }
+    Ok(producer)
+}
+
+/// The telemetry consumer, subscribed, in the group; its rebalance callback commits from
+/// `book` (see [`GroupContext`]).
+fn telemetry_consumer(
+    config: &Config,
+    producer: Arc<ThreadedProducer<ProduceContext>>,
+    book: Arc<Mutex<CommitBook>>,
+    eos: bool,
+) -> anyhow::Result<BaseConsumer<GroupContext>> {
+    let topic = &config.topics.telemetry.name;
     let session_timeout = config
         .kafka
         .librdkafka_properties()
         .get("session.timeout.ms")
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(45_000);
-    let group_ctx = GroupContext {
-        topic: t.telemetry.name.clone(),
-        clock: clock.clone(),
-        core: core.clone(),
-        producer: producer.clone(),
+    let context = GroupContext {
+        topic: topic.clone(),
+        producer,
+        eos,
+        book,
         events: Mutex::new(Vec::new()),
         client_errors: Mutex::new(Vec::new()),
         high_watermarks: Mutex::new(BTreeMap::new()),
@@ -316,7 +330,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
             .min(config.delivery.shutdown_timeout),
     };
     let consumer: BaseConsumer<GroupContext> = kafka::client_config(
-        &config,
+        config,
         &[
             ("group.id", &config.kafka.group_id),
             ("enable.auto.commit", "false"),
@@ -330,379 +344,40 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     // The high watermarks the lag is measured against (GroupContext::stats): set over any
     // `kafka.properties` value, which would leave the lag stale or unknown.
     .set("statistics.interval.ms", STATS_INTERVAL)
-    .create_with_context(group_ctx)
+    .create_with_context(context)
     .context("cannot create the telemetry consumer")?;
     consumer
-        .subscribe(&[&t.telemetry.name])
+        .subscribe(&[topic])
         .context("cannot subscribe to the telemetry topic")?;
-
-    let outcomes: BaseConsumer<kafka::Collapsing> = {
-        let c = side_consumer_unassigned(&config, &t.outcomes.name)?;
-        let lookback = config.delivery.outcome_lookback.as_millis() as i64;
-        let found = kafka::offsets_from(&c, &t.outcomes.name, Some(clock.now_ms() - lookback))?;
-        let mut tpl = TopicPartitionList::new();
-        for (p, o) in &found.start {
-            tpl.add_partition_offset(&t.outcomes.name, *p, Offset::Offset(*o))?;
-        }
-        c.assign(&tpl)
-            .context("cannot assign the partitions of the outcomes topic")?;
-        core.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .outcomes_backlog = found
-            .start
-            .iter()
-            .filter(|(p, o)| found.end[*p] > **o)
-            .map(|(p, _)| (*p, found.end[p]))
-            .collect();
-        c
-    };
-    let controls: BaseConsumer<kafka::Collapsing> = side_consumer(
-        &config,
-        &t.control.name,
-        control_partitions,
-        Offset::Beginning,
-    )?;
-
-    let _guard = metrics::set_default_local_recorder(&*metrics.recorder);
-    crate::metrics::init_escalations(
-        core.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pipeline
-            .policies()
-            .policies
-            .iter()
-            .map(|p| p.name.as_str()),
-    );
-    let mut last_commit = Instant::now();
-    let mut last_lag = Instant::now();
-    let mut within_before = BTreeSet::new();
-    // Partitions at their high watermark in the last lag measurement, when it was taken, and
-    // per partition the time everything written to it was last known read.
-    let mut at_end_before: BTreeSet<i32> = BTreeSet::new();
-    let mut measured_before_ms = i64::MIN;
-    let mut read_through: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut last_publish = Instant::now();
-    let mut policy_mtime = policies_path.as_ref().and_then(|p| mtime(p));
-    let mut last_policy_check = Instant::now();
-    let commit_interval = config.delivery.commit_interval;
-    let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(4096);
-
-    let (mut poll_time, mut work_time, mut turns) = (Duration::ZERO, Duration::ZERO, 0u64);
-    let mut telemetry_errors = ConsumeErrors::new(&t.telemetry.name);
-    let mut outcome_errors = ConsumeErrors::new(&t.outcomes.name);
-    let mut control_errors = ConsumeErrors::new(&t.control.name);
-    // A reason to stop that still lets the shutdown commit what is safe (then `run` fails).
-    let mut stop_error: Option<anyhow::Error> = None;
-    while !control.stopping() {
-        turns += 1;
-        let turn_start = Instant::now();
-        // Telemetry: block briefly for the first record, then take what is buffered.
-        batch.clear();
-        let mut poll_error = None;
-        let mut timeout = Duration::from_millis(50);
-        while batch.len() < 4096 {
-            match consumer.poll(timeout) {
-                Some(Ok(m)) => batch.push(m),
-                Some(Err(e)) => {
-                    poll_error = Some(e);
-                    break;
-                }
-                None => break,
-            }
-            timeout = Duration::ZERO;
-        }
-        let client_errors = std::mem::take(
-            &mut *consumer
-                .context()
-                .client_errors
-                .lock()
-                .expect("errors lock"),
-        );
-        if poll_error.is_some() || !client_errors.is_empty() {
-            // Which partitions: those with records behind them that this instance owns.
-            let behind: Vec<i32> = status
-                .lock()
-                .expect("status lock")
-                .lag
-                .iter()
-                .filter(|(_, l)| **l > 0)
-                .map(|(p, _)| *p)
-                .collect();
-            let behind = format!("{behind:?} (behind)");
-            let mut core = core
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(e) = poll_error {
-                telemetry_errors.on_error(&e, "", &behind, &mut core.out.counters);
-            }
-            for (e, reason) in client_errors {
-                telemetry_errors.on_error(
-                    &e,
-                    &format!(": {reason}"),
-                    "all",
-                    &mut core.out.counters,
-                );
-            }
-        } else if !batch.is_empty() {
-            telemetry_errors.on_progress();
-        }
-        poll_time += turn_start.elapsed();
-        let work_start = Instant::now();
-        let events: Vec<GroupEvent> = std::mem::take(
-            &mut *consumer
-                .context()
-                .events
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        let now = clock.now_ms();
-        if let Some(w) = schema_waits.as_mut() {
-            for ev in &events {
-                match ev {
-                    GroupEvent::Assigned(parts) => w.rebalanced(&consumer, parts, true),
-                    GroupEvent::Revoked(parts) => w.rebalanced(&consumer, parts, false),
-                }
-            }
-        }
-        {
-            let mut core = core
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let core = &mut *core;
-            let joined = events.iter().any(|e| matches!(e, GroupEvent::Assigned(_)));
-            for ev in events {
-                core.apply_group_event(ev, now);
-            }
-            if joined {
-                status
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .joined = true;
-            }
-            core.on_telemetry(&batch, now);
-            // Messages pin librdkafka state: release them now, never hold them across turns
-            // (a consumer destroyed with messages alive waits for them forever).
-            batch.clear();
-            // Outcomes and operator intents.
-            let outcome_batch = if core.outcomes_backlog.is_empty() {
-                256
-            } else {
-                8192
-            };
-            for _ in 0..outcome_batch {
-                match outcomes.poll(Duration::ZERO) {
-                    Some(Ok(m)) => {
-                        outcome_errors.on_progress();
-                        core.on_outcome(&m, now);
-                    }
-                    Some(Err(e)) => {
-                        outcome_errors.on_error(&e, "", "all", &mut core.out.counters);
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            for _ in 0..256 {
-                match controls.poll(Duration::ZERO) {
-                    Some(Ok(m)) => {
-                        control_errors.on_progress();
-                        core.on_control(&m);
-                    }
-                    Some(Err(e)) => {
-                        control_errors.on_error(&e, "", "all", &mut core.out.counters);
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            core.tick(now);
-            core.account_dead_letters();
-            core.write_state(now);
-            core.refresh_offsets();
-            core.pipeline.end_turn(now);
-            let mut s = status
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            s.assigned = core.pipeline.assigned().to_vec();
-            heartbeat.beat();
-            s.consume_errors = [&telemetry_errors, &outcome_errors, &control_errors]
-                .iter()
-                .filter_map(|e| e.fresh())
-                .collect();
-        }
-        if let Err(e) = sync_schema_waits(
-            &core,
-            &status,
-            (&consumer, schema_waits.as_mut()),
-            (&outcomes, outcome_waits.as_mut()),
-        ) {
-            stop_error = Some(e);
-            break;
-        }
-        if let Some(why) = [&telemetry_errors, &outcome_errors, &control_errors]
-            .iter()
-            .find_map(|e| e.must_stop(config.kafka.connect_timeout))
-        {
-            admin.stop();
-            anyhow::bail!("{why}");
-        }
-        work_time += work_start.elapsed();
-
-        if last_commit.elapsed() >= commit_interval {
-            last_commit = Instant::now();
-            commit_owned(
-                &consumer,
-                &core,
-                &producer,
-                CommitMode::Async,
-                commit_interval,
-            );
-        }
-        {
-            let mut c = core
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(e) = c.fatal.take() {
-                drop(c);
-                admin.stop();
-                anyhow::bail!("{e}");
-            }
-            if std::mem::take(&mut c.needs_rewind) {
-                c.rewind(&consumer, clock.now_ms());
-            }
-        }
-        if last_lag.elapsed() >= Duration::from_secs(2) {
-            last_lag = Instant::now();
-            let lag = measure_lag(&consumer);
-            // Caught up: within the readiness threshold in two measurements in a row (2 s
-            // apart), so a backlog's tail, or records fetched but not yet delivered (no
-            // position yet), are read before a verification is judged without its window.
-            let within: BTreeSet<i32> = lag
-                .iter()
-                .filter(|(_, l)| **l <= admin::READY_MAX_LAG)
-                .map(|(p, _)| *p)
-                .collect();
-            let caught_up = within.intersection(&within_before).copied().collect();
-            within_before = within;
-            // Read through: at the high watermark in two measurements in a row, so the second
-            // saw a high watermark fetched after the first (one cached from before a stall
-            // cannot pass for the end); everything written before the first was read then.
-            let measured_ms = clock.now_ms();
-            let at_end: BTreeSet<i32> = lag
-                .iter()
-                .filter(|(_, l)| **l == 0)
-                .map(|(p, _)| *p)
-                .collect();
-            for p in at_end.intersection(&at_end_before) {
-                read_through.insert(*p, measured_before_ms);
-            }
-            at_end_before = at_end;
-            measured_before_ms = measured_ms;
-            let mut c = core
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            c.pipeline.set_caught_up(Some(caught_up));
-            c.pipeline.set_read_through(Some(read_through.clone()));
-            drop(c);
-            status
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .lag = lag;
-        }
-        if let Some(path) = &policies_path {
-            let hup = control.take_reload();
-            if hup || last_policy_check.elapsed() >= Duration::from_secs(2) {
-                last_policy_check = Instant::now();
-                let m = mtime(path);
-                if hup || m != policy_mtime {
-                    policy_mtime = m;
-                    reload_policies(&core, path, &config, clock.now_ms());
-                }
-            }
-        }
-        if last_publish.elapsed() >= Duration::from_millis(250) {
-            last_publish = Instant::now();
-            publish(&core, &producer, &status);
-        }
-    }
-
-    // Graceful shutdown: stop polling, flush, commit what is safe. (The loop's time split is
-    // this log line's; the library reads no process environment.)
-    tracing::info!(
-        turns,
-        poll_secs = poll_time.as_secs_f64(),
-        work_secs = work_time.as_secs_f64(),
-        "shutting down: flushing and committing"
-    );
-    let deadline = config.delivery.shutdown_timeout;
-    core.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .write_state(clock.now_ms());
-    commit_owned(&consumer, &core, &producer, CommitMode::Sync, deadline);
-    publish(&core, &producer, &status);
-    admin.stop();
-    let report = core
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .report();
-    drop(batch);
-    drop(consumer);
-    match stop_error {
-        Some(e) => Err(e),
-        None => Ok(report),
-    }
+    Ok(consumer)
 }
 
-/// Pauses the telemetry and outcome partitions waiting on the schema registry, and reads the
-/// answered ones again (see [`schema_wait`]); publishes the waits to `/readyz` and metrics.
-///
-/// # Errors
-/// A partition waited longer than `schema_registry.max_wait`.
-fn sync_schema_waits(
-    core: &Arc<Mutex<Core>>,
-    status: &Mutex<Status>,
-    (telemetry, telemetry_waits): (
-        &BaseConsumer<GroupContext>,
-        Option<&mut schema_wait::SchemaWaits>,
-    ),
-    (outcomes, outcome_waits): (
-        &BaseConsumer<kafka::Collapsing>,
-        Option<&mut schema_wait::SchemaWaits>,
-    ),
-) -> anyhow::Result<()> {
-    let (Some(tw), Some(ow)) = (telemetry_waits, outcome_waits) else {
-        return Ok(());
-    };
-    let lock = || {
-        core.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    };
-    let (waiting, outcome_waiting) = {
-        let c = lock();
-        (c.pipeline.waiting().clone(), c.outcome_waiting.clone())
-    };
-    let result = tw.sync(telemetry, &waiting).and_then(|answered| {
-        let more = ow.sync(outcomes, &outcome_waiting)?;
-        if !answered.is_empty() || !more.is_empty() {
-            let mut c = lock();
-            for p in answered {
-                c.pipeline.stop_waiting(p);
-            }
-            for p in more {
-                c.outcome_waiting.remove(&p);
-            }
-        }
-        Ok(())
-    });
-    let mut described = tw.describe();
-    described.extend(ow.describe());
-    metrics::gauge!(crate::metrics::SCHEMA_WAITING).set((tw.len() + ow.len()) as f64);
-    metrics::counter!(crate::metrics::REGISTRY_REQUESTS).absolute(tw.requests());
-    status
-        .lock()
+/// The outcomes reader: every partition from `delivery.outcome_lookback` ago; the partitions
+/// with a backlog are noted in the core (deadlines wait for it).
+fn outcome_consumer(
+    config: &Config,
+    core: &SharedCore,
+    now: i64,
+) -> anyhow::Result<BaseConsumer<kafka::Collapsing>> {
+    let topic = &config.topics.outcomes.name;
+    let c = side_consumer_unassigned(config, topic)?;
+    let lookback = config.delivery.outcome_lookback.as_millis() as i64;
+    let found = kafka::offsets_from(&c, topic, Some(now - lookback))?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in &found.start {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
+    }
+    c.assign(&tpl)
+        .context("cannot assign the partitions of the outcomes topic")?;
+    core.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .schema_waits = described;
-    result
+        .outcomes_backlog = found
+        .start
+        .iter()
+        .filter(|(p, o)| found.end[*p] > **o)
+        .map(|(p, _)| (*p, found.end[p]))
+        .collect();
+    Ok(c)
 }
 
 fn side_consumer(
@@ -737,24 +412,6 @@ fn side_consumer_unassigned(
     .create_with_context(kafka::Collapsing)
     .with_context(|| format!("cannot create a consumer for {topic}"))?;
     Ok(c)
-}
-
-fn mtime(path: &std::path::Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-fn reload_policies(core: &Arc<Mutex<Core>>, path: &std::path::Path, config: &Config, now: i64) {
-    match PolicySet::load_for(path, &config.windows) {
-        Ok(set) => {
-            core.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .reload(set, now);
-            tracing::info!(path = %path.display(), "policies reloaded");
-        }
-        Err(e) => {
-            tracing::error!(errors = %e, "policy reload refused; keeping the old policies");
-        }
-    }
 }
 
 fn publish(
@@ -799,3 +456,6 @@ fn publish(
     };
     crate::metrics::publish(&mut out.counters, &gauges);
 }
+
+#[cfg(test)]
+mod tests;
