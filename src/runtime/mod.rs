@@ -20,6 +20,7 @@ mod delivery;
 mod errors;
 mod group;
 mod live;
+mod output;
 mod schema_wait;
 mod turn;
 
@@ -53,6 +54,7 @@ pub use delivery::{ProduceContext, SilencePublisher};
 use errors::*;
 use group::*;
 pub use live::Core;
+use output::*;
 
 /// What a run did, for the caller (the demo's accounting, tests).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
