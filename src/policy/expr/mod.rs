@@ -24,6 +24,11 @@ use std::fmt;
 
 use crate::window::WindowSummary;
 
+mod lex;
+#[cfg(test)]
+mod tests;
+use lex::*;
+
 /// A parse error with its 1-based column in the condition text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseError {
@@ -334,135 +339,6 @@ impl fmt::Display for Cond {
 }
 
 // ---- tokens --------------------------------------------------------------------------------
-
-#[derive(Debug, Clone, PartialEq)]
-enum Tok {
-    Num(f64),
-    Ident(String),
-    LParen,
-    RParen,
-    Comma,
-    Cmp(CmpOp),
-    Arith(ArithOp),
-    And,
-    Or,
-    Not,
-    End,
-}
-
-fn describe(t: &Tok) -> String {
-    match t {
-        Tok::Num(v) => format!("number {v}"),
-        Tok::Ident(s) => format!("`{s}`"),
-        Tok::LParen => "`(`".into(),
-        Tok::RParen => "`)`".into(),
-        Tok::Comma => "`,`".into(),
-        Tok::Cmp(op) => format!("`{}`", op.as_str()),
-        Tok::Arith(_) => "an arithmetic operator".into(),
-        Tok::And => "`and`".into(),
-        Tok::Or => "`or`".into(),
-        Tok::Not => "`not`".into(),
-        Tok::End => "the end of the condition".into(),
-    }
-}
-
-fn tokenize(text: &str) -> Result<Vec<(Tok, usize)>, ParseError> {
-    let chars: Vec<char> = text.chars().collect();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        let col = i + 1;
-        if c.is_whitespace() {
-            i += 1;
-            continue;
-        }
-        let two: String = chars[i..(i + 2).min(chars.len())].iter().collect();
-        let tok = match c {
-            '(' => Tok::LParen,
-            ')' => Tok::RParen,
-            ',' => Tok::Comma,
-            '+' => Tok::Arith(ArithOp::Add),
-            '-' => Tok::Arith(ArithOp::Sub),
-            '*' => Tok::Arith(ArithOp::Mul),
-            '/' => Tok::Arith(ArithOp::Div),
-            '<' | '>' | '=' | '!' => {
-                let (op, len) = match two.as_str() {
-                    "<=" => (CmpOp::Le, 2),
-                    ">=" => (CmpOp::Ge, 2),
-                    "==" => (CmpOp::Eq, 2),
-                    "!=" => (CmpOp::Ne, 2),
-                    _ if c == '<' => (CmpOp::Lt, 1),
-                    _ if c == '>' => (CmpOp::Gt, 1),
-                    _ => {
-                        return Err(ParseError {
-                            column: col,
-                            message: format!("unexpected `{c}`; use == or != to compare"),
-                        })
-                    }
-                };
-                out.push((Tok::Cmp(op), col));
-                i += len;
-                continue;
-            }
-            c if c.is_ascii_digit() || c == '.' => {
-                let start = i;
-                while i < chars.len()
-                    && (chars[i].is_ascii_digit()
-                        || chars[i] == '.'
-                        || chars[i] == 'e'
-                        || chars[i] == 'E'
-                        || ((chars[i] == '-' || chars[i] == '+')
-                            && matches!(chars[i - 1], 'e' | 'E')))
-                {
-                    i += 1;
-                }
-                let s: String = chars[start..i].iter().collect();
-                let v: f64 = s.parse().map_err(|_| ParseError {
-                    column: col,
-                    message: format!("`{s}` is not a number"),
-                })?;
-                if !v.is_finite() {
-                    return Err(ParseError {
-                        column: col,
-                        message: format!("`{s}` is out of range (numbers must be finite)"),
-                    });
-                }
-                out.push((Tok::Num(v), col));
-                continue;
-            }
-            c if c.is_alphabetic() || c == '_' => {
-                let start = i;
-                while i < chars.len()
-                    && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '.')
-                {
-                    i += 1;
-                }
-                let s: String = chars[start..i].iter().collect();
-                let tok = match s.as_str() {
-                    "and" => Tok::And,
-                    "or" => Tok::Or,
-                    "not" => Tok::Not,
-                    _ => Tok::Ident(s),
-                };
-                out.push((tok, col));
-                continue;
-            }
-            _ => {
-                return Err(ParseError {
-                    column: col,
-                    message: format!("unexpected character `{c}`"),
-                })
-            }
-        };
-        out.push((tok, col));
-        i += 1;
-    }
-    out.push((Tok::End, chars.len() + 1));
-    Ok(out)
-}
-
-// ---- parser --------------------------------------------------------------------------------
 
 enum Expr {
     Num(Num),
@@ -822,68 +698,5 @@ pub fn quantile_measurements(c: &Cond, out: &mut Vec<String>) {
         }
         Cond::Not(a) => quantile_measurements(a, out),
         Cond::NoData => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_the_documented_examples() {
-        for text in [
-            "p99(latency_ms) > 250 and count() >= 20",
-            "mean(error) > 0.05",
-            "no_data()",
-            "rate(error) > 2.5",
-            "not (p50(latency_ms) <= 100 or count() < 5)",
-            "quantile(latency_ms, 0.999) > 2 * p50(latency_ms)",
-            "-1 < min(cpu) and max(cpu) != 1e3",
-        ] {
-            parse(text).unwrap_or_else(|e| panic!("{text}: {}", e.render(text)));
-        }
-    }
-
-    #[test]
-    fn precedence_is_not_then_and_then_or() {
-        let c = parse("count() > 1 or count() > 2 and not count() > 3").unwrap();
-        assert_eq!(
-            c.to_string(),
-            "(count() > 1 or (count() > 2 and not count() > 3))"
-        );
-    }
-
-    #[test]
-    fn errors_point_at_the_column() {
-        let cases = [
-            ("p99(latency_ms) > ", 19, "expected a number"),
-            ("p99(latency_ms) >> 3", 18, "expected a number"),
-            ("p98(latency_ms) > 3", 1, "unknown function `p98`"),
-            ("count() > 3 and", 16, "expected a number"),
-            ("mean() > 1", 1, "needs a measurement"),
-            ("p99(latency_ms)", 1, "must compare"),
-            ("count() > 1 and 5", 17, "needs a comparison"),
-            ("(count() > 1", 13, "expected `)`"),
-            ("count() = 1", 9, "use =="),
-            ("count() > 1 garbage", 13, "expected `and`"),
-            ("quantile(x, 2) > 1", 1, "between 0 and 1"),
-            ("no_data(x)", 1, "takes no measurement"),
-            ("count > 1", 7, "must be called"),
-            ("count() > 1 $", 13, "unexpected character"),
-        ];
-        for (text, column, msg) in cases {
-            let e = parse(text).expect_err(text);
-            assert_eq!(e.column, column, "{text}: {}", e.render(text));
-            assert!(e.message.contains(msg), "{text}: {}", e.message);
-        }
-    }
-
-    #[test]
-    fn render_puts_a_caret_under_the_column() {
-        let text = "count() > ";
-        let e = parse(text).unwrap_err();
-        let r = e.render(text);
-        let lines: Vec<&str> = r.lines().collect();
-        assert_eq!(lines[2].find('^'), Some(4 + e.column - 1));
     }
 }

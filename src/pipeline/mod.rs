@@ -37,6 +37,15 @@ use crate::model::{DecisionRecord, RemediationOutcome};
 use crate::policy::{PolicySet, Silence};
 use crate::window::{with_hints, Position, WindowSummary, Windows};
 
+mod dead_letters;
+mod labels;
+mod read_model;
+use dead_letters::*;
+#[allow(unused_imports)]
+pub use labels::*;
+#[allow(unused_imports)]
+pub use read_model::*;
+
 /// Labels of a segment (the latest set seen).
 pub type Labels = BTreeMap<String, String>;
 
@@ -110,123 +119,6 @@ impl Options {
     }
 }
 
-/// Dead-letter writes per partition: those not yet acknowledged hold the commit floor, and the
-/// mark (every failed record at or below it is dead-lettered and acknowledged) goes to the
-/// changelog so a re-read after a restart or rebalance writes none twice.
-#[derive(Debug, Default)]
-struct DeadLetters {
-    /// Whether writes are acknowledged (a live driver); a replay writes no DLQ.
-    tracked: bool,
-    partitions: BTreeMap<i32, DeadLetterState>,
-}
-
-#[derive(Debug, Default)]
-struct DeadLetterState {
-    /// Restored from the changelog: records at or below it are not written again.
-    restored: Option<i64>,
-    /// Written, not yet acknowledged.
-    pending: BTreeSet<i64>,
-    /// The highest offset written.
-    written: Option<i64>,
-}
-
-impl DeadLetters {
-    /// Whether the failed record at (`partition`, `offset`) is to be written (not at or below
-    /// the restored mark); if so it counts as written and pending.
-    fn admit(&mut self, partition: i32, offset: i64) -> bool {
-        let s = self.partitions.entry(partition).or_default();
-        if s.restored.is_some_and(|m| offset <= m) {
-            return false;
-        }
-        if self.tracked {
-            s.pending.insert(offset);
-            s.written = Some(s.written.map_or(offset, |w| w.max(offset)));
-        }
-        true
-    }
-
-    fn acked(&mut self, partition: i32, offset: i64) {
-        if let Some(s) = self.partitions.get_mut(&partition) {
-            s.pending.remove(&offset);
-        }
-    }
-
-    fn floor(&self, partition: i32) -> Option<i64> {
-        self.partitions
-            .get(&partition)
-            .and_then(|s| s.pending.first().copied())
-    }
-
-    fn mark(&self, partition: i32) -> Option<i64> {
-        let s = self.partitions.get(&partition)?;
-        let done = match s.pending.first() {
-            Some(&lowest) => Some(lowest - 1).filter(|_| s.written.is_some()),
-            None => s.written,
-        };
-        match (done, s.restored) {
-            (Some(d), Some(r)) => Some(d.max(r)),
-            (d, r) => d.or(r),
-        }
-    }
-
-    fn restore(&mut self, partition: i32, mark: Option<i64>) {
-        let s = self.partitions.entry(partition).or_default();
-        s.restored = mark;
-        s.pending.clear();
-        s.written = None;
-    }
-
-    fn revoke(&mut self, partition: i32) {
-        self.partitions.remove(&partition);
-    }
-}
-
-/// Input accounting: what was read, used and rejected.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct InputStats {
-    /// Records of owned partitions offered to the pipeline.
-    pub records_read: u64,
-    pub records_in_range: u64,
-    pub records_aggregated: u64,
-    pub records_before_range: u64,
-    pub records_after_range: u64,
-    /// Records rejected, by DLQ reason.
-    pub rejected: BTreeMap<String, u64>,
-    pub first_event_ms: Option<i64>,
-    pub last_event_ms: Option<i64>,
-    /// Windows closed (every window group).
-    pub windows_closed: u64,
-    pub open_windows_at_end: u64,
-    /// Failed records re-read at or below the restored dead-letter mark: written to the DLQ
-    /// in an earlier lifetime, not again.
-    #[serde(skip_serializing_if = "is_zero")]
-    pub dead_lettered_before: u64,
-    /// Segments the cap (`windows.max_segments`) evicted with events in open windows, and
-    /// those events: aggregated, never windowed.
-    #[serde(skip_serializing_if = "is_zero")]
-    pub evicted_segments: u64,
-    #[serde(skip_serializing_if = "is_zero")]
-    pub evicted_events: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
-/// Most memory the label map may hold (its estimate in [`label_bytes`]).
-pub const MAX_LABEL_MAP_BYTES: usize = 64 << 20;
-
-/// Labels per segment, kept only while some policy selects on labels. One rule for every
-/// driver: a changed set replaces the old one, and the map is emptied only when a segment not
-/// in it would take it past `max_segments` or [`MAX_LABEL_MAP_BYTES`]. Segments the windows
-/// no longer hold (TTL, eviction, revoke) are dropped by [`Pipeline::end_turn`].
-struct LabelMap {
-    on: bool,
-    cap: usize,
-    bytes: usize,
-    map: FastMap<String, Labels>,
-}
-
 /// A label map entry's memory, estimated: its strings plus a fixed overhead per string.
 /// A window's life past its end until it closes at the latest: the largest window, the allowed
 /// lateness and the idle advance. A verification with no deciding window waits this long past
@@ -235,59 +127,6 @@ fn evidence_grace_ms(w: &crate::config::WindowConfig) -> i64 {
     let largest = w.groups.values().map(|g| g.size).chain([w.size]).max();
     let life = largest.unwrap_or(w.size) + w.out_of_orderness + w.grace + w.idle_timeout;
     life.as_millis().try_into().unwrap_or(i64::MAX)
-}
-
-fn label_bytes(segment: &str, labels: &Labels) -> usize {
-    const PER_STRING: usize = 32;
-    segment.len()
-        + PER_STRING
-        + labels
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 2 * PER_STRING)
-            .sum::<usize>()
-}
-
-impl LabelMap {
-    fn note(&mut self, event: &Telemetry<'_>) {
-        if !self.on || !event.has_labels() {
-            return;
-        }
-        let owned = event.clone().into_owned();
-        let size = label_bytes(&owned.segment, &owned.labels);
-        match self.map.get(&owned.segment) {
-            Some(old) if *old == owned.labels => {}
-            Some(old) => {
-                self.bytes = self.bytes - label_bytes(&owned.segment, old) + size;
-                self.map.insert(owned.segment, owned.labels);
-            }
-            None => {
-                if self.map.len() >= self.cap || self.bytes + size > MAX_LABEL_MAP_BYTES {
-                    tracing::warn!(
-                        segments = self.map.len(),
-                        bytes = self.bytes,
-                        "label map full: emptied (labels return with each segment's next event)"
-                    );
-                    self.map.clear();
-                    self.bytes = 0;
-                }
-                self.bytes += size;
-                self.map.insert(owned.segment, owned.labels);
-            }
-        }
-    }
-
-    /// Keeps only the segments `held` still says are held.
-    fn prune(&mut self, held: impl Fn(&str) -> bool) {
-        let before = self.map.len();
-        self.map.retain(|segment, _| held(segment));
-        if self.map.len() != before {
-            self.bytes = self.map.iter().map(|(s, l)| label_bytes(s, l)).sum();
-        }
-    }
-}
-
-fn uses_labels(policies: &PolicySet) -> bool {
-    policies.policies.iter().any(|p| !p.labels.is_empty())
 }
 
 /// A record the windows refused, as the dead letter's error (the engine's reasons under their
@@ -930,108 +769,3 @@ impl Pipeline {
 
 /// Turns between two prunes of the label map.
 const PRUNE_EVERY: u64 = 256;
-
-/// Turns a watched segment stays watched after the last request for it.
-const WATCH_TURNS: u64 = 20_000;
-/// Segments watched at most (a request past it replaces the whole list).
-const MAX_WATCHED: usize = 256;
-
-/// A silence as the admin API lists it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SilenceView {
-    pub id: String,
-    pub segments: String,
-    pub from_ms: i64,
-    pub until_ms: i64,
-    pub reason: String,
-    pub created_by: String,
-}
-
-/// Per-segment state for readers on other threads (the admin API), written by the pipeline at
-/// the end of each turn; readers never take the driver's lock.
-#[derive(Debug, Default)]
-pub struct ReadModel {
-    /// Controller state of every owned segment that is not quiet (what the changelog holds):
-    /// loop phases, in-flight commands, cooldowns.
-    states: DashMap<String, SegmentState>,
-    /// Open windows of the watched segments, refreshed every turn.
-    windows: DashMap<String, Vec<WindowSummary>>,
-    /// Segments a reader asked about, with the turn of the last request.
-    watched: DashMap<String, u64>,
-    silences: Mutex<Vec<SilenceView>>,
-    budgets: Mutex<crate::controller::Budgets>,
-    turn: AtomicU64,
-}
-
-impl ReadModel {
-    /// Turns the pipeline has ended.
-    pub fn turn(&self) -> u64 {
-        self.turn.load(Ordering::Acquire)
-    }
-
-    /// The controller state of a segment, if owned here and not quiet.
-    pub fn state(&self, segment: &str) -> Option<SegmentState> {
-        self.states.get(segment).map(|s| s.clone())
-    }
-
-    /// Asks for a segment's open windows: from the end of the next turn on,
-    /// [`ReadModel::open_windows`] has them. Returns the current turn.
-    pub fn watch(&self, segment: &str) -> u64 {
-        let turn = self.turn();
-        if self.watched.len() >= MAX_WATCHED && !self.watched.contains_key(segment) {
-            self.watched.clear();
-        }
-        self.watched.insert(segment.to_string(), turn);
-        turn
-    }
-
-    /// Open windows of a watched segment as of the last turn.
-    pub fn open_windows(&self, segment: &str) -> Vec<WindowSummary> {
-        self.windows
-            .get(segment)
-            .map(|w| w.clone())
-            .unwrap_or_default()
-    }
-
-    /// Every loop awaiting an outcome or verification: (segment, policy, loop).
-    pub fn in_flight(&self) -> Vec<(String, String, crate::controller::LoopState)> {
-        let mut out: Vec<_> = self
-            .states
-            .iter()
-            .flat_map(|s| {
-                s.loops
-                    .iter()
-                    .filter(|(_, l)| l.phase.in_flight())
-                    .map(|(p, l)| (s.segment.clone(), p.clone(), l.clone()))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-        out
-    }
-
-    /// The guardrail budgets as of the last turn.
-    pub fn budgets(&self) -> crate::controller::Budgets {
-        self.budgets.lock().map(|b| b.clone()).unwrap_or_default()
-    }
-
-    pub fn silences(&self) -> Vec<SilenceView> {
-        self.silences.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    fn set_silences<'a>(&self, silences: impl Iterator<Item = &'a Silence>) {
-        let list = silences
-            .map(|s| SilenceView {
-                id: s.id.clone(),
-                segments: s.segments_glob.clone(),
-                from_ms: s.from_ms,
-                until_ms: s.until_ms,
-                reason: s.reason.clone(),
-                created_by: s.created_by.clone(),
-            })
-            .collect();
-        if let Ok(mut v) = self.silences.lock() {
-            *v = list;
-        }
-    }
-}
