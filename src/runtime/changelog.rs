@@ -64,6 +64,7 @@ impl Changelog {
             .iter()
             .enumerate()
             .map(|(i, &p)| {
+                let _span = tracing::info_span!("restore", partition = p).entered();
                 let started = Instant::now();
                 let read = read_state_partition(
                     &self.reader,

@@ -170,6 +170,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         "starting segloop"
     );
     let eos = config.delivery.mode == crate::config::DeliveryMode::ExactlyOnce;
+    let group = config.kafka.group_id.clone();
     let producer = start_producer(&config, eos)?;
     for w in config.registry_warnings() {
         tracing::warn!("{w}");
@@ -249,11 +250,15 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         clock,
         config,
     });
+    // Every line of the loop carries the group (and, inside a rebalance or a restore, the
+    // partitions).
+    let span = tracing::info_span!("run", group = %group).entered();
     let ended = turns.run(&consumer, &control);
     let report = match &ended {
         turn::Ended::Failed(_) => None,
         _ => Some(turns.shutdown(&consumer)),
     };
+    drop(span);
     admin.stop();
     drop(consumer);
     match (ended, report) {

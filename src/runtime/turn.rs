@@ -271,6 +271,7 @@ impl Loop {
                 }
                 Step::Records(_) => {}
                 Step::Group(GroupEvent::Revoked { parts, handover }) => {
+                    let _span = tracing::info_span!("revoke", partitions = ?parts).entered();
                     if let Some(w) = self.schema_waits.as_mut() {
                         w.rebalanced(consumer, &parts, false);
                     }
@@ -279,6 +280,7 @@ impl Loop {
                     rewound |= self.rewind(consumer);
                 }
                 Step::Group(GroupEvent::Assigned(parts)) => {
+                    let _span = tracing::info_span!("assign", partitions = ?parts).entered();
                     if let Some(w) = self.schema_waits.as_mut() {
                         w.rebalanced(consumer, &parts, true);
                     }
