@@ -32,8 +32,9 @@
 //! Drivers and what they share:
 //!
 //! - [`runtime`] — `segloop run`: Kafka consumers/producer, offsets, rebalances, DLQ,
-//!   changelog, exactly-once, reload; [`runtime::admin`] serves metrics, health and the admin
-//!   API.
+//!   changelog, exactly-once, reload, in modules along its seams (the loop's named steps, the
+//!   group's ordered stream of records and events, the core's handlers, output, delivery,
+//!   changelog); [`runtime::admin`] serves metrics, health and the admin API.
 //! - [`backtest`] — `segloop backtest`: a topic range replayed in (event time, partition,
 //!   offset) order through the pipeline, with a simulated or recorded actuator; JSON, terminal
 //!   and HTML reports; compare and against-live diffs.
