@@ -646,3 +646,68 @@ escalate = "page"
         "the outlier's own empty windows: {commanded:?}"
     );
 }
+
+/// `segloop bench e2e --bootstrap` as a user runs it (the binary, from another directory): the
+/// same records through a bare rdkafka consumer, a bare Java consumer (the jars
+/// `scripts/kafka.sh` fetched, found from the binary's checkout) and the whole pipeline, every
+/// record accounted and every figure printed.
+#[test]
+fn the_e2e_bench_runs_on_real_kafka_against_rdkafka_and_java() {
+    let bs = broker_bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_segloop"))
+        .current_dir(dir.path())
+        .args([
+            "bench",
+            "e2e",
+            "--bootstrap",
+            &bs,
+            "--events",
+            "20000",
+            "--segments",
+            "500",
+            "--partitions",
+            "4",
+            "--rounds",
+            "1",
+            "--breaching",
+            "0.02",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in:\n{stdout}"))
+            .to_string()
+    };
+    let number = |name: &str| {
+        field(name)
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("{name} is not a number in:\n{stdout}"))
+    };
+    assert_eq!(field("broker"), bs);
+    assert_eq!(number("consumed"), 20_000.0);
+    assert_eq!(number("aggregated") + number("dlq"), 20_000.0);
+    assert_eq!(number("breaching_segments"), 10.0, "every 50th of 500");
+    for rate in [
+        "events_per_sec",
+        "raw_consume_per_sec",
+        "java_consume_per_sec",
+        "ratio",
+        "raw_ratio",
+        "cpu_secs_per_million_events.pipeline",
+        "peak_rss_bytes",
+    ] {
+        assert!(number(rate) > 0.0, "{rate} in:\n{stdout}");
+    }
+    assert!(number("commands") >= 1.0, "{stdout}");
+    assert!(number("window_close_to_command_p99_ms") >= 0.0, "{stdout}");
+}

@@ -552,8 +552,30 @@ fn editing_the_policy_file_reloads_policies_without_a_restart() {
 
 #[test]
 fn the_e2e_bench_accounts_for_every_record() {
-    let r = segloop::bench::e2e_bench(20_000, 300, 4, 1).unwrap();
+    let r = segloop::bench::e2e_bench(
+        None,
+        &segloop::bench::E2eOptions {
+            records: 20_000,
+            segments: 300,
+            partitions: 4,
+            rounds: 1,
+            breaching: 0.01,
+            java: Err("embedded".into()),
+        },
+    )
+    .unwrap();
     assert_eq!(r.consumed, 20_000);
+    assert_eq!(r.broker, "embedded");
+    assert_eq!(r.breaching, 3, "every 100th of 300 segments");
+    assert!(r.java_consume_per_sec.is_none() && r.java_skipped.is_some());
+    // The pipeline's own thread did the work, and its CPU is accounted.
+    assert!(
+        r.cpu_per_million
+            .iter()
+            .any(|(g, secs)| g == "pipeline" && *secs > 0.0),
+        "{r:?}"
+    );
+    assert!(r.peak_rss_bytes.is_some_and(|b| b > 0));
     assert_eq!(r.aggregated + r.dlq, r.consumed);
     assert!(r.events_per_sec > 0.0 && r.raw_consume_per_sec > 0.0);
     // 1% of segments fail: the policy acts on them.

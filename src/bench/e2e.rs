@@ -2,36 +2,73 @@
 //! bench topics it produces.
 
 use super::*;
+use std::collections::BTreeMap;
 
-/// Figures of one end-to-end run on the embedded cluster.
+/// Figures of one end-to-end run.
 #[derive(Debug, Clone)]
 pub struct E2eReport {
+    /// `embedded` or the real broker's address.
+    pub broker: String,
     pub records: u64,
     pub partitions: i32,
     pub segments: usize,
+    /// Segments whose events breach the bench policy.
+    pub breaching: usize,
     pub events_per_sec: f64,
     pub raw_consume_per_sec: f64,
-    pub ratio: f64,
+    /// The bare Java consumer, when it ran (see [`JavaConsumer`]).
+    pub java_consume_per_sec: Option<f64>,
+    /// Why the Java consumer did not run.
+    pub java_skipped: Option<String>,
     pub commands: u64,
     pub close_to_command_p50_ms: Option<f64>,
     pub close_to_command_p99_ms: Option<f64>,
     pub consumed: u64,
     pub aggregated: u64,
     pub dlq: u64,
+    /// CPU seconds per million events of the fastest pipeline pass, by thread group.
+    pub cpu_per_million: Vec<(String, f64)>,
+    /// The process's peak resident set (VmHWM), bytes.
+    pub peak_rss_bytes: Option<u64>,
 }
 
 impl E2eReport {
     pub fn print(&self) {
         println!("bench=e2e");
+        println!("broker={}", self.broker);
         println!("records={}", self.records);
         println!("partitions={}", self.partitions);
         println!("segments={}", self.segments);
+        println!("breaching_segments={}", self.breaching);
         println!("consumed={}", self.consumed);
         println!("aggregated={}", self.aggregated);
         println!("dlq={}", self.dlq);
         println!("events_per_sec={:.0}", self.events_per_sec);
         println!("raw_consume_per_sec={:.0}", self.raw_consume_per_sec);
-        println!("pipeline_to_raw_ratio={:.2}", self.ratio);
+        match self.java_consume_per_sec {
+            Some(j) => {
+                println!("java_consume_per_sec={j:.0}");
+                println!("ratio={:.2}", self.events_per_sec / j);
+            }
+            None => {
+                println!(
+                    "java_consume_per_sec=none ({})",
+                    self.java_skipped.as_deref().unwrap_or("not run")
+                );
+                println!("ratio=none (no Java figure; see raw_ratio)");
+            }
+        }
+        println!(
+            "raw_ratio={:.2}",
+            self.events_per_sec / self.raw_consume_per_sec
+        );
+        for (group, secs) in &self.cpu_per_million {
+            println!("cpu_secs_per_million_events.{group}={secs:.3}");
+        }
+        match self.peak_rss_bytes {
+            Some(b) => println!("peak_rss_bytes={b}"),
+            None => println!("peak_rss_bytes=unknown"),
+        }
         println!("commands={}", self.commands);
         let ms = |v: Option<f64>| v.map_or("none".to_string(), |v| format!("{v:.1}"));
         println!(
@@ -45,49 +82,70 @@ impl E2eReport {
     }
 }
 
-/// Produces `records` Avro telemetry records over `segments` segments (1% of them failing)
-/// into a fresh embedded cluster, then measures, over the same records, a bare rdkafka
-/// consumer and the full `run` pipeline (decode, windows, policies, commands).
+/// What `segloop bench e2e` runs on and how.
+#[derive(Debug, Clone)]
+pub struct E2eOptions {
+    pub records: u64,
+    pub segments: usize,
+    pub partitions: i32,
+    pub rounds: usize,
+    /// The fraction of segments whose events breach the bench policy.
+    pub breaching: f64,
+    /// The bare Java consumer, or why it cannot run.
+    pub java: Result<JavaConsumer, String>,
+}
+
+/// Produces `records` Avro telemetry records over `segments` segments (a `breaching` share of
+/// them failing) on the embedded cluster or on `broker`, then reads the same records in
+/// interleaved rounds, each in fresh groups: with a bare rdkafka consumer (the pipeline's
+/// fetch settings), with a bare Java consumer (when it can run), and with the full `run`
+/// pipeline (decode, windows, policies, controller, commands produced and acknowledged).
 ///
 /// # Errors
-/// The embedded cluster or the runtime failed, or not every record was consumed.
-pub fn e2e_bench(
-    records: u64,
-    segments: usize,
-    partitions: i32,
-    rounds: usize,
-) -> anyhow::Result<E2eReport> {
+/// The cluster or the runtime failed, or a pass did not read every record.
+pub fn e2e_bench(broker: Option<Broker<'_>>, o: &E2eOptions) -> anyhow::Result<E2eReport> {
     let BenchTopic {
         cluster: _cluster,
         config,
         policies,
-    } = bench_topic(records, segments, partitions)?;
+        breaching,
+    } = bench_topic_on(broker, o.records, o.segments, o.partitions, o.breaching)?;
     let bs = config.kafka.bootstrap_servers.clone();
+    let topic = config.topics.telemetry.name.clone();
+    let records = o.records;
 
-    // Rounds of (raw, pipeline) over the same records, interleaved, each in a fresh consumer
-    // group; the fastest pass of each side counts (the embedded broker shares the 2 cores).
+    // The fastest pass of each side counts (the broker shares the 2 cores).
     let mut raw_secs = f64::INFINITY;
+    let mut java_secs = f64::INFINITY;
+    let mut java_skipped = o.java.as_ref().err().cloned();
     let mut pipeline_secs = f64::INFINITY;
     let mut report = None;
-    for round in 0..rounds.max(1) {
-        raw_secs = raw_secs.min(raw_pass(
-            &bs,
-            &config.topics.telemetry.name,
-            records,
-            round,
-        )?);
+    let mut cpu = Vec::new();
+    for round in 0..o.rounds.max(1) {
+        raw_secs = raw_secs.min(raw_pass(&bs, &topic, records, round)?);
+        if let (Ok(java), None) = (&o.java, &java_skipped) {
+            match java.pass(
+                &bs,
+                &topic,
+                &format!("{}-java-{round}", config.kafka.group_id),
+                records,
+            ) {
+                Ok(secs) => java_secs = java_secs.min(secs),
+                Err(e) => java_skipped = Some(format!("{e:#}")),
+            }
+        }
         let mut cfg = config.clone();
-        cfg.kafka.group_id = format!("bench-e2e-{round}");
-        let (secs, r) = pipeline_pass(cfg, policies.clone(), records)?;
+        cfg.kafka.group_id = format!("{}-e2e-{round}", config.kafka.group_id);
+        let (secs, r, threads) = pipeline_pass(cfg, policies.clone(), records)?;
         if secs < pipeline_secs {
             pipeline_secs = secs;
+            cpu = threads;
         }
         report.get_or_insert(r);
     }
     let report = report.expect("at least one round");
-    // The first poll includes the group join; both rates are counted from the first record.
+    // Rates are counted from each pass's first record (the first poll includes the join).
     let events_per_sec = records as f64 / pipeline_secs;
-    let raw_per_sec = records as f64 / raw_secs;
     let mut lat: Vec<f64> = report
         .close_to_command_secs
         .iter()
@@ -96,19 +154,188 @@ pub fn e2e_bench(
     lat.sort_by(f64::total_cmp);
     let q = |q: f64| (!lat.is_empty()).then(|| lat[((lat.len() - 1) as f64 * q) as usize]);
     Ok(E2eReport {
+        broker: broker.map_or_else(|| "embedded".to_string(), |b| b.0.to_string()),
         records,
-        partitions,
-        segments,
+        partitions: o.partitions,
+        segments: o.segments,
+        breaching,
         events_per_sec,
-        raw_consume_per_sec: raw_per_sec,
-        ratio: events_per_sec / raw_per_sec,
+        raw_consume_per_sec: records as f64 / raw_secs,
+        java_consume_per_sec: java_skipped
+            .is_none()
+            .then(|| records as f64 / java_secs)
+            .filter(|r| r.is_finite()),
+        java_skipped,
         commands: report.commands,
         close_to_command_p50_ms: q(0.5),
         close_to_command_p99_ms: q(0.99),
         consumed: report.records_consumed,
         aggregated: report.records_aggregated,
         dlq: report.records_dlq,
+        cpu_per_million: cpu
+            .into_iter()
+            .map(|(g, secs)| (g, secs / (records as f64 / 1e6)))
+            .collect(),
+        peak_rss_bytes: peak_rss(),
     })
+}
+
+/// A bare Java consumer (`benches/java/Consume.java`, run in source-file mode with the Kafka
+/// client jars): the ceiling the throughput targets are stated against.
+#[derive(Debug, Clone)]
+pub struct JavaConsumer {
+    /// A directory holding the Kafka client jars (e.g. `scripts/kafka/target/kafka-libs`).
+    pub classpath: std::path::PathBuf,
+}
+
+/// The Java consumer's source, written next to a run's files.
+const JAVA_CONSUMER: &str = include_str!("../../benches/java/Consume.java");
+
+impl JavaConsumer {
+    /// The jars given, or those `scripts/kafka.sh` fetched, looked for from the working
+    /// directory and from the binary's (`target/<profile>/segloop` in a checkout); `None`
+    /// when there are none or `java` is not installed.
+    pub fn find(given: Option<&std::path::Path>) -> Result<JavaConsumer, String> {
+        let has_jars = |d: &std::path::Path| {
+            std::fs::read_dir(d).is_ok_and(|mut e| {
+                e.any(|f| {
+                    f.is_ok_and(|f| f.file_name().to_string_lossy().starts_with("kafka-clients"))
+                })
+            })
+        };
+        let java = std::process::Command::new("java")
+            .arg("-version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !java {
+            return Err("java is not installed".into());
+        }
+        if let Some(d) = given {
+            return if has_jars(d) {
+                Ok(JavaConsumer {
+                    classpath: d.to_path_buf(),
+                })
+            } else {
+                Err(format!("no kafka-clients jar in {}", d.display()))
+            };
+        }
+        let rel = std::path::Path::new("scripts/kafka/target/kafka-libs");
+        let mut roots = vec![std::env::current_dir().unwrap_or_default()];
+        if let Ok(exe) = std::env::current_exe() {
+            roots.extend(
+                exe.ancestors()
+                    .skip(1)
+                    .take(4)
+                    .map(std::path::Path::to_path_buf),
+            );
+        }
+        roots
+            .into_iter()
+            .map(|r| r.join(rel))
+            .find(|d| has_jars(d))
+            .map(|classpath| JavaConsumer { classpath })
+            .ok_or_else(|| {
+                "no Kafka client jars found (scripts/kafka.sh fetches them): pass --java-classpath"
+                    .into()
+            })
+    }
+
+    /// Seconds the Java consumer takes to read `records` of `topic` in group `group`, from its
+    /// first record.
+    fn pass(&self, bs: &str, topic: &str, group: &str, records: u64) -> anyhow::Result<f64> {
+        let dir = std::env::temp_dir().join(format!("segloop-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let source = dir.join("Consume.java");
+        std::fs::write(&source, JAVA_CONSUMER)?;
+        let out = std::process::Command::new("java")
+            .arg("-cp")
+            .arg(format!("{}/*", self.classpath.display()))
+            .arg(&source)
+            .args([bs, topic, group, &records.to_string()])
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(
+            out.status.success(),
+            "the Java consumer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+        let field = |name: &str| {
+            stdout
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix(name))
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        let read = field("records=").unwrap_or(0.0) as u64;
+        anyhow::ensure!(
+            read == records,
+            "the Java consumer read {read} of {records} records"
+        );
+        field("secs=").ok_or_else(|| anyhow::anyhow!("the Java consumer printed no time: {stdout}"))
+    }
+}
+
+/// CPU seconds per thread group of this process so far: `pipeline` (the runtime's loop),
+/// `librdkafka` (its `rdk:` threads) and `other`, from `/proc/self/task`.
+fn thread_cpu() -> BTreeMap<u32, (String, f64)> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Ok(tid) = t.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map_or("", |x| x.1);
+        let group = if name == "pipeline" {
+            "pipeline"
+        } else if name.starts_with("rdk:") {
+            "librdkafka"
+        } else {
+            "other"
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime, in clock ticks (100 per second on Linux).
+        out.insert(tid, (group.to_string(), (ticks(11) + ticks(12)) / 100.0));
+    }
+    out
+}
+
+/// The CPU each thread group used between two [`thread_cpu`] snapshots (threads started
+/// meanwhile count from zero).
+fn cpu_between(
+    before: &BTreeMap<u32, (String, f64)>,
+    after: &BTreeMap<u32, (String, f64)>,
+) -> Vec<(String, f64)> {
+    let mut groups: BTreeMap<String, f64> = BTreeMap::new();
+    for (tid, (group, secs)) in after {
+        let was = before.get(tid).map_or(0.0, |b| b.1);
+        *groups.entry(group.clone()).or_default() += secs - was;
+    }
+    groups.into_iter().collect()
+}
+
+/// The process's peak resident set size (`VmHWM`), bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// Seconds a bare consumer (fresh group) takes to read `records`, from its first record.
@@ -147,12 +374,13 @@ pub(super) fn pipeline_pass(
     config: crate::config::Config,
     policies: crate::policy::PolicySet,
     records: u64,
-) -> anyhow::Result<(f64, crate::runtime::RunReport)> {
+) -> anyhow::Result<(f64, crate::runtime::RunReport, Vec<(String, f64)>)> {
     use crate::clock::{Control, SystemClock};
     use crate::runtime::{self, RunOptions};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
     let control = Arc::new(Control::default());
+    let cpu_before = thread_cpu();
     let core_slot: Arc<Mutex<Option<crate::runtime::SharedCore>>> = Arc::new(Mutex::new(None));
     let (c2, k2) = (control.clone(), core_slot.clone());
     let handle = std::thread::Builder::new()
@@ -183,6 +411,8 @@ pub(super) fn pipeline_pass(
         }
         std::thread::sleep(Duration::from_millis(5));
     };
+    // The CPU of the pass's threads, read while they are alive.
+    let cpu = cpu_between(&cpu_before, &thread_cpu());
     // Let the last windows close and commands reach the broker.
     std::thread::sleep(Duration::from_secs(3));
     control.stop();
@@ -194,7 +424,7 @@ pub(super) fn pipeline_pass(
         "pipeline consumed {} of {records} records",
         report.records_consumed
     );
-    Ok((secs, report))
+    Ok((secs, report, cpu))
 }
 
 /// An embedded cluster with `records` synthetic telemetry records (event times over the last
@@ -203,6 +433,8 @@ pub struct BenchTopic {
     pub cluster: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     pub config: crate::config::Config,
     pub policies: crate::policy::PolicySet,
+    /// Segments whose events breach the policy.
+    pub breaching: usize,
 }
 
 /// Builds a [`BenchTopic`].
@@ -210,7 +442,7 @@ pub struct BenchTopic {
 /// # Errors
 /// The embedded cluster, the config or the producer failed.
 pub fn bench_topic(records: u64, segments: usize, partitions: i32) -> anyhow::Result<BenchTopic> {
-    bench_topic_on(None, records, segments, partitions)
+    bench_topic_on(None, records, segments, partitions, 0.01)
 }
 
 /// Real brokers to bench on: their address, and the connection settings (TLS, SASL) of the
@@ -218,7 +450,7 @@ pub fn bench_topic(records: u64, segments: usize, partitions: i32) -> anyhow::Re
 pub type Broker<'a> = (&'a str, &'a crate::config::KafkaConfig);
 
 /// A [`BenchTopic`] on the embedded cluster, or on the `broker` (topics with names of their
-/// own, created through the admin API).
+/// own, created through the admin API); a `breaching` share of the segments fail.
 ///
 /// # Errors
 /// The cluster, the config or the producer failed.
@@ -227,8 +459,8 @@ pub fn bench_topic_on(
     records: u64,
     segments: usize,
     partitions: i32,
+    breaching: f64,
 ) -> anyhow::Result<BenchTopic> {
-    use std::collections::BTreeMap;
     use std::time::Duration;
 
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -312,10 +544,16 @@ ack_timeout = "1h"
     let start_ts = SystemClock.now_ms() - 30_000;
     let mut rng = XorShift(0x1234_5678_9ABC_DEF1);
     let mut bytes = Vec::with_capacity(128);
+    // Every `stride`-th segment breaches.
+    let stride = if breaching > 0.0 {
+        (1.0 / breaching.min(1.0)).round().max(1.0) as u64
+    } else {
+        u64::MAX
+    };
     for i in 0..records {
         let r = rng.next();
         let seg = &ids[(r % ids.len() as u64) as usize];
-        let failing = (r % ids.len() as u64) % 100 == 0;
+        let failing = (r % ids.len() as u64) % stride == 0;
         let e = TelemetryEvent {
             segment: seg.clone(),
             ts_ms: start_ts + (i as i64 * 30_000) / records as i64,
@@ -340,5 +578,8 @@ ack_timeout = "1h"
         cluster,
         config,
         policies,
+        breaching: ids
+            .len()
+            .div_ceil(usize::try_from(stride).unwrap_or(usize::MAX)),
     })
 }

@@ -368,6 +368,7 @@ impl ReplayReport {
 /// # Errors
 /// The embedded cluster failed, or a pass did not see every record.
 pub fn replay_bench(
+    broker: Option<Broker<'_>>,
     records: u64,
     segments: usize,
     partitions: i32,
@@ -375,12 +376,12 @@ pub fn replay_bench(
 ) -> anyhow::Result<ReplayReport> {
     use crate::backtest::{self, source, Options, Outcomes, Replay};
 
-    let topic = bench_topic(records, segments, partitions)?;
+    let topic = bench_topic_on(broker, records, segments, partitions, 0.01)?;
     let config = &topic.config;
     let range = source::resolve_range(config, &config.topics.telemetry.name, None, 0)?;
     anyhow::ensure!(
         range.len() == records,
-        "the embedded cluster kept {} of {records} records (retention): use more partitions",
+        "the topic kept {} of {records} records (the embedded cluster's retention): use more partitions or fewer --events",
         range.len()
     );
     let (mut raw_secs, mut replay_secs) = (f64::INFINITY, f64::INFINITY);
@@ -514,7 +515,7 @@ pub fn delivery_bench(
     partitions: i32,
     rounds: usize,
 ) -> anyhow::Result<DeliveryReport> {
-    let topic = bench_topic_on(Some(broker), records, segments, partitions)?;
+    let topic = bench_topic_on(Some(broker), records, segments, partitions, 0.01)?;
     let (mut alo, mut eos, mut commits) = (f64::INFINITY, f64::INFINITY, 0);
     for round in 0..rounds.max(1) {
         for exactly_once in [false, true] {
@@ -524,7 +525,7 @@ pub fn delivery_bench(
                 cfg.delivery.mode = crate::config::DeliveryMode::ExactlyOnce;
                 cfg.delivery.transactional_id = Some(cfg.kafka.group_id.clone());
             }
-            let (secs, report) = pipeline_pass(cfg, topic.policies.clone(), records)?;
+            let (secs, report, _) = pipeline_pass(cfg, topic.policies.clone(), records)?;
             if exactly_once {
                 eos = eos.min(secs);
                 commits = report.commits;
@@ -555,7 +556,7 @@ pub fn restore_bench(
     partitions: i32,
 ) -> anyhow::Result<(usize, f64)> {
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-    let topic = bench_topic_on(broker, 0, 1, partitions)?;
+    let topic = bench_topic_on(broker, 0, 1, partitions, 0.0)?;
     let config = &topic.config;
     let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
         crate::kafka::producer_config(config, &[("linger.ms", "20"), ("compression.type", "lz4")])

@@ -43,7 +43,7 @@ pub enum Command {
     Actuator(ConfigArgs),
     /// Benchmarks that print key=value figures
     #[command(
-        after_help = "Examples:\n  segloop bench window --segments 100000 --events 10000000\n  segloop bench delivery --bootstrap 127.0.0.1:9092 --events 1000000\n\nExit codes: 0 ok, 1 runtime failure, 2 usage or config error."
+        after_help = "Examples:\n  segloop bench window --segments 100000 --events 10000000\n  segloop bench e2e --bootstrap 127.0.0.1:9092 --segments 2000\n  segloop bench delivery --bootstrap 127.0.0.1:9092 --events 1000000\n\nExit codes: 0 ok, 1 runtime failure, 2 usage or config error."
     )]
     Bench(BenchArgs),
     /// Validate a config file and print the effective configuration
@@ -331,22 +331,43 @@ pub struct BenchArgs {
     /// Distinct segments
     #[arg(long, default_value_t = 100_000)]
     pub segments: usize,
-    /// Events to feed (each with 2 measurements, one with quantiles)
-    #[arg(long, default_value_t = 10_000_000)]
-    pub events: usize,
+    /// Events to feed (each with 2 measurements, one with quantiles). Default: 10,000,000 for
+    /// window and evict; e2e and replay: 1,000,000 on the embedded cluster (it keeps about
+    /// that many), 3,000,000 on --bootstrap
+    #[arg(long)]
+    pub events: Option<usize>,
     /// Window settings from this config (default: built-in defaults, 10 s tumbling)
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// e2e, replay: telemetry partitions on the embedded cluster
+    /// e2e, replay: telemetry partitions
     #[arg(long, default_value_t = 32)]
     pub partitions: i32,
-    /// e2e, replay: interleaved (raw, driver) rounds; the fastest pass of each counts
+    /// e2e, replay: interleaved rounds (raw, Java, driver); the fastest pass of each counts
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-    /// delivery (required), restore: a real broker to run on (host:port); TLS and SASL settings
-    /// come from --config
+    /// e2e, replay, delivery (required), restore: a real broker to run on (host:port); TLS
+    /// and SASL settings come from --config
     #[arg(long)]
     pub bootstrap: Option<String>,
+    /// e2e: the share of segments whose events breach the bench policy
+    #[arg(long, default_value_t = 0.01)]
+    pub breaching: f64,
+    /// e2e --bootstrap: a directory with the Kafka client jars for the bare Java consumer
+    /// (default: the jars scripts/kafka.sh fetched, if found)
+    #[arg(long)]
+    pub java_classpath: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// `--events`, or the benchmark's default (see the flag).
+    pub fn events(&self) -> usize {
+        self.events
+            .unwrap_or(match (self.which.as_str(), &self.bootstrap) {
+                ("e2e" | "replay", None) => 1_000_000,
+                ("e2e" | "replay", Some(_)) => 3_000_000,
+                _ => 10_000_000,
+            })
+    }
 }
 
 #[derive(Debug, Args)]

@@ -302,10 +302,12 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let events = args.events();
+    let broker = args.bootstrap.as_deref().map(|bs| (bs, &config.kafka));
     match args.which.as_str() {
         "window" => {
             let spec = crate::window::WindowSpec::from_config(&config.windows);
-            crate::bench::window_bench(spec, args.segments, args.events).print();
+            crate::bench::window_bench(spec, args.segments, events).print();
             ExitCode::SUCCESS
         }
         "evict" => {
@@ -313,7 +315,7 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
             let spec = crate::window::WindowSpec::from_config(&config.windows);
             let mut exact = true;
             for cap in [args.segments / 10, args.segments, args.segments * 10] {
-                let (report, reported) = crate::bench::evict_bench(spec.clone(), cap, args.events);
+                let (report, reported) = crate::bench::evict_bench(spec.clone(), cap, events);
                 report.print(reported);
                 exact &= report.accounting_exact(reported);
             }
@@ -324,18 +326,36 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        "e2e" => finish_bench(
-            crate::bench::e2e_bench(
-                args.events as u64,
-                args.segments,
-                args.partitions,
-                args.rounds,
-            ),
-            |r| r.print(),
-        ),
+        "e2e" => {
+            if !(0.0..=1.0).contains(&args.breaching) {
+                eprintln!("error: --breaching is a share of the segments, from 0 to 1");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            // The Java ceiling needs the Kafka client jars; without them the figures say so.
+            let java = if broker.is_some() {
+                crate::bench::JavaConsumer::find(args.java_classpath.as_deref())
+            } else {
+                Err("the embedded cluster is not a Kafka broker Java can reach".into())
+            };
+            finish_bench(
+                crate::bench::e2e_bench(
+                    broker,
+                    &crate::bench::E2eOptions {
+                        records: events as u64,
+                        segments: args.segments,
+                        partitions: args.partitions,
+                        rounds: args.rounds,
+                        breaching: args.breaching,
+                        java,
+                    },
+                ),
+                |r| r.print(),
+            )
+        }
         "replay" => finish_bench(
             crate::bench::replay_bench(
-                args.events as u64,
+                broker,
+                events as u64,
                 args.segments,
                 args.partitions,
                 args.rounds,
@@ -350,7 +370,7 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
             finish_bench(
                 crate::bench::delivery_bench(
                     (bs, &config.kafka),
-                    args.events as u64,
+                    events as u64,
                     args.segments,
                     args.partitions,
                     args.rounds,
@@ -359,11 +379,7 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
             )
         }
         "restore" => finish_bench(
-            crate::bench::restore_bench(
-                args.bootstrap.as_deref().map(|bs| (bs, &config.kafka)),
-                args.segments,
-                args.partitions,
-            ),
+            crate::bench::restore_bench(broker, args.segments, args.partitions),
             |(n, secs)| {
                 println!("bench=restore");
                 println!("segments={n}");
