@@ -310,12 +310,15 @@ fn thread_cpu() -> BTreeMap<u32, (String, f64)> {
     out
 }
 
+/// CPU seconds by thread group.
+pub(super) type ThreadCpu = Vec<(String, f64)>;
+
 /// The CPU each thread group used between two [`thread_cpu`] snapshots (threads started
 /// meanwhile count from zero).
 fn cpu_between(
     before: &BTreeMap<u32, (String, f64)>,
     after: &BTreeMap<u32, (String, f64)>,
-) -> Vec<(String, f64)> {
+) -> ThreadCpu {
     let mut groups: BTreeMap<String, f64> = BTreeMap::new();
     for (tid, (group, secs)) in after {
         let was = before.get(tid).map_or(0.0, |b| b.1);
@@ -374,7 +377,7 @@ pub(super) fn pipeline_pass(
     config: crate::config::Config,
     policies: crate::policy::PolicySet,
     records: u64,
-) -> anyhow::Result<(f64, crate::runtime::RunReport, Vec<(String, f64)>)> {
+) -> anyhow::Result<(f64, crate::runtime::RunReport, ThreadCpu)> {
     use crate::clock::{Control, SystemClock};
     use crate::runtime::{self, RunOptions};
     use std::sync::{Arc, Mutex};
