@@ -36,6 +36,7 @@ pub const DETECT_SECONDS: &str = "segloop_detect_seconds";
 pub const ACK_SECONDS: &str = "segloop_ack_seconds";
 pub const RESOLVE_SECONDS: &str = "segloop_resolve_seconds";
 pub const CLOSE_TO_COMMAND_SECONDS: &str = "segloop_window_close_to_command_seconds";
+pub const CLOSE_TO_PRODUCE_SECONDS: &str = "segloop_window_close_to_produce_seconds";
 pub const CONSUMER_LAG: &str = "segloop_consumer_lag_records";
 pub const REBALANCES: &str = "segloop_rebalances_total";
 pub const COMMITS: &str = "segloop_commits_total";
@@ -116,6 +117,7 @@ pub const ALL: &[&str] = &[
     ACK_SECONDS,
     RESOLVE_SECONDS,
     CLOSE_TO_COMMAND_SECONDS,
+    CLOSE_TO_PRODUCE_SECONDS,
     CONSUMER_LAG,
     REBALANCES,
     COMMITS,
@@ -314,7 +316,12 @@ fn describe_all() {
     describe_histogram!(
         CLOSE_TO_COMMAND_SECONDS,
         Unit::Seconds,
-        "Window close to command produced (acknowledged by the broker)"
+        "Window close to command produced (acknowledged by the broker); timed from when the poll that closed the window returned"
+    );
+    describe_histogram!(
+        CLOSE_TO_PRODUCE_SECONDS,
+        Unit::Seconds,
+        "Window close to command handed to the producer; timed from when the poll that closed the window returned"
     );
     describe_gauge!(
         CONSUMER_LAG,
@@ -453,6 +460,7 @@ pub struct Counters {
     pub outcomes_skipped: u64,
     pub outcomes_unknown: u64,
     pub close_to_command_secs: Vec<f64>,
+    pub close_to_produce_secs: Vec<f64>,
     pub timings: Vec<(crate::controller::TimingKind, String, f64)>,
     pub rebalances: u64,
     pub commits: u64,
@@ -499,6 +507,9 @@ pub fn publish(c: &mut Counters, gauges: &Gauges) {
     }
     counter!(OUTCOMES_SKIPPED).increment(std::mem::take(&mut c.outcomes_skipped));
     counter!(OUTCOMES_UNKNOWN).increment(std::mem::take(&mut c.outcomes_unknown));
+    for s in c.close_to_produce_secs.drain(..) {
+        histogram!(CLOSE_TO_PRODUCE_SECONDS).record(s);
+    }
     for s in c.close_to_command_secs.drain(..) {
         histogram!(CLOSE_TO_COMMAND_SECONDS).record(s);
     }

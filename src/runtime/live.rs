@@ -54,6 +54,7 @@ impl Core {
             LiveSink {
                 out: &mut self.out,
                 batch: &[],
+                since: Instant::now(),
             },
         )
     }
@@ -132,12 +133,14 @@ impl Core {
         }
     }
 
-    /// Records `which` of a polled batch (indices, in order) through the pipeline.
+    /// Records `which` of a polled batch (indices, in order) through the pipeline; `since`:
+    /// when the batch's poll returned.
     pub(super) fn on_telemetry(
         &mut self,
         batch: &[BorrowedMessage<'_>],
         which: &[usize],
         now: i64,
+        since: Instant,
     ) {
         let records: Vec<Record<'_>> = which
             .iter()
@@ -157,6 +160,7 @@ impl Core {
         let mut sink = LiveSink {
             out: &mut self.out,
             batch,
+            since,
         };
         self.pipeline.on_batch(&records, now, &mut sink);
     }

@@ -72,6 +72,9 @@ pub struct RunReport {
     /// Window close → command acknowledged by the broker, seconds (first 100,000 samples).
     #[serde(skip)]
     pub close_to_command_secs: Vec<f64>,
+    /// Window close → command handed to the producer, seconds (first 100,000 samples).
+    #[serde(skip)]
+    pub close_to_produce_secs: Vec<f64>,
 }
 
 /// A silence as stored on the control topic (key `silence/<id>`; a null value deletes it).

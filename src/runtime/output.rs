@@ -35,6 +35,9 @@ pub(super) const HELD_BACK_LOG_EVERY: Duration = Duration::from_secs(10);
 pub(super) struct LiveSink<'o, 'b> {
     pub(super) out: &'o mut Output,
     pub(super) batch: &'b [BorrowedMessage<'b>],
+    /// When the step's input was in hand (a telemetry batch: when its poll returned): a window
+    /// this step closes closed no later than this, so commands are timed from it.
+    pub(super) since: Instant,
 }
 
 impl Sink for LiveSink<'_, '_> {
@@ -102,7 +105,7 @@ impl Sink for LiveSink<'_, '_> {
                 }
             }
             if !fx.commands.is_empty() {
-                closed_at = Some(Instant::now());
+                closed_at = Some(self.since);
             }
         }
         self.out.emit(fx, closed_at);
@@ -172,6 +175,13 @@ impl Output {
                 .or_default() += 1;
             self.report.commands += 1;
             tracing::info!(segment = %cmd.segment, policy = %cmd.policy, action = %cmd.action, attempt = cmd.attempt, command_id = %cmd.command_id, "command");
+            if let Some(at) = closed_at {
+                let secs = at.elapsed().as_secs_f64();
+                self.counters.close_to_produce_secs.push(secs);
+                if self.report.close_to_produce_secs.len() < 100_000 {
+                    self.report.close_to_produce_secs.push(secs);
+                }
+            }
             send(
                 &self.producer,
                 &self.actions_topic,

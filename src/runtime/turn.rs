@@ -128,11 +128,12 @@ impl Loop {
             self.turns += 1;
             let polled = Instant::now();
             let poll_error = self.poll(consumer, &mut stream);
-            self.poll_time += polled.elapsed();
+            let polled_at = Instant::now();
+            self.poll_time += polled_at - polled;
             let work = Instant::now();
             self.consume_errors(consumer, poll_error, !stream.records.is_empty());
             let now = self.p.clock.now_ms();
-            self.apply(consumer, &stream, now);
+            self.apply(consumer, &stream, now, polled_at);
             // Messages pin librdkafka state: release them now, never hold them across turns
             // (a consumer destroyed with messages alive waits for them forever).
             stream.clear();
@@ -251,6 +252,7 @@ impl Loop {
         consumer: &BaseConsumer<GroupContext>,
         stream: &Stream<BorrowedMessage<'_>>,
         now: i64,
+        polled_at: Instant,
     ) {
         if stream.is_empty() {
             return;
@@ -267,7 +269,8 @@ impl Loop {
         for step in steps {
             match step {
                 Step::Records(which) if !rewound => {
-                    self.core().on_telemetry(&stream.records, &which, now);
+                    self.core()
+                        .on_telemetry(&stream.records, &which, now, polled_at);
                 }
                 Step::Records(_) => {}
                 Step::Group(GroupEvent::Revoked { parts, handover }) => {
