@@ -280,7 +280,8 @@ pub fn run(
         &t.outcomes.name,
         SystemClock.now_ms() - lookback,
         Duration::from_secs(30),
-        |v| {
+        |_, v| {
+            let Some(v) = v else { return };
             if let Err(e) = learn(&mut schemas, outcomes.as_mut(), Some(v)) {
                 unanswered.get_or_insert(e);
             }

@@ -711,3 +711,85 @@ fn the_e2e_bench_runs_on_real_kafka_against_rdkafka_and_java() {
     assert!(number("commands") >= 1.0, "{stdout}");
     assert!(number("window_close_to_command_p99_ms") >= 0.0, "{stdout}");
 }
+
+/// Exactly-once replicas started with the same settings each get a transactional.id of their
+/// own (the default is unique per instance), so neither fences the other: both commit
+/// transactions and stop cleanly. (With the old default, `<group_id>-<client_id>`, the second
+/// fenced the first, whose run ended with a fatal transaction error.)
+#[test]
+fn two_exactly_once_instances_with_default_settings_do_not_fence_each_other() {
+    let bs = broker_bootstrap();
+    let group = format!("g-eos2-{}", std::process::id());
+    let mut sets = topics("eos2");
+    sets.push("delivery.mode=exactly-once".into());
+    let a_cfg = config_with(&bs, &group, &sets);
+    assert!(a_cfg.delivery.transactional_id.is_none());
+    let t = a_cfg.topics.clone();
+    let mut a = Instance::start(a_cfg);
+    a.admin();
+    let mut b = Instance::start(config_with(&bs, &group, &sets));
+    b.admin();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(a.assigned().len() == 1 && b.assigned().len() == 1) {
+        assert!(std::time::Instant::now() < deadline, "no split");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Records on both partitions for a few commit intervals.
+    let p = producer(&bs);
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    let mut i = 0;
+    while std::time::Instant::now() < until {
+        for s in 0..8 {
+            telemetry(
+                &p,
+                &t.telemetry.name,
+                &format!("eos2/seg-{s}"),
+                SystemClock.now_ms(),
+                0.0,
+            );
+        }
+        i += 1;
+        p.flush(Duration::from_secs(5)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(i > 10);
+    let ra = a.stop_result().expect("a was not fenced");
+    let rb = b.stop_result().expect("b was not fenced");
+    assert!(ra.commits >= 1 && rb.commits >= 1, "{ra:?}\n{rb:?}");
+    assert!(
+        ra.records_consumed > 0 && rb.records_consumed > 0,
+        "{ra:?}\n{rb:?}"
+    );
+}
+
+/// Two instances configured with one transactional.id: the second is refused at startup,
+/// naming the id and the live instance that has it, and the first keeps running unfenced.
+#[test]
+fn a_second_live_instance_with_the_same_transactional_id_is_refused() {
+    let bs = broker_bootstrap();
+    let group = format!("g-dup-{}", std::process::id());
+    let mut sets = topics("dup");
+    sets.push("delivery.mode=exactly-once".into());
+    sets.push(format!(
+        "delivery.transactional_id=tx-dup-{}",
+        std::process::id()
+    ));
+    let mut a = Instance::start(config_with(&bs, &group, &sets));
+    a.admin();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while a.assigned().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "a never joined");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A's first record is committed with its first transaction (1 s commit interval).
+    std::thread::sleep(Duration::from_secs(3));
+    let b = Instance::start(config_with(&bs, &group, &sets));
+    let err = b.stop_result().expect_err("the duplicate must be refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("in use by a live instance") && msg.contains("tx-dup-"),
+        "{msg}"
+    );
+    let ra = a.stop_result().expect("a was not fenced");
+    assert!(ra.commits >= 1, "{ra:?}");
+}

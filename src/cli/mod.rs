@@ -422,6 +422,21 @@ pub fn check_config(args: &CheckConfigArgs, env: &HashMap<String, String>) -> Ex
                 for w in config.registry_warnings() {
                     eprintln!("warning: {w}");
                 }
+                if config.delivery.mode == crate::config::DeliveryMode::ExactlyOnce {
+                    use crate::runtime::instances;
+                    match &config.delivery.transactional_id {
+                        Some(id) => eprintln!("note: exactly-once: transactional.id {id} (delivery.transactional_id); a second live instance with it is refused at startup"),
+                        None => eprintln!(
+                            "note: exactly-once: transactional.id {} on this host (the default: unique per instance, refused at startup if a live instance has it)",
+                            instances::default_transactional_id(&config, &instances::hostname())
+                        ),
+                    }
+                    if config.delivery.transactional_id.is_none()
+                        && config.admin.listen.ends_with(":0")
+                    {
+                        eprintln!("warning: admin.listen has port 0, so the default transactional.id changes with every start: a restart does not fence its predecessor, whose open transaction the broker aborts only after transaction.timeout.ms; set delivery.transactional_id or a fixed admin port");
+                    }
+                }
                 let default_cap = crate::config::WindowConfig::default().max_segments;
                 if config.windows.max_segments < default_cap {
                     eprintln!(

@@ -492,8 +492,10 @@ pub struct DeliveryConfig {
     /// this instance was down are applied after its state is restored).
     #[serde(with = "humantime_serde")]
     pub outcome_lookback: Duration,
-    /// Exactly-once: the producer's `transactional.id` (stable per instance, so a restart
-    /// fences its predecessor). Default: `<group_id>-<client_id>`.
+    /// Exactly-once: the producer's `transactional.id`, one per instance, stable across its
+    /// restarts (so a restart fences its predecessor). Default: `<group_id>-<host>-<admin
+    /// port>`, unique among running instances; a second live instance with the same id is
+    /// refused at startup (`runtime::instances`).
     pub transactional_id: Option<String>,
 }
 

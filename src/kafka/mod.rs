@@ -513,7 +513,7 @@ pub fn producer_config(config: &Config, extra: &[(&str, &str)]) -> ClientConfig 
 }
 
 /// Reads `topic` from broker time `from_ms` to the end it has now (committed records only),
-/// handing each record's value to `f`; gives up after `limit`.
+/// handing each record's key and value (`None`: a tombstone) to `f`; gives up after `limit`.
 ///
 /// # Errors
 /// The topic cannot be read.
@@ -522,7 +522,7 @@ pub fn read_since(
     topic: &str,
     from_ms: i64,
     limit: Duration,
-    mut f: impl FnMut(&[u8]),
+    mut f: impl FnMut(Option<&[u8]>, Option<&[u8]>),
 ) -> anyhow::Result<()> {
     use rdkafka::message::Message;
     use rdkafka::{Offset, TopicPartitionList};
@@ -558,9 +558,7 @@ pub fn read_since(
     while !left.is_empty() && std::time::Instant::now() < deadline {
         match c.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                if let Some(v) = m.payload() {
-                    f(v);
-                }
+                f(m.key(), m.payload());
                 if left
                     .get(&m.partition())
                     .is_some_and(|end| m.offset() + 1 >= *end)

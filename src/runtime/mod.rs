@@ -19,6 +19,7 @@ mod changelog;
 mod delivery;
 mod errors;
 mod group;
+pub mod instances;
 mod live;
 mod output;
 mod schema_wait;
@@ -174,7 +175,12 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     );
     let eos = config.delivery.mode == crate::config::DeliveryMode::ExactlyOnce;
     let group = config.kafka.group_id.clone();
-    let producer = start_producer(&config, eos)?;
+    let me = eos.then(|| announce_self(&config, clock.now_ms()));
+    if let Some(me) = &me {
+        // Before transactions start: a live instance with this id would be fenced by them.
+        instances::check_unique(&config, me, clock.now_ms())?;
+    }
+    let producer = start_producer(&config, me.as_ref().map(|m| m.transactional_id.as_str()))?;
     for w in config.registry_warnings() {
         tracing::warn!("{w}");
     }
@@ -248,6 +254,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         controls,
         changelog: Changelog::new(&config)?,
         book,
+        me,
         resolver,
         policies_path,
         clock,
@@ -271,17 +278,33 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     }
 }
 
+/// This exactly-once instance as its control-topic record says it: the configured
+/// `transactional.id`, or a default unique per instance ([`instances::default_transactional_id`]).
+fn announce_self(config: &Config, now_ms: i64) -> instances::InstanceRecord {
+    let host = instances::hostname();
+    instances::InstanceRecord {
+        version: crate::controller::RECORD_VERSION,
+        transactional_id: config
+            .delivery
+            .transactional_id
+            .clone()
+            .unwrap_or_else(|| instances::default_transactional_id(config, &host)),
+        host,
+        admin: config.admin.listen.clone(),
+        pid: std::process::id(),
+        started_ms: now_ms,
+        seen_ms: now_ms,
+    }
+}
+
 /// The producer of commands, decisions, state and dead letters (idempotent, `acks=all`,
-/// murmur2); exactly-once: transactional, with its first transaction begun.
+/// murmur2); exactly-once (`txn_id`): transactional, with its first transaction begun.
 fn start_producer(
     config: &Config,
-    eos: bool,
+    txn_id: Option<&str>,
 ) -> anyhow::Result<Arc<ThreadedProducer<ProduceContext>>> {
-    let txn_id = config
-        .delivery
-        .transactional_id
-        .clone()
-        .unwrap_or_else(|| format!("{}-{}", config.kafka.group_id, config.kafka.client_id));
+    let eos = txn_id.is_some();
+    let txn_id = txn_id.unwrap_or_default();
     let mut props = vec![
         ("enable.idempotence", "true"),
         ("acks", "all"),
@@ -290,7 +313,7 @@ fn start_producer(
         ("queue.buffering.max.messages", "100000"),
     ];
     if eos {
-        props.push(("transactional.id", txn_id.as_str()));
+        props.push(("transactional.id", txn_id));
     }
     let producer: Arc<ThreadedProducer<ProduceContext>> = Arc::new(
         kafka::producer_config(config, &props)

@@ -280,3 +280,63 @@ fn transaction_outcomes_are_accounted_by_the_core() {
         "the first fatal error is kept"
     );
 }
+
+fn record(host: &str, admin: &str, seen_ms: i64) -> instances::InstanceRecord {
+    instances::InstanceRecord {
+        version: 1,
+        transactional_id: "tx-a".into(),
+        host: host.into(),
+        admin: admin.into(),
+        pid: 7,
+        started_ms: 0,
+        seen_ms,
+    }
+}
+
+#[test]
+fn a_live_instance_elsewhere_with_the_same_id_is_a_duplicate_but_a_predecessor_is_not() {
+    let me = record("pod-a", "0.0.0.0:9464", 100_000);
+    let live = 100_000 - 5_000;
+    let stale = 100_000 - instances::LIVE_FOR.as_millis() as i64 - 1;
+    // Another host, or another admin address on this host: a live duplicate.
+    let why = instances::duplicate_of(&me, &record("pod-b", "0.0.0.0:9464", live), 100_000);
+    assert!(why.is_some_and(|w| w.contains("tx-a") && w.contains("pod-b") && w.contains("5 s ago")));
+    assert!(
+        instances::duplicate_of(&me, &record("pod-a", "0.0.0.0:9465", live), 100_000).is_some()
+    );
+    // The same host and fixed admin address: this instance's predecessor (a restart).
+    assert!(
+        instances::duplicate_of(&me, &record("pod-a", "0.0.0.0:9464", live), 100_000).is_none()
+    );
+    // With port 0 nothing says it is the same instance: a duplicate.
+    let me0 = record("pod-a", "127.0.0.1:0", 100_000);
+    assert!(
+        instances::duplicate_of(&me0, &record("pod-a", "127.0.0.1:0", live), 100_000).is_some()
+    );
+    // Not seen for LIVE_FOR: gone.
+    assert!(
+        instances::duplicate_of(&me, &record("pod-b", "0.0.0.0:9464", stale), 100_000).is_none()
+    );
+}
+
+#[test]
+fn the_default_transactional_id_is_unique_per_instance() {
+    let mut config = Config::default();
+    config.kafka.group_id = "g".into();
+    config.admin.listen = "0.0.0.0:9464".into();
+    // A fixed admin port: stable across restarts, unique on the host.
+    assert_eq!(
+        instances::default_transactional_id(&config, "pod-a"),
+        "g-pod-a-9464"
+    );
+    assert_ne!(
+        instances::default_transactional_id(&config, "pod-a"),
+        instances::default_transactional_id(&config, "pod-b")
+    );
+    // Port 0: unique per instance even inside one process.
+    config.admin.listen = "127.0.0.1:0".into();
+    let a = instances::default_transactional_id(&config, "h");
+    let b = instances::default_transactional_id(&config, "h");
+    assert_ne!(a, b);
+    assert!(a.starts_with("g-h-p"), "{a}");
+}

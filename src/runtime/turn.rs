@@ -20,6 +20,8 @@ pub(super) struct Parts {
     pub(super) controls: BaseConsumer<kafka::Collapsing>,
     pub(super) changelog: Changelog,
     pub(super) book: Arc<Mutex<CommitBook>>,
+    /// Exactly-once: this instance's record on the control topic (see [`instances`]).
+    pub(super) me: Option<instances::InstanceRecord>,
     pub(super) resolver: Option<crate::registry::Resolver>,
     pub(super) policies_path: Option<PathBuf>,
     pub(super) clock: Arc<dyn Clock>,
@@ -43,6 +45,8 @@ pub(super) struct Loop {
     last_lag: Instant,
     last_publish: Instant,
     last_policy_check: Instant,
+    /// When the instance record was last written (`None`: not yet).
+    last_announce: Option<Instant>,
     policy_mtime: Option<SystemTime>,
     poll_time: Duration,
     work_time: Duration,
@@ -95,6 +99,7 @@ impl Loop {
             last_lag: Instant::now(),
             last_publish: Instant::now(),
             last_policy_check: Instant::now(),
+            last_announce: None,
             policy_mtime: p.policies_path.as_ref().and_then(|p| mtime(p)),
             poll_time: Duration::ZERO,
             work_time: Duration::ZERO,
@@ -161,6 +166,7 @@ impl Loop {
             }
             self.rewind(consumer);
             self.measure_lag(consumer);
+            self.announce();
             self.publish();
         }
         Ended::Stopped
@@ -606,6 +612,30 @@ impl Loop {
         self.status().lag = lag;
     }
 
+    /// Exactly-once, every [`instances::HEARTBEAT`]: this instance's record on the control
+    /// topic (in the open transaction: visible once it commits).
+    fn announce(&mut self) {
+        if self
+            .last_announce
+            .is_some_and(|t| t.elapsed() < instances::HEARTBEAT)
+        {
+            return;
+        }
+        let Some(me) = self.p.me.as_mut() else {
+            return;
+        };
+        self.last_announce = Some(Instant::now());
+        me.seen_ms = self.p.clock.now_ms();
+        let value = serde_json::to_vec(&*me).expect("an instance record serializes");
+        let key = instances::key(&me.transactional_id);
+        send_record(
+            &self.p.producer,
+            BaseRecord::with_opaque_to(&self.p.config.topics.control.name, 0)
+                .key(key.as_bytes())
+                .payload(value.as_slice()),
+        );
+    }
+
     /// Every 250 ms: the metrics.
     fn publish(&mut self) {
         if self.last_publish.elapsed() < Duration::from_millis(250) {
@@ -632,6 +662,14 @@ impl Loop {
             c.pending_offsets.clone()
         };
         let topic = &self.p.config.topics.telemetry.name;
+        if let Some(me) = &self.p.me {
+            // Gone: the id is free (a tombstone, committed with the last transaction).
+            send_record(
+                &self.p.producer,
+                BaseRecord::with_opaque_to(&self.p.config.topics.control.name, 0)
+                    .key(instances::key(&me.transactional_id).as_bytes()),
+            );
+        }
         if self.eos {
             if self.core().fatal.is_none() {
                 let result =

@@ -161,9 +161,14 @@ impl Instance {
         f()
     }
 
-    pub fn stop(mut self) -> RunReport {
+    pub fn stop(self) -> RunReport {
+        self.stop_result().unwrap()
+    }
+
+    /// Stops the instance and returns how its run ended (an error: it stopped on its own).
+    pub fn stop_result(mut self) -> anyhow::Result<RunReport> {
         self.control.stop();
-        self.handle.take().unwrap().join().unwrap().unwrap()
+        self.handle.take().unwrap().join().unwrap()
     }
 }
 
