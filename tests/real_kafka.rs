@@ -790,6 +790,20 @@ fn a_second_live_instance_with_the_same_transactional_id_is_refused() {
         msg.contains("in use by a live instance") && msg.contains("tx-dup-"),
         "{msg}"
     );
+    // A still runs its transactions: it reads and commits what comes next.
+    let t = config_with(&bs, &group, &sets).topics;
+    let p = producer(&bs);
+    for s in 0..20 {
+        telemetry(
+            &p,
+            &t.telemetry.name,
+            &format!("dup/seg-{s}"),
+            SystemClock.now_ms(),
+            0.0,
+        );
+    }
+    p.flush(Duration::from_secs(5)).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
     let ra = a.stop_result().expect("a was not fenced");
-    assert!(ra.commits >= 1, "{ra:?}");
+    assert!(ra.records_consumed == 20 && ra.commits >= 1, "{ra:?}");
 }
