@@ -1,5 +1,6 @@
 // A bare Java consumer: the ceiling `segloop bench e2e --bootstrap` compares the pipeline with.
-// Reads N records of a topic in a fresh group and prints the seconds from its first record.
+// Reads N records of a topic in a fresh group and prints the seconds from its first record, and
+// from its N/10th (steady: the JIT has compiled the loop by then; the ceiling the bench uses).
 // Run: java -cp "scripts/kafka/target/kafka-libs/*" benches/java/Consume.java BOOTSTRAP TOPIC GROUP N
 import java.time.Duration;
 import java.util.List;
@@ -20,6 +21,7 @@ public class Consume {
         long want = Long.parseLong(args[3]);
         long n = 0;
         long first = 0;
+        long tenth = 0;
         long bytes = 0;
         long deadline = System.nanoTime() + 300_000_000_000L;
         try (KafkaConsumer<byte[], byte[]> consumer = new KafkaConsumer<>(p)) {
@@ -31,11 +33,18 @@ public class Consume {
                         first = System.nanoTime();
                     }
                     n++;
+                    if (n == Math.max(1, want / 10)) {
+                        tenth = System.nanoTime();
+                    }
                     bytes += r.value() == null ? 0 : r.value().length;
                 }
             }
         }
-        double secs = first == 0 ? 0 : (System.nanoTime() - first) / 1e9;
-        System.out.println("records=" + n + " secs=" + secs + " bytes=" + bytes);
+        long end = System.nanoTime();
+        double secs = first == 0 ? 0 : (end - first) / 1e9;
+        double steady = tenth == 0 ? 0 : (end - tenth) / 1e9;
+        long steadyRecords = n - Math.max(1, want / 10);
+        System.out.println("records=" + n + " secs=" + secs + " steady_records=" + steadyRecords
+            + " steady_secs=" + steady + " bytes=" + bytes);
     }
 }
