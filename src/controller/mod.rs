@@ -430,15 +430,31 @@ impl Controller {
         out: &mut Effects,
     ) {
         self.stats.windows += 1;
-        let Some(p) = self.partitions.get(&w.partition) else {
+        let Some(p) = self.partitions.get_mut(&w.partition) else {
             return;
         };
-        if let Some(seg) = p.segments.get(&*w.segment) {
-            if w.end_ms <= seg.last_window_end(w.group.as_deref()) {
+        // One lookup for a segment seen before (the common case), a second to add a new one.
+        let seg = match p.segments.get_mut(&*w.segment) {
+            Some(seg) if w.end_ms <= seg.last_window_end(w.group.as_deref()) => {
                 // Re-read after a restart: already judged.
                 self.stats.windows_replayed += 1;
                 return;
             }
+            Some(seg) => seg,
+            None => p
+                .segments
+                .entry(w.segment.clone())
+                .or_insert_with(|| SegmentState::new(&w.segment, w.partition)),
+        };
+        match &w.group {
+            None => seg.last_window_end_ms = w.end_ms,
+            Some(g) => {
+                seg.last_window_end_by_group.insert(g.to_string(), w.end_ms);
+            }
+        }
+        // A persisted segment is re-checked each window: it may have gone quiet with time.
+        if p.persisted.contains(&*w.segment) && !p.dirty.contains(&*w.segment) {
+            p.dirty.insert(w.segment.clone());
         }
         let selected: smallvec::SmallVec<[usize; 8]> = self
             .policies
@@ -450,21 +466,6 @@ impl Controller {
             })
             .map(|(i, _)| i)
             .collect();
-        let p = self.partitions.get_mut(&w.partition).expect("checked");
-        let seg = p
-            .segments
-            .entry(w.segment.clone())
-            .or_insert_with(|| SegmentState::new(&w.segment, w.partition));
-        match &w.group {
-            None => seg.last_window_end_ms = w.end_ms,
-            Some(g) => {
-                seg.last_window_end_by_group.insert(g.to_string(), w.end_ms);
-            }
-        }
-        // A persisted segment is re-checked each window: it may have gone quiet with time.
-        if p.persisted.contains(&*w.segment) && !p.dirty.contains(&*w.segment) {
-            p.dirty.insert(w.segment.clone());
-        }
         let ctx = Ctx {
             now_ms,
             window: Some(w),

@@ -31,6 +31,9 @@ pub(super) struct Parts {
 /// Most records taken from the telemetry consumer in one turn.
 const BATCH: usize = 4096;
 
+/// How often the committable offsets are computed, besides the turns a commit is due on.
+const OFFSETS_EVERY: Duration = Duration::from_millis(100);
+
 pub(super) struct Loop {
     p: Parts,
     eos: bool,
@@ -45,6 +48,8 @@ pub(super) struct Loop {
     last_lag: Instant,
     last_publish: Instant,
     last_policy_check: Instant,
+    /// When the committable offsets were last computed (a scan of every open window).
+    last_offsets: Instant,
     /// When the instance record was last written (`None`: not yet).
     last_announce: Option<Instant>,
     policy_mtime: Option<SystemTime>,
@@ -100,6 +105,7 @@ impl Loop {
             last_publish: Instant::now(),
             last_policy_check: Instant::now(),
             last_announce: None,
+            last_offsets: Instant::now(),
             policy_mtime: p.policies_path.as_ref().and_then(|p| mtime(p)),
             poll_time: Duration::ZERO,
             work_time: Duration::ZERO,
@@ -401,7 +407,15 @@ impl Loop {
         core.tick(now);
         core.account_dead_letters();
         core.write_state(now);
-        core.refresh_offsets();
+        // The committable offsets scan every open window of every owned partition: at most
+        // every OFFSETS_EVERY, and on the turn a commit is due. Offsets only grow, so a
+        // revoke that commits from a slightly older book commits less, never too much.
+        if self.last_offsets.elapsed() >= OFFSETS_EVERY
+            || self.last_commit.elapsed() >= self.p.config.delivery.commit_interval
+        {
+            self.last_offsets = Instant::now();
+            core.refresh_offsets();
+        }
         core.pipeline.end_turn(now);
         {
             let mut book = self
@@ -659,6 +673,7 @@ impl Loop {
         let offsets = {
             let mut c = self.core();
             c.write_state(self.p.clock.now_ms());
+            c.refresh_offsets();
             c.pending_offsets.clone()
         };
         let topic = &self.p.config.topics.telemetry.name;
