@@ -225,7 +225,9 @@ fn produce_with_error(
     start_ms: i64,
     error: f64,
 ) -> u32 {
-    let out = Command::new("python3")
+    // Bounded: a producer that hangs fails the test instead of the whole suite's time.
+    let out = Command::new("timeout")
+        .args(["180", "python3"])
         .env("AVRO_PRODUCER_ERROR", error.to_string())
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -237,7 +239,11 @@ fn produce_with_error(
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
-    assert!(out.status.success(), "the Python producer failed");
+    assert!(
+        out.status.success(),
+        "the Python producer failed or took over 180 s ({:?})",
+        out.status
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     stdout
         .lines()

@@ -24,7 +24,9 @@ def main():
     count, segments, start = int(count), int(segments), int(start)
     schema = open(schema_file).read()
     fields = {f["name"] for f in json.loads(schema)["fields"]}
-    client = SchemaRegistryClient({"url": registry})
+    # A request the registry never answers fails after 10 s and is retried (the client's
+    # default is no timeout: one stuck request hung the suite).
+    client = SchemaRegistryClient({"url": registry, "timeout": 10, "max.retries": 5})
     serializer = AvroSerializer(client, schema, conf={"auto.register.schemas": True})
     ctx = SerializationContext(topic, MessageField.VALUE)
     error = float(os.environ.get("AVRO_PRODUCER_ERROR", "0"))
