@@ -24,14 +24,14 @@ pub(super) enum Handover {
 }
 
 /// The telemetry consumer's callbacks. The rebalance callback runs inside `poll`, on the
-/// loop's thread, and touches no engine state: on revoke it commits the offsets the loop
-/// last published ([`CommitBook`]) and records the event; the loop applies events in the order
-/// they came between the records ([`Stream`]).
+/// loop's thread, between two turns: on revoke it reads the core's committable offsets (the
+/// lock held only for the copy), commits them with no lock held, and records the event; the
+/// loop applies events in the order they came between the records ([`Stream`]).
 pub(super) struct GroupContext {
     pub(super) topic: String,
     pub(super) producer: Arc<ThreadedProducer<ProduceContext>>,
     pub(super) eos: bool,
-    pub(super) book: Arc<Mutex<CommitBook>>,
+    pub(super) core: SharedCore,
     pub(super) events: Mutex<Vec<GroupEvent>>,
     pub(super) revoke_timeout: Duration,
     pub(super) client_errors: Mutex<Vec<(rdkafka::error::KafkaError, String)>>,
@@ -57,15 +57,6 @@ impl GroupContext {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
     }
-}
-
-/// The committable offsets of the owned partitions, as the loop last published them (at the
-/// end of every turn, after the turn's state records were queued): what a revoke commits.
-#[derive(Debug, Default)]
-pub(super) struct CommitBook {
-    pub(super) offsets: BTreeMap<i32, i64>,
-    /// The run is stopping for a fatal error: no more transactions.
-    pub(super) fatal: bool,
 }
 
 /// The records and group events of one poll batch, in the order `poll` produced them (a
@@ -190,12 +181,11 @@ impl ConsumerContext for GroupContext {
             return;
         };
         let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        // The committable offsets as the last turn left them: computed after that turn's
+        // state records were queued, and without the partitions a rewind restarted since.
         let (offsets, fatal) = {
-            let book = self
-                .book
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            (book.offsets.clone(), book.fatal)
+            let core = lock(&self.core);
+            (core.pending_offsets.clone(), core.fatal.is_some())
         };
         let handover = if self.eos {
             Handover::Transaction(if fatal {

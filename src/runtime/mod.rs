@@ -48,6 +48,12 @@ use crate::model::{DecisionRecord, RemediationCommand, RemediationOutcome};
 use crate::pipeline::{Cause, Options as PipelineOptions, Pipeline, Record, Sink};
 use crate::policy::{PolicySet, Silence};
 
+/// Locks `m`. A poisoned lock is taken as it is: every lock here guards counters, queues or
+/// the core, which a panicking holder leaves consistent between steps.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 use changelog::*;
 pub use changelog::{read_state_partition, state_reader, PartitionMarks};
 use delivery::*;
@@ -226,8 +232,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     if let Some(f) = on_admin {
         f(admin.addr);
     }
-    let book = Arc::new(Mutex::new(CommitBook::default()));
-    let consumer = telemetry_consumer(&config, producer.clone(), book.clone(), eos)?;
+    let consumer = telemetry_consumer(&config, producer.clone(), core.clone(), eos)?;
     let outcomes = outcome_consumer(&config, &core, clock.now_ms())?;
     let controls = side_consumer(
         &config,
@@ -253,7 +258,6 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         outcomes,
         controls,
         changelog: Changelog::new(&config)?,
-        book,
         me,
         resolver,
         policies_path,
@@ -336,12 +340,12 @@ fn start_producer(
     Ok(producer)
 }
 
-/// The telemetry consumer, subscribed, in the group; its rebalance callback commits from
-/// `book` (see [`GroupContext`]).
+/// The telemetry consumer, subscribed, in the group; its rebalance callback commits the
+/// core's committable offsets (see [`GroupContext`]).
 fn telemetry_consumer(
     config: &Config,
     producer: Arc<ThreadedProducer<ProduceContext>>,
-    book: Arc<Mutex<CommitBook>>,
+    core: SharedCore,
     eos: bool,
 ) -> anyhow::Result<BaseConsumer<GroupContext>> {
     let topic = &config.topics.telemetry.name;
@@ -355,7 +359,7 @@ fn telemetry_consumer(
         topic: topic.clone(),
         producer,
         eos,
-        book,
+        core,
         events: Mutex::new(Vec::new()),
         client_errors: Mutex::new(Vec::new()),
         high_watermarks: Mutex::new(BTreeMap::new()),

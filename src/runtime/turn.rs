@@ -3,7 +3,7 @@
 //! A turn: [`Loop::poll`] the telemetry (records and group events as one ordered
 //! [`Stream`]), [`Loop::apply`] it, [`Loop::read_side_topics`] (outcomes, control),
 //! [`Loop::reload_policies`], [`Loop::close_turn`] (deadlines, dead letters, state records,
-//! committable offsets, the [`CommitBook`] and `/readyz`), [`Loop::sync_schema_waits`],
+//! committable offsets and `/readyz`), [`Loop::sync_schema_waits`],
 //! [`Loop::commit`], [`Loop::rewind`] (exactly-once, after an abort), [`Loop::measure_lag`],
 //! [`Loop::publish`]. The core is locked inside a step and released before every broker round
 //! trip (commit, flush, transaction, changelog read, seek).
@@ -19,7 +19,6 @@ pub(super) struct Parts {
     pub(super) outcomes: BaseConsumer<kafka::Collapsing>,
     pub(super) controls: BaseConsumer<kafka::Collapsing>,
     pub(super) changelog: Changelog,
-    pub(super) book: Arc<Mutex<CommitBook>>,
     /// Exactly-once: this instance's record on the control topic (see [`instances`]).
     pub(super) me: Option<instances::InstanceRecord>,
     pub(super) resolver: Option<crate::registry::Resolver>,
@@ -396,8 +395,8 @@ impl Loop {
     }
 
     /// The turn's bookkeeping: deadlines, dead-letter deliveries, the state records of every
-    /// change, the committable offsets (published to the [`CommitBook`] a revoke commits
-    /// from), and the instance's status.
+    /// change, the committable offsets (what a revoke commits, so they are computed after
+    /// the state records are queued), and the instance's status.
     fn close_turn(&mut self, now: i64) {
         let core = &mut *self
             .p
@@ -409,7 +408,7 @@ impl Loop {
         core.write_state(now);
         // The committable offsets scan every open window of every owned partition: at most
         // every OFFSETS_EVERY, and on the turn a commit is due. Offsets only grow, so a
-        // revoke that commits from a slightly older book commits less, never too much.
+        // revoke that commits slightly older ones commits less, never too much.
         if self.last_offsets.elapsed() >= OFFSETS_EVERY
             || self.last_commit.elapsed() >= self.p.config.delivery.commit_interval
         {
@@ -417,15 +416,6 @@ impl Loop {
             core.refresh_offsets();
         }
         core.pipeline.end_turn(now);
-        {
-            let mut book = self
-                .p
-                .book
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            book.offsets.clone_from(&core.pending_offsets);
-            book.fatal = core.fatal.is_some();
-        }
         let mut s = self
             .p
             .status
