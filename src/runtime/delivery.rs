@@ -137,10 +137,6 @@ impl Default for Deliveries {
 }
 
 impl Deliveries {
-    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// The number of the next record sent: everything sent before it has a smaller one.
     pub(super) fn mark(&self) -> usize {
         self.next.load(Ordering::SeqCst)
@@ -149,26 +145,26 @@ impl Deliveries {
     /// A record is about to be sent: its number.
     pub(super) fn start(&self) -> usize {
         let seq = self.next.fetch_add(1, Ordering::SeqCst);
-        Self::lock(&self.open).insert(seq);
+        lock(&self.open).insert(seq);
         seq
     }
 
     /// Record `seq` was delivered (`ok`) or failed (or could not be queued).
     pub(super) fn finish(&self, seq: usize, ok: bool) {
         if !ok {
-            Self::lock(&self.failed).insert(seq);
+            lock(&self.failed).insert(seq);
         }
-        Self::lock(&self.open).remove(&seq);
+        lock(&self.open).remove(&seq);
     }
 
     /// Whether every record sent before `mark` is reported: `None` while one is open,
     /// `Some(false)` if one failed (the failures before `mark` are then accounted and
     /// forgotten), `Some(true)` if all were delivered.
     pub(super) fn settled(&self, mark: usize) -> Option<bool> {
-        if Self::lock(&self.open).first().is_some_and(|s| *s < mark) {
+        if lock(&self.open).first().is_some_and(|s| *s < mark) {
             return None;
         }
-        let mut failed = Self::lock(&self.failed);
+        let mut failed = lock(&self.failed);
         let later = failed.split_off(&mark);
         let ok = failed.is_empty();
         *failed = later;

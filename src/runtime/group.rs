@@ -42,20 +42,12 @@ pub(super) struct GroupContext {
 
 impl GroupContext {
     fn push(&self, ev: GroupEvent) {
-        self.events
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(ev);
+        lock(&self.events).push(ev);
     }
 
     /// The events since the last call, in the order they happened.
     pub(super) fn take_events(&self) -> Vec<GroupEvent> {
-        std::mem::take(
-            &mut *self
-                .events
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        std::mem::take(&mut *lock(&self.events))
     }
 }
 
@@ -140,10 +132,7 @@ impl ClientContext for GroupContext {
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
         };
-        let mut known = self
-            .high_watermarks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut known = lock(&self.high_watermarks);
         for p in topic.partitions.values() {
             // Partition -1 is librdkafka's internal "unassigned" queue; -1001 is "not known".
             if p.partition >= 0 && p.hi_offset >= 0 {
@@ -231,12 +220,7 @@ pub(super) fn measure_lag(consumer: &BaseConsumer<GroupContext>) -> BTreeMap<i32
     let Ok(positions) = consumer.position() else {
         return BTreeMap::new();
     };
-    let high = consumer
-        .context()
-        .high_watermarks
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let high = lock(&consumer.context().high_watermarks).clone();
     positions
         .elements()
         .iter()

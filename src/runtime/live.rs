@@ -390,15 +390,7 @@ impl Core {
     /// [`DLQ_ATTEMPTS`] the run stops, never having committed past it. Exactly-once: the
     /// failed write fails its transaction, whose rewind writes it again.
     pub(super) fn account_dead_letters(&mut self) {
-        let deliveries = std::mem::take(
-            &mut *self
-                .out
-                .producer
-                .context()
-                .dead_letters
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let deliveries = std::mem::take(&mut *lock(&self.out.producer.context().dead_letters));
         for d in deliveries {
             let Some(f) = d.failed else {
                 self.out.dlq_attempts.remove(&(d.partition, d.offset));

@@ -204,11 +204,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         resolver.clone(),
         eos,
     )?));
-    let read_model = core
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .pipeline
-        .read_model();
+    let read_model = lock(&core).pipeline.read_model();
     let status = Arc::new(Mutex::new(Status::default()));
     let heartbeat = Arc::new(Heartbeat::default());
     if let Some(f) = on_core {
@@ -242,8 +238,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     )?;
     let _guard = metrics::set_default_local_recorder(&*metrics.recorder);
     crate::metrics::init_escalations(
-        core.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&core)
             .pipeline
             .policies()
             .policies
@@ -406,9 +401,7 @@ fn outcome_consumer(
     }
     c.assign(&tpl)
         .context("cannot assign the partitions of the outcomes topic")?;
-    core.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .outcomes_backlog = found
+    lock(core).outcomes_backlog = found
         .start
         .iter()
         .filter(|(p, o)| found.end[*p] > **o)
@@ -456,14 +449,8 @@ fn publish(
     producer: &ThreadedProducer<ProduceContext>,
     status: &Mutex<Status>,
 ) {
-    let lag = status
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .lag
-        .clone();
-    let mut core = core
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lag = lock(status).lag.clone();
+    let mut core = lock(core);
     let core = &mut *core;
     let out = &mut core.out;
     if let Ok(mut v) = producer.context().close_to_ack.lock() {

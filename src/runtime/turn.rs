@@ -114,17 +114,11 @@ impl Loop {
     }
 
     fn core(&self) -> std::sync::MutexGuard<'_, Core> {
-        self.p
-            .core
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.p.core)
     }
 
     fn status(&self) -> std::sync::MutexGuard<'_, Status> {
-        self.p
-            .status
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.p.status)
     }
 
     /// Turns until `control.stop()` or a reason to stop.
@@ -214,13 +208,7 @@ impl Loop {
         poll_error: Option<rdkafka::error::KafkaError>,
         progress: bool,
     ) {
-        let client_errors = std::mem::take(
-            &mut *consumer
-                .context()
-                .client_errors
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let client_errors = std::mem::take(&mut *lock(&consumer.context().client_errors));
         if poll_error.is_none() && client_errors.is_empty() {
             if progress {
                 self.telemetry_errors.on_progress();
@@ -236,11 +224,7 @@ impl Loop {
             .map(|(p, _)| *p)
             .collect();
         let behind = format!("{behind:?} (behind)");
-        let core = &mut *self
-            .p
-            .core
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let core = &mut *lock(&self.p.core);
         if let Some(e) = poll_error {
             self.telemetry_errors
                 .on_error(&e, "", &behind, &mut core.out.counters);
@@ -313,10 +297,7 @@ impl Loop {
         let (status, heartbeat) = (self.p.status.clone(), self.p.heartbeat.clone());
         let read = self.p.changelog.restore(parts, &mut |progress| {
             heartbeat.beat();
-            status
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .restoring = Some(progress);
+            lock(&status).restoring = Some(progress);
         });
         self.status().restoring = None;
         let mut core = self.core();
@@ -327,11 +308,7 @@ impl Loop {
 
     /// Outcomes (a larger share while their startup backlog is read) and operator intents.
     fn read_side_topics(&mut self, now: i64) {
-        let core = &mut *self
-            .p
-            .core
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let core = &mut *lock(&self.p.core);
         let outcome_batch = if core.outcomes_backlog.is_empty() {
             256
         } else {
@@ -398,11 +375,7 @@ impl Loop {
     /// change, the committable offsets (what a revoke commits, so they are computed after
     /// the state records are queued), and the instance's status.
     fn close_turn(&mut self, now: i64) {
-        let core = &mut *self
-            .p
-            .core
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let core = &mut *lock(&self.p.core);
         core.tick(now);
         core.account_dead_letters();
         core.write_state(now);
@@ -416,11 +389,7 @@ impl Loop {
             core.refresh_offsets();
         }
         core.pipeline.end_turn(now);
-        let mut s = self
-            .p
-            .status
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = lock(&self.p.status);
         s.assigned = core.pipeline.assigned().to_vec();
         self.p.heartbeat.beat();
         s.consume_errors = [
@@ -443,20 +412,15 @@ impl Loop {
         let (Some(tw), Some(ow)) = (self.schema_waits.as_mut(), self.outcome_waits.as_mut()) else {
             return Ok(());
         };
-        let lock = || {
-            self.p
-                .core
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
+        let core = &self.p.core;
         let (waiting, outcome_waiting) = {
-            let c = lock();
+            let c = lock(core);
             (c.pipeline.waiting().clone(), c.outcome_waiting.clone())
         };
         let result = tw.sync(consumer, &waiting).and_then(|answered| {
             let more = ow.sync(&self.p.outcomes, &outcome_waiting)?;
             if !answered.is_empty() || !more.is_empty() {
-                let mut c = lock();
+                let mut c = lock(core);
                 for p in answered {
                     c.pipeline.stop_waiting(p);
                 }
@@ -470,11 +434,7 @@ impl Loop {
         described.extend(ow.describe());
         metrics::gauge!(crate::metrics::SCHEMA_WAITING).set((tw.len() + ow.len()) as f64);
         metrics::counter!(crate::metrics::REGISTRY_REQUESTS).absolute(tw.requests());
-        self.p
-            .status
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .schema_waits = described;
+        lock(&self.p.status).schema_waits = described;
         result
     }
 
