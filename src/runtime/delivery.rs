@@ -172,21 +172,31 @@ impl Deliveries {
     }
 }
 
+/// Commits `offsets` of `topic` ([`CommitResult::Nothing`] when there are none); a failure is
+/// logged (the partitions' next reader re-reads from the last committed offset).
 pub(super) fn commit<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
     offsets: &[(i32, i64)],
     mode: CommitMode,
-) -> anyhow::Result<()> {
+) -> CommitResult {
     if offsets.is_empty() {
-        return Ok(());
+        return CommitResult::Nothing;
     }
-    let mut tpl = TopicPartitionList::new();
-    for (p, o) in offsets {
-        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
+    let result = offsets
+        .iter()
+        .try_fold(TopicPartitionList::new(), |mut tpl, (p, o)| {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
+                .map(|()| tpl)
+        })
+        .and_then(|tpl| consumer.commit(&tpl, mode));
+    match result {
+        Ok(()) => CommitResult::Committed,
+        Err(e) => {
+            tracing::warn!(error = %e, "offset commit failed; the partitions' next reader re-reads");
+            CommitResult::Failed(e.to_string())
+        }
     }
-    consumer.commit(&tpl, mode)?;
-    Ok(())
 }
 
 /// What a commit of offsets came to.
@@ -216,16 +226,7 @@ pub(super) fn commit_flushed<C: ConsumerContext>(
         tracing::warn!("produced records not confirmed; not committing");
         return CommitResult::Unconfirmed;
     }
-    if offsets.is_empty() {
-        return CommitResult::Nothing;
-    }
-    match commit(consumer, topic, offsets, CommitMode::Sync) {
-        Ok(()) => CommitResult::Committed,
-        Err(e) => {
-            tracing::warn!(error = %e, "offset commit failed; the partitions' next reader re-reads");
-            CommitResult::Failed(e.to_string())
-        }
-    }
+    commit(consumer, topic, offsets, CommitMode::Sync)
 }
 
 /// At-least-once, the loop's periodic commit without waiting on the producer: every
@@ -258,25 +259,16 @@ impl Committer {
         }
     }
 
-    /// The newest note whose records are all acknowledged, if any (older ones are passed
-    /// over); a note with a failed record yields [`CommitResult::Unconfirmed`] instead.
-    pub(super) fn ready(
-        &mut self,
-        deliveries: &Deliveries,
-    ) -> Option<Result<Vec<(i32, i64)>, CommitResult>> {
+    /// The newest note whose records are all reported, if any (older ones are passed over):
+    /// its offsets, or `None` when one of its records failed.
+    pub(super) fn ready(&mut self, deliveries: &Deliveries) -> Option<Option<Vec<(i32, i64)>>> {
         let mut found = None;
         while let Some((mark, _)) = self.notes.front() {
-            match deliveries.settled(*mark) {
-                None => break,
-                Some(ok) => {
-                    let (_, offsets) = self.notes.pop_front().expect("a front note");
-                    found = Some(if ok {
-                        Ok(offsets)
-                    } else {
-                        Err(CommitResult::Unconfirmed)
-                    });
-                }
-            }
+            let Some(delivered) = deliveries.settled(*mark) else {
+                break;
+            };
+            let (_, offsets) = self.notes.pop_front().expect("a front note");
+            found = Some(delivered.then_some(offsets));
         }
         found
     }

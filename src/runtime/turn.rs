@@ -476,18 +476,11 @@ impl Loop {
         }
         let result = match self.committer.ready(deliveries) {
             None => return,
-            Some(Err(unconfirmed)) => {
+            Some(None) => {
                 tracing::warn!("produced records not confirmed; not committing this round");
-                unconfirmed
+                CommitResult::Unconfirmed
             }
-            Some(Ok(offsets)) if offsets.is_empty() => CommitResult::Nothing,
-            Some(Ok(offsets)) => match commit(consumer, topic, &offsets, CommitMode::Async) {
-                Ok(()) => CommitResult::Committed,
-                Err(e) => {
-                    tracing::warn!(error = %e, "offset commit failed");
-                    CommitResult::Failed(e.to_string())
-                }
-            },
+            Some(Some(offsets)) => commit(consumer, topic, &offsets, CommitMode::Async),
         };
         self.core().after_commit(&result);
     }
