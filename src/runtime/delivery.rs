@@ -10,8 +10,8 @@ pub struct ProduceContext {
     pub(super) close_to_ack: Mutex<Vec<f64>>,
     /// Every record sent, until its delivery report: what a commit waits for.
     pub(super) deliveries: Deliveries,
-    /// Commands: when their window closed ([`stamp`]), by delivery sequence number.
-    pub(super) stamps: Mutex<HashMap<usize, usize>>,
+    /// Commands: when their window closed, by delivery sequence number.
+    pub(super) stamps: Mutex<HashMap<usize, Instant>>,
     /// Delivery reports of dead-letter writes, for the loop to account (drained every turn).
     pub(super) dead_letters: Mutex<Vec<DeadLetterDelivery>>,
 }
@@ -57,8 +57,7 @@ impl ClientContext for ProduceContext {
     }
 }
 
-/// Process-relative microseconds (+1, so 0 means "not timed"): the delivery opaque of
-/// commands, the time their window closed.
+/// Process-relative microseconds (+1, so 0 means "never"): the heartbeat's time.
 pub(super) fn stamp(at: Instant) -> usize {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let start = *START.get_or_init(Instant::now);
@@ -102,9 +101,8 @@ impl ProducerContext for ProduceContext {
         match result {
             Ok(_) => {
                 if let Some(at) = stamp_of {
-                    let secs = (stamp(Instant::now()).saturating_sub(at)) as f64 / 1e6;
                     if let Ok(mut v) = self.close_to_ack.lock() {
-                        v.push(secs);
+                        v.push(at.elapsed().as_secs_f64());
                     }
                 }
             }
@@ -402,14 +400,13 @@ impl SilencePublisher {
     }
 }
 
-/// Sends a record; `closed_at` (a [`stamp`], 0 for none): a command's window close, to time
-/// it to the broker's ack.
+/// Sends a record; `closed_at`: a command's window close, to time it to the broker's ack.
 pub(super) fn send(
     producer: &ThreadedProducer<ProduceContext>,
     topic: &str,
     key: &[u8],
     payload: &[u8],
-    closed_at: usize,
+    closed_at: Option<Instant>,
 ) {
     send_timed(
         producer,
@@ -426,20 +423,20 @@ pub(super) fn send_record(
     producer: &ThreadedProducer<ProduceContext>,
     record: BaseRecord<'_, [u8], [u8], usize>,
 ) {
-    send_timed(producer, record, 0);
+    send_timed(producer, record, None);
 }
 
 fn send_timed(
     producer: &ThreadedProducer<ProduceContext>,
     mut record: BaseRecord<'_, [u8], [u8], usize>,
-    closed_at: usize,
+    closed_at: Option<Instant>,
 ) {
     let context = producer.context();
     let seq = context.deliveries.start();
     record.delivery_opaque = seq;
-    if closed_at > 0 {
+    if let Some(at) = closed_at {
         if let Ok(mut stamps) = context.stamps.lock() {
-            stamps.insert(seq, closed_at);
+            stamps.insert(seq, at);
         }
     }
     if let Err(e) = kafka::send_waiting(producer, record) {

@@ -187,7 +187,7 @@ impl Output {
                 &self.actions_topic,
                 cmd.segment.as_bytes(),
                 &bytes,
-                closed_at.map_or(0, stamp),
+                closed_at,
             );
         }
         for d in fx.decisions.drain(..) {
@@ -199,7 +199,7 @@ impl Output {
                     &self.decisions_topic,
                     d.segment.as_bytes(),
                     &bytes,
-                    0,
+                    None,
                 );
             }
         }
