@@ -387,16 +387,27 @@ impl SilencePublisher {
     pub fn publish(&self, s: Option<&SilenceRecord>, id: &str) -> anyhow::Result<()> {
         let key = format!("silence/{id}");
         let value = s.map(serde_json::to_vec).transpose()?;
-        let mut record: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(&self.topic, 0).key(key.as_bytes());
-        if let Some(v) = value.as_deref() {
-            record = record.payload(v);
-        }
-        send_record(&self.producer, record);
+        send_record(
+            &self.producer,
+            keyed(&self.topic, key.as_bytes(), value.as_deref()),
+        );
         self.producer
             .flush(Duration::from_secs(5))
             .context("the silence was not acknowledged by the broker")?;
         Ok(())
+    }
+}
+
+/// A record of `topic` under `key` holding `value` (`None`: a tombstone).
+pub(super) fn keyed<'a>(
+    topic: &'a str,
+    key: &'a [u8],
+    value: Option<&'a [u8]>,
+) -> BaseRecord<'a, [u8], [u8], usize> {
+    let record = BaseRecord::with_opaque_to(topic, 0).key(key);
+    match value {
+        Some(v) => record.payload(v),
+        None => record,
     }
 }
 
@@ -408,13 +419,7 @@ pub(super) fn send(
     payload: &[u8],
     closed_at: Option<Instant>,
 ) {
-    send_timed(
-        producer,
-        BaseRecord::with_opaque_to(topic, 0)
-            .key(key)
-            .payload(payload),
-        closed_at,
-    );
+    send_timed(producer, keyed(topic, key, Some(payload)), closed_at);
 }
 
 /// Sends, waiting while the producer queue is full (backpressure, bounded queue); a record

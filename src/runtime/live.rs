@@ -299,14 +299,11 @@ impl Core {
     pub(super) fn write_state(&mut self, now: i64) {
         let topic = self.config.topics.state.name.clone();
         for change in self.pipeline.take_state_changes(now) {
-            let mut record: BaseRecord<'_, [u8], [u8], usize> =
-                BaseRecord::with_opaque_to(&topic, 0)
-                    .key(change.segment.as_bytes())
-                    .partition(change.partition);
-            if let Some(v) = change.state.as_deref() {
-                record = record.payload(v);
-            }
-            send_record(&self.out.producer, record);
+            send_record(
+                &self.out.producer,
+                keyed(&topic, change.segment.as_bytes(), change.state.as_deref())
+                    .partition(change.partition),
+            );
             self.out.counters.state_records += 1;
         }
         for p in self.pipeline.assigned().to_vec() {
@@ -327,10 +324,7 @@ impl Core {
             .expect("a partition record serializes");
             send_record(
                 &self.out.producer,
-                BaseRecord::with_opaque_to(&topic, 0)
-                    .key(PARTITION_KEY)
-                    .payload(value.as_slice())
-                    .partition(p),
+                keyed(&topic, PARTITION_KEY, Some(&value)).partition(p),
             );
             self.closed_written.insert(p, marks);
             self.out.counters.state_records += 1;

@@ -584,13 +584,18 @@ impl Loop {
         self.last_announce = Some(Instant::now());
         me.seen_ms = self.p.clock.now_ms();
         let value = serde_json::to_vec(&*me).expect("an instance record serializes");
+        self.write_me(Some(&value));
+    }
+
+    /// Exactly-once: this instance's record on the control topic (`None`: the tombstone that
+    /// frees its id).
+    fn write_me(&self, value: Option<&[u8]>) {
+        let Some(me) = &self.p.me else {
+            return;
+        };
         let key = instances::key(&me.transactional_id);
-        send_record(
-            &self.p.producer,
-            BaseRecord::with_opaque_to(&self.p.config.topics.control.name, 0)
-                .key(key.as_bytes())
-                .payload(value.as_slice()),
-        );
+        let topic = &self.p.config.topics.control.name;
+        send_record(&self.p.producer, keyed(topic, key.as_bytes(), value));
     }
 
     /// Every 250 ms: the metrics.
@@ -620,14 +625,8 @@ impl Loop {
             c.pending_offsets.clone()
         };
         let topic = &self.p.config.topics.telemetry.name;
-        if let Some(me) = &self.p.me {
-            // Gone: the id is free (a tombstone, committed with the last transaction).
-            send_record(
-                &self.p.producer,
-                BaseRecord::with_opaque_to(&self.p.config.topics.control.name, 0)
-                    .key(instances::key(&me.transactional_id).as_bytes()),
-            );
-        }
+        // Gone: the id is free (committed with the last transaction).
+        self.write_me(None);
         if self.eos {
             if self.core().fatal.is_none() {
                 let result =
