@@ -67,16 +67,15 @@ pub(super) enum Step {
     Group(GroupEvent),
 }
 
-impl<M> Default for Stream<M> {
-    fn default() -> Self {
+impl<M> Stream<M> {
+    /// An empty stream with room for `records` records.
+    pub(super) fn with_capacity(records: usize) -> Self {
         Stream {
-            records: Vec::with_capacity(4096),
+            records: Vec::with_capacity(records),
             events: Vec::new(),
         }
     }
-}
 
-impl<M> Stream<M> {
     pub(super) fn clear(&mut self) {
         self.records.clear();
         self.events.clear();

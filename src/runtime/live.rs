@@ -115,14 +115,13 @@ impl Core {
                 self.out.report.records_windowed += n;
                 self.out.counters.windowed += n;
                 if offsets {
-                    self.out.counters.commits += 1;
-                    self.out.report.commits += 1;
+                    self.after_commit(&CommitResult::Committed);
                 }
                 fatal
             }
             TxnResult::Aborted { error, fatal } => {
                 tracing::warn!(%error, "exactly-once: transaction aborted; rewinding");
-                self.out.counters.commit_errors += 1;
+                self.after_commit(&CommitResult::Failed(error));
                 *self.out.counters.transactions.entry("aborted").or_default() += 1;
                 self.needs_rewind = true;
                 fatal

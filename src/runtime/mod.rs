@@ -5,14 +5,16 @@
 //! partition of the outcomes topic (from the end) and of the control topic (from the start).
 //! One idempotent producer (`acks=all`, murmur2) writes commands, decisions and DLQ records.
 //!
-//! Delivery (at-least-once): telemetry offsets are committed every `commit_interval`, and only
-//! up to the engine's committable offset (the lowest offset still feeding an open window), and
-//! only after `flush` confirmed every record produced before it. On revoke the rebalance
-//! callback flushes and commits within a bound, then the partition's state is dropped; on
-//! assign, consumption resumes at the committed offset, rebuilding open windows.
+//! Delivery (at-least-once): telemetry offsets are committed every `commit_interval`, only up
+//! to the engine's committable offset (the lowest offset still feeding an open window), and
+//! only once every record produced before them is acknowledged (the producer's delivery
+//! sequence, `delivery`; the loop does not wait for it). On revoke the rebalance callback
+//! flushes and commits within a bound, then the partition's state is dropped; on assign,
+//! consumption resumes at the committed offset, rebuilding open windows.
 //!
-//! The admin thread ([`admin`]) serves `/metrics`, health, and the admin API; it locks the
-//! shared [`Core`] briefly and never across I/O.
+//! The loop (`turn`) runs one turn after another as named steps. The admin thread
+//! ([`admin`]) serves `/metrics`, health, and the admin API from the read model and
+//! [`Status`]; it never takes the [`Core`]'s lock.
 
 pub mod admin;
 mod changelog;
@@ -262,19 +264,18 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     // Every line of the loop carries the group (and, inside a rebalance or a restore, the
     // partitions).
     let span = tracing::info_span!("run", group = %group).entered();
-    let ended = turns.run(&consumer, &control);
-    let report = match &ended {
-        turn::Ended::Failed(_) => None,
-        _ => Some(turns.shutdown(&consumer)),
+    let result = match turns.run(&consumer, &control) {
+        turn::Ended::Stopped => Ok(turns.shutdown(&consumer)),
+        turn::Ended::FailedAfterCommit(e) => {
+            turns.shutdown(&consumer);
+            Err(e)
+        }
+        turn::Ended::Failed(e) => Err(e),
     };
     drop(span);
     admin.stop();
     drop(consumer);
-    match (ended, report) {
-        (turn::Ended::Stopped, Some(report)) => Ok(report),
-        (turn::Ended::Failed(e) | turn::Ended::FailedAfterCommit(e), _) => Err(e),
-        (turn::Ended::Stopped, None) => unreachable!("a stopped run shuts down"),
-    }
+    result
 }
 
 /// This exactly-once instance as its control-topic record says it: the configured

@@ -127,14 +127,13 @@ impl Loop {
         consumer: &BaseConsumer<GroupContext>,
         control: &Control,
     ) -> Ended {
-        let mut stream: Stream<BorrowedMessage<'_>> = Stream::default();
+        let mut stream: Stream<BorrowedMessage<'_>> = Stream::with_capacity(BATCH);
         while !control.stopping() {
             self.turns += 1;
             let polled = Instant::now();
             let poll_error = self.poll(consumer, &mut stream);
             let polled_at = Instant::now();
             self.poll_time += polled_at - polled;
-            let work = Instant::now();
             self.consume_errors(consumer, poll_error, !stream.records.is_empty());
             let now = self.p.clock.now_ms();
             self.apply(consumer, &stream, now, polled_at);
@@ -157,7 +156,7 @@ impl Loop {
             {
                 return Ended::Failed(anyhow::anyhow!("{why}"));
             }
-            self.work_time += work.elapsed();
+            self.work_time += polled_at.elapsed();
             self.commit(consumer);
             let fatal = self.core().fatal.take();
             if let Some(e) = fatal {
