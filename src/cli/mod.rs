@@ -432,7 +432,7 @@ pub fn check_config(args: &CheckConfigArgs, env: &HashMap<String, String>) -> Ex
                         ),
                     }
                     if config.delivery.transactional_id.is_none()
-                        && config.admin.listen.ends_with(":0")
+                        && instances::fixed_port(&config.admin.listen).is_none()
                     {
                         eprintln!("warning: admin.listen has port 0, so the default transactional.id changes with every start: a restart does not fence its predecessor, whose open transaction the broker aborts only after transaction.timeout.ms; set delivery.transactional_id or a fixed admin port");
                     }

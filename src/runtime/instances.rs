@@ -47,7 +47,7 @@ pub fn hostname() -> String {
 pub fn default_transactional_id(config: &Config, host: &str) -> String {
     static IN_PROCESS: AtomicU64 = AtomicU64::new(0);
     let group = &config.kafka.group_id;
-    match admin_port(config) {
+    match fixed_port(&config.admin.listen) {
         Some(port) => format!("{group}-{host}-{port}"),
         None => format!(
             "{group}-{host}-p{}.{}",
@@ -57,12 +57,10 @@ pub fn default_transactional_id(config: &Config, host: &str) -> String {
     }
 }
 
-/// The configured admin port, unless 0 (or unparsable).
-fn admin_port(config: &Config) -> Option<u16> {
-    config
-        .admin
-        .listen
-        .rsplit_once(':')
+/// The port of an admin address, unless 0 (or unparsable): an instance restarted with it
+/// comes back at the same address.
+pub fn fixed_port(addr: &str) -> Option<u16> {
+    addr.rsplit_once(':')
         .and_then(|(_, p)| p.parse::<u16>().ok())
         .filter(|p| *p != 0)
 }
@@ -74,7 +72,8 @@ fn admin_port(config: &Config) -> Option<u16> {
 pub fn duplicate_of(me: &InstanceRecord, other: &InstanceRecord, now_ms: i64) -> Option<String> {
     let age_ms = now_ms - other.seen_ms;
     let live = age_ms < LIVE_FOR.as_millis() as i64;
-    let predecessor = other.host == me.host && other.admin == me.admin && admin_port_of(&me.admin);
+    let predecessor =
+        other.host == me.host && other.admin == me.admin && fixed_port(&me.admin).is_some();
     (live && !predecessor).then(|| {
         format!(
             "transactional.id {} is in use by a live instance (host {}, admin {}, pid {}, seen {} s ago): two instances with one id would fence each other; set delivery.transactional_id per instance, or leave it unset for a unique default",
@@ -85,13 +84,6 @@ pub fn duplicate_of(me: &InstanceRecord, other: &InstanceRecord, now_ms: i64) ->
             age_ms.max(0) / 1000
         )
     })
-}
-
-/// Whether an admin address has a fixed port (a restart comes back at the same address).
-fn admin_port_of(addr: &str) -> bool {
-    addr.rsplit_once(':')
-        .and_then(|(_, p)| p.parse::<u16>().ok())
-        .is_some_and(|p| p != 0)
 }
 
 /// Exactly-once, at startup: refuses to start when a live instance already uses
