@@ -312,10 +312,7 @@ fn thread_cpu() -> BTreeMap<u32, (String, f64)> {
         let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
             continue;
         };
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let name = head.split_once('(').map_or("", |x| x.1);
+        let (name, secs) = stat_cpu(&stat);
         let group = if name == "pipeline" {
             "pipeline"
         } else if name.starts_with("rdk:") {
@@ -323,10 +320,7 @@ fn thread_cpu() -> BTreeMap<u32, (String, f64)> {
         } else {
             "other"
         };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // utime and stime, in clock ticks (100 per second on Linux).
-        out.insert(tid, (group.to_string(), (ticks(11) + ticks(12)) / 100.0));
+        out.insert(tid, (group.to_string(), secs));
     }
     out
 }

@@ -333,14 +333,18 @@ pub struct ReplayReport {
 
 /// CPU seconds this process used so far (user + system), from `/proc/self/stat`; 0 elsewhere.
 fn cpu_secs() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let rest = stat.rsplit_once(')').map_or("", |x| x.1);
+    std::fs::read_to_string("/proc/self/stat").map_or(0.0, |stat| stat_cpu(&stat).1)
+}
+
+/// A `/proc/.../stat` line's command name and CPU seconds (utime + stime, the 14th and 15th
+/// fields, in clock ticks of 100 per second on Linux).
+fn stat_cpu(stat: &str) -> (&str, f64) {
+    let (head, rest) = stat.rsplit_once(')').unwrap_or((stat, ""));
+    let name = head.split_once('(').map_or("", |x| x.1);
+    // Fields after the parenthesised command name.
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    (name, (ticks(11) + ticks(12)) / 100.0)
 }
 
 impl ReplayReport {
