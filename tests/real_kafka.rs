@@ -92,16 +92,7 @@ fn two_instances_split_partitions_and_the_survivor_takes_over() {
     a.admin();
     let mut b = Instance::start(config_with(&bs, &group, &sets));
     b.admin();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !(a.assigned().len() == 1 && b.assigned().len() == 1) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no split: a={:?} b={:?}",
-            a.assigned(),
-            b.assigned()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_split(&a, &b, Duration::from_secs(60));
     let pa = a.assigned()[0];
     let seg = (0..100)
         .map(|i| format!("two/seg-{i}"))
@@ -729,11 +720,7 @@ fn two_exactly_once_instances_with_default_settings_do_not_fence_each_other() {
     a.admin();
     let mut b = Instance::start(config_with(&bs, &group, &sets));
     b.admin();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !(a.assigned().len() == 1 && b.assigned().len() == 1) {
-        assert!(std::time::Instant::now() < deadline, "no split");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_split(&a, &b, Duration::from_secs(60));
     // Records on both partitions for a few commit intervals.
     let p = producer(&bs);
     let until = std::time::Instant::now() + Duration::from_secs(5);

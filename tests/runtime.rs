@@ -345,16 +345,7 @@ fn two_instances_split_partitions_and_a_silence_posted_to_one_reaches_the_other(
     let admin_a = a.admin();
     let mut b = Instance::start(config(&bs, "g-two"));
     b.admin();
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while !(a.assigned().len() == 1 && b.assigned().len() == 1) {
-        assert!(
-            Instant::now() < deadline,
-            "no split: a={:?} b={:?}",
-            a.assigned(),
-            b.assigned()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_split(&a, &b, Duration::from_secs(40));
     // One segment on each instance's partition (murmur2, as the Java client places keys).
     let seg_on = |p: i32| {
         (0..100)

@@ -172,6 +172,20 @@ impl Instance {
     }
 }
 
+/// Waits until two instances of one group own one partition each (a 2-partition topic).
+pub fn wait_split(a: &Instance, b: &Instance, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !(a.assigned().len() == 1 && b.assigned().len() == 1) {
+        assert!(
+            Instant::now() < deadline,
+            "no split: a={:?} b={:?}",
+            a.assigned(),
+            b.assigned()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
