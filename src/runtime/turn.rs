@@ -381,9 +381,7 @@ impl Loop {
         // The committable offsets scan every open window of every owned partition: at most
         // every OFFSETS_EVERY, and on the turn a commit is due. Offsets only grow, so a
         // revoke that commits slightly older ones commits less, never too much.
-        if self.last_offsets.elapsed() >= OFFSETS_EVERY
-            || self.last_commit.elapsed() >= self.p.config.delivery.commit_interval
-        {
+        if self.last_offsets.elapsed() >= OFFSETS_EVERY || self.commit_due() {
             self.last_offsets = Instant::now();
             core.refresh_offsets();
         }
@@ -437,13 +435,18 @@ impl Loop {
         result
     }
 
+    /// Whether this turn commits (`commit_interval` passed since the last commit).
+    fn commit_due(&self) -> bool {
+        self.last_commit.elapsed() >= self.p.config.delivery.commit_interval
+    }
+
     /// Commits what is safe. At-least-once: every `commit_interval` the committable offsets
     /// are noted with the producer's delivery mark, and committed (asynchronously) once every
     /// record produced before them is acknowledged, on whichever turn that is: the loop never
     /// waits for the producer. Exactly-once: the transaction commits every `commit_interval`.
     fn commit(&mut self, consumer: &BaseConsumer<GroupContext>) {
         let interval = self.p.config.delivery.commit_interval;
-        let due = self.last_commit.elapsed() >= interval;
+        let due = self.commit_due();
         if due {
             self.last_commit = Instant::now();
         }
