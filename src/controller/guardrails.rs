@@ -236,33 +236,54 @@ impl Controller {
                 return Some(Guardrail::Cooldown);
             }
         }
-        // Inhibition down the tree: an ancestor under action holds its descendants.
+        // Inhibition down the tree: an ancestor under action (here or, with other
+        // instances, there) holds its descendants.
         let mut prefix = segment;
         while let Some(i) = prefix.rfind('/') {
             prefix = &prefix[..i];
-            if self.partitions.values().any(|q| q.active.contains(prefix)) {
+            if self.partitions.values().any(|q| q.active.contains(prefix))
+                || self
+                    .cluster
+                    .as_ref()
+                    .is_some_and(|c| c.remote_under_action(prefix, now))
+            {
                 return Some(Guardrail::Inhibited);
             }
         }
-        // The budgets, over every partition owned here.
+        // The budgets, over every partition owned here and every other instance's records.
         if let Some(limit) = policy.max_in_flight {
-            if self.in_flight_count(Some(&policy.name)) + 1 > limit as usize {
+            if self.in_flight_count(Some(&policy.name))
+                + self.elsewhere_in_flight(Some(&policy.name), now)
+                + 1
+                > limit as usize
+            {
                 return Some(Guardrail::PolicyInFlight);
             }
         }
-        if self.in_flight_count(None) + 1 > g.max_in_flight as usize {
+        if self.in_flight_count(None) + self.elsewhere_in_flight(None, now) + 1
+            > g.max_in_flight as usize
+        {
             return Some(Guardrail::MaxInFlight);
         }
         let already = self.partitions[&partition].active.contains(segment);
+        // Segments under action elsewhere are known there, whatever its last heartbeat said.
+        let (remote_segments, remote_known) = self.cluster.as_ref().map_or((0, 0), |c| {
+            let under = c.remote_segments(now);
+            (under + c.reserved(None), c.remote_known(now).max(under))
+        });
         if !already
-            && self.under_action() as f64 + 1.0
-                > self.blast_radius_budget(self.known_segments()) + 1e-9
+            && (self.under_action() + remote_segments) as f64 + 1.0
+                > self.blast_radius_budget(self.known_segments() + remote_known) + 1e-9
         {
             return Some(Guardrail::BlastRadius);
         }
         let tokens = self.rate_tokens(now);
         self.tokens = Some((tokens, now));
-        if tokens < 1.0 - 1e-9 {
+        let spent_elsewhere = self
+            .cluster
+            .as_mut()
+            .map_or(0, |c| c.remote_claims_last_minute(now) + c.reserved(None));
+        if tokens - (spent_elsewhere as f64) < 1.0 - 1e-9 {
             return Some(Guardrail::RateLimit);
         }
         // Last: a probe let through while open must not be stopped by another guardrail.
@@ -278,6 +299,14 @@ impl Controller {
         self.in_flight()
             .filter(|(_, name, _)| policy.is_none_or(|x| x == *name))
             .count()
+    }
+
+    /// Commands of other instances in flight or claimed, and this instance's claims waiting
+    /// out the ancestor hold (of `policy`, or of every policy).
+    pub(super) fn elsewhere_in_flight(&self, policy: Option<&str>, now_ms: i64) -> usize {
+        self.cluster.as_ref().map_or(0, |c| {
+            c.remote_in_flight(policy, now_ms) + c.reserved(policy)
+        })
     }
 
     /// Segments under action over every owned partition.

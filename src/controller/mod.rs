@@ -37,10 +37,12 @@
 
 mod watch;
 
+mod cluster;
 mod decisions;
 mod guardrails;
 mod outcomes;
 mod state;
+pub use cluster::{ActionRecord, Cluster, ACTION_PREFIX, CLAIM_TIMEOUT_MS, LIVE_FOR_MS};
 use decisions::*;
 #[allow(unused_imports)]
 pub use guardrails::*;
@@ -143,6 +145,8 @@ pub struct ControllerStats {
     pub outcomes_unknown: u64,
     pub outcomes_duplicate: u64,
     pub windows_replayed: u64,
+    /// Claims on the control topic not read back within [`CLAIM_TIMEOUT_MS`] (tried again).
+    pub claims_expired: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -182,6 +186,8 @@ pub struct Controller {
     evidence_grace_ms: i64,
     held_back: watch::HeldBack,
     breaker: watch::ActuatorBreaker,
+    /// The other instances of the group (live runs; `None`: this instance alone, a replay).
+    cluster: Option<Cluster>,
 }
 
 /// An escalation about the instance as a whole: its command's params, and the count its
@@ -210,6 +216,7 @@ impl Controller {
             evidence_grace_ms: 0,
             held_back: watch::HeldBack::default(),
             breaker: watch::ActuatorBreaker::default(),
+            cluster: None,
         }
     }
 
@@ -254,6 +261,9 @@ impl Controller {
 
     /// Drops a partition's controller state (the new owner restores it from the changelog).
     pub fn revoke(&mut self, partition: i32) -> Option<usize> {
+        if let Some(c) = &mut self.cluster {
+            c.revoke(partition);
+        }
         self.partitions.remove(&partition).map(|p| p.segments.len())
     }
 
@@ -347,6 +357,9 @@ impl Controller {
             p.active.remove(&name);
         }
         p.persisted.insert(name.clone());
+        if let Some(c) = &mut self.cluster {
+            c.dirty.insert((state.partition, name.clone()));
+        }
         p.segments.insert(name, state);
         Ok(())
     }
@@ -529,6 +542,9 @@ impl Controller {
         } else {
             p.active.remove(segment);
         }
+        if let Some(c) = &mut self.cluster {
+            c.dirty.insert((partition, Arc::from(segment)));
+        }
     }
 
     fn step_window(
@@ -649,41 +665,76 @@ impl Controller {
         self.sync_active(partition, segment);
     }
 
-    /// Fires the next attempt, unless a guardrail stops it.
+    /// Fires the next attempt, unless a guardrail stops it. With other instances running, the
+    /// firing is claimed first and decided when the claim is read back ([`cluster`]).
     fn fire(&mut self, pi: usize, partition: i32, segment: &str, ctx: &Ctx<'_>, out: &mut Effects) {
         let now = ctx.now_ms;
         let policy = self.policies.policies[pi].clone();
-        if let Some(g) = self.guardrail(&policy, partition, segment, ctx) {
-            *self.stats.suppressed.entry(g.as_str()).or_default() += 1;
-            if g.is_budget() {
-                self.held_back.hold(segment, &policy.name, g, now);
-            }
-            let mut aggs = Vec::new();
-            if let Some(w) = ctx.window {
-                policy.when.aggregates(w, &mut aggs);
-            }
-            let l = self.loop_mut(partition, segment, &policy.name);
-            let phase = l.phase;
-            if phase == Phase::Backoff {
-                // Try again after another base backoff rather than on every tick.
-                l.deadline_ms = Some(now + policy.backoff_ms.max(1));
-            }
-            out.decisions.push(decision(
-                segment,
-                &policy.name,
-                phase,
-                phase,
-                "suppressed",
-                ctx,
-                None,
-                Some(g),
-                aggs,
-            ));
-            if g == Guardrail::FlapBreaker {
-                self.trip_flap_breaker(pi, partition, segment, ctx, out);
-            }
+        if self.cluster.as_ref().is_some_and(|c| {
+            c.pending
+                .contains_key(&(Arc::from(segment), policy.name.clone()))
+        }) {
+            // Its claim decides.
             return;
         }
+        if let Some(g) = self.guardrail(&policy, partition, segment, ctx) {
+            self.suppress(pi, partition, segment, g, ctx, out);
+            return;
+        }
+        if let Some(c) = self.cluster.as_mut().filter(|c| c.shared(now)) {
+            c.claim(partition, segment, &policy.name, now);
+            return;
+        }
+        self.emit(pi, partition, segment, ctx, out);
+    }
+
+    /// A firing stopped by guardrail `g`: its decision record, and what the guardrail does next.
+    fn suppress(
+        &mut self,
+        pi: usize,
+        partition: i32,
+        segment: &str,
+        g: Guardrail,
+        ctx: &Ctx<'_>,
+        out: &mut Effects,
+    ) {
+        let now = ctx.now_ms;
+        let policy = &self.policies.policies[pi];
+        *self.stats.suppressed.entry(g.as_str()).or_default() += 1;
+        if g.is_budget() {
+            self.held_back.hold(segment, &policy.name, g, now);
+        }
+        let mut aggs = Vec::new();
+        if let Some(w) = ctx.window {
+            policy.when.aggregates(w, &mut aggs);
+        }
+        let (name, backoff_ms) = (policy.name.clone(), policy.backoff_ms);
+        let l = self.loop_mut(partition, segment, &name);
+        let phase = l.phase;
+        if phase == Phase::Backoff {
+            // Try again after another base backoff rather than on every tick.
+            l.deadline_ms = Some(now + backoff_ms.max(1));
+        }
+        out.decisions.push(decision(
+            segment,
+            &name,
+            phase,
+            phase,
+            "suppressed",
+            ctx,
+            None,
+            Some(g),
+            aggs,
+        ));
+        if g == Guardrail::FlapBreaker {
+            self.trip_flap_breaker(pi, partition, segment, ctx, out);
+        }
+    }
+
+    /// The command of a firing every guardrail let through.
+    fn emit(&mut self, pi: usize, partition: i32, segment: &str, ctx: &Ctx<'_>, out: &mut Effects) {
+        let now = ctx.now_ms;
+        let policy = self.policies.policies[pi].clone();
         self.stats.firings += 1;
         self.held_back.release(segment, &policy.name);
         let seg = self.segment_mut(partition, segment);

@@ -193,6 +193,7 @@ impl Controller {
                 }
             }
         }
+        self.tick_claims(&ctx, out);
         self.watch_held_back(&ctx, out);
     }
 
