@@ -79,6 +79,9 @@ struct Peer {
     known_segments: usize,
 }
 
+/// A segment's status as last published: its partition, policies acting, claims.
+type Published = (i32, Vec<String>, Vec<(String, u64)>);
+
 /// A firing of this instance waiting for its claim.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Pending {
@@ -106,7 +109,7 @@ pub struct Cluster {
     pub(super) pending: BTreeMap<(Arc<str>, String), Pending>,
     next_claim: u64,
     /// What was last published per segment: its partition, policies acting, claims.
-    published: BTreeMap<Arc<str>, (i32, Vec<String>, Vec<(String, u64)>)>,
+    published: BTreeMap<Arc<str>, Published>,
     /// Segments whose status may have changed since the last publication.
     pub(super) dirty: BTreeSet<(i32, Arc<str>)>,
     /// Records to write, in order.
