@@ -130,7 +130,8 @@ pub fn condition(data: &[u8]) {
 pub fn policies(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     if let Ok(set) = crate::policy::PolicySet::parse(&text, "fuzz.toml") {
-        let _ = set.limit_warnings(Some(16));
+        let _ = set.limit_warnings();
+        let _ = set.scale_out_note(Some(16), "", "");
     }
 }
 

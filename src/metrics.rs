@@ -53,6 +53,9 @@ pub const CONSUME_ERRORS: &str = "segloop_consume_errors_total";
 pub const LABEL_MAP_BYTES: &str = "segloop_label_map_bytes";
 pub const ESCALATIONS: &str = "segloop_escalations_total";
 pub const HELD_BACK: &str = "segloop_held_back_loops";
+pub const PEERS: &str = "segloop_group_peers";
+pub const IN_FLIGHT_ELSEWHERE: &str = "segloop_in_flight_elsewhere";
+pub const CLAIMS_EXPIRED: &str = "segloop_claims_expired_total";
 pub const ACTUATOR_BREAKER: &str = "segloop_actuator_breaker_open";
 pub const BUILD_INFO: &str = "segloop_build_info";
 pub const SCHEMA_WAITING: &str = "segloop_schema_waiting_partitions";
@@ -108,6 +111,9 @@ pub const ALL: &[&str] = &[
     IN_FLIGHT,
     ESCALATIONS,
     HELD_BACK,
+    PEERS,
+    IN_FLIGHT_ELSEWHERE,
+    CLAIMS_EXPIRED,
     ACTUATOR_BREAKER,
     BUILD_INFO,
     SEGMENTS,
@@ -279,6 +285,21 @@ fn describe_all() {
         "Firing loops a budget (in-flight, blast radius, rate) holds back now"
     );
     describe_gauge!(
+        PEERS,
+        Unit::Count,
+        "Other live instances of the group (their heartbeats on the control topic)"
+    );
+    describe_gauge!(
+        IN_FLIGHT_ELSEWHERE,
+        Unit::Count,
+        "Commands in flight or claimed on the other instances, counted against the limits"
+    );
+    describe_counter!(
+        CLAIMS_EXPIRED,
+        Unit::Count,
+        "Claims on the control topic not read back within 10 s (their firings are tried again)"
+    );
+    describe_gauge!(
         ACTUATOR_BREAKER,
         Unit::Count,
         "1 while the actuator circuit breaker is open (most recent commands unanswered)"
@@ -424,6 +445,8 @@ fn describe_all() {
         SEGMENTS,
         LABEL_MAP_BYTES,
         HELD_BACK,
+        PEERS,
+        IN_FLIGHT_ELSEWHERE,
         ACTUATOR_BREAKER,
         SCHEMA_WAITING,
     ] {
@@ -543,6 +566,9 @@ pub fn publish(c: &mut Counters, gauges: &Gauges) {
     gauge!(SEGMENTS).set(gauges.segments as f64);
     gauge!(LABEL_MAP_BYTES).set(gauges.label_bytes as f64);
     gauge!(HELD_BACK).set(gauges.held_back as f64);
+    gauge!(PEERS).set(gauges.peers as f64);
+    gauge!(IN_FLIGHT_ELSEWHERE).set(gauges.in_flight_elsewhere as f64);
+    counter!(CLAIMS_EXPIRED).absolute(gauges.claims_expired);
     gauge!(ACTUATOR_BREAKER).set(f64::from(u8::from(gauges.actuator_breaker_open)));
     for ((policy, reason), n) in std::mem::take(&mut c.escalations) {
         counter!(ESCALATIONS, "policy" => policy, "reason" => reason).increment(n);
@@ -578,5 +604,8 @@ pub struct Gauges {
     pub lag: BTreeMap<i32, i64>,
     pub label_bytes: u64,
     pub held_back: u64,
+    pub peers: u64,
+    pub in_flight_elsewhere: u64,
+    pub claims_expired: u64,
     pub actuator_breaker_open: bool,
 }

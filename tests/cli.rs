@@ -309,17 +309,32 @@ fn check_config_warns_about_limits() {
         "{err}"
     );
     assert!(
-        err.contains("with up to 16 instances") && err.contains("160"),
-        "{err}"
+        err.contains(
+            "across up to 16 instances (one per partition): guardrails.max_in_flight = 10"
+        ) && err.contains("policy wide: max_in_flight = 20")
+            && err.contains("exactly (overshoot 0)")
+            && err.contains("waits 250ms more"),
+        "the scale-out bound is stated: {err}"
     );
     assert!(
         err.contains("no policy has `escalate`") && err.contains("no command reaches a person"),
         "escalations with nowhere to go are named: {err}"
     );
-    let out = segloop(&["check-config", cfg.to_str().unwrap()], b"");
+    let out = segloop(
+        &[
+            "check-config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "delivery.mode=exactly-once",
+        ],
+        b"",
+    );
+    let err = text(&out.stderr);
     assert!(
-        !text(&out.stderr).contains("instances"),
-        "no partitions, no scale-out lines"
+        err.contains("across any number of instances")
+            && err.contains("up to delivery.commit_interval = 1s")
+            && err.contains("waits 1s 250ms more"),
+        "without --partitions the bound is stated too, with exactly-once's cost: {err}"
     );
     // A breaker that can never open is refused, naming the field and the range.
     std::fs::write(

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -12,7 +13,8 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, Producer};
 use segloop::clock::{Clock, SystemClock};
 use segloop::codec::{build_codec, CodecKind};
-use segloop::model::{OutcomeStatus, TelemetryEvent};
+use segloop::config::TopicsConfig;
+use segloop::model::{OutcomeStatus, RemediationCommand, TelemetryEvent};
 
 /// Unique topic names (the broker is shared by the suite) created by segloop itself.
 fn topics(test: &str) -> Vec<String> {
@@ -793,4 +795,132 @@ fn a_second_live_instance_with_the_same_transactional_id_is_refused() {
     std::thread::sleep(Duration::from_secs(3));
     let ra = a.stop_result().expect("a was not fenced");
     assert!(ra.records_consumed == 20 && ra.commits >= 1, "{ra:?}");
+}
+
+/// The test policies with an ack timeout no test outlives: a command stays in flight (and its
+/// segment under action) for the whole test.
+fn long_ack_policies(max_in_flight: u32) -> String {
+    POLICIES
+        .replace("ack_timeout = \"2s\"", "ack_timeout = \"60s\"")
+        .replace(
+            "max_in_flight = 100",
+            &format!("max_in_flight = {max_in_flight}"),
+        )
+}
+
+/// Two instances of one group, split one partition each, that have seen each other's
+/// heartbeat; returns them with the partition each owns.
+fn two_instances(sets: &[String], group: &str, policies: &str) -> (Instance, Instance, i32, i32) {
+    let bs = broker_bootstrap();
+    let mut a = Instance::start_with(config_with(&bs, group, sets), policies);
+    a.admin();
+    let mut b = Instance::start_with(config_with(&bs, group, sets), policies);
+    b.admin();
+    wait_split(&a, &b, Duration::from_secs(60));
+    let (pa, pb) = (a.assigned()[0], b.assigned()[0]);
+    // Heartbeats are written on the first turn and read within a few polls (a commit interval
+    // more exactly-once).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !(a.peers() == 1 && b.peers() == 1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the instances never saw each other"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (a, b, pa, pb)
+}
+
+/// Segment names with `prefix` placed on `partition` (of 2) by murmur2.
+fn names_on(partition: i32, n: usize, name: impl Fn(usize) -> String) -> Vec<String> {
+    (0..1000)
+        .map(name)
+        .filter(|s| segloop::kafka::murmur2_partition(s.as_bytes(), 2) == partition)
+        .take(n)
+        .collect()
+}
+
+/// Sends breaching events for `segments` every 50 ms for `secs`, collecting the commands.
+fn breach_and_collect(
+    bs: &str,
+    topics: &TopicsConfig,
+    segments: &[String],
+    secs: u64,
+) -> Vec<RemediationCommand> {
+    let p = producer(bs);
+    let actions = Reader::new(bs, &topics.actions.name, 2);
+    let mut commands = Vec::new();
+    let mut last = std::time::Instant::now() - Duration::from_secs(1);
+    actions.until(
+        Duration::from_secs(secs),
+        || {
+            if last.elapsed() >= Duration::from_millis(50) {
+                last = std::time::Instant::now();
+                let now = SystemClock.now_ms();
+                for s in segments {
+                    telemetry(&p, &topics.telemetry.name, s, now, 1.0);
+                }
+                p.flush(Duration::from_secs(5)).unwrap();
+            }
+        },
+        |m| {
+            commands.push(decode_command(m.payload()?));
+            None::<()>
+        },
+    );
+    commands
+}
+
+/// Issue #23: a parent and its children owned by different instances breach in the same
+/// windows. The parent acts; its children, on the other instance, are inhibited (before,
+/// each instance saw only its own segments under action and the children acted too).
+#[test]
+fn a_parent_and_its_children_owned_apart_breaching_together_only_the_parent_acts() {
+    let bs = broker_bootstrap();
+    let group = format!("g-tree-{}", std::process::id());
+    let sets = topics("tree");
+    let t = config_with(&bs, &group, &sets).topics;
+    let (a, b, pa, pb) = two_instances(&sets, &group, &long_ack_policies(100));
+    let parent = names_on(pa, 1, |i| format!("cell-{i}")).remove(0);
+    let children = names_on(pb, 4, |i| format!("{parent}/ep-{i}"));
+    assert_eq!(children.len(), 4);
+    let mut all = children.clone();
+    all.push(parent.clone());
+    let commands = breach_and_collect(&bs, &t, &all, 8);
+    let acted: BTreeSet<&str> = commands.iter().map(|c| c.segment.as_str()).collect();
+    assert_eq!(acted, BTreeSet::from([parent.as_str()]), "{commands:?}");
+    let (ra, rb) = (a.stop(), b.stop());
+    assert_eq!(ra.commands + rb.commands, 1, "{ra:?}\n{rb:?}");
+}
+
+/// Issue #23: a global `max_in_flight` below the partition count holds across two
+/// instances, at-least-once and exactly-once (before, each instance allowed it for itself).
+#[test]
+fn max_in_flight_below_the_partition_count_holds_across_two_instances() {
+    for mode in ["at-least-once", "exactly-once"] {
+        let bs = broker_bootstrap();
+        let group = format!("g-mif-{mode}-{}", std::process::id());
+        let mut sets = topics(&format!("mif-{mode}"));
+        sets.push(format!("delivery.mode={mode}"));
+        let t = config_with(&bs, &group, &sets).topics;
+        let (a, b, pa, pb) = two_instances(&sets, &group, &long_ack_policies(1));
+        let mut segments = names_on(pa, 3, |i| format!("mif/a-{i}"));
+        segments.extend(names_on(pb, 3, |i| format!("mif/b-{i}")));
+        let commands = breach_and_collect(&bs, &t, &segments, 8);
+        let ids: BTreeSet<&str> = commands.iter().map(|c| c.command_id.as_str()).collect();
+        for c in &commands {
+            // The claim's round trip, as the closing figures quote it.
+            eprintln!(
+                "{mode}: window end -> command issued: {} ms",
+                c.issued_at_ms - c.reason.window_end_ms
+            );
+        }
+        assert_eq!(
+            ids.len(),
+            1,
+            "{mode}: one command in flight in the group: {commands:?}"
+        );
+        let (ra, rb) = (a.stop(), b.stop());
+        assert_eq!(ra.commands + rb.commands, 1, "{mode}: {ra:?}\n{rb:?}");
+    }
 }

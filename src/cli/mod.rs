@@ -415,9 +415,23 @@ pub fn check_config(args: &CheckConfigArgs, env: &HashMap<String, String>) -> Ex
             }
             Ok(summary) => {
                 if let Ok(set) = crate::policy::PolicySet::for_config(&config) {
-                    for w in set.limit_warnings(args.partitions) {
+                    for w in set.limit_warnings() {
                         eprintln!("warning: {w}");
                     }
+                    let claim = if config.delivery.mode == crate::config::DeliveryMode::ExactlyOnce
+                    {
+                        format!(
+                            "up to delivery.commit_interval = {}, as it is written in the transaction",
+                            humantime::format_duration(config.delivery.commit_interval)
+                        )
+                    } else {
+                        "tens of milliseconds".to_string()
+                    };
+                    let hold = humantime::format_duration(crate::runtime::ancestor_hold(&config));
+                    eprintln!(
+                        "note: {}",
+                        set.scale_out_note(args.partitions, &claim, &hold.to_string())
+                    );
                 }
                 for w in config.registry_warnings() {
                     eprintln!("warning: {w}");

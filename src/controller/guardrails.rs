@@ -75,6 +75,10 @@ pub struct Budgets {
     pub max_actions_per_minute: f64,
     /// (policy, in flight, its max_in_flight) for policies with a limit.
     pub policies: Vec<(String, usize, u32)>,
+    /// Other live instances of the group (their heartbeats on the control topic).
+    pub peers: usize,
+    /// Commands in flight or claimed on the other instances (counted against the limits).
+    pub elsewhere_in_flight: usize,
 }
 
 impl Controller {
@@ -334,6 +338,8 @@ impl Controller {
         let known = self.known_segments();
         Budgets {
             in_flight: self.in_flight_count(None),
+            peers: self.cluster.as_ref().map_or(0, |c| c.peers(now_ms)),
+            elsewhere_in_flight: self.elsewhere_in_flight(None, now_ms),
             max_in_flight: g.max_in_flight,
             under_action: self.under_action(),
             blast_radius_segments: self.blast_radius_budget(known).floor() as usize,

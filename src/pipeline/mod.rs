@@ -32,7 +32,9 @@ use serde::Serialize;
 use crate::codec::fast::{Telemetry, TelemetryDecoder};
 use crate::codec::{DecodeError, ErrorCode, SchemaSource};
 use crate::config::Config;
-use crate::controller::{Controller, Effects, OutcomeDisposition, SegmentState, StateChange};
+use crate::controller::{
+    ActionRecord, Cluster, Controller, Effects, OutcomeDisposition, SegmentState, StateChange,
+};
 use crate::model::{DecisionRecord, RemediationOutcome};
 use crate::policy::{PolicySet, Silence};
 use crate::window::{with_hints, Position, WindowSummary, Windows};
@@ -686,6 +688,35 @@ impl Pipeline {
         self.controller.reload(policies, now_ms, &mut self.fx);
         self.read.set_silences(self.controller.silences());
         sink.effects(&mut self.fx, Cause::Other, self.controller.policies());
+    }
+
+    /// Shares limits and inhibition with the group's other instances (see
+    /// [`crate::controller::Cluster`]).
+    pub fn set_cluster(&mut self, cluster: Cluster) {
+        self.controller.set_cluster(cluster);
+    }
+
+    /// Another instance's heartbeat (`None`: it stopped).
+    pub fn on_peer(&mut self, id: &str, heartbeat: Option<(i64, i64, usize)>) {
+        self.controller.on_peer(id, heartbeat);
+    }
+
+    /// An action record from the control topic; this instance's claims read back fire here.
+    pub fn on_action_record(
+        &mut self,
+        segment: &str,
+        record: Option<ActionRecord>,
+        now_ms: i64,
+        sink: &mut dyn Sink,
+    ) {
+        self.controller
+            .on_action_record(segment, record, now_ms, &mut self.fx);
+        sink.effects(&mut self.fx, Cause::Other, self.controller.policies());
+    }
+
+    /// The action records due for the control topic since the last call.
+    pub fn take_action_records(&mut self, now_ms: i64) -> Vec<(String, ActionRecord)> {
+        self.controller.take_action_records(now_ms)
     }
 
     pub fn add_silence(&mut self, silence: Silence) {

@@ -297,7 +297,7 @@ impl PolicySet {
     /// Limits that cannot be met as written, and (given the telemetry topic's partition count,
     /// the most instances that can own partitions) what scale-out does to each limit: every
     /// instance enforces its limits over its own partitions.
-    pub fn limit_warnings(&self, partitions: Option<u32>) -> Vec<String> {
+    pub fn limit_warnings(&self) -> Vec<String> {
         let g = &self.guardrails;
         let mut out = Vec::new();
         if !self.policies.is_empty() && self.policies.iter().all(|p| p.escalate.is_none()) {
@@ -322,37 +322,35 @@ impl PolicySet {
                 }
             }
         }
-        let Some(n) = partitions.filter(|n| *n > 1) else {
-            return out;
-        };
-        let scaled = |what: &str, limit: f64| {
+        out
+    }
+
+    /// What holds across the instances of one group (`partitions`: the telemetry partitions,
+    /// at most one instance each; `claim`: how long a claim takes to be read back; `hold`: the
+    /// ancestor hold).
+    pub fn scale_out_note(&self, partitions: Option<u32>, claim: &str, hold: &str) -> String {
+        let g = &self.guardrails;
+        let instances = partitions.map_or_else(
+            || "any number of instances".to_string(),
+            |n| format!("up to {n} instances (one per partition)"),
+        );
+        let mut limits = vec![
+            format!("guardrails.max_in_flight = {}", g.max_in_flight),
             format!(
-                "{what} = {limit} holds per instance: with up to {n} instances (one per partition) \
-                 together up to {} (cross-instance coordination is not built yet)",
-                limit * f64::from(n)
-            )
-        };
-        out.push(scaled(
-            "guardrails.max_in_flight",
-            f64::from(g.max_in_flight),
-        ));
-        out.push(scaled(
-            "guardrails.max_actions_per_minute",
-            g.max_actions_per_minute,
-        ));
+                "guardrails.max_actions_per_minute = {}",
+                g.max_actions_per_minute
+            ),
+        ];
         for p in &self.policies {
             if let Some(limit) = p.max_in_flight {
-                out.push(scaled(
-                    &format!("policy {}: max_in_flight", p.name),
-                    f64::from(limit),
-                ));
+                limits.push(format!("policy {}: max_in_flight = {limit}", p.name));
             }
         }
-        out.push(format!(
-            "guardrails.blast_radius = {} is a fraction of each instance's segments with a floor of one: with up to {n} instances at least {n} segments may be under action",
+        format!(
+            "across {instances}: {} hold for the whole group, exactly (overshoot 0): a firing is claimed on partition 0 of the control topic and decided when its claim is read back, counting every claim and action ahead of it; guardrails.blast_radius = {} is a fraction of the segments every instance knows (from their heartbeats, every 10 s), and an ancestor under action on any instance inhibits its descendants. The cost: with other instances running, a command waits for its claim ({claim}), and a child whose ancestor another instance owns waits {hold} more so that an ancestor breaching in the same window wins. An instance silent for 35 s no longer counts",
+            limits.join(", "),
             g.blast_radius
-        ));
-        out
+        )
     }
 
     /// The setting behind a guardrail, as a log line shows it (`max_in_flight = 10`).

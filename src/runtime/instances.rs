@@ -1,6 +1,8 @@
-//! Exactly-once instances on the control topic: each announces its `transactional.id` (key
-//! `instance/<id>`) with a heartbeat, so a second live instance started with the same id is
-//! refused at startup instead of fencing the first; the default id is unique per instance.
+//! Instances on the control topic: each announces itself (key `instance/<id>`) with a
+//! heartbeat. The others learn from it that they share the group's limits (see
+//! [`crate::controller::Cluster`]); exactly-once, a second live instance started with the same
+//! `transactional.id` is refused at startup instead of fencing the first. The default id is
+//! unique per instance.
 
 use super::*;
 
@@ -9,6 +11,8 @@ use super::*;
 pub struct InstanceRecord {
     #[serde(default = "one")]
     pub version: u32,
+    /// The instance's id: its `transactional.id` (exactly-once, or configured), else the same
+    /// default.
     pub transactional_id: String,
     pub host: String,
     /// The admin listen address as configured (with its port, unless 0).
@@ -17,17 +21,23 @@ pub struct InstanceRecord {
     pub started_ms: i64,
     /// When the instance last wrote this record.
     pub seen_ms: i64,
+    /// Segments it knew then (the others' blast radius is a fraction of every instance's).
+    #[serde(default)]
+    pub known_segments: usize,
 }
 
 /// How often a running instance writes its record.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// A record written within this long is a live instance (three heartbeats and a commit).
-pub const LIVE_FOR: Duration = Duration::from_secs(35);
+pub const LIVE_FOR: Duration = Duration::from_millis(crate::controller::LIVE_FOR_MS as u64);
+
+/// The control-topic key prefix of instance records.
+pub const PREFIX: &str = "instance/";
 
 /// The control-topic key of an instance record.
 pub fn key(transactional_id: &str) -> String {
-    format!("instance/{transactional_id}")
+    format!("{PREFIX}{transactional_id}")
 }
 
 /// This machine's name (the pod name under Kubernetes); `localhost` when unknown.

@@ -245,10 +245,22 @@ impl Core {
         }
     }
 
-    pub(super) fn on_control(&mut self, m: &BorrowedMessage<'_>) {
+    pub(super) fn on_control(&mut self, m: &BorrowedMessage<'_>, now: i64) {
         let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
             return;
         };
+        if let Some(segment) = key.strip_prefix(crate::controller::ACTION_PREFIX) {
+            self.on_action_record(segment, m.payload(), now);
+            return;
+        }
+        if let Some(id) = key.strip_prefix(instances::PREFIX) {
+            let heartbeat = m
+                .payload()
+                .and_then(|v| serde_json::from_slice::<instances::InstanceRecord>(v).ok())
+                .map(|r| (r.started_ms, r.seen_ms, r.known_segments));
+            self.pipeline.on_peer(id, heartbeat);
+            return;
+        }
         let Some(id) = key.strip_prefix("silence/") else {
             return;
         };
@@ -276,6 +288,47 @@ impl Core {
                 },
                 Err(e) => tracing::warn!(id, error = %e, "ignoring an unreadable control record"),
             },
+        }
+    }
+
+    /// Another instance's `action/<segment>` record, or this one's read back (its claims
+    /// decide here).
+    fn on_action_record(&mut self, segment: &str, value: Option<&[u8]>, now: i64) {
+        let record = match value.map(serde_json::from_slice::<crate::controller::ActionRecord>) {
+            None => None,
+            Some(Ok(r)) => {
+                if let Err(e) =
+                    crate::controller::check_record_version("an action record", r.version)
+                {
+                    self.fatal = Some(format!("control topic: {e}"));
+                    return;
+                }
+                Some(r)
+            }
+            Some(Err(e)) => {
+                tracing::warn!(segment, error = %e, "ignoring an unreadable action record");
+                return;
+            }
+        };
+        let (pipeline, mut sink) = self.sink();
+        pipeline.on_action_record(segment, record, now, &mut sink);
+    }
+
+    /// What this instance has under action, for the others (`action/<segment>`, all on
+    /// partition 0 of the control topic so every reader sees them in one order).
+    pub(super) fn write_actions(&mut self, now: i64) {
+        let records = self.pipeline.take_action_records(now);
+        if records.is_empty() {
+            return;
+        }
+        let topic = &self.config.topics.control.name;
+        for (segment, record) in records {
+            let key = format!("{}{segment}", crate::controller::ACTION_PREFIX);
+            let value = serde_json::to_vec(&record).expect("an action record serializes");
+            send_record(
+                &self.out.producer,
+                keyed(topic, key.as_bytes(), Some(&value)).partition(0),
+            );
         }
     }
 

@@ -183,12 +183,12 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     );
     let eos = config.delivery.mode == crate::config::DeliveryMode::ExactlyOnce;
     let group = config.kafka.group_id.clone();
-    let me = eos.then(|| announce_self(&config, clock.now_ms()));
-    if let Some(me) = &me {
+    let me = announce_self(&config, clock.now_ms());
+    if eos {
         // Before transactions start: a live instance with this id would be fenced by them.
-        instances::check_unique(&config, me, clock.now_ms())?;
+        instances::check_unique(&config, &me, clock.now_ms())?;
     }
-    let producer = start_producer(&config, me.as_ref().map(|m| m.transactional_id.as_str()))?;
+    let producer = start_producer(&config, eos.then_some(me.transactional_id.as_str()))?;
     for w in config.registry_warnings() {
         tracing::warn!("{w}");
     }
@@ -206,6 +206,13 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         resolver.clone(),
         eos,
     )?));
+    lock(&core)
+        .pipeline
+        .set_cluster(crate::controller::Cluster::new(
+            &me.transactional_id,
+            me.started_ms,
+            ancestor_hold(&config).as_millis() as i64,
+        ));
     let read_model = lock(&core).pipeline.read_model();
     let status = Arc::new(Mutex::new(Status::default()));
     let heartbeat = Arc::new(Heartbeat::default());
@@ -278,8 +285,21 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     result
 }
 
-/// This exactly-once instance as its control-topic record says it: the configured
-/// `transactional.id`, or a default unique per instance ([`instances::default_transactional_id`]).
+/// How long a child segment whose ancestor another instance owns waits after its claim is
+/// read back, so an ancestor breaching in the same window wins: the time the ancestor's claim
+/// takes to be seen (a few polls at-least-once; a commit interval more exactly-once) and a
+/// margin for the two windows closing apart.
+pub fn ancestor_hold(config: &Config) -> Duration {
+    let visible = if config.delivery.mode == crate::config::DeliveryMode::ExactlyOnce {
+        config.delivery.commit_interval
+    } else {
+        Duration::ZERO
+    };
+    visible + Duration::from_millis(250)
+}
+
+/// This instance as its control-topic record says it: the configured `transactional.id`, or a
+/// default unique per instance ([`instances::default_transactional_id`]).
 fn announce_self(config: &Config, now_ms: i64) -> instances::InstanceRecord {
     let host = instances::hostname();
     instances::InstanceRecord {
@@ -294,6 +314,7 @@ fn announce_self(config: &Config, now_ms: i64) -> instances::InstanceRecord {
         pid: std::process::id(),
         started_ms: now_ms,
         seen_ms: now_ms,
+        known_segments: 0,
     }
 }
 
@@ -463,6 +484,10 @@ fn publish(
     }
     let e = core.pipeline.engine().stats();
     let c = core.pipeline.controller().stats();
+    let budgets = core
+        .pipeline
+        .controller()
+        .budgets(crate::clock::SystemClock.now_ms());
     let gauges = Gauges {
         in_flight: core.pipeline.controller().in_flight().count() as u64,
         segments: e.segments,
@@ -477,6 +502,9 @@ fn publish(
         lag,
         label_bytes: core.pipeline.label_bytes() as u64,
         held_back: core.pipeline.controller().held_back() as u64,
+        peers: budgets.peers as u64,
+        in_flight_elsewhere: budgets.elsewhere_in_flight as u64,
+        claims_expired: c.claims_expired,
         actuator_breaker_open: core.pipeline.controller().actuator_breaker_open(),
     };
     crate::metrics::publish(&mut out.counters, &gauges);

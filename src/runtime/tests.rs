@@ -290,6 +290,7 @@ fn record(host: &str, admin: &str, seen_ms: i64) -> instances::InstanceRecord {
         pid: 7,
         started_ms: 0,
         seen_ms,
+        known_segments: 0,
     }
 }
 

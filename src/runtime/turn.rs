@@ -19,8 +19,8 @@ pub(super) struct Parts {
     pub(super) outcomes: BaseConsumer<kafka::Collapsing>,
     pub(super) controls: BaseConsumer<kafka::Collapsing>,
     pub(super) changelog: Changelog,
-    /// Exactly-once: this instance's record on the control topic (see [`instances`]).
-    pub(super) me: Option<instances::InstanceRecord>,
+    /// This instance's record on the control topic (see [`instances`]).
+    pub(super) me: instances::InstanceRecord,
     pub(super) resolver: Option<crate::registry::Resolver>,
     pub(super) policies_path: Option<PathBuf>,
     pub(super) clock: Arc<dyn Clock>,
@@ -331,7 +331,7 @@ impl Loop {
             match self.p.controls.poll(Duration::ZERO) {
                 Some(Ok(m)) => {
                     self.control_errors.on_progress();
-                    core.on_control(&m);
+                    core.on_control(&m, now);
                 }
                 Some(Err(e)) => {
                     self.control_errors
@@ -378,6 +378,7 @@ impl Loop {
         core.tick(now);
         core.account_dead_letters();
         core.write_state(now);
+        core.write_actions(now);
         // The committable offsets scan every open window of every owned partition: at most
         // every OFFSETS_EVERY, and on the turn a commit is due. Offsets only grow, so a
         // revoke that commits slightly older ones commits less, never too much.
@@ -571,8 +572,8 @@ impl Loop {
         self.status().lag = lag;
     }
 
-    /// Exactly-once, every [`instances::HEARTBEAT`]: this instance's record on the control
-    /// topic (in the open transaction: visible once it commits).
+    /// Every [`instances::HEARTBEAT`]: this instance's record on the control topic (exactly-once
+    /// in the open transaction: visible once it commits).
     fn announce(&mut self) {
         if self
             .last_announce
@@ -580,22 +581,18 @@ impl Loop {
         {
             return;
         }
-        let Some(me) = self.p.me.as_mut() else {
-            return;
-        };
+        let me = &mut self.p.me;
         self.last_announce = Some(Instant::now());
         me.seen_ms = self.p.clock.now_ms();
+        me.known_segments = lock(&self.p.core).pipeline.controller().segments().count();
         let value = serde_json::to_vec(&*me).expect("an instance record serializes");
         self.write_me(Some(&value));
     }
 
-    /// Exactly-once: this instance's record on the control topic (`None`: the tombstone that
-    /// frees its id).
+    /// This instance's record on the control topic (`None`: the tombstone that frees its id
+    /// and tells the others it stopped).
     fn write_me(&self, value: Option<&[u8]>) {
-        let Some(me) = &self.p.me else {
-            return;
-        };
-        let key = instances::key(&me.transactional_id);
+        let key = instances::key(&self.p.me.transactional_id);
         let topic = &self.p.config.topics.control.name;
         send_record(&self.p.producer, keyed(topic, key.as_bytes(), value));
     }

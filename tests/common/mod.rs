@@ -149,6 +149,21 @@ impl Instance {
             .unwrap_or_default()
     }
 
+    /// Other live instances this one has seen on the control topic.
+    pub fn peers(&self) -> usize {
+        use segloop::clock::Clock;
+        let now = segloop::clock::SystemClock.now_ms();
+        self.core
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|c| {
+                let core = c.lock().unwrap();
+                core.pipeline.controller().cluster().map(|x| x.peers(now))
+            })
+            .unwrap_or(0)
+    }
+
     /// Runs `f` while holding the engine's lock (the loop and rebalances wait meanwhile).
     pub fn hold_engine<R>(&self, f: impl FnOnce() -> R) -> R {
         let core = self
