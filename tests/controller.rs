@@ -428,6 +428,38 @@ fn reload_mid_incident_keeps_state_and_ids() {
     assert!(h.fx.decisions.iter().any(|d| d.to_state == "removed"));
 }
 
+/// A segment's glob matches are remembered per policy set: a reload that changes which
+/// segments a policy covers applies at the next window (nothing stale is kept), and a set of
+/// more than 64 policies (not remembered) selects the same way.
+#[test]
+fn a_reload_that_changes_a_policys_segments_applies_at_the_next_window() {
+    let mut h = H::new(policies("", "segments = \"us/**\""));
+    h.win("eu/a", 0, 1.0);
+    h.win("eu/a", W, 1.0);
+    assert!(h.commands().is_empty(), "us/** does not cover eu/a");
+    h.c.reload(policies("", "segments = \"eu/**\""), 2 * W, &mut h.fx);
+    h.win("eu/a", 2 * W, 1.0);
+    h.win("eu/a", 3 * W, 1.0);
+    assert_eq!(h.commands().len(), 1, "eu/** covers eu/a after the reload");
+    h.c.reload(policies("", "segments = \"us/**\""), 4 * W, &mut h.fx);
+    h.win("eu/b", 4 * W, 1.0);
+    h.win("eu/b", 5 * W, 1.0);
+    assert!(h.commands().is_empty(), "and no longer after the next one");
+    // 70 policies: the 70th covers eu/** and acts; the others cover nothing here.
+    let mut text = String::from("[guardrails]\nmax_in_flight = 100\n");
+    for i in 0..70 {
+        let glob = if i == 69 { "eu/**" } else { "us/**" };
+        text.push_str(&format!(
+            "[[policies]]\nname = \"p{i}\"\nsegments = \"{glob}\"\nwhen = \"mean(error) > 0.5\"\naction = \"a{i}\"\n"
+        ));
+    }
+    let mut h = H::new(PolicySet::parse(&text, "many.toml").unwrap());
+    h.win("eu/c", 0, 1.0);
+    let cmds = h.commands();
+    assert_eq!(cmds.len(), 1, "{cmds:?}");
+    assert_eq!(cmds[0].1, "a69");
+}
+
 #[test]
 fn max_in_flight_blast_radius_and_rate_limit_hold() {
     let set = |g: &str| policies(g, "");

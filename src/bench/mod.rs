@@ -638,5 +638,6 @@ fn in_flight_state(segment: &str, partition: i32, at_ms: i64) -> crate::controll
         escalated_freeze_ms: None,
         last_window_end_ms: at_ms + 2_000,
         last_window_end_by_group: std::collections::BTreeMap::new(),
+        globs: Default::default(),
     }
 }

@@ -188,6 +188,9 @@ pub struct Controller {
     breaker: watch::ActuatorBreaker,
     /// The other instances of the group (live runs; `None`: this instance alone, a replay).
     cluster: Option<Cluster>,
+    /// The policy set's generation (a reload makes a new one): per-segment glob matches are
+    /// remembered for one generation.
+    generation: u64,
 }
 
 /// An escalation about the instance as a whole: its command's params, and the count its
@@ -217,6 +220,7 @@ impl Controller {
             held_back: watch::HeldBack::default(),
             breaker: watch::ActuatorBreaker::default(),
             cluster: None,
+            generation: 0,
         }
     }
 
@@ -272,6 +276,7 @@ impl Controller {
     pub fn reload(&mut self, policies: PolicySet, now_ms: i64, out: &mut Effects) {
         let names: BTreeSet<String> = policies.policies.iter().map(|p| p.name.clone()).collect();
         self.policies = policies;
+        self.generation += 1;
         for p in self.partitions.values_mut() {
             for seg in p.segments.values_mut() {
                 let removed: Vec<String> = seg
@@ -469,22 +474,45 @@ impl Controller {
         if p.persisted.contains(&*w.segment) && !p.dirty.contains(&*w.segment) {
             p.dirty.insert(w.segment.clone());
         }
-        let selected: smallvec::SmallVec<[usize; 8]> = self
-            .policies
-            .policies
+        let policies = &self.policies.policies;
+        // Segment globs are matched once per segment and policy set (at most 64 policies are
+        // remembered; more are matched every window).
+        let globs = (policies.len() <= 64).then(|| {
+            seg.globs.get(self.generation, || {
+                policies
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, pol)| pol.selects_segment(&w.segment))
+                    .fold(0u64, |bits, (i, _)| bits | (1 << i))
+            })
+        });
+        let mut selected = 0;
+        // Most windows of most segments change nothing: a healthy window of a loop that is
+        // healthy is counted and left here, with no second lookup of the segment.
+        let changing: smallvec::SmallVec<[usize; 8]> = policies
             .iter()
             .enumerate()
+            .filter(|(i, pol)| {
+                pol.window.as_deref() == w.group.as_deref()
+                    && globs.map_or_else(|| pol.selects_segment(&w.segment), |g| g & (1 << i) != 0)
+                    && pol.selects_labels(labels)
+            })
             .filter(|(_, pol)| {
-                pol.window.as_deref() == w.group.as_deref() && pol.selects(&w.segment, labels)
+                selected += 1;
+                pol.when.holds(w)
+                    || seg
+                        .loops
+                        .get(&pol.name)
+                        .is_some_and(|l| l.phase != Phase::Healthy || l.breaches > 0)
             })
             .map(|(i, _)| i)
             .collect();
+        self.stats.evaluations += selected;
         let ctx = Ctx {
             now_ms,
             window: Some(w),
         };
-        for i in selected {
-            self.stats.evaluations += 1;
+        for i in changing {
             self.step_window(i, &w.segment, w.partition, &ctx, out);
         }
     }
@@ -558,21 +586,6 @@ impl Controller {
         let w = ctx.window.expect("window step has a window");
         let policy = &self.policies.policies[pi];
         let breach = policy.when.holds(w);
-        // Most windows of most segments change nothing: leave before any allocation.
-        if !breach {
-            let quiet = self
-                .partitions
-                .get(&partition)
-                .and_then(|p| p.segments.get(segment))
-                .is_none_or(|s| {
-                    s.loops
-                        .get(&policy.name)
-                        .is_none_or(|l| l.phase == Phase::Healthy && l.breaches == 0)
-                });
-            if quiet {
-                return;
-            }
-        }
         let name = policy.name.clone();
         let clear_for = policy.clear_for;
         let for_windows = policy.for_windows;

@@ -138,6 +138,35 @@ pub struct SegmentState {
     /// The same, per window group.
     #[serde(default)]
     pub last_window_end_by_group: BTreeMap<String, i64>,
+    /// Which policies' segment globs match this segment (not stored: recomputed).
+    #[serde(skip)]
+    pub globs: GlobCache,
+}
+
+/// The policies whose segment glob matches a segment, remembered for one policy set: (the
+/// set's generation, a bit per policy). Globs are matched once per segment and reload, not once
+/// per closed window. Not part of the state's identity (equality ignores it).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GlobCache(Option<(u64, u64)>);
+
+impl GlobCache {
+    /// The bits for `generation`, computed by `compute` when not remembered.
+    pub(super) fn get(&mut self, generation: u64, compute: impl FnOnce() -> u64) -> u64 {
+        match self.0 {
+            Some((g, bits)) if g == generation => bits,
+            _ => {
+                let bits = compute();
+                self.0 = Some((generation, bits));
+                bits
+            }
+        }
+    }
+}
+
+impl PartialEq for GlobCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl SegmentState {
@@ -153,6 +182,7 @@ impl SegmentState {
             escalated_freeze_ms: None,
             last_window_end_ms: i64::MIN,
             last_window_end_by_group: BTreeMap::new(),
+            globs: GlobCache::default(),
         }
     }
 

@@ -212,11 +212,20 @@ pub struct Policy {
 impl Policy {
     /// Whether the policy covers a segment with these labels.
     pub fn selects(&self, segment: &str, labels: &BTreeMap<String, String>) -> bool {
+        self.selects_segment(segment) && self.selects_labels(labels)
+    }
+
+    /// Whether the policy's segment glob matches (the part of [`Policy::selects`] that a
+    /// segment's name alone decides, so it can be remembered per segment).
+    pub fn selects_segment(&self, segment: &str) -> bool {
         self.segments.is_match(segment)
-            && self
-                .labels
-                .iter()
-                .all(|(k, v)| labels.get(k).is_some_and(|x| x == v))
+    }
+
+    /// Whether the labels carry every label the policy asks for.
+    pub fn selects_labels(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.labels
+            .iter()
+            .all(|(k, v)| labels.get(k).is_some_and(|x| x == v))
     }
 
     /// Whether a window verifies the fix.
