@@ -752,7 +752,7 @@ fn a_partition_with_unread_backlog_is_never_advanced_past_it() {
     let stalled_until = 65_000;
     let mut closed = Vec::new();
     h.engine
-        .advance_idle_read(stalled_until, &|_| 5_000, &mut closed);
+        .advance_idle_read(stalled_until, &|_| 5_000, None, &mut closed);
     for t in (5_000..65_000).step_by(100) {
         assert_eq!(
             h.event_at("a", t, 1.0, stalled_until),
@@ -809,7 +809,7 @@ proptest! {
                 *now,
                 &mut closed,
             );
-            engine.advance_idle_read(*now, &|_| read_through, &mut closed);
+            engine.advance_idle_read(*now, &|_| read_through, None, &mut closed);
         }
         // Four segments, each at most a TTL (6 windows) of empty windows plus one per event
         // per quiet spell.

@@ -653,17 +653,23 @@ impl Pipeline {
     /// Moves the driver's clock to `now_ms`: quiet partitions close their windows, and (when
     /// `deadlines`) ack, verification and backoff deadlines fire.
     pub fn tick(&mut self, now_ms: i64, deadlines: bool, sink: &mut dyn Sink) {
-        let (through, until, frozen) = (
-            &self.read_through,
-            self.read_until,
-            &self.waiting_read_through,
-        );
-        self.engine.advance_idle_read(
-            now_ms,
-            &|p| read_through_at(through, until, frozen, p),
-            &mut self.closed,
-        );
-        self.judge(now_ms, sink);
+        // One partition at a time, each judged before the next closes: an idle advance can
+        // close every segment's windows at once, and a batch of all of them was a buffer of
+        // hundreds of megabytes at 100,000 segments (page faults were a quarter of the loop).
+        for i in 0..self.assigned.len() {
+            let (through, until, frozen) = (
+                &self.read_through,
+                self.read_until,
+                &self.waiting_read_through,
+            );
+            self.engine.advance_idle_read(
+                now_ms,
+                &|p| read_through_at(through, until, frozen, p),
+                Some(self.assigned[i]),
+                &mut self.closed,
+            );
+            self.judge(now_ms, sink);
+        }
         if deadlines {
             self.controller.tick(now_ms, &mut self.fx);
             sink.effects(&mut self.fx, Cause::Other, self.controller.policies());

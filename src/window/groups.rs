@@ -117,11 +117,13 @@ impl Windows {
         &mut self,
         now_ms: i64,
         read_through: &dyn Fn(i32) -> i64,
+        partition: Option<i32>,
         closed: &mut Vec<WindowSummary>,
     ) {
-        self.main.advance_idle_read(now_ms, read_through, closed);
+        self.main
+            .advance_idle_read(now_ms, read_through, partition, closed);
         for g in &mut self.groups {
-            g.advance_idle_read(now_ms, read_through, closed);
+            g.advance_idle_read(now_ms, read_through, partition, closed);
         }
     }
 

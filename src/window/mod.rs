@@ -612,7 +612,7 @@ impl WindowEngine {
     /// end (tests, and a driver that knows nothing is waiting): see
     /// [`WindowEngine::advance_idle_read`].
     pub fn advance_idle(&mut self, now_ms: i64, closed: &mut Vec<WindowSummary>) {
-        self.advance_idle_read(now_ms, &|_| i64::MAX, closed);
+        self.advance_idle_read(now_ms, &|_| i64::MAX, None, closed);
     }
 
     /// Moves the partitions' progress on the controller clock:
@@ -624,10 +624,14 @@ impl WindowEngine {
     ///   `count = 0`. A partition with unread backlog is never advanced past it: live,
     ///   `read_through` is when the consumer was last seen at the high watermark; in a replay,
     ///   where the merge stands.
+    ///
+    /// `partition`: only that one (a driver judging each partition's windows before the next
+    /// closes its own keeps `closed` to one partition's worth).
     pub fn advance_idle_read(
         &mut self,
         now_ms: i64,
         read_through: &dyn Fn(i32) -> i64,
+        partition: Option<i32>,
         closed: &mut Vec<WindowSummary>,
     ) {
         let spec = &self.spec;
@@ -639,7 +643,7 @@ impl WindowEngine {
             closed,
         };
         for p in self.partitions.values_mut() {
-            if p.next_end_ms.is_none() {
+            if p.next_end_ms.is_none() || partition.is_some_and(|only| only != p.partition) {
                 continue;
             }
             if p.since_measure > 0 && now_ms.saturating_sub(p.measured_at_ms) >= spec.hop_ms {
