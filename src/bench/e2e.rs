@@ -34,6 +34,10 @@ pub struct E2eReport {
     pub cpu_per_million: Vec<(String, f64)>,
     /// The process's peak resident set (VmHWM), bytes.
     pub peak_rss_bytes: Option<u64>,
+    /// Rust heap the pipeline held per segment once every record was read (windows, controller,
+    /// labels; librdkafka's buffers are C heap and not in it). Bench builds only
+    /// (`--features counting-alloc`).
+    pub heap_bytes_per_segment: Option<f64>,
 }
 
 impl E2eReport {
@@ -72,6 +76,10 @@ impl E2eReport {
         match self.peak_rss_bytes {
             Some(b) => println!("peak_rss_bytes={b}"),
             None => println!("peak_rss_bytes=unknown"),
+        }
+        match self.heap_bytes_per_segment {
+            Some(b) => println!("pipeline_heap_bytes_per_segment={b:.0}"),
+            None => println!("pipeline_heap_bytes_per_segment=unmeasured (a bench build measures it: cargo build --release --features counting-alloc)"),
         }
         println!("commands={}", self.commands);
         let ms = |v: Option<f64>| v.map_or("none".to_string(), |v| format!("{v:.1}"));
@@ -131,6 +139,7 @@ pub fn e2e_bench(broker: Option<Broker<'_>>, o: &E2eOptions) -> anyhow::Result<E
     let mut java_secs = f64::INFINITY;
     let mut java_skipped = o.java.as_ref().err().cloned();
     let mut pipeline_secs = f64::INFINITY;
+    let mut heap_per_segment = None;
     let mut report = None;
     let mut cpu = Vec::new();
     for round in 0..o.rounds.max(1) {
@@ -148,7 +157,8 @@ pub fn e2e_bench(broker: Option<Broker<'_>>, o: &E2eOptions) -> anyhow::Result<E
         }
         let mut cfg = config.clone();
         cfg.kafka.group_id = format!("{}-e2e-{round}", config.kafka.group_id);
-        let (secs, r, threads) = pipeline_pass(cfg, policies.clone(), records)?;
+        let (secs, r, threads, heap) = pipeline_pass(cfg, policies.clone(), records)?;
+        heap_per_segment = heap.map(|b| b as f64 / o.segments.max(1) as f64);
         if secs < pipeline_secs {
             pipeline_secs = secs;
             cpu = threads;
@@ -192,6 +202,7 @@ pub fn e2e_bench(broker: Option<Broker<'_>>, o: &E2eOptions) -> anyhow::Result<E
             .map(|(g, secs)| (g, secs / (records as f64 / 1e6)))
             .collect(),
         peak_rss_bytes: peak_rss(),
+        heap_bytes_per_segment: heap_per_segment,
     })
 }
 
@@ -387,18 +398,20 @@ pub(super) fn raw_pass(bs: &str, topic: &str, records: u64, round: usize) -> any
     Ok(first.map_or(f64::NAN, |f| f.elapsed().as_secs_f64()))
 }
 
-/// Seconds the `run` pipeline takes to consume `records`, from its first record, and its report.
+/// Seconds the `run` pipeline takes to consume `records`, from its first record, its report,
+/// the CPU of its threads, and (bench builds) the heap it grew by until every record was read.
 pub(super) fn pipeline_pass(
     config: crate::config::Config,
     policies: crate::policy::PolicySet,
     records: u64,
-) -> anyhow::Result<(f64, crate::runtime::RunReport, ThreadCpu)> {
+) -> anyhow::Result<(f64, crate::runtime::RunReport, ThreadCpu, Option<isize>)> {
     use crate::clock::{Control, SystemClock};
     use crate::runtime::{self, RunOptions};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
     let control = Arc::new(Control::default());
     let cpu_before = thread_cpu();
+    let heap_before = super::allocated_bytes();
     let core_slot: Arc<Mutex<Option<crate::runtime::SharedCore>>> = Arc::new(Mutex::new(None));
     let (c2, k2) = (control.clone(), core_slot.clone());
     let handle = std::thread::Builder::new()
@@ -429,8 +442,12 @@ pub(super) fn pipeline_pass(
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    // The CPU of the pass's threads, read while they are alive.
+    // The CPU of the pass's threads, read while they are alive; the heap while it holds every
+    // segment.
     let cpu = cpu_between(&cpu_before, &thread_cpu());
+    let heap = super::allocated_bytes()
+        .zip(heap_before)
+        .map(|(after, before)| after - before);
     // Let the last windows close and commands reach the broker.
     std::thread::sleep(Duration::from_secs(3));
     control.stop();
@@ -442,7 +459,7 @@ pub(super) fn pipeline_pass(
         "pipeline consumed {} of {records} records",
         report.records_consumed
     );
-    Ok((secs, report, cpu))
+    Ok((secs, report, cpu, heap))
 }
 
 /// An embedded cluster with `records` synthetic telemetry records (event times over the last

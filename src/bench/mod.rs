@@ -529,7 +529,7 @@ pub fn delivery_bench(
                 cfg.delivery.mode = crate::config::DeliveryMode::ExactlyOnce;
                 cfg.delivery.transactional_id = Some(cfg.kafka.group_id.clone());
             }
-            let (secs, report, _) = pipeline_pass(cfg, topic.policies.clone(), records)?;
+            let (secs, report, _, _) = pipeline_pass(cfg, topic.policies.clone(), records)?;
             if exactly_once {
                 eos = eos.min(secs);
                 commits = report.commits;
