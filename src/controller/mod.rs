@@ -162,7 +162,7 @@ struct PartitionState {
     /// Segments changed since the last [`Controller::take_changes`].
     dirty: BTreeSet<Arc<str>>,
     /// Segments whose state is in the changelog (a tombstone is due once they go quiet).
-    persisted: BTreeSet<Arc<str>>,
+    persisted: std::collections::HashSet<Arc<str>, foldhash::fast::FixedState>,
 }
 
 /// A changelog record for the state topic: a segment's state, or `None` to delete it.
