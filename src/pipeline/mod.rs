@@ -416,10 +416,10 @@ impl Pipeline {
     /// [`crate::window::WindowEngine::prefetch`]): keys and event times read without decoding.
     pub fn hint(&mut self, records: &[Record<'_>]) {
         let decoder = &self.decoder;
+        // Keys as bytes: a hint only hashes them (the decoder validates the segment once).
         self.engine.prefetch(records.iter().filter_map(|r| {
-            let key = std::str::from_utf8(r.key?).ok()?;
             let ts = decoder.fast_event_time(r.value)?;
-            Some((r.partition, key, ts))
+            Some((r.partition, r.key?, ts))
         }));
     }
 

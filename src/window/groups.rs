@@ -70,7 +70,7 @@ impl Windows {
     }
 
     /// See [`WindowEngine::prefetch`] (the default windows; groups are rarely hot).
-    pub fn prefetch<'k>(&mut self, events: impl IntoIterator<Item = (i32, &'k str, i64)>) {
+    pub fn prefetch<K: AsRef<[u8]>>(&mut self, events: impl IntoIterator<Item = (i32, K, i64)>) {
         self.main.prefetch(events);
     }
 

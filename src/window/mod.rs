@@ -421,7 +421,7 @@ impl WindowEngine {
         p.next_offset = Some(p.next_offset.map_or(offset + 1, |n| n.max(offset + 1)));
         let pane_no = ts_ms.div_euclid(spec.hop_ms);
         let pane_ms = pane_no * spec.hop_ms;
-        let hash = p.segments.hash(segment);
+        let hash = p.segments.hash(segment.as_bytes());
         let found = p.segments.find_hashed(hash, segment);
         let closed_to = closed_to(p, found, spec);
         if let Err(e) = check_in(
@@ -550,7 +550,7 @@ impl WindowEngine {
     /// the previous batch's segment state and the batch before that's sketches (see
     /// `Hints`), so the sketches load one batch ahead of their use. Changes nothing but
     /// speed.
-    pub fn prefetch<'k>(&mut self, events: impl IntoIterator<Item = (i32, &'k str, i64)>) {
+    pub fn prefetch<K: AsRef<[u8]>>(&mut self, events: impl IntoIterator<Item = (i32, K, i64)>) {
         let mut hints = std::mem::take(&mut self.hints);
         // Stage 3: sketches of the batch before last.
         let spec = &self.spec;
@@ -599,7 +599,7 @@ impl WindowEngine {
             let Some(p) = self.partitions.get(partition) else {
                 continue;
             };
-            let h = p.segments.hash(key);
+            let h = p.segments.hash(key.as_ref());
             p.segments.prefetch_entry(h);
             hints
                 .hashed

@@ -130,9 +130,11 @@ impl SegmentTable {
     }
 
     #[inline]
-    pub(super) fn hash(&self, name: &str) -> u64 {
+    /// A name's hash, from its bytes (a hint hashes a record's key before it is validated as
+    /// UTF-8; the same bytes hash the same).
+    pub(super) fn hash(&self, name: &[u8]) -> u64 {
         use std::hash::BuildHasher;
-        self.hasher.hash_one(name.as_bytes())
+        self.hasher.hash_one(name)
     }
 
     /// Starts loading the index entry a hash probes first.
@@ -175,7 +177,7 @@ impl SegmentTable {
 
     #[inline]
     pub(super) fn find(&self, name: &str) -> Option<usize> {
-        self.find_hashed(self.hash(name), name)
+        self.find_hashed(self.hash(name.as_bytes()), name)
     }
 
     pub(super) fn place(entries: &mut [u64], hash: u64, entry: u64) {
@@ -208,7 +210,7 @@ impl SegmentTable {
 
     #[cfg(test)]
     pub(super) fn insert(&mut self, seg: SegmentWindows) -> usize {
-        let hash = self.hash(&seg.name);
+        let hash = self.hash(seg.name.as_bytes());
         self.insert_hashed(hash, seg)
     }
 
@@ -239,7 +241,7 @@ impl SegmentTable {
     }
 
     pub(super) fn remove(&mut self, name: &str) -> bool {
-        let hash = self.hash(name);
+        let hash = self.hash(name.as_bytes());
         let Some((at, i)) = self.probe(hash, |i| self.slots[i].is(name)) else {
             return false;
         };
