@@ -504,3 +504,31 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// The label map's check "labels unchanged" (issue #24: it is made without copying the
+    /// event) agrees with comparing the owned event's labels, for any labels on the wire,
+    /// repeated keys included (those may only compare unequal: the owned path decides).
+    #[test]
+    fn borrowed_labels_compare_like_owned_ones(
+        wire in proptest::collection::vec(("[ab]{1,2}", "[xy]{0,1}"), 0..4),
+        stored in proptest::collection::btree_map("[ab]{1,2}", "[xy]{0,1}", 0..4),
+    ) {
+        use segloop::codec::fast::{Telemetry, TelemetryView};
+        let view = TelemetryView {
+            segment: "s",
+            ts_ms: 0,
+            measurements: Default::default(),
+            labels: wire.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            event_id: None,
+        };
+        let owned = view.to_owned_event().labels == stored;
+        let distinct = wire.iter().map(|(k, _)| k).collect::<std::collections::BTreeSet<_>>().len() == wire.len();
+        let borrowed = Telemetry::View(view.clone()).labels_equal(&stored);
+        prop_assert!(!borrowed || owned, "borrowed said equal, owned differs: {wire:?} vs {stored:?}");
+        if distinct {
+            prop_assert_eq!(borrowed, owned);
+        }
+        prop_assert_eq!(Telemetry::Owned(view.to_owned_event()).labels_equal(&stored), owned);
+    }
+}

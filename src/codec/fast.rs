@@ -56,6 +56,13 @@ fn malformed(what: String) -> DecodeError {
 impl<'a> Cursor<'a> {
     #[inline]
     fn long(&mut self) -> Result<i64, DecodeError> {
+        // One byte: lengths, counts, union indexes (most of a record's varints).
+        if let Some((&b, rest)) = self.rest.split_first() {
+            if b & 0x80 == 0 {
+                self.rest = rest;
+                return Ok(i64::from(b >> 1) ^ -i64::from(b & 1));
+            }
+        }
         let mut value: u64 = 0;
         for (i, &b) in self.rest.iter().enumerate().take(10) {
             value |= u64::from(b & 0x7f) << (7 * i);
@@ -252,6 +259,26 @@ impl Telemetry<'_> {
         match self {
             Telemetry::View(v) => !v.labels.is_empty(),
             Telemetry::Owned(e) => !e.labels.is_empty(),
+        }
+    }
+
+    /// Whether the event's labels are exactly `labels` (no copy made). Repeated keys on the
+    /// wire never equal a map (the owned event would keep one of them): they compare unequal.
+    pub fn labels_equal(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        match self {
+            Telemetry::View(v) => {
+                v.labels.len() == labels.len()
+                    && v
+                        .labels
+                        .iter()
+                        .all(|(k, val)| labels.get(*k).is_some_and(|x| x == val))
+                    && v
+                        .labels
+                        .iter()
+                        .enumerate()
+                        .all(|(i, (k, _))| v.labels[..i].iter().all(|(j, _)| j != k))
+            }
+            Telemetry::Owned(e) => e.labels == *labels,
         }
     }
 

@@ -31,6 +31,14 @@ impl LabelMap {
         if !self.on || !event.has_labels() {
             return;
         }
+        // Most events repeat their segment's labels: compared borrowed, nothing is copied.
+        if self
+            .map
+            .get(event.segment())
+            .is_some_and(|old| event.labels_equal(old))
+        {
+            return;
+        }
         let owned = event.clone().into_owned();
         let size = label_bytes(&owned.segment, &owned.labels);
         match self.map.get(&owned.segment) {

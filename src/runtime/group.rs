@@ -33,6 +33,9 @@ pub(super) struct GroupContext {
     pub(super) eos: bool,
     pub(super) core: SharedCore,
     pub(super) events: Mutex<Vec<GroupEvent>>,
+    /// Whether `events` may hold something: read once per polled record, so a poll with no
+    /// group event takes no lock.
+    pub(super) events_pending: std::sync::atomic::AtomicBool,
     pub(super) revoke_timeout: Duration,
     pub(super) client_errors: Mutex<Vec<(rdkafka::error::KafkaError, String)>>,
     /// Per telemetry partition, the high watermark of its last fetch response, from
@@ -42,12 +45,19 @@ pub(super) struct GroupContext {
 
 impl GroupContext {
     fn push(&self, ev: GroupEvent) {
-        lock(&self.events).push(ev);
+        let mut events = lock(&self.events);
+        events.push(ev);
+        self.events_pending.store(true, Ordering::Release);
     }
 
     /// The events since the last call, in the order they happened.
     pub(super) fn take_events(&self) -> Vec<GroupEvent> {
-        std::mem::take(&mut *lock(&self.events))
+        if !self.events_pending.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut events = lock(&self.events);
+        self.events_pending.store(false, Ordering::Release);
+        std::mem::take(&mut *events)
     }
 }
 

@@ -378,6 +378,7 @@ fn telemetry_consumer(
         eos,
         core,
         events: Mutex::new(Vec::new()),
+        events_pending: Default::default(),
         client_errors: Mutex::new(Vec::new()),
         high_watermarks: Mutex::new(BTreeMap::new()),
         revoke_timeout: Duration::from_millis(session_timeout / 2)
