@@ -268,12 +268,10 @@ impl Telemetry<'_> {
         match self {
             Telemetry::View(v) => {
                 v.labels.len() == labels.len()
-                    && v
-                        .labels
+                    && v.labels
                         .iter()
                         .all(|(k, val)| labels.get(*k).is_some_and(|x| x == val))
-                    && v
-                        .labels
+                    && v.labels
                         .iter()
                         .enumerate()
                         .all(|(i, (k, _))| v.labels[..i].iter().all(|(j, _)| j != k))
