@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use segloop::controller::{ActionRecord, Cluster, Controller, Effects};
 use segloop::policy::PolicySet;
-use segloop::window::WindowSummary;
 
-const W: i64 = 10_000;
+#[path = "common/windows.rs"]
+mod windows;
+use windows::{window, W};
 const HOLD: i64 = 200;
 
 fn policies(max_in_flight: u32, per_minute: u32) -> PolicySet {
@@ -43,18 +44,6 @@ escalate = "page"
         "test.toml",
     )
     .unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn window(segment: &str, partition: i32, start: i64, error: f64) -> WindowSummary {
-    WindowSummary::from_values(
-        partition,
-        segment,
-        (start, start + W),
-        10,
-        &[("error", &[error; 10])],
-        &[],
-        0.01,
-    )
 }
 
 /// One instance: its controller, its partition, how far it read the log, its commands.

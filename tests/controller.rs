@@ -8,9 +8,10 @@ use segloop::controller::{
 };
 use segloop::model::{OutcomeStatus, RemediationOutcome};
 use segloop::policy::{PolicySet, Silence};
-use segloop::window::WindowSummary;
 
-const W: i64 = 10_000; // window size
+#[path = "common/windows.rs"]
+mod windows;
+use windows::{window, W};
 
 /// The base policy file, with keys of `[guardrails]` and of the one policy overridden.
 fn policies(extra_guardrails: &str, extra_policy: &str) -> PolicySet {
@@ -53,18 +54,6 @@ escalate = "page"
     );
     PolicySet::parse(&toml::to_string(&file).unwrap(), "test.toml")
         .unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn window(segment: &str, partition: i32, start: i64, error: f64) -> WindowSummary {
-    WindowSummary::from_values(
-        partition,
-        segment,
-        (start, start + W),
-        10,
-        &[("error", &[error; 10])],
-        &[],
-        0.01,
-    )
 }
 
 struct H {
