@@ -546,6 +546,8 @@ fn a_replayed_outlier_breaks_no_other_segment() {
     let codec = build_codec::<TelemetryEvent>(t.codec, &t.schema_settings()).unwrap();
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", cluster.bootstrap_servers())
+        // In order across retries (see producer() in tests/common/mod.rs).
+        .set("enable.idempotence", "true")
         .create()
         .unwrap();
     let send = |seg: &str, ts: i64| {

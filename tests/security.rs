@@ -175,6 +175,8 @@ fn zstd_producer() -> rdkafka::producer::BaseProducer {
         .set("bootstrap.servers", broker_bootstrap())
         .set("partitioner", "murmur2_random")
         .set("compression.type", "zstd")
+        // In order across retries (see producer() in tests/common/mod.rs).
+        .set("enable.idempotence", "true")
         .create()
         .unwrap()
 }
