@@ -41,6 +41,20 @@ pub(super) struct GroupContext {
     /// Per telemetry partition, the high watermark of its last fetch response, from
     /// librdkafka's statistics (`STATS_INTERVAL`): what the lag is measured against.
     pub(super) high_watermarks: Mutex<BTreeMap<i32, i64>>,
+    /// The group's rebalance protocol is cooperative ([`cooperative_protocol`]).
+    pub(super) cooperative: bool,
+}
+
+/// Whether librdkafka runs the group with the cooperative rebalance protocol under these
+/// client properties: the `cooperative-sticky` assignor (librdkafka refuses to mix it with
+/// eager ones) or the KIP-848 consumer group protocol.
+pub(super) fn cooperative_protocol(properties: &BTreeMap<String, String>) -> bool {
+    properties
+        .get("partition.assignment.strategy")
+        .is_some_and(|s| s.contains("cooperative-sticky"))
+        || properties
+            .get("group.protocol")
+            .is_some_and(|p| p.trim().eq_ignore_ascii_case("consumer"))
 }
 
 impl GroupContext {
@@ -171,6 +185,43 @@ impl ClientContext for GroupContext {
 }
 
 impl ConsumerContext for GroupContext {
+    /// rust-rdkafka's default, except that the protocol comes from the configuration: the
+    /// default asks librdkafka (`rd_kafka_rebalance_protocol`), and that call can wait forever
+    /// when the final revoke of a consumer close is served after the group has terminated
+    /// (librdkafka #4041; a CI run hung there in a consumer's drop).
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::types::RDKafkaRespErr::{
+            RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS as ASSIGN,
+            RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS as REVOKE,
+        };
+        let tpl: &TopicPartitionList = tpl;
+        let rebalance = match err {
+            ASSIGN => Rebalance::Assign(tpl),
+            REVOKE => Rebalance::Revoke(tpl),
+            other => {
+                let code: rdkafka::types::RDKafkaErrorCode = other.into();
+                tracing::error!(error = %code, "rebalance failed");
+                Rebalance::Error(rdkafka::error::KafkaError::Rebalance(code))
+            }
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        let done = match (err == ASSIGN, self.cooperative) {
+            (true, true) => consumer.incremental_assign(tpl),
+            (true, false) => consumer.assign(tpl),
+            (false, true) => consumer.incremental_unassign(tpl),
+            (false, false) => consumer.unassign(),
+        };
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "rebalance: the assignment change failed");
+        }
+        self.post_rebalance(consumer, &rebalance);
+    }
+
     /// A revoke hands the leaving partitions over before librdkafka lets them go: every record
     /// produced so far acknowledged, then their committable offsets committed (exactly-once:
     /// the open transaction committed with them). No engine state is touched here.

@@ -183,6 +183,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     );
     let eos = config.delivery.mode == crate::config::DeliveryMode::ExactlyOnce;
     let group = config.kafka.group_id.clone();
+    let config_shutdown = config.delivery.shutdown_timeout;
     let me = announce_self(&config, clock.now_ms());
     if eos {
         // Before transactions start: a live instance with this id would be fenced by them.
@@ -281,8 +282,32 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     };
     drop(span);
     admin.stop();
-    drop(consumer);
+    close_consumer(consumer, config_shutdown);
     result
+}
+
+/// Closes the telemetry consumer (leaving the group), waiting at most `within`: a close that
+/// librdkafka never finishes (a final rebalance served after its group terminated) is left
+/// to finish or not on its own thread, with a warning, so a stop never hangs on it.
+fn close_consumer(consumer: BaseConsumer<GroupContext>, within: Duration) {
+    let (done, closed) = std::sync::mpsc::sync_channel::<()>(1);
+    let spawned = std::thread::Builder::new()
+        .name("consumer-close".into())
+        .spawn(move || {
+            drop(consumer);
+            let _ = done.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            if closed.recv_timeout(within).is_err() {
+                tracing::warn!(
+                    waited = ?within,
+                    "the telemetry consumer did not finish closing; left to close in the background"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "no thread to close the telemetry consumer on"),
+    }
 }
 
 /// How long a child segment whose ancestor another instance owns waits after its claim is
@@ -366,9 +391,8 @@ fn telemetry_consumer(
     eos: bool,
 ) -> anyhow::Result<BaseConsumer<GroupContext>> {
     let topic = &config.topics.telemetry.name;
-    let session_timeout = config
-        .kafka
-        .librdkafka_properties()
+    let properties = config.kafka.librdkafka_properties();
+    let session_timeout = properties
         .get("session.timeout.ms")
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(45_000);
@@ -381,6 +405,7 @@ fn telemetry_consumer(
         events_pending: Default::default(),
         client_errors: Mutex::new(Vec::new()),
         high_watermarks: Mutex::new(BTreeMap::new()),
+        cooperative: cooperative_protocol(&properties),
         revoke_timeout: Duration::from_millis(session_timeout / 2)
             .min(config.delivery.shutdown_timeout),
     };

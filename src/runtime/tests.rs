@@ -341,3 +341,29 @@ fn the_default_transactional_id_is_unique_per_instance() {
     assert_ne!(a, b);
     assert!(a.starts_with("g-h-p"), "{a}");
 }
+
+#[test]
+fn the_rebalance_protocol_follows_the_client_properties() {
+    let props = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert!(!cooperative_protocol(&props(&[])));
+    assert!(!cooperative_protocol(&props(&[(
+        "partition.assignment.strategy",
+        "range,roundrobin"
+    )])));
+    assert!(cooperative_protocol(&props(&[(
+        "partition.assignment.strategy",
+        "cooperative-sticky"
+    )])));
+    assert!(cooperative_protocol(&props(&[(
+        "group.protocol",
+        "consumer"
+    )])));
+    assert!(!cooperative_protocol(&props(&[(
+        "group.protocol",
+        "classic"
+    )])));
+}
