@@ -52,7 +52,8 @@
 //!   for the `avro-confluent` codec (the engine's [`codec::SchemaSource`]), and registration
 //!   of the schemas segloop writes.
 //! - [`kafka`] — Kafka adapters shared by the drivers: client configs, topic checks and
-//!   creation, watermarks, the murmur2 partitioner.
+//!   creation, watermarks, the murmur2 partitioner, the batch feed of a consumer's records
+//!   ([`kafka::Feed`]).
 //! - [`metrics`] — the documented Prometheus names and the per-instance recorder.
 //! - [`clock`] — the injected controller clock and the stop/reload flags.
 //! - [`process`] — logging and signal handling of the long-running subcommands.

@@ -44,6 +44,8 @@ fn the_loop_closes_on_real_kafka() {
         report.records_consumed,
         report.records_aggregated + report.records_dlq
     );
+    // Every record came in batches from the feed (kafka::Feed), none through `poll`.
+    assert_eq!(report.records_unrouted, 0, "{report:?}");
 }
 
 #[test]
@@ -126,6 +128,8 @@ fn two_instances_split_partitions_and_the_survivor_takes_over() {
     assert_eq!(cmd.map(|c| c.segment), Some(seg));
     let rb = b.stop();
     assert!(rb.commands >= 1, "{rb:?}");
+    // The partitions b took over were routed to its feed when they were assigned.
+    assert_eq!(rb.records_unrouted, 0, "{rb:?}");
 }
 
 #[test]

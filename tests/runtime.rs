@@ -112,6 +112,8 @@ fn a_fault_in_one_segment_is_commanded_acknowledged_and_verified() {
         report.records_consumed,
         report.records_aggregated + report.records_dlq
     );
+    // Every record came in batches from the feed, none one by one through `poll`.
+    assert_eq!(report.records_unrouted, 0, "{report:?}");
 }
 
 fn m_key(c: &RemediationCommand) -> &str {

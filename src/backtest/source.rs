@@ -199,7 +199,7 @@ impl Chunk {
 }
 
 /// From the reader thread to the merge.
-enum Feed {
+enum Handoff {
     Chunk(i32, Chunk),
     /// Nothing more will come from this partition.
     Finished(i32),
@@ -268,6 +268,7 @@ pub fn read_merged(
     }
     let high_water = (BUFFER_BYTES / open.len()).max(1 << 20);
     let consumer = reader(config, fetch_max_bytes)?;
+    let feed = routed_feed(&consumer, &range.topic, &open)?;
     let mut tpl = TopicPartitionList::new();
     for p in &open {
         tpl.add_partition_offset(&range.topic, *p, Offset::Offset(range.start[p]))?;
@@ -277,14 +278,18 @@ pub fn read_merged(
         .context("cannot assign the replay's partitions")?;
 
     std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Feed>(256);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Handoff>(256);
         let (recycle_tx, recycle_rx) = std::sync::mpsc::channel::<Chunk>();
         let shared = &shared;
+        // Borrowed, not moved: the consumer outlives the feed (dropped before it, at the end
+        // of this function); a consumer destroyed with its feed alive waits forever.
+        let (consumer, feed) = (&consumer, &feed);
         let reader = std::thread::Builder::new()
             .name("backtest-reader".into())
             .spawn_scoped(scope, move || {
                 read_chunks(
-                    &consumer,
+                    consumer,
+                    feed,
                     range,
                     shared,
                     high_water,
@@ -352,7 +357,7 @@ pub fn read_merged(
                 break;
             };
             match feed {
-                Feed::Chunk(p, chunk) => {
+                Handoff::Chunk(p, chunk) => {
                     let q = queues.get_mut(&p).expect("known partition");
                     if q.chunks.is_empty() {
                         let m = &chunk.recs[0];
@@ -363,7 +368,7 @@ pub fn read_merged(
                     }
                     q.chunks.push_back(chunk);
                 }
-                Feed::Finished(p) => {
+                Handoff::Finished(p) => {
                     let q = queues.get_mut(&p).expect("known partition");
                     if !q.finished && q.chunks.is_empty() {
                         waiting -= 1;
@@ -382,11 +387,12 @@ pub fn read_merged(
 /// The reader thread: poll, key, chunk, hand over; pause partitions far ahead.
 fn read_chunks(
     consumer: &BaseConsumer<kafka::QuietEof>,
+    feed: &kafka::Feed,
     range: &Range,
     shared: &BTreeMap<i32, Shared>,
     high_water: usize,
     mut sort_ts: impl FnMut(Option<&[u8]>, Option<&[u8]>) -> Option<i64>,
-    tx: &std::sync::mpsc::SyncSender<Feed>,
+    tx: &std::sync::mpsc::SyncSender<Handoff>,
     recycle: &std::sync::mpsc::Receiver<Chunk>,
 ) -> anyhow::Result<ReadStats> {
     use std::sync::atomic::Ordering::{Relaxed, SeqCst};
@@ -414,6 +420,9 @@ fn read_chunks(
     let mut unfinished = parts.len();
     let mut stats = ReadStats::default();
     let mut idle_polls = 0u32;
+    let mut fed = Vec::with_capacity(TAKE);
+    let mut detached = Vec::new();
+    let mut errors = Vec::new();
     // Hands a partition's chunk over, but for the records whose merge key still waits on
     // later ones (unless the partition has ended); `false` once the merge is gone.
     let send = |p: i32, part: &mut Part| -> bool {
@@ -426,7 +435,7 @@ fn read_chunks(
         let chunk = std::mem::replace(&mut part.chunk, next);
         shared[&p].buffered.fetch_add(chunk.bytes.len(), Relaxed);
         shared[&p].wanted.store(false, SeqCst);
-        tx.send(Feed::Chunk(p, chunk)).is_ok()
+        tx.send(Handoff::Chunk(p, chunk)).is_ok()
     };
     let one = |p: i32| -> anyhow::Result<TopicPartitionList> {
         let mut tpl = TopicPartitionList::new();
@@ -440,87 +449,174 @@ fn read_chunks(
                 consumer.resume(&one(*p)?)?;
             }
         }
-        let mut finish = None;
-        match poll(consumer) {
-            Some(Ok(m)) => {
-                idle_polls = 0;
-                let p = m.partition();
-                let end = range.end.get(&p).copied().unwrap_or(0);
-                let Some(part) = parts.get_mut(&p) else {
-                    continue;
-                };
-                if part.finished {
-                    continue;
+        take(consumer, feed, &mut fed, &mut detached, &mut errors);
+        if fed.is_empty() && detached.is_empty() && errors.is_empty() {
+            // Idle: whatever is chunked goes now.
+            for (p, part) in parts.iter_mut() {
+                if !send(*p, part) {
+                    return Ok(stats);
                 }
-                if m.offset() >= end {
+            }
+            idle_polls += 1;
+            anyhow::ensure!(
+                idle_polls < 300,
+                "no records for 30 s while {unfinished} partition(s) of {} were still expected to have some; is the broker up?",
+                range.topic
+            );
+            continue;
+        }
+        idle_polls = 0;
+        let records = fed
+            .iter()
+            .map(Taken::fed)
+            .chain(detached.iter().map(Taken::of));
+        for m in records {
+            let mut finish = None;
+            let p = m.partition;
+            let end = range.end.get(&p).copied().unwrap_or(0);
+            let Some(part) = parts.get_mut(&p) else {
+                continue;
+            };
+            if part.finished {
+                continue;
+            }
+            if m.offset >= end {
+                finish = Some(p);
+            } else {
+                stats.records += 1;
+                stats.bytes +=
+                    (m.key.map_or(0, <[u8]>::len) + m.payload.map_or(0, <[u8]>::len)) as u64;
+                let ts = sort_ts(m.key, m.payload).unwrap_or(part.last_ts);
+                part.last_ts = ts;
+                // This record ends the look-ahead of the ones before it (still here: a
+                // chunk leaves with its last MERGE_LOOKAHEAD records kept back).
+                let n = part.chunk.recs.len();
+                for r in &mut part.chunk.recs[n.saturating_sub(MERGE_LOOKAHEAD)..] {
+                    r.sort_ts = r.sort_ts.min(ts);
+                }
+                part.chunk
+                    .push(m.offset, ts, m.timestamp_ms, m.key, m.payload);
+                if m.offset + 1 >= end {
                     finish = Some(p);
-                } else {
-                    stats.records += 1;
-                    stats.bytes += (m.key().map_or(0, <[u8]>::len)
-                        + m.payload().map_or(0, <[u8]>::len))
-                        as u64;
-                    let ts = sort_ts(m.key(), m.payload()).unwrap_or(part.last_ts);
-                    part.last_ts = ts;
-                    // This record ends the look-ahead of the ones before it (still here: a
-                    // chunk leaves with its last MERGE_LOOKAHEAD records kept back).
-                    let n = part.chunk.recs.len();
-                    for r in &mut part.chunk.recs[n.saturating_sub(MERGE_LOOKAHEAD)..] {
-                        r.sort_ts = r.sort_ts.min(ts);
+                } else if part.chunk.recs.len() >= CHUNK + MERGE_LOOKAHEAD
+                    || (shared[&p].wanted.load(SeqCst) && part.chunk.recs.len() > MERGE_LOOKAHEAD)
+                {
+                    if !send(p, part) {
+                        return Ok(stats);
                     }
-                    part.chunk.push(
-                        m.offset(),
-                        ts,
-                        m.timestamp().to_millis(),
-                        m.key(),
-                        m.payload(),
-                    );
-                    if m.offset() + 1 >= end {
-                        finish = Some(p);
-                    } else if part.chunk.recs.len() >= CHUNK + MERGE_LOOKAHEAD
-                        || (shared[&p].wanted.load(SeqCst)
-                            && part.chunk.recs.len() > MERGE_LOOKAHEAD)
-                    {
-                        if !send(p, part) {
-                            return Ok(stats);
-                        }
-                        if shared[&p].buffered.load(Relaxed) >= high_water {
-                            part.paused = true;
-                            consumer.pause(&one(p)?)?;
-                        }
+                    if shared[&p].buffered.load(Relaxed) >= high_water {
+                        part.paused = true;
+                        consumer.pause(&one(p)?)?;
                     }
                 }
             }
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                if parts.get(&p).is_some_and(|x| !x.finished) {
-                    finish = Some(p);
+            if let Some(p) = finish {
+                let part = parts.get_mut(&p).expect("known partition");
+                part.finished = true;
+                unfinished -= 1;
+                if !send(p, part) || tx.send(Handoff::Finished(p)).is_err() {
+                    return Ok(stats);
                 }
             }
-            Some(Err(e)) => tracing::warn!(error = %e, "backtest consumer error"),
-            None => {
-                // Idle: whatever is chunked goes now.
-                for (p, part) in parts.iter_mut() {
-                    if !send(*p, part) {
+        }
+        fed.clear();
+        detached.clear();
+        for e in errors.drain(..) {
+            match e {
+                KafkaError::PartitionEOF(p) => {
+                    let Some(part) = parts.get_mut(&p).filter(|x| !x.finished) else {
+                        continue;
+                    };
+                    part.finished = true;
+                    unfinished -= 1;
+                    if !send(p, part) || tx.send(Handoff::Finished(p)).is_err() {
                         return Ok(stats);
                     }
                 }
-                idle_polls += 1;
-                anyhow::ensure!(
-                    idle_polls < 300,
-                    "no records for 30 s while {unfinished} partition(s) of {} were still expected to have some; is the broker up?",
-                    range.topic
-                );
-            }
-        }
-        if let Some(p) = finish {
-            let part = parts.get_mut(&p).expect("known partition");
-            part.finished = true;
-            unfinished -= 1;
-            if !send(p, part) || tx.send(Feed::Finished(p)).is_err() {
-                return Ok(stats);
+                e => tracing::warn!(error = %e, "backtest consumer error"),
             }
         }
     }
     Ok(stats)
+}
+
+/// Most records the reader takes from its feed at once.
+const TAKE: usize = 4096;
+
+/// A feed for the replay's consumer with every partition of `open` routed to it; call it
+/// before the assignment (see [`kafka::Feed`]).
+fn routed_feed(
+    consumer: &BaseConsumer<kafka::QuietEof>,
+    topic: &str,
+    open: &[i32],
+) -> anyhow::Result<kafka::Feed> {
+    // SAFETY: the consumer is alive; the caller declares the feed after the consumer, so
+    // the feed (and every record taken from it) is dropped first.
+    let feed = unsafe { kafka::Feed::new(consumer.client().native_ptr()) }
+        .context("cannot create the replay's feed queue")?;
+    let name = std::ffi::CString::new(topic).context("the topic's name holds a NUL byte")?;
+    for p in open {
+        // SAFETY: the feed is alive (created above, returned to the caller).
+        anyhow::ensure!(
+            unsafe { feed.router().route(&name, *p) },
+            "cannot route partition {p} of {topic} to the replay's feed"
+        );
+    }
+    Ok(feed)
+}
+
+/// The next records: the consumer's own queue served first (errors, logs; a record there is
+/// copied), then a batch from the feed, waiting up to 100 ms when nothing else came.
+fn take<'f>(
+    consumer: &BaseConsumer<kafka::QuietEof>,
+    feed: &'f kafka::Feed,
+    fed: &mut Vec<kafka::Fed<'f>>,
+    detached: &mut Vec<rdkafka::message::OwnedMessage>,
+    errors: &mut Vec<KafkaError>,
+) {
+    while let Some(r) = consumer.poll(Duration::ZERO) {
+        match r {
+            Ok(m) => detached.push(m.detach()),
+            Err(e) => errors.push(e),
+        }
+    }
+    let wait = if detached.is_empty() && errors.is_empty() {
+        Duration::from_millis(100)
+    } else {
+        Duration::ZERO
+    };
+    feed.take(TAKE, wait, fed, errors);
+}
+
+/// A record the reader took, from the feed or copied from the consumer's queue.
+struct Taken<'m> {
+    partition: i32,
+    offset: i64,
+    timestamp_ms: Option<i64>,
+    key: Option<&'m [u8]>,
+    payload: Option<&'m [u8]>,
+}
+
+impl<'m> Taken<'m> {
+    fn fed(m: &'m kafka::Fed<'_>) -> Taken<'m> {
+        Taken {
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp_ms(),
+            key: m.key(),
+            payload: m.payload(),
+        }
+    }
+
+    fn of(m: &'m impl Message) -> Taken<'m> {
+        Taken {
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key(),
+            payload: m.payload(),
+        }
+    }
 }
 
 /// The next message: what is queued without waiting (librdkafka skips its clock reads on

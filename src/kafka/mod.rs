@@ -14,10 +14,12 @@ use rdkafka::types::RDKafkaErrorCode;
 use crate::config::Config;
 
 mod connect;
+mod feed;
 #[cfg(test)]
 mod tests;
 #[allow(unused_imports)]
 pub use connect::*;
+pub use feed::{Fed, Feed, Router};
 
 /// A client config with the brokers, client id and the pass-through properties (which win).
 pub fn client_config(config: &Config, extra: &[(&str, &str)]) -> ClientConfig {

@@ -43,6 +43,11 @@ pub(super) struct GroupContext {
     pub(super) high_watermarks: Mutex<BTreeMap<i32, i64>>,
     /// The group's rebalance protocol is cooperative ([`cooperative_protocol`]).
     pub(super) cooperative: bool,
+    /// Where assigned partitions send their records (the loop's [`kafka::Feed`]); `None`
+    /// before the loop starts and after it ends (records then go to the consumer's queue).
+    pub(super) router: Mutex<Option<kafka::Router>>,
+    /// The topic's name for librdkafka.
+    pub(super) topic_c: std::ffi::CString,
 }
 
 /// Whether librdkafka runs the group with the cooperative rebalance protocol under these
@@ -64,6 +69,25 @@ impl GroupContext {
         self.events_pending.store(true, Ordering::Release);
     }
 
+    /// Routes the partitions about to be assigned to the feed, before librdkafka starts
+    /// fetching them (see [`kafka::Feed`]).
+    fn route(&self, tpl: &TopicPartitionList) {
+        let router = lock(&self.router);
+        let Some(router) = router.as_ref() else {
+            return;
+        };
+        for e in tpl.elements() {
+            // SAFETY: the router is set only while its feed lives: the loop's guard clears it
+            // (under this lock) before dropping the feed.
+            if !unsafe { router.route(&self.topic_c, e.partition()) } {
+                tracing::warn!(
+                    partition = e.partition(),
+                    "cannot route the partition to the feed; its records come through poll"
+                );
+            }
+        }
+    }
+
     /// The events since the last call, in the order they happened.
     pub(super) fn take_events(&self) -> Vec<GroupEvent> {
         if !self.events_pending.load(Ordering::Acquire) {
@@ -72,6 +96,65 @@ impl GroupContext {
         let mut events = lock(&self.events);
         self.events_pending.store(false, Ordering::Release);
         std::mem::take(&mut *events)
+    }
+}
+
+/// A telemetry record as the loop polled it: from the feed, or (a partition not routed to
+/// it) from the consumer's queue.
+pub(super) enum Polled<'f, 'c> {
+    Fed(kafka::Fed<'f>),
+    Main(BorrowedMessage<'c>),
+}
+
+impl Polled<'_, '_> {
+    pub(super) fn partition(&self) -> i32 {
+        match self {
+            Polled::Fed(m) => m.partition(),
+            Polled::Main(m) => m.partition(),
+        }
+    }
+
+    pub(super) fn offset(&self) -> i64 {
+        match self {
+            Polled::Fed(m) => m.offset(),
+            Polled::Main(m) => m.offset(),
+        }
+    }
+
+    pub(super) fn key(&self) -> Option<&[u8]> {
+        match self {
+            Polled::Fed(m) => m.key(),
+            Polled::Main(m) => m.key(),
+        }
+    }
+
+    pub(super) fn payload(&self) -> Option<&[u8]> {
+        match self {
+            Polled::Fed(m) => m.payload(),
+            Polled::Main(m) => m.payload(),
+        }
+    }
+
+    pub(super) fn timestamp_ms(&self) -> Option<i64> {
+        match self {
+            Polled::Fed(m) => m.timestamp_ms(),
+            Polled::Main(m) => m.timestamp().to_millis(),
+        }
+    }
+
+    /// What a dead letter copies of it.
+    pub(super) fn source(&self) -> Source<'_> {
+        match self {
+            Polled::Fed(m) => Source {
+                topic: m.topic(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key(),
+                payload: m.payload(),
+                headers: m.headers(),
+            },
+            Polled::Main(m) => Source::of(m),
+        }
     }
 }
 
@@ -210,6 +293,9 @@ impl ConsumerContext for GroupContext {
             }
         };
         self.pre_rebalance(consumer, &rebalance);
+        if err == ASSIGN {
+            self.route(tpl);
+        }
         let done = match (err == ASSIGN, self.cooperative) {
             (true, true) => consumer.incremental_assign(tpl),
             (true, false) => consumer.assign(tpl),

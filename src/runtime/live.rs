@@ -136,7 +136,7 @@ impl Core {
     /// when the batch's poll returned.
     pub(super) fn on_telemetry(
         &mut self,
-        batch: &[BorrowedMessage<'_>],
+        batch: &[Polled<'_, '_>],
         which: &[usize],
         now: i64,
         since: Instant,
@@ -145,13 +145,17 @@ impl Core {
             .iter()
             .map(|&handle| {
                 let m = &batch[handle];
-                self.out.count_consumed("telemetry", m);
+                let (partition, key, value) = (m.partition(), m.key(), m.payload());
+                if let Polled::Main(_) = m {
+                    self.out.report.records_unrouted += 1;
+                }
+                self.out.count_consumed("telemetry", partition, key, value);
                 Record {
-                    partition: m.partition(),
+                    partition,
                     offset: m.offset(),
-                    key: m.key(),
-                    value: m.payload(),
-                    timestamp_ms: m.timestamp().to_millis(),
+                    key,
+                    value,
+                    timestamp_ms: m.timestamp_ms(),
                     handle,
                 }
             })
@@ -194,10 +198,11 @@ impl Core {
                 }
             }
         }
-        self.out.count_consumed("outcomes", m);
+        self.out
+            .count_consumed("outcomes", m.partition(), m.key(), m.payload());
         let o = match decode_record(self.outcome_codec.as_ref(), m.key(), m.payload()) {
             Ok(o) => o,
-            Err(e) => return self.out.dead_letter(m, &e),
+            Err(e) => return self.out.dead_letter(&Source::of(m), &e),
         };
         if let Some(o) = self.apply_outcome(o, now) {
             self.out.report.outcomes_skipped += 1;

@@ -1,7 +1,8 @@
 //! `segloop run`: the engine and controller driven by Kafka.
 //!
-//! One engine thread owns the hot path: a `BaseConsumer` in the telemetry group (polled in
-//! batches), the window engine and the controller. Two group-less consumers read every
+//! One engine thread owns the hot path: a `BaseConsumer` in the telemetry group (its records
+//! taken in batches from a [`kafka::Feed`], its own queue polled for rebalances), the window
+//! engine and the controller. Two group-less consumers read every
 //! partition of the outcomes topic (from the end) and of the control topic (from the start).
 //! One idempotent producer (`acks=all`, murmur2) writes commands, decisions and DLQ records.
 //!
@@ -35,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -78,6 +79,9 @@ pub struct RunReport {
     pub outcomes_applied: u64,
     pub outcomes_skipped: u64,
     pub commits: u64,
+    /// Telemetry records that came through the consumer's queue instead of the feed (a
+    /// partition the rebalance callback could not route: [`kafka::Feed`]); 0 normally.
+    pub records_unrouted: u64,
     /// Window close → command acknowledged by the broker, seconds (first 100,000 samples).
     #[serde(skip)]
     pub close_to_command_secs: Vec<f64>,
@@ -272,7 +276,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     // Every line of the loop carries the group (and, inside a rebalance or a restore, the
     // partitions).
     let span = tracing::info_span!("run", group = %group).entered();
-    let result = match turns.run(&consumer, &control) {
+    let feed = FeedGuard::new(&consumer)?;
+    let result = match turns.run(&consumer, &feed.feed, &control) {
         turn::Ended::Stopped => Ok(turns.shutdown(&consumer)),
         turn::Ended::FailedAfterCommit(e) => {
             turns.shutdown(&consumer);
@@ -282,8 +287,34 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     };
     drop(span);
     admin.stop();
+    drop(feed);
     close_consumer(consumer, config_shutdown);
     result
+}
+
+/// The telemetry consumer's [`kafka::Feed`], routed to by its rebalance callback while this
+/// lives; dropped before the consumer (librdkafka must see the feed destroyed first): the
+/// router is cleared, then the feed destroyed.
+struct FeedGuard<'c> {
+    consumer: &'c BaseConsumer<GroupContext>,
+    feed: kafka::Feed,
+}
+
+impl<'c> FeedGuard<'c> {
+    fn new(consumer: &'c BaseConsumer<GroupContext>) -> anyhow::Result<FeedGuard<'c>> {
+        // SAFETY: the consumer is alive, and the guard (holding a borrow of it) drops the
+        // feed before the consumer can be dropped.
+        let feed = unsafe { kafka::Feed::new(consumer.client().native_ptr()) }
+            .context("cannot create the telemetry feed queue")?;
+        *lock(&consumer.context().router) = Some(feed.router());
+        Ok(FeedGuard { consumer, feed })
+    }
+}
+
+impl Drop for FeedGuard<'_> {
+    fn drop(&mut self) {
+        *lock(&self.consumer.context().router) = None;
+    }
 }
 
 /// Closes the telemetry consumer (leaving the group), waiting at most `within`: a close that
@@ -406,6 +437,9 @@ fn telemetry_consumer(
         client_errors: Mutex::new(Vec::new()),
         high_watermarks: Mutex::new(BTreeMap::new()),
         cooperative: cooperative_protocol(&properties),
+        router: Mutex::new(None),
+        topic_c: std::ffi::CString::new(topic.as_str())
+            .context("the telemetry topic's name holds a NUL byte")?,
         revoke_timeout: Duration::from_millis(session_timeout / 2)
             .min(config.delivery.shutdown_timeout),
     };

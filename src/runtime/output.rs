@@ -30,11 +30,43 @@ pub(super) struct Output {
 /// Least time between two log lines about the same guardrail holding firings back.
 pub(super) const HELD_BACK_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// A consumed record as a dead letter copies it.
+pub(super) struct Source<'a> {
+    pub(super) topic: &'a str,
+    pub(super) partition: i32,
+    pub(super) offset: i64,
+    pub(super) key: Option<&'a [u8]>,
+    pub(super) payload: Option<&'a [u8]>,
+    /// Its headers, in order.
+    pub(super) headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl<'a> Source<'a> {
+    pub(super) fn of<M: Message>(m: &'a M) -> Source<'a> {
+        use rdkafka::message::Headers as _;
+        Source {
+            topic: m.topic(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key(),
+            payload: m.payload(),
+            headers: m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// The sink of one turn: the output, and the polled batch the records came from (a rejected
 /// record goes to the DLQ with its original headers).
 pub(super) struct LiveSink<'o, 'b> {
     pub(super) out: &'o mut Output,
-    pub(super) batch: &'b [BorrowedMessage<'b>],
+    pub(super) batch: &'b [Polled<'b, 'b>],
     /// When the step's input was in hand (a telemetry batch: when its poll returned): a window
     /// this step closes closed no later than this, so commands are timed from it.
     pub(super) since: Instant,
@@ -43,7 +75,7 @@ pub(super) struct LiveSink<'o, 'b> {
 impl Sink for LiveSink<'_, '_> {
     fn reject(&mut self, record: &Record<'_>, error: &DecodeError) {
         if let Some(m) = self.batch.get(record.handle) {
-            self.out.dead_letter(m, error);
+            self.out.dead_letter(&m.source(), error);
         }
     }
 
@@ -114,13 +146,15 @@ impl Sink for LiveSink<'_, '_> {
 
 impl Output {
     /// Counts a consumed record and its bytes (key and value) under its topic's role.
-    pub(super) fn count_consumed(&mut self, role: &'static str, m: &BorrowedMessage<'_>) {
-        let bytes = m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len);
-        let entry = self
-            .counters
-            .consumed
-            .entry((role, m.partition()))
-            .or_default();
+    pub(super) fn count_consumed(
+        &mut self,
+        role: &'static str,
+        partition: i32,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+    ) {
+        let bytes = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len);
+        let entry = self.counters.consumed.entry((role, partition)).or_default();
         entry.0 += 1;
         entry.1 += bytes as u64;
     }
@@ -210,15 +244,15 @@ impl Output {
         }
     }
 
-    pub(super) fn dead_letter(&mut self, m: &BorrowedMessage<'_>, e: &DecodeError) {
+    pub(super) fn dead_letter(&mut self, m: &Source<'_>, e: &DecodeError) {
         let code = e.code.as_str();
         if let Some(n) = self.log_every(&format!("dlq/{code}"), HELD_BACK_LOG_EVERY) {
             tracing::warn!(
                 code,
                 records = n,
-                topic = m.topic(),
-                partition = m.partition(),
-                offset = m.offset(),
+                topic = m.topic,
+                partition = m.partition,
+                offset = m.offset,
                 error = %e.message,
                 "records dead-lettered (a sample; one line per code at most every 10 s)"
             );
@@ -226,30 +260,17 @@ impl Output {
         *self.counters.decode_errors.entry(code).or_default() += 1;
         *self.counters.dlq.entry(code).or_default() += 1;
         self.report.records_dlq += 1;
-        let mut headers: Vec<(String, Option<Vec<u8>>)> = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut headers = m.headers.clone();
         for (k, v) in [
             ("segloop.error.code", code),
             ("segloop.error.message", e.message.as_str()),
-            ("segloop.source.topic", m.topic()),
-            ("segloop.source.partition", &m.partition().to_string()),
-            ("segloop.source.offset", &m.offset().to_string()),
+            ("segloop.source.topic", m.topic),
+            ("segloop.source.partition", &m.partition.to_string()),
+            ("segloop.source.offset", &m.offset.to_string()),
         ] {
             headers.push((k.to_string(), Some(v.as_bytes().to_vec())));
         }
-        self.write_dead_letter(
-            (m.partition(), m.offset()),
-            m.key(),
-            m.payload(),
-            &headers,
-            false,
-        );
+        self.write_dead_letter((m.partition, m.offset), m.key, m.payload, &headers, false);
     }
 
     /// Writes a dead letter. One too large for the DLQ (its size limit, halved each time the

@@ -125,13 +125,15 @@ impl Loop {
     pub(super) fn run(
         &mut self,
         consumer: &BaseConsumer<GroupContext>,
+        feed: &kafka::Feed,
         control: &Control,
     ) -> Ended {
-        let mut stream: Stream<BorrowedMessage<'_>> = Stream::with_capacity(BATCH);
+        let mut stream: Stream<Polled<'_, '_>> = Stream::with_capacity(BATCH);
+        let mut fed = Vec::with_capacity(BATCH);
         while !control.stopping() {
             self.turns += 1;
             let polled = Instant::now();
-            let poll_error = self.poll(consumer, &mut stream);
+            let poll_error = self.poll(consumer, feed, &mut fed, &mut stream);
             let polled_at = Instant::now();
             self.poll_time += polled_at - polled;
             self.consume_errors(consumer, poll_error, !stream.records.is_empty());
@@ -170,18 +172,21 @@ impl Loop {
         Ended::Stopped
     }
 
-    /// Polls the telemetry: blocks briefly for the first record, then takes what is
-    /// buffered. Group events come in the stream where their callback ran (inside the
-    /// `poll` that returns the record after them).
-    fn poll<'c>(
+    /// Polls the telemetry: the consumer's queue first (rebalances run their callback there,
+    /// so every group event comes before this turn's records from the feed), then the feed's
+    /// records in one batch, waiting briefly for the first when there is nothing else to do.
+    /// A record on the consumer's queue (a partition not routed to the feed) keeps its place
+    /// among the events.
+    fn poll<'f, 'c>(
         &mut self,
         consumer: &'c BaseConsumer<GroupContext>,
-        stream: &mut Stream<BorrowedMessage<'c>>,
+        feed: &'f kafka::Feed,
+        fed: &mut Vec<kafka::Fed<'f>>,
+        stream: &mut Stream<Polled<'f, 'c>>,
     ) -> Option<rdkafka::error::KafkaError> {
         stream.clear();
-        let mut timeout = Duration::from_millis(50);
         while stream.records.len() < BATCH {
-            let polled = consumer.poll(timeout);
+            let polled = consumer.poll(Duration::ZERO);
             let at = stream.records.len();
             stream.events.extend(
                 consumer
@@ -191,13 +196,20 @@ impl Loop {
                     .map(|ev| (at, ev)),
             );
             match polled {
-                Some(Ok(m)) => stream.records.push(m),
+                Some(Ok(m)) => stream.records.push(Polled::Main(m)),
                 Some(Err(e)) => return Some(e),
                 None => break,
             }
-            timeout = Duration::ZERO;
         }
-        None
+        let wait = if stream.is_empty() {
+            Duration::from_millis(50)
+        } else {
+            Duration::ZERO
+        };
+        let mut errors = Vec::new();
+        feed.take(BATCH - stream.records.len(), wait, fed, &mut errors);
+        stream.records.extend(fed.drain(..).map(Polled::Fed));
+        errors.into_iter().next()
     }
 
     /// Counts and logs the telemetry consumer's errors (and those raised outside a poll).
@@ -244,7 +256,7 @@ impl Loop {
     fn apply(
         &mut self,
         consumer: &BaseConsumer<GroupContext>,
-        stream: &Stream<BorrowedMessage<'_>>,
+        stream: &Stream<Polled<'_, '_>>,
         now: i64,
         polled_at: Instant,
     ) {
