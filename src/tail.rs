@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 
@@ -230,7 +230,7 @@ pub fn tail(config: &Config, opts: &TailOptions, out: &mut dyn Write) -> anyhow:
             });
             if let Decode::DeadLetter(_) = decode {
                 line["headers"] = Value::Object(
-                    headers_of(m)
+                    crate::kafka::header_pairs(m)
                         .into_iter()
                         .map(|(k, v)| {
                             (
@@ -251,17 +251,6 @@ pub fn tail(config: &Config, opts: &TailOptions, out: &mut dyn Write) -> anyhow:
         },
     )?;
     Ok(printed)
-}
-
-/// A record's headers, in order.
-pub fn headers_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Option<Vec<u8>>)> {
-    m.headers()
-        .map(|h| {
-            h.iter()
-                .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec)))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Which dead letters to send back.
@@ -302,7 +291,7 @@ pub fn replay_dead_letters(config: &Config, filter: &ReplayFilter) -> anyhow::Re
     let mut count = ReplayCount::default();
     let dlq = config.topics.dlq.name.clone();
     read(config, &dlq, filter.from_ms, None, false, |m| {
-        let headers = headers_of(m);
+        let headers = crate::kafka::header_pairs(m);
         let get = |name: &str| {
             headers
                 .iter()

@@ -288,8 +288,7 @@ pub fn read_merged(
             .name("backtest-reader".into())
             .spawn_scoped(scope, move || {
                 read_chunks(
-                    consumer,
-                    feed,
+                    (consumer, feed),
                     range,
                     shared,
                     high_water,
@@ -386,8 +385,7 @@ pub fn read_merged(
 
 /// The reader thread: poll, key, chunk, hand over; pause partitions far ahead.
 fn read_chunks(
-    consumer: &BaseConsumer<kafka::QuietEof>,
-    feed: &kafka::Feed,
+    (consumer, feed): (&BaseConsumer<kafka::QuietEof>, &kafka::Feed),
     range: &Range,
     shared: &BTreeMap<i32, Shared>,
     high_water: usize,
@@ -557,8 +555,9 @@ fn routed_feed(
     let name = std::ffi::CString::new(topic).context("the topic's name holds a NUL byte")?;
     for p in open {
         // SAFETY: the feed is alive (created above, returned to the caller).
+        let routed = unsafe { feed.router().route(&name, *p) };
         anyhow::ensure!(
-            unsafe { feed.router().route(&name, *p) },
+            routed,
             "cannot route partition {p} of {topic} to the replay's feed"
         );
     }

@@ -576,3 +576,15 @@ pub fn read_since(
     }
     Ok(())
 }
+
+/// A message's headers, copied, in order.
+pub fn header_pairs<M: rdkafka::Message>(m: &M) -> Vec<(String, Option<Vec<u8>>)> {
+    use rdkafka::message::Headers as _;
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default()
+}

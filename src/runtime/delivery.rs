@@ -72,21 +72,13 @@ impl ProducerContext for ProduceContext {
             Ok(m) | Err((_, m)) => m,
         };
         if let Some((partition, offset)) = dead_letter_source(m) {
-            use rdkafka::message::Headers;
             let failed = result.as_ref().err().map(|(e, m)| FailedDeadLetter {
                 error: e.to_string(),
                 too_large: e.rdkafka_error_code()
                     == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge),
                 key: m.key().map(<[u8]>::to_vec),
                 value: m.payload().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec)))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                headers: kafka::header_pairs(m),
             });
             if let Ok(mut v) = self.dead_letters.lock() {
                 v.push(DeadLetterDelivery {

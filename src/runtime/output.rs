@@ -43,21 +43,13 @@ pub(super) struct Source<'a> {
 
 impl<'a> Source<'a> {
     pub(super) fn of<M: Message>(m: &'a M) -> Source<'a> {
-        use rdkafka::message::Headers as _;
         Source {
             topic: m.topic(),
             partition: m.partition(),
             offset: m.offset(),
             key: m.key(),
             payload: m.payload(),
-            headers: m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec)))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            headers: kafka::header_pairs(m),
         }
     }
 }
