@@ -435,6 +435,11 @@ fn read_chunks(
         shared[&p].wanted.store(false, SeqCst);
         tx.send(Handoff::Chunk(p, chunk)).is_ok()
     };
+    // Marks a partition finished and hands over the rest of it; `false` once the merge is gone.
+    let finished = |p: i32, part: &mut Part| -> bool {
+        part.finished = true;
+        send(p, part) && tx.send(Handoff::Finished(p)).is_ok()
+    };
     let one = |p: i32| -> anyhow::Result<TopicPartitionList> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&range.topic, p, Offset::Invalid)?;
@@ -466,8 +471,8 @@ fn read_chunks(
         idle_polls = 0;
         let records = fed
             .iter()
-            .map(Taken::fed)
-            .chain(detached.iter().map(Taken::of));
+            .map(kafka::Fed::taken)
+            .chain(detached.iter().map(kafka::Taken::of));
         for m in records {
             let mut finish = None;
             let p = m.partition;
@@ -509,10 +514,8 @@ fn read_chunks(
                 }
             }
             if let Some(p) = finish {
-                let part = parts.get_mut(&p).expect("known partition");
-                part.finished = true;
                 unfinished -= 1;
-                if !send(p, part) || tx.send(Handoff::Finished(p)).is_err() {
+                if !finished(p, parts.get_mut(&p).expect("known partition")) {
                     return Ok(stats);
                 }
             }
@@ -525,9 +528,8 @@ fn read_chunks(
                     let Some(part) = parts.get_mut(&p).filter(|x| !x.finished) else {
                         continue;
                     };
-                    part.finished = true;
                     unfinished -= 1;
-                    if !send(p, part) || tx.send(Handoff::Finished(p)).is_err() {
+                    if !finished(p, part) {
                         return Ok(stats);
                     }
                 }
@@ -585,37 +587,6 @@ fn take<'f>(
         Duration::ZERO
     };
     feed.take(TAKE, wait, fed, errors);
-}
-
-/// A record the reader took, from the feed or copied from the consumer's queue.
-struct Taken<'m> {
-    partition: i32,
-    offset: i64,
-    timestamp_ms: Option<i64>,
-    key: Option<&'m [u8]>,
-    payload: Option<&'m [u8]>,
-}
-
-impl<'m> Taken<'m> {
-    fn fed(m: &'m kafka::Fed<'_>) -> Taken<'m> {
-        Taken {
-            partition: m.partition(),
-            offset: m.offset(),
-            timestamp_ms: m.timestamp_ms(),
-            key: m.key(),
-            payload: m.payload(),
-        }
-    }
-
-    fn of(m: &'m impl Message) -> Taken<'m> {
-        Taken {
-            partition: m.partition(),
-            offset: m.offset(),
-            timestamp_ms: m.timestamp().to_millis(),
-            key: m.key(),
-            payload: m.payload(),
-        }
-    }
 }
 
 /// The next message: what is queued without waiting (librdkafka skips its clock reads on

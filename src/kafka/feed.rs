@@ -91,18 +91,14 @@ impl Feed {
                 self.batch(max - 1, 0, out);
             }
         }
-        if out[before..].iter().any(|m| m.error().is_some()) {
-            let mut i = before;
-            while i < out.len() {
-                match out[i].error() {
-                    Some(e) => {
-                        errors.push(e);
-                        out.remove(i);
-                    }
-                    None => i += 1,
-                }
+        // Earlier records were filtered by earlier calls: only this call's can be errors.
+        out.retain(|m| match m.error() {
+            Some(e) => {
+                errors.push(e);
+                false
             }
-        }
+            None => true,
+        });
     }
 
     /// One `rd_kafka_consume_batch_queue` call, its messages appended to `out`.
@@ -161,6 +157,30 @@ impl Router {
             rd::rd_kafka_queue_destroy(q);
         }
         true
+    }
+}
+
+/// A consumed record's coordinates and bytes, whichever way it was consumed: from a
+/// [`Feed`] ([`Fed::taken`]) or through rust-rdkafka ([`Taken::of`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Taken<'m> {
+    pub partition: i32,
+    pub offset: i64,
+    /// Create or log-append time, milliseconds.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<&'m [u8]>,
+    pub payload: Option<&'m [u8]>,
+}
+
+impl<'m> Taken<'m> {
+    pub fn of(m: &'m impl rdkafka::Message) -> Taken<'m> {
+        Taken {
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key(),
+            payload: m.payload(),
+        }
     }
 }
 
@@ -237,6 +257,17 @@ impl Fed<'_> {
         let ts = unsafe { rd::rd_kafka_message_timestamp(self.ptr.as_ptr(), &mut kind) };
         (ts != -1 && kind != rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE)
             .then_some(ts)
+    }
+
+    /// Its coordinates and bytes.
+    pub fn taken(&self) -> Taken<'_> {
+        Taken {
+            partition: self.partition(),
+            offset: self.offset(),
+            timestamp_ms: self.timestamp_ms(),
+            key: self.key(),
+            payload: self.payload(),
+        }
     }
 
     /// The record's headers, copied, in order.

@@ -19,7 +19,7 @@ mod feed;
 mod tests;
 #[allow(unused_imports)]
 pub use connect::*;
-pub use feed::{Fed, Feed, Router};
+pub use feed::{Fed, Feed, Router, Taken};
 
 /// A client config with the brokers, client id and the pass-through properties (which win).
 pub fn client_config(config: &Config, extra: &[(&str, &str)]) -> ClientConfig {

@@ -107,6 +107,7 @@ pub(super) enum Polled<'f, 'c> {
 }
 
 impl Polled<'_, '_> {
+    /// Its partition (what a stream's plan needs, without the rest of [`Polled::taken`]).
     pub(super) fn partition(&self) -> i32 {
         match self {
             Polled::Fed(m) => m.partition(),
@@ -114,31 +115,11 @@ impl Polled<'_, '_> {
         }
     }
 
-    pub(super) fn offset(&self) -> i64 {
+    /// Its coordinates and bytes.
+    pub(super) fn taken(&self) -> kafka::Taken<'_> {
         match self {
-            Polled::Fed(m) => m.offset(),
-            Polled::Main(m) => m.offset(),
-        }
-    }
-
-    pub(super) fn key(&self) -> Option<&[u8]> {
-        match self {
-            Polled::Fed(m) => m.key(),
-            Polled::Main(m) => m.key(),
-        }
-    }
-
-    pub(super) fn payload(&self) -> Option<&[u8]> {
-        match self {
-            Polled::Fed(m) => m.payload(),
-            Polled::Main(m) => m.payload(),
-        }
-    }
-
-    pub(super) fn timestamp_ms(&self) -> Option<i64> {
-        match self {
-            Polled::Fed(m) => m.timestamp_ms(),
-            Polled::Main(m) => m.timestamp().to_millis(),
+            Polled::Fed(m) => m.taken(),
+            Polled::Main(m) => kafka::Taken::of(m),
         }
     }
 

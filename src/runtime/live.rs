@@ -145,17 +145,18 @@ impl Core {
             .iter()
             .map(|&handle| {
                 let m = &batch[handle];
-                let (partition, key, value) = (m.partition(), m.key(), m.payload());
                 if let Polled::Main(_) = m {
                     self.out.report.records_unrouted += 1;
                 }
-                self.out.count_consumed("telemetry", partition, key, value);
+                let t = m.taken();
+                self.out
+                    .count_consumed("telemetry", t.partition, t.key, t.payload);
                 Record {
-                    partition,
-                    offset: m.offset(),
-                    key,
-                    value,
-                    timestamp_ms: m.timestamp_ms(),
+                    partition: t.partition,
+                    offset: t.offset,
+                    key: t.key,
+                    value: t.payload,
+                    timestamp_ms: t.timestamp_ms,
                     handle,
                 }
             })
