@@ -40,7 +40,7 @@ fn feed_until<T>(
                 SystemClock.now_ms(),
                 error,
             );
-            p.flush(Duration::from_secs(5)).unwrap();
+            p.flush(Duration::from_secs(15)).unwrap();
             std::thread::sleep(Duration::from_millis(50));
         },
         f,
@@ -247,7 +247,7 @@ fn kill9_during_verification_resolves_on_the_evidence_with_one_command() {
     let down = Instant::now();
     while down.elapsed() < Duration::from_secs(8) {
         telemetry(&p, &topic, seg, SystemClock.now_ms(), 0.0);
-        p.flush(Duration::from_secs(5)).unwrap();
+        p.flush(Duration::from_secs(15)).unwrap();
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -527,7 +527,7 @@ fn dead_letters_once_across_a_restart(mode: &str, stop: &str) {
         for seg in one_per_partition("fresh") {
             telemetry(&p, &topic, &seg, SystemClock.now_ms() + 8_000, 0.0);
         }
-        p.flush(Duration::from_secs(5)).unwrap();
+        p.flush(Duration::from_secs(15)).unwrap();
         std::thread::sleep(Duration::from_millis(100));
     }
     let letters: Vec<DeadLetter> = dead_letters(&bs, &dlq);

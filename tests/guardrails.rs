@@ -51,7 +51,7 @@ fn a_held_back_firing_is_logged_with_its_guardrail_and_limit() {
                 for s in ["held/a", "held/b", "held/c"] {
                     telemetry(&p, "segloop.telemetry", s, now, 1.0);
                 }
-                p.flush(Duration::from_secs(1)).unwrap();
+                p.flush(Duration::from_secs(15)).unwrap();
             },
             |m| Some(decode_command(rdkafka::message::Message::payload(m)?)),
         ));
@@ -71,7 +71,7 @@ fn a_held_back_firing_is_logged_with_its_guardrail_and_limit() {
         for s in ["held/a", "held/b", "held/c"] {
             telemetry(&p, "segloop.telemetry", s, now, 1.0);
         }
-        p.flush(Duration::from_secs(1)).unwrap();
+        p.flush(Duration::from_secs(15)).unwrap();
         std::thread::sleep(Duration::from_millis(100));
     }
     Command::new("kill")

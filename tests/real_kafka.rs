@@ -66,7 +66,7 @@ fn undecodable_records_reach_the_dlq_on_real_kafka() {
             .payload(&b"not avro"[..]),
     )
     .unwrap();
-    p.flush(Duration::from_secs(5)).unwrap();
+    p.flush(Duration::from_secs(15)).unwrap();
     let dlq = Reader::new(&bs, &t.dlq.name, 2);
     let code = dlq.until(
         Duration::from_secs(60),
@@ -120,7 +120,7 @@ fn two_instances_split_partitions_and_the_survivor_takes_over() {
         Duration::from_secs(60),
         || {
             telemetry(&p, &t.telemetry.name, &seg, SystemClock.now_ms(), 1.0);
-            p.flush(Duration::from_secs(5)).unwrap();
+            p.flush(Duration::from_secs(15)).unwrap();
             std::thread::sleep(Duration::from_millis(50));
         },
         |m| Some(decode_command(m.payload()?)),
@@ -256,7 +256,7 @@ fn two_segloop_processes_split_and_sigterm_hands_over_gracefully() {
                 SystemClock.now_ms(),
                 1.0,
             );
-            p.flush(Duration::from_secs(5)).unwrap();
+            p.flush(Duration::from_secs(15)).unwrap();
             std::thread::sleep(Duration::from_millis(50));
         },
         |m| Some(decode_command(m.payload()?)),
@@ -394,7 +394,7 @@ fn live_and_backtest_agree_on_the_same_records() {
             let e = if s == bad { error_of_bad } else { 0.0 };
             telemetry(&p, &topic("telemetry"), s, now, e);
         }
-        p.flush(Duration::from_secs(5)).unwrap();
+        p.flush(Duration::from_secs(15)).unwrap();
         std::thread::sleep(Duration::from_millis(100));
     };
     let actions = Reader::new(&bs, &topic("actions"), 2);
@@ -602,7 +602,7 @@ escalate = "page"
         if step % 20 == 5 {
             telemetry(&p, &t.telemetry.name, "skew/outlier", now + 50_000, 0.0);
         }
-        p.flush(Duration::from_secs(5)).unwrap();
+        p.flush(Duration::from_secs(15)).unwrap();
         step += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -744,7 +744,7 @@ fn two_exactly_once_instances_with_default_settings_do_not_fence_each_other() {
             );
         }
         i += 1;
-        p.flush(Duration::from_secs(5)).unwrap();
+        p.flush(Duration::from_secs(15)).unwrap();
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(i > 10);
@@ -797,7 +797,7 @@ fn a_second_live_instance_with_the_same_transactional_id_is_refused() {
             0.0,
         );
     }
-    p.flush(Duration::from_secs(5)).unwrap();
+    p.flush(Duration::from_secs(15)).unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let ra = a.stop_result().expect("a was not fenced");
     assert!(ra.records_consumed == 20 && ra.commits >= 1, "{ra:?}");
@@ -866,7 +866,7 @@ fn breach_and_collect(
                 for s in segments {
                     telemetry(&p, &topics.telemetry.name, s, now, 1.0);
                 }
-                p.flush(Duration::from_secs(5)).unwrap();
+                p.flush(Duration::from_secs(15)).unwrap();
             }
         },
         |m| {

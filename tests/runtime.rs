@@ -45,7 +45,7 @@ fn a_fault_in_one_segment_is_commanded_acknowledged_and_verified() {
                 telemetry(p, &topic, seg, now, 0.0);
             }
             telemetry(p, &topic, "fleet/bad", now, if bad { 1.0 } else { 0.0 });
-            p.flush(Duration::from_secs(1)).unwrap();
+            p.flush(Duration::from_secs(15)).unwrap();
             std::thread::sleep(Duration::from_millis(50));
         }
     };
@@ -142,7 +142,7 @@ fn no_ack_times_out_retries_and_escalates() {
                 SystemClock.now_ms(),
                 1.0,
             );
-            p.flush(Duration::from_secs(1)).unwrap();
+            p.flush(Duration::from_secs(15)).unwrap();
             std::thread::sleep(Duration::from_millis(50));
         },
         |m| {
@@ -184,7 +184,7 @@ fn the_admin_api_answers_while_the_engine_lock_is_held() {
                     SystemClock.now_ms(),
                     1.0,
                 );
-                p.flush(Duration::from_secs(1)).unwrap();
+                p.flush(Duration::from_secs(15)).unwrap();
                 std::thread::sleep(Duration::from_millis(50));
             },
             |m| Some(decode_command(m.payload()?)),
@@ -283,7 +283,7 @@ fn bad_records_land_in_the_dlq_with_headers_and_offsets_move_past_them() {
     // Same key → same partition: a watermark far ahead, then an old event.
     telemetry(&p, &t.telemetry.name, "x/late", now, 0.0);
     telemetry(&p, &t.telemetry.name, "x/late", now - 60_000, 0.0);
-    p.flush(Duration::from_secs(5)).unwrap();
+    p.flush(Duration::from_secs(15)).unwrap();
 
     let dlq = Reader::new(&bs, &t.dlq.name, 2);
     let mut codes = BTreeMap::new();
@@ -387,7 +387,7 @@ fn two_instances_split_partitions_and_a_silence_posted_to_one_reaches_the_other(
             let now = SystemClock.now_ms();
             telemetry(&p, &t.telemetry.name, &seg_a, now, 1.0);
             telemetry(&p, &t.telemetry.name, &seg_b, now, 1.0);
-            p.flush(Duration::from_secs(1)).unwrap();
+            p.flush(Duration::from_secs(15)).unwrap();
             std::thread::sleep(Duration::from_millis(50));
         },
         |m| {
@@ -513,7 +513,7 @@ fn editing_the_policy_file_reloads_policies_without_a_restart() {
             SystemClock.now_ms(),
             1.0,
         );
-        p.flush(Duration::from_secs(1)).unwrap();
+        p.flush(Duration::from_secs(15)).unwrap();
         std::thread::sleep(Duration::from_millis(50));
     };
     let actions = Reader::new(&bs, &t.actions.name, 2);
@@ -618,7 +618,7 @@ fn the_reference_actuator_closes_the_loop_with_a_shell_handler() {
                 now,
                 if bad { 1.0 } else { 0.0 },
             );
-            p.flush(Duration::from_secs(1)).unwrap();
+            p.flush(Duration::from_secs(15)).unwrap();
             // The handler "fixes" the segment: once it ran, telemetry is healthy.
             bad = !log.exists();
             std::thread::sleep(Duration::from_millis(50));
@@ -700,7 +700,7 @@ fn tail_prints_decoded_records_and_dead_letters_with_their_headers() {
             .headers(headers),
     )
     .unwrap();
-    p.flush(Duration::from_secs(5)).unwrap();
+    p.flush(Duration::from_secs(15)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("c.toml");
     std::fs::write(&file, format!("[kafka]\nbootstrap_servers = \"{bs}\"\n")).unwrap();
@@ -789,7 +789,7 @@ fn dlq_replay_sends_dead_letters_back_to_their_source() {
     );
     letter("rp/b", b"too big, cut", "unknown_fingerprint", true);
     letter("rp/c", b"late", "late", false);
-    p.flush(Duration::from_secs(5)).unwrap();
+    p.flush(Duration::from_secs(15)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("c.toml");
     std::fs::write(&file, format!("[kafka]\nbootstrap_servers = \"{bs}\"\n")).unwrap();

@@ -215,7 +215,7 @@ fn a_scram_user_with_the_readme_acls_closes_the_loop_on_zstd_topics() {
             let now = SystemClock.now_ms();
             telemetry(&p, &topic("telemetry"), "acl/ok", now, 0.0);
             telemetry(&p, &topic("telemetry"), bad, now, error.get());
-            p.flush(Duration::from_secs(5)).unwrap();
+            p.flush(Duration::from_secs(15)).unwrap();
             std::thread::sleep(Duration::from_millis(50));
         },
         |m| {
@@ -330,7 +330,7 @@ fn scram_sha_256_and_plain_read_every_record() {
         )
         .unwrap();
     }
-    p.flush(Duration::from_secs(5)).unwrap();
+    p.flush(Duration::from_secs(15)).unwrap();
     for mechanism in ["SCRAM-SHA-256", "PLAIN"] {
         let sets = vec![
             "kafka.properties.\"security.protocol\"=SASL_SSL".to_string(),

@@ -272,7 +272,7 @@ pub fn outcome(
         r = r.partition(part);
     }
     p.send(r).unwrap();
-    p.flush(Duration::from_secs(5)).unwrap();
+    p.flush(Duration::from_secs(15)).unwrap();
 }
 
 /// Reads a topic from the beginning (every partition).
@@ -530,7 +530,7 @@ pub fn close_the_loop(config: Config, data_bs: &str, prefix: &str) -> RunReport 
         let now = SystemClock.now_ms();
         telemetry(&p, &t.telemetry.name, &ok, now, 0.0);
         telemetry(&p, &t.telemetry.name, &bad, now, error.get());
-        p.flush(Duration::from_secs(5)).unwrap();
+        p.flush(Duration::from_secs(15)).unwrap();
         std::thread::sleep(Duration::from_millis(50));
     };
     let cmd = Reader::new(data_bs, &t.actions.name, 2)
@@ -593,7 +593,7 @@ pub fn a_standby_and_a_quiet_restart_are_ready(bs: &str, one: impl Fn(&str) -> C
     for i in 0..1_500 {
         telemetry(&p, &telemetry_topic, &format!("q/s-{}", i % 20), now, 0.0);
     }
-    p.flush(Duration::from_secs(5)).unwrap();
+    p.flush(Duration::from_secs(15)).unwrap();
     let ready = |admin| {
         let (status, body) = http(admin, "GET", "/readyz", "");
         (status, body)
@@ -702,7 +702,7 @@ pub fn the_actuator_skips_expired_and_already_answered_commands(bs: &str, cfg: C
         OutcomeStatus::Applied,
         None,
     );
-    p.flush(Duration::from_secs(5)).unwrap();
+    p.flush(Duration::from_secs(15)).unwrap();
 
     let mut act_cfg = cfg.clone();
     act_cfg.actuator.group_id = "a-brand-new-group".into();
