@@ -491,11 +491,7 @@ impl Controller {
         let mut prefix = segment;
         while let Some(i) = prefix.rfind('/') {
             prefix = &prefix[..i];
-            if !self
-                .partitions
-                .values()
-                .any(|p| p.segments.contains_key(prefix))
-            {
+            if !self.partitions.values().any(|p| p.knows(prefix)) {
                 return true;
             }
         }
@@ -518,7 +514,8 @@ impl Controller {
             self.cluster_mut().unclaim(segment, policy);
             return;
         };
-        let rule = self.policies.policies[pi].clone();
+        let set = Arc::clone(&self.policies);
+        let rule = &set.policies[pi];
         if let Some(g) = self.guardrail(&rule, partition, segment, ctx) {
             self.cluster_mut().unclaim(segment, policy);
             self.suppress(pi, partition, segment, g, ctx, out);

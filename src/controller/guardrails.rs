@@ -211,7 +211,8 @@ impl Controller {
         ctx: &Ctx<'_>,
     ) -> Option<Guardrail> {
         let now = ctx.now_ms;
-        let g = self.policies.guardrails.clone();
+        let set = Arc::clone(&self.policies);
+        let g = &set.guardrails;
         if let Some(w) = ctx.window {
             if now - w.end_ms > g.max_action_staleness_ms {
                 return Some(Guardrail::Staleness);
@@ -300,9 +301,23 @@ impl Controller {
     /// Loops awaiting an outcome or verification over every owned partition (of `policy`, or
     /// of every policy).
     pub(super) fn in_flight_count(&self, policy: Option<&str>) -> usize {
-        self.in_flight()
-            .filter(|(_, name, _)| policy.is_none_or(|x| x == *name))
-            .count()
+        let counted = self
+            .partitions
+            .values()
+            .map(|p| match policy {
+                None => p.in_flight.values().sum(),
+                Some(name) => p.in_flight.get(name).copied().unwrap_or(0),
+            })
+            .sum();
+        // Every debug build (the tests) checks the counts against a walk of the loops.
+        debug_assert_eq!(
+            counted,
+            self.in_flight()
+                .filter(|(_, name, _)| policy.is_none_or(|x| x == *name))
+                .count(),
+            "in-flight count of {policy:?}"
+        );
+        counted
     }
 
     /// Commands of other instances in flight or claimed, and this instance's claims waiting
@@ -318,9 +333,9 @@ impl Controller {
         self.partitions.values().map(|p| p.active.len()).sum()
     }
 
-    /// Segments known over every owned partition.
-    pub(super) fn known_segments(&self) -> usize {
-        self.partitions.values().map(|p| p.segments.len()).sum()
+    /// Segments known over every owned partition (judged here, with a state or not).
+    pub fn known_segments(&self) -> usize {
+        self.partitions.values().map(PartitionState::known).sum()
     }
 
     /// The rate limit's tokens at `now_ms`: refilled at the rate per minute up to the burst.

@@ -154,15 +154,53 @@ pub struct ControllerStats {
 /// are alike; whatever needs an order sorts.
 type Segments = std::collections::HashMap<Arc<str>, SegmentState, foldhash::fast::FixedState>;
 
+/// A segment whose windows were judged and never moved a loop: what judging its next window
+/// needs (the last judged end, against a re-read after a restart, and its glob matches), in a
+/// small entry of its own. Nine in ten segments live here at any time; their
+/// [`SegmentState`] (a few hundred bytes, with an allocation) exists once a loop moves, e.g.
+/// the first breaching window.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    last_window_end_ms: i64,
+    globs: GlobCache,
+}
+
 #[derive(Debug, Clone, Default)]
 struct PartitionState {
+    /// Segments with a state: a loop moved (or moves now), or restored from the changelog.
     segments: Segments,
+    /// The other segments judged here (never both).
+    seen: std::collections::HashMap<Arc<str>, Seen, foldhash::fast::FixedState>,
+    /// Loops in flight here per policy, counted as they move (the budgets read them at every
+    /// firing; a walk over the segments under action made a firing O(segments acting)).
+    in_flight: BTreeMap<String, usize>,
     /// Segments with a loop under action (deadline scans and budgets read only these).
     active: BTreeSet<Arc<str>>,
     /// Segments changed since the last [`Controller::take_changes`].
     dirty: BTreeSet<Arc<str>>,
     /// Segments whose state is in the changelog (a tombstone is due once they go quiet).
     persisted: std::collections::HashSet<Arc<str>, foldhash::fast::FixedState>,
+}
+
+/// One loop of `policy` fewer in flight.
+fn count_out(counts: &mut BTreeMap<String, usize>, policy: &str) {
+    if let Some(n) = counts.get_mut(policy) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(policy);
+        }
+    }
+}
+
+impl PartitionState {
+    /// Segments judged here, with a state or not.
+    fn known(&self) -> usize {
+        self.segments.len() + self.seen.len()
+    }
+
+    fn knows(&self, segment: &str) -> bool {
+        self.segments.contains_key(segment) || self.seen.contains_key(segment)
+    }
 }
 
 /// A changelog record for the state topic: a segment's state, or `None` to delete it.
@@ -177,7 +215,9 @@ pub struct StateChange {
 /// in-flight limits count every owned partition's loops, the blast radius is a fraction of every
 /// segment known here (never less than one segment), and one token bucket holds the rate.
 pub struct Controller {
-    policies: PolicySet,
+    /// Shared with the steps that run under one (a firing reads its policy while it changes
+    /// the controller): a reload swaps it.
+    policies: Arc<PolicySet>,
     partitions: BTreeMap<i32, PartitionState>,
     /// The rate limit's token bucket (`None`: full, nothing spent yet).
     tokens: Option<(f64, i64)>,
@@ -215,7 +255,7 @@ struct Ctx<'a> {
 impl Controller {
     pub fn new(policies: PolicySet) -> Self {
         Controller {
-            policies,
+            policies: Arc::new(policies),
             partitions: BTreeMap::new(),
             tokens: None,
             silences: BTreeMap::new(),
@@ -273,14 +313,14 @@ impl Controller {
         if let Some(c) = &mut self.cluster {
             c.revoke(partition);
         }
-        self.partitions.remove(&partition).map(|p| p.segments.len())
+        self.partitions.remove(&partition).map(|p| p.known())
     }
 
     /// Replaces the policy set. Loops of policies that still exist keep their state (new
     /// thresholds apply from the next window); loops of removed policies end with a decision.
     pub fn reload(&mut self, policies: PolicySet, now_ms: i64, out: &mut Effects) {
         let names: BTreeSet<String> = policies.policies.iter().map(|p| p.name.clone()).collect();
-        self.policies = policies;
+        self.policies = Arc::new(policies);
         self.generation += 1;
         for p in self.partitions.values_mut() {
             // In segment order: the decisions come out the same on every run.
@@ -296,6 +336,9 @@ impl Controller {
                     .collect();
                 for name in removed {
                     let l = seg.loops.remove(&name).expect("listed above");
+                    if l.phase.in_flight() {
+                        count_out(&mut p.in_flight, &name);
+                    }
                     out.decisions.push(DecisionRecord {
                         segment: seg.segment.clone(),
                         policy: name,
@@ -374,7 +417,19 @@ impl Controller {
         if let Some(c) = &mut self.cluster {
             c.dirty.insert((state.partition, name.clone()));
         }
-        p.segments.insert(name, state);
+        p.seen.remove(&name);
+        for (policy, l) in &state.loops {
+            if l.phase.in_flight() {
+                *p.in_flight.entry(policy.clone()).or_default() += 1;
+            }
+        }
+        if let Some(old) = p.segments.insert(name, state) {
+            for (policy, l) in &old.loops {
+                if l.phase.in_flight() {
+                    count_out(&mut p.in_flight, policy);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -415,6 +470,9 @@ impl Controller {
                     forgotten += 1;
                 }
             }
+            let before = p.seen.len();
+            p.seen.retain(|name, _| held(partition, name));
+            forgotten += before - p.seen.len();
         }
         forgotten
     }
@@ -460,62 +518,109 @@ impl Controller {
         let Some(p) = self.partitions.get_mut(&w.partition) else {
             return;
         };
-        // One lookup for a segment seen before (the common case), a second to add a new one.
-        let seg = match p.segments.get_mut(&*w.segment) {
+        let policies = &self.policies.policies;
+        // Segment globs are matched once per segment and policy set (at most 64 policies are
+        // remembered; more are matched every window).
+        let generation = self.generation;
+        let glob_bits = |cache: &mut GlobCache| {
+            (policies.len() <= 64).then(|| {
+                cache.get(generation, || {
+                    policies
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, pol)| pol.selects_segment(&w.segment))
+                        .fold(0u64, |bits, (i, _)| bits | (1 << i))
+                })
+            })
+        };
+        let selects = |i: usize, pol: &Policy, globs: Option<u64>| {
+            pol.window.as_deref() == w.group.as_deref()
+                && globs.map_or_else(|| pol.selects_segment(&w.segment), |g| g & (1 << i) != 0)
+                && pol.selects_labels(labels)
+        };
+        let mut selected = 0;
+        // One lookup for a segment seen before (the common case): most windows of most
+        // segments change nothing, and a healthy window of a segment with no state is counted
+        // and left in its small entry.
+        let changing: smallvec::SmallVec<[usize; 8]> = match p.segments.get_mut(&*w.segment) {
             Some(seg) if w.end_ms <= seg.last_window_end(w.group.as_deref()) => {
                 // Re-read after a restart: already judged.
                 self.stats.windows_replayed += 1;
                 return;
             }
-            Some(seg) => seg,
-            None => p
-                .segments
-                .entry(w.segment.clone())
-                .or_insert_with(|| SegmentState::new(&w.segment, w.partition)),
-        };
-        match &w.group {
-            None => seg.last_window_end_ms = w.end_ms,
-            Some(g) => {
-                seg.last_window_end_by_group.insert(g.to_string(), w.end_ms);
-            }
-        }
-        // A persisted segment is re-checked each window: it may have gone quiet with time.
-        if p.persisted.contains(&*w.segment) && !p.dirty.contains(&*w.segment) {
-            p.dirty.insert(w.segment.clone());
-        }
-        let policies = &self.policies.policies;
-        // Segment globs are matched once per segment and policy set (at most 64 policies are
-        // remembered; more are matched every window).
-        let globs = (policies.len() <= 64).then(|| {
-            seg.globs.get(self.generation, || {
+            Some(seg) => {
+                match &w.group {
+                    None => seg.last_window_end_ms = w.end_ms,
+                    Some(g) => {
+                        seg.last_window_end_by_group.insert(g.to_string(), w.end_ms);
+                    }
+                }
+                // A persisted segment is re-checked each window: it may have gone quiet.
+                if p.persisted.contains(&*w.segment) && !p.dirty.contains(&*w.segment) {
+                    p.dirty.insert(w.segment.clone());
+                }
+                let globs = glob_bits(&mut seg.globs);
                 policies
                     .iter()
                     .enumerate()
-                    .filter(|(_, pol)| pol.selects_segment(&w.segment))
-                    .fold(0u64, |bits, (i, _)| bits | (1 << i))
-            })
-        });
-        let mut selected = 0;
-        // Most windows of most segments change nothing: a healthy window of a loop that is
-        // healthy is counted and left here, with no second lookup of the segment.
-        let changing: smallvec::SmallVec<[usize; 8]> = policies
-            .iter()
-            .enumerate()
-            .filter(|(i, pol)| {
-                pol.window.as_deref() == w.group.as_deref()
-                    && globs.map_or_else(|| pol.selects_segment(&w.segment), |g| g & (1 << i) != 0)
-                    && pol.selects_labels(labels)
-            })
-            .filter(|(_, pol)| {
-                selected += 1;
-                pol.when.holds(w)
-                    || seg
-                        .loops
-                        .get(&pol.name)
-                        .is_some_and(|l| l.phase != Phase::Healthy || l.breaches > 0)
-            })
-            .map(|(i, _)| i)
-            .collect();
+                    .filter(|(i, pol)| selects(*i, pol, globs))
+                    .filter(|(_, pol)| {
+                        selected += 1;
+                        pol.when.holds(w)
+                            || seg
+                                .loops
+                                .get(&pol.name)
+                                .is_some_and(|l| l.phase != Phase::Healthy || l.breaches > 0)
+                    })
+                    .map(|(i, _)| i)
+                    .collect()
+            }
+            None => {
+                let seen = match p.seen.get_mut(&*w.segment) {
+                    Some(seen) if w.group.is_none() && w.end_ms <= seen.last_window_end_ms => {
+                        self.stats.windows_replayed += 1;
+                        return;
+                    }
+                    Some(seen) => seen,
+                    None => p.seen.entry(w.segment.clone()).or_insert(Seen {
+                        last_window_end_ms: i64::MIN,
+                        globs: GlobCache::default(),
+                    }),
+                };
+                let globs = glob_bits(&mut seen.globs);
+                let changing: smallvec::SmallVec<[usize; 8]> = policies
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, pol)| selects(*i, pol, globs))
+                    .filter(|(_, pol)| {
+                        selected += 1;
+                        pol.when.holds(w)
+                    })
+                    .map(|(i, _)| i)
+                    .collect();
+                if changing.is_empty() && w.group.is_none() {
+                    seen.last_window_end_ms = w.end_ms;
+                    self.stats.evaluations += selected;
+                    return;
+                }
+                // A loop moves (or a window group's end is to be kept): the segment gets its
+                // state, with what its entry knew.
+                let seen = p.seen.remove(&*w.segment).expect("looked up above");
+                let mut state = SegmentState::new(&w.segment, w.partition);
+                state.last_window_end_ms = seen.last_window_end_ms;
+                state.globs = seen.globs;
+                match &w.group {
+                    None => state.last_window_end_ms = w.end_ms,
+                    Some(g) => {
+                        state
+                            .last_window_end_by_group
+                            .insert(g.to_string(), w.end_ms);
+                    }
+                }
+                p.segments.insert(w.segment.clone(), state);
+                changing
+            }
+        };
         self.stats.evaluations += selected;
         let ctx = Ctx {
             now_ms,
@@ -563,6 +668,22 @@ impl Controller {
                 kind,
                 ms: ms.max(0),
             });
+        }
+    }
+
+    /// Keeps the partition's in-flight counts as a loop of `policy` moves from `from` to `to`.
+    fn count_move(&mut self, partition: i32, policy: &str, from: Phase, to: Phase) {
+        if from.in_flight() == to.in_flight() {
+            return;
+        }
+        let p = self
+            .partitions
+            .get_mut(&partition)
+            .expect("partition owned");
+        if to.in_flight() {
+            *p.in_flight.entry(policy.to_string()).or_default() += 1;
+        } else {
+            count_out(&mut p.in_flight, policy);
         }
     }
 
@@ -669,6 +790,7 @@ impl Controller {
         let l = self.loop_mut(partition, segment, &name);
         l.phase = to;
         let id = l.command_id.clone();
+        self.count_move(partition, &name, from, to);
         if to != from {
             let mut aggs = Vec::new();
             self.policies.policies[pi].when.aggregates(w, &mut aggs);
@@ -691,7 +813,8 @@ impl Controller {
     /// firing is claimed first and decided when the claim is read back ([`cluster`]).
     fn fire(&mut self, pi: usize, partition: i32, segment: &str, ctx: &Ctx<'_>, out: &mut Effects) {
         let now = ctx.now_ms;
-        let policy = self.policies.policies[pi].clone();
+        let set = Arc::clone(&self.policies);
+        let policy = &set.policies[pi];
         if self.cluster.as_ref().is_some_and(|c| {
             c.pending
                 .contains_key(&(Arc::from(segment), policy.name.clone()))
@@ -756,7 +879,8 @@ impl Controller {
     /// The command of a firing every guardrail let through.
     fn emit(&mut self, pi: usize, partition: i32, segment: &str, ctx: &Ctx<'_>, out: &mut Effects) {
         let now = ctx.now_ms;
-        let policy = self.policies.policies[pi].clone();
+        let set = Arc::clone(&self.policies);
+        let policy = &set.policies[pi];
         self.stats.firings += 1;
         self.held_back.release(segment, &policy.name);
         let seg = self.segment_mut(partition, segment);
@@ -786,6 +910,7 @@ impl Controller {
             Phase::Commanded
         };
         l.phase = to;
+        self.count_move(partition, &policy.name, from, to);
         if attempt == 1 {
             self.timing(&policy.name, TimingKind::Detect, Some(now - start), out);
         }

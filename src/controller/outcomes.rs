@@ -14,11 +14,12 @@ impl Controller {
         let Some((&partition, _)) = self
             .partitions
             .iter()
-            .find(|(_, p)| p.segments.contains_key(o.segment.as_str()))
+            .find(|(_, p)| p.knows(o.segment.as_str()))
         else {
             // Owned partitions know every segment that has a command in flight.
             return OutcomeDisposition::NotOurs;
         };
+
         *self.stats.outcomes.entry(o.status.as_str()).or_default() += 1;
         if let Some(since) = self.breaker.close() {
             let ctx = Ctx {
@@ -36,7 +37,11 @@ impl Controller {
                 out,
             );
         }
-        let seg = &self.partitions[&partition].segments[o.segment.as_str()];
+        let Some(seg) = self.partitions[&partition].segments.get(o.segment.as_str()) else {
+            // Judged here, and no loop ever moved: no command of ours.
+            self.stats.outcomes_unknown += 1;
+            return OutcomeDisposition::Unknown;
+        };
         let Some((policy_name, l)) = seg
             .loops
             .iter()
@@ -117,6 +122,7 @@ impl Controller {
                     l.deadline_ms = Some(now_ms + verify_within);
                 }
                 let id = l.command_id.clone();
+                self.count_move(partition, &policy_name, from, to);
                 out.decisions.push(decision(
                     &o.segment,
                     &policy_name,
@@ -240,7 +246,8 @@ impl Controller {
         ctx: &Ctx<'_>,
         out: &mut Effects,
     ) {
-        let policy = self.policies.policies[pi].clone();
+        let set = Arc::clone(&self.policies);
+        let policy = &set.policies[pi];
         let seed = self.policies.guardrails.seed;
         // While the actuator breaker is open an unanswered command is the actuator's fault, not
         // the fix's: the loop waits in backoff instead of paging per segment.
@@ -257,6 +264,7 @@ impl Controller {
             l.phase = Phase::Backoff;
             l.deadline_ms = Some(ctx.now_ms + delay);
             let id = l.command_id.clone();
+            self.count_move(partition, &policy.name, from, Phase::Backoff);
             out.decisions.push(decision(
                 segment,
                 &policy.name,
@@ -284,7 +292,8 @@ impl Controller {
         ctx: &Ctx<'_>,
         out: &mut Effects,
     ) {
-        let policy = self.policies.policies[pi].clone();
+        let set = Arc::clone(&self.policies);
+        let policy = &set.policies[pi];
         let now = ctx.now_ms;
         let l = self.loop_mut(partition, segment, &policy.name);
         let from = l.phase;
@@ -316,6 +325,7 @@ impl Controller {
                 dry_run: policy.dry_run,
             });
         }
+        self.count_move(partition, &policy.name, from, Phase::Escalated);
         out.decisions.push(decision(
             segment,
             &policy.name,

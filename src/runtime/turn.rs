@@ -596,7 +596,7 @@ impl Loop {
         let me = &mut self.p.me;
         self.last_announce = Some(Instant::now());
         me.seen_ms = self.p.clock.now_ms();
-        me.known_segments = lock(&self.p.core).pipeline.controller().segments().count();
+        me.known_segments = lock(&self.p.core).pipeline.controller().known_segments();
         let value = serde_json::to_vec(&*me).expect("an instance record serializes");
         self.write_me(Some(&value));
     }
