@@ -102,6 +102,12 @@ impl<'a> Cursor<'a> {
     #[inline]
     fn string(&mut self) -> Result<&'a str, DecodeError> {
         let b = self.bytes()?;
+        if b.is_ascii() {
+            // SAFETY: ASCII bytes are valid UTF-8. Segment, measurement and label names are
+            // ASCII almost always, and `is_ascii` checks a word at a time where the general
+            // validation walked short strings byte by byte (7% of the loop at 2,000 segments).
+            return Ok(unsafe { std::str::from_utf8_unchecked(b) });
+        }
         std::str::from_utf8(b).map_err(|e| malformed(format!("string is not UTF-8: {e}")))
     }
 

@@ -586,8 +586,10 @@ impl Pipeline {
             return;
         }
         let empty = Labels::new();
+        // Judged in place (a summary is a few hundred bytes: moving each out of the buffer
+        // was a measurable share of a sweep at 100,000 segments), then dropped together.
         let mut closed = std::mem::take(&mut self.closed);
-        for w in closed.drain(..) {
+        for w in &closed {
             self.stats.windows_closed += 1;
             // Window groups are judged through the controller's own per-group record; the
             // replay marks follow the default windows.
@@ -603,13 +605,14 @@ impl Pipeline {
                 *through = (*through).max(w.end_ms);
             }
             let labels = self.labels.map.get(&*w.segment).unwrap_or(&empty);
-            self.controller.on_window(&w, labels, now_ms, &mut self.fx);
+            self.controller.on_window(w, labels, now_ms, &mut self.fx);
             sink.effects(
                 &mut self.fx,
-                Cause::Window { window: &w, labels },
+                Cause::Window { window: w, labels },
                 self.controller.policies(),
             );
         }
+        closed.clear();
         self.closed = closed;
     }
 
