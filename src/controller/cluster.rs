@@ -516,7 +516,7 @@ impl Controller {
         };
         let set = Arc::clone(&self.policies);
         let rule = &set.policies[pi];
-        if let Some(g) = self.guardrail(&rule, partition, segment, ctx) {
+        if let Some(g) = self.guardrail(rule, partition, segment, ctx) {
             self.cluster_mut().unclaim(segment, policy);
             self.suppress(pi, partition, segment, g, ctx, out);
             return;

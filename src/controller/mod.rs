@@ -539,6 +539,20 @@ impl Controller {
                 && pol.selects_labels(labels)
         };
         let mut selected = 0;
+        // The policies this window moves: selected ones whose condition holds, or whose loop is
+        // not at rest (`moving`).
+        let mut pick = |globs: Option<u64>, moving: &dyn Fn(&str) -> bool| {
+            policies
+                .iter()
+                .enumerate()
+                .filter(|(i, pol)| selects(*i, pol, globs))
+                .filter(|(_, pol)| {
+                    selected += 1;
+                    pol.when.holds(w) || moving(&pol.name)
+                })
+                .map(|(i, _)| i)
+                .collect::<smallvec::SmallVec<[usize; 8]>>()
+        };
         // One lookup for a segment seen before (the common case): most windows of most
         // segments change nothing, and a healthy window of a segment with no state is counted
         // and left in its small entry.
@@ -560,20 +574,11 @@ impl Controller {
                     p.dirty.insert(w.segment.clone());
                 }
                 let globs = glob_bits(&mut seg.globs);
-                policies
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, pol)| selects(*i, pol, globs))
-                    .filter(|(_, pol)| {
-                        selected += 1;
-                        pol.when.holds(w)
-                            || seg
-                                .loops
-                                .get(&pol.name)
-                                .is_some_and(|l| l.phase != Phase::Healthy || l.breaches > 0)
-                    })
-                    .map(|(i, _)| i)
-                    .collect()
+                pick(globs, &|policy: &str| {
+                    seg.loops
+                        .get(policy)
+                        .is_some_and(|l| l.phase != Phase::Healthy || l.breaches > 0)
+                })
             }
             None => {
                 let seen = match p.seen.get_mut(&*w.segment) {
@@ -588,16 +593,7 @@ impl Controller {
                     }),
                 };
                 let globs = glob_bits(&mut seen.globs);
-                let changing: smallvec::SmallVec<[usize; 8]> = policies
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, pol)| selects(*i, pol, globs))
-                    .filter(|(_, pol)| {
-                        selected += 1;
-                        pol.when.holds(w)
-                    })
-                    .map(|(i, _)| i)
-                    .collect();
+                let changing = pick(globs, &|_: &str| false);
                 if changing.is_empty() && w.group.is_none() {
                     seen.last_window_end_ms = w.end_ms;
                     self.stats.evaluations += selected;
@@ -822,7 +818,7 @@ impl Controller {
             // Its claim decides.
             return;
         }
-        if let Some(g) = self.guardrail(&policy, partition, segment, ctx) {
+        if let Some(g) = self.guardrail(policy, partition, segment, ctx) {
             self.suppress(pi, partition, segment, g, ctx, out);
             return;
         }
@@ -900,7 +896,7 @@ impl Controller {
         let reason = l
             .reason
             .clone()
-            .unwrap_or_else(|| reason_without_window(&policy, start));
+            .unwrap_or_else(|| reason_without_window(policy, start));
         let to = if policy.dry_run {
             l.deadline_ms = None;
             l.healthy = 0;

@@ -256,7 +256,7 @@ impl Controller {
         if l.attempt < policy.max_attempts || breaker_holds {
             let from = l.phase;
             let delay = backoff_ms(
-                &policy,
+                policy,
                 l.attempt,
                 seed,
                 l.command_id.as_deref().unwrap_or(""),
@@ -321,7 +321,7 @@ impl Controller {
                 attempt: attempt as i32,
                 issued_at_ms: now,
                 ack_deadline_ms: now + policy.ack_timeout_ms,
-                reason: reason.unwrap_or_else(|| reason_without_window(&policy, start)),
+                reason: reason.unwrap_or_else(|| reason_without_window(policy, start)),
                 dry_run: policy.dry_run,
             });
         }
