@@ -236,6 +236,9 @@ pub struct Controller {
     /// The policy set's generation (a reload makes a new one): per-segment glob matches are
     /// remembered for one generation.
     generation: u64,
+    /// No deadline of a loop under action is before this (from the last walk; `i64::MIN` once
+    /// a loop may have changed): a tick before it skips the walk.
+    deadline_floor: i64,
 }
 
 /// An escalation about the instance as a whole: its command's params, and the count its
@@ -266,6 +269,7 @@ impl Controller {
             breaker: watch::ActuatorBreaker::default(),
             cluster: None,
             generation: 0,
+            deadline_floor: i64::MIN,
         }
     }
 
@@ -418,6 +422,7 @@ impl Controller {
             c.dirty.insert((state.partition, name.clone()));
         }
         p.seen.remove(&name);
+        self.deadline_floor = i64::MIN;
         for (policy, l) in &state.loops {
             if l.phase.in_flight() {
                 *p.in_flight.entry(policy.clone()).or_default() += 1;
@@ -642,6 +647,8 @@ impl Controller {
     }
 
     fn loop_mut(&mut self, partition: i32, segment: &str, policy: &str) -> &mut LoopState {
+        // The loop may get a deadline: the next tick walks them again.
+        self.deadline_floor = i64::MIN;
         let p = self
             .partitions
             .get_mut(&partition)

@@ -153,19 +153,38 @@ impl Controller {
             now_ms,
             window: None,
         };
-        let due: Vec<(i32, Arc<str>, String)> = self
-            .partitions
-            .iter()
-            .flat_map(|(&pn, p)| {
-                p.active.iter().flat_map(move |s| {
-                    p.segments[s]
+        // The walk over the loops under action runs only once the earliest deadline it saw
+        // last time is due, or a loop changed since (every tick walked them: O(segments
+        // acting) per turn). A deadline that is due and waits (a verification without
+        // evidence yet) keeps the floor at or before now, so it is looked at every tick.
+        let mut due: Vec<(i32, Arc<str>, String)> = Vec::new();
+        if now_ms >= self.deadline_floor {
+            let mut floor = i64::MAX;
+            for (&pn, p) in &self.partitions {
+                for s in &p.active {
+                    for (name, l) in &p.segments[s].loops {
+                        let Some(d) = l.deadline_ms else { continue };
+                        floor = floor.min(d);
+                        if now_ms >= d {
+                            due.push((pn, s.clone(), name.clone()));
+                        }
+                    }
+                }
+            }
+            self.deadline_floor = floor;
+        } else {
+            debug_assert!(
+                !self
+                    .partitions
+                    .values()
+                    .any(|p| p.active.iter().any(|s| p.segments[s]
                         .loops
-                        .iter()
-                        .filter(move |(_, l)| l.deadline_ms.is_some_and(|d| now_ms >= d))
-                        .map(move |(name, _)| (pn, s.clone(), name.clone()))
-                })
-            })
-            .collect();
+                        .values()
+                        .any(|l| l.deadline_ms.is_some_and(|d| now_ms >= d)))),
+                "a deadline under the floor {} at {now_ms}",
+                self.deadline_floor
+            );
+        }
         for (partition, segment, policy_name) in due {
             let Some(pi) = self.policy_index(&policy_name) else {
                 continue;

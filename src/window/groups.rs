@@ -55,6 +55,11 @@ impl Windows {
         self.main.partitions()
     }
 
+    /// The default windows of one partition, if owned.
+    pub fn partition(&self, partition: i32) -> Option<&PartitionWindows> {
+        self.main.partition(partition)
+    }
+
     /// Open windows of a segment in every group.
     pub fn open_windows(&self, segment: &str) -> Vec<WindowSummary> {
         self.engines()
