@@ -423,16 +423,12 @@ impl Controller {
         }
         p.seen.remove(&name);
         self.deadline_floor = i64::MIN;
-        for (policy, l) in &state.loops {
-            if l.phase.in_flight() {
-                *p.in_flight.entry(policy.clone()).or_default() += 1;
-            }
+        for policy in state.in_flight_policies() {
+            *p.in_flight.entry(policy.to_string()).or_default() += 1;
         }
         if let Some(old) = p.segments.insert(name, state) {
-            for (policy, l) in &old.loops {
-                if l.phase.in_flight() {
-                    count_out(&mut p.in_flight, policy);
-                }
+            for policy in old.in_flight_policies() {
+                count_out(&mut p.in_flight, policy);
             }
         }
         Ok(())
@@ -568,12 +564,7 @@ impl Controller {
                 return;
             }
             Some(seg) => {
-                match &w.group {
-                    None => seg.last_window_end_ms = w.end_ms,
-                    Some(g) => {
-                        seg.last_window_end_by_group.insert(g.to_string(), w.end_ms);
-                    }
-                }
+                seg.judged(w.group.as_deref(), w.end_ms);
                 // A persisted segment is re-checked each window: it may have gone quiet.
                 if p.persisted.contains(&*w.segment) && !p.dirty.contains(&*w.segment) {
                     p.dirty.insert(w.segment.clone());
@@ -610,14 +601,7 @@ impl Controller {
                 let mut state = SegmentState::new(&w.segment, w.partition);
                 state.last_window_end_ms = seen.last_window_end_ms;
                 state.globs = seen.globs;
-                match &w.group {
-                    None => state.last_window_end_ms = w.end_ms,
-                    Some(g) => {
-                        state
-                            .last_window_end_by_group
-                            .insert(g.to_string(), w.end_ms);
-                    }
-                }
+                state.judged(w.group.as_deref(), w.end_ms);
                 p.segments.insert(w.segment.clone(), state);
                 changing
             }

@@ -19,7 +19,6 @@ impl Controller {
             // Owned partitions know every segment that has a command in flight.
             return OutcomeDisposition::NotOurs;
         };
-
         *self.stats.outcomes.entry(o.status.as_str()).or_default() += 1;
         if let Some(since) = self.breaker.close() {
             let ctx = Ctx {
@@ -267,7 +266,7 @@ impl Controller {
     ) {
         let set = Arc::clone(&self.policies);
         let policy = &set.policies[pi];
-        let seed = self.policies.guardrails.seed;
+        let seed = set.guardrails.seed;
         // While the actuator breaker is open an unanswered command is the actuator's fault, not
         // the fix's: the loop waits in backoff instead of paging per segment.
         let breaker_holds = why == "ack_timeout" && self.breaker.is_open();

@@ -198,6 +198,24 @@ impl SegmentState {
         }
     }
 
+    /// Records the end of the window of `group` just judged (see [`Self::last_window_end`]).
+    pub(super) fn judged(&mut self, group: Option<&str>, end_ms: i64) {
+        match group {
+            None => self.last_window_end_ms = end_ms,
+            Some(g) => {
+                self.last_window_end_by_group.insert(g.to_string(), end_ms);
+            }
+        }
+    }
+
+    /// Policies whose loop here awaits an outcome or verification.
+    pub(super) fn in_flight_policies(&self) -> impl Iterator<Item = &str> {
+        self.loops
+            .iter()
+            .filter(|(_, l)| l.phase.in_flight())
+            .map(|(name, _)| name.as_str())
+    }
+
     pub(super) fn under_action(&self) -> bool {
         self.loops.values().any(|l| l.phase.under_action())
     }
