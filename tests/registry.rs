@@ -209,11 +209,13 @@ fn run_segloop(config: &Path, stderr: &Path) -> Proc {
 }
 
 /// The Python producer (see its doc): registers `schema` under the topic's subject, produces
-/// `count` records; the id the registry gave. A batch after the first starts a few seconds
-/// ahead (within `max_clock_skew`): the Python start-up on a loaded machine must not make
-/// its first records older than windows the idle advance already closed.
-fn produce_all(bs: &str, topic: &str, schema: &Path, count: usize, start_ms: i64) -> u32 {
-    produce_with_error(bs, topic, schema, count, start_ms, 0.0)
+/// `count` records; the id the registry gave. Event times start `from_now_ms` from when the
+/// producer starts producing, on its own clock: its start-up took over 10 s on a loaded
+/// machine, and records stamped before it were older than windows the idle advance had
+/// rightly closed meanwhile (late, dead-lettered). A batch after the first starts a few
+/// seconds ahead (within `max_clock_skew`).
+fn produce_all(bs: &str, topic: &str, schema: &Path, count: usize, from_now_ms: i64) -> u32 {
+    produce_with_error(bs, topic, schema, count, from_now_ms, 0.0)
 }
 
 /// [`produce_all`] with every record's `error` measurement at `error`.
@@ -222,7 +224,7 @@ fn produce_with_error(
     topic: &str,
     schema: &Path,
     count: usize,
-    start_ms: i64,
+    from_now_ms: i64,
     error: f64,
 ) -> u32 {
     // Bounded: a producer that hangs fails the test instead of the whole suite's time.
@@ -235,7 +237,11 @@ fn produce_with_error(
         ))
         .args([bs, &registry_url(), topic])
         .arg(schema)
-        .args([count.to_string(), "10".into(), start_ms.to_string()])
+        .args([
+            count.to_string(),
+            "10".into(),
+            format!("now{from_now_ms:+}"),
+        ])
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
@@ -372,13 +378,6 @@ fn phase(t0: Instant, what: &str) {
     eprintln!("[{:>6.1} s] {what}", t0.elapsed().as_secs_f64());
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 /// The interop proof: records of the Python `AvroSerializer`, one schema version, then a new
 /// compatible version registered mid-stream, all decoded by a running `segloop run` with no
 /// config change and no restart; segloop registered its own command schema; no id is one a
@@ -402,10 +401,10 @@ fn python_avro_serializer_records_decode_across_a_new_version_live_and_in_a_back
     wait_assigned(port, 2);
     phase(t0, "segloop assigned");
 
-    let v2 = produce_all(&bs, &topic, &current_schema(), 300, now_ms() - 3_000);
+    let v2 = produce_all(&bs, &topic, &current_schema(), 300, -3_000);
     wait_windowed(port, 300.0, "the first version", &log);
     phase(t0, "first version windowed");
-    let v3 = produce_all(&bs, &topic, &v3_schema(), 300, now_ms() + 3_000);
+    let v3 = produce_all(&bs, &topic, &v3_schema(), 300, 3_000);
     wait_windowed(port, 600.0, "both versions", &log);
     phase(t0, "second version windowed");
     assert!(v2 != v3 && v2 > 1 && v3 > 1, "ids {v2} and {v3}");
@@ -514,8 +513,8 @@ fn a_registry_down_at_startup_is_waited_for() {
     wait_assigned(port, 2);
     signal(&first, "-TERM");
     assert!(first.wait().unwrap().success());
-    produce_all(&bs, &topic, &current_schema(), 200, now_ms() - 2_000);
-    produce_all(&bs, &topic, &v3_schema(), 200, now_ms() + 3_000);
+    produce_all(&bs, &topic, &current_schema(), 200, -2_000);
+    produce_all(&bs, &topic, &v3_schema(), 200, 3_000);
     phase(t0, "produced");
 
     gate.close();
@@ -574,17 +573,20 @@ fn a_registry_down_mid_run_is_waited_for_up_to_max_wait_then_stops_the_run() {
         log,
         topic,
         ..
-    } = setup("midrun", "8s", false);
+    } = setup("midrun", "12s", false);
     let mut run = run_segloop(&cfg, &log);
     wait_assigned(port, 2);
-    produce_all(&bs, &topic, &current_schema(), 200, now_ms() - 2_000);
+    produce_all(&bs, &topic, &current_schema(), 200, -2_000);
     wait_windowed(port, 200.0, "the first version", &log);
     phase(t0, "first version windowed");
 
-    // Down for less than max_wait: a new version's records wait, then decode.
+    // Down for less than max_wait: a new version's records wait, then decode. Down longer
+    // than the idle timeout and two lag measurements: the consumer has delivered past the
+    // waiting records, and neither that nor anything measured before the seek back may let
+    // the idle advance close their windows (they went to the DLQ as late).
     gate.close();
-    produce_all(&bs, &topic, &v3_schema(), 200, now_ms() + 3_000);
-    std::thread::sleep(Duration::from_secs(3));
+    produce_all(&bs, &topic, &v3_schema(), 200, 3_000);
+    std::thread::sleep(Duration::from_secs(6));
     assert!(run.try_wait().unwrap().is_none(), "stopped before max_wait");
     assert!(metric(port, "segloop_schema_waiting_partitions").unwrap_or(0.0) > 0.0);
     gate.open();
@@ -593,7 +595,7 @@ fn a_registry_down_mid_run_is_waited_for_up_to_max_wait_then_stops_the_run() {
 
     // Down for longer: the run stops with the cause.
     gate.close();
-    let v4_id = produce_all(&bs, &topic, &v4_schema(dir.path()), 200, now_ms() + 3_000);
+    let v4_id = produce_all(&bs, &topic, &v4_schema(dir.path()), 200, 3_000);
     let stopped = Instant::now();
     let status = loop {
         if let Some(s) = run.try_wait().unwrap() {
@@ -705,7 +707,7 @@ fn the_loop_closes_with_every_topic_on_the_registry() {
             .spawn()
             .unwrap(),
     );
-    produce_with_error(&bs, &topic, &current_schema(), 100, now_ms() - 1_000, 1.0);
+    produce_with_error(&bs, &topic, &current_schema(), 100, -1_000, 1.0);
     let applied = "segloop_outcomes_total{status=\"APPLIED\"}";
     let deadline = Instant::now() + Duration::from_secs(60);
     while metric(port, applied).unwrap_or(0.0) < 1.0 {

@@ -343,7 +343,15 @@ impl ConsumerContext for GroupContext {
 /// the high watermark of the partition's last fetch response, as librdkafka's statistics
 /// report it (a local read; asking the broker, 500 ms per partition at worst, stalled the loop
 /// for seconds whenever the embedded cluster was slow to answer).
-pub(super) fn measure_lag(consumer: &BaseConsumer<GroupContext>) -> BTreeMap<i32, i64> {
+///
+/// `waiting`: per partition stopped at a record (a schema wait), that record's offset. The
+/// consumer may have delivered past it (the records after it were fetched, then left for the
+/// seek back), so its position says nothing of what the wait holds back: the lag counts from
+/// the waiting record.
+pub(super) fn measure_lag(
+    consumer: &BaseConsumer<GroupContext>,
+    waiting: &BTreeMap<i32, i64>,
+) -> BTreeMap<i32, i64> {
     let Ok(positions) = consumer.position() else {
         return BTreeMap::new();
     };
@@ -357,11 +365,25 @@ pub(super) fn measure_lag(consumer: &BaseConsumer<GroupContext>) -> BTreeMap<i32
             // partition was fetched (its high watermark is known), so nothing is waiting:
             // caught up. (Counting the position as 0 reported the whole topic as lag after a
             // quiet restart.)
-            let lag = match e.offset() {
-                Offset::Offset(o) => (high - o).max(0),
-                _ => 0,
+            let position = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
             };
+            let lag = lag_from(high, position, waiting.get(&e.partition()).copied());
             Some((e.partition(), lag))
         })
         .collect()
+}
+
+/// A partition's lag: from its position (none yet: caught up), or from the record it waits
+/// at when that is earlier.
+pub(super) fn lag_from(high: i64, position: Option<i64>, waiting_at: Option<i64>) -> i64 {
+    let from = match (position, waiting_at) {
+        (Some(p), Some(w)) => p.min(w),
+        (p, w) => match p.or(w) {
+            Some(o) => o,
+            None => return 0,
+        },
+    };
+    (high - from).max(0)
 }

@@ -367,3 +367,42 @@ fn the_rebalance_protocol_follows_the_client_properties() {
         "classic"
     )])));
 }
+
+#[test]
+fn a_waiting_partition_lags_from_its_waiting_record() {
+    use super::group::lag_from;
+    // Delivered through the end, but stopped at offset 60 of 260: 200 records held back.
+    assert_eq!(lag_from(260, Some(260), Some(60)), 200);
+    assert_eq!(lag_from(260, None, Some(60)), 200);
+    assert_eq!(lag_from(260, Some(250), None), 10);
+    assert_eq!(lag_from(260, Some(40), Some(60)), 220);
+    assert_eq!(lag_from(260, None, None), 0);
+    assert_eq!(lag_from(260, Some(300), None), 0);
+}
+
+/// The registry answered a waiting partition, whose measurements said it was at its end (the
+/// consumer had delivered past the waiting record): until two measurements after the seek
+/// back, it is read through nothing and not caught up, so no idle advance closes the windows
+/// of the records about to be read again.
+#[test]
+fn a_partition_read_again_is_not_read_through_until_measured_again() {
+    let mut m = super::turn::LagMarks::default();
+    let at_end = BTreeMap::from([(0, 0), (1, 0)]);
+    m.observe(&at_end, 1_000);
+    let caught_up = m.observe(&at_end, 3_000);
+    assert_eq!(caught_up, BTreeSet::from([0, 1]));
+    assert_eq!(m.read_through, BTreeMap::from([(0, 1_000), (1, 1_000)]));
+
+    m.forget(0);
+    assert_eq!(m.read_through, BTreeMap::from([(1, 1_000)]));
+    let caught_up = m.observe(&at_end, 5_000);
+    assert_eq!(
+        caught_up,
+        BTreeSet::from([1]),
+        "one measurement after the seek"
+    );
+    assert_eq!(m.read_through, BTreeMap::from([(1, 3_000)]));
+    let caught_up = m.observe(&at_end, 7_000);
+    assert_eq!(caught_up, BTreeSet::from([0, 1]));
+    assert_eq!(m.read_through, BTreeMap::from([(0, 5_000), (1, 5_000)]));
+}

@@ -73,11 +73,48 @@ pub(super) enum Ended {
 
 /// What two lag measurements in a row establish (see [`Loop::measure_lag`]).
 #[derive(Default)]
-struct LagMarks {
+pub(super) struct LagMarks {
     within_before: BTreeSet<i32>,
     at_end_before: BTreeSet<i32>,
     measured_before_ms: i64,
-    read_through: BTreeMap<i32, i64>,
+    pub(super) read_through: BTreeMap<i32, i64>,
+}
+
+impl LagMarks {
+    /// Takes one measurement (`lag` per partition, at `measured_ms` on the driver clock);
+    /// returns the partitions caught up (within the readiness threshold in this one and the
+    /// one before). A partition at its end in both is read through the time of the first.
+    pub(super) fn observe(&mut self, lag: &BTreeMap<i32, i64>, measured_ms: i64) -> BTreeSet<i32> {
+        let within: BTreeSet<i32> = lag
+            .iter()
+            .filter(|(_, l)| **l <= admin::READY_MAX_LAG)
+            .map(|(p, _)| *p)
+            .collect();
+        let caught_up = within.intersection(&self.within_before).copied().collect();
+        self.within_before = within;
+        let at_end: BTreeSet<i32> = lag
+            .iter()
+            .filter(|(_, l)| **l == 0)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in at_end.intersection(&self.at_end_before) {
+            self.read_through.insert(*p, self.measured_before_ms);
+        }
+        self.at_end_before = at_end;
+        self.measured_before_ms = measured_ms;
+        caught_up
+    }
+
+    /// `partition` is read again from an earlier offset (a schema wait answered: the seek
+    /// back): what was measured of it no longer holds. It is not read through anything, nor
+    /// caught up, until two measurements after the seek say so (an idle advance in between
+    /// closed the windows of the records about to be read again, and they went to the DLQ
+    /// as late).
+    pub(super) fn forget(&mut self, partition: i32) {
+        self.within_before.remove(&partition);
+        self.at_end_before.remove(&partition);
+        self.read_through.remove(&partition);
+    }
 }
 
 impl Loop {
@@ -429,12 +466,15 @@ impl Loop {
             let c = lock(core);
             (c.pipeline.waiting().clone(), c.outcome_waiting.clone())
         };
+        let lag = &mut self.lag;
         let result = tw.sync(consumer, &waiting).and_then(|answered| {
             let more = ow.sync(&self.p.outcomes, &outcome_waiting)?;
             if !answered.is_empty() || !more.is_empty() {
                 let mut c = lock(core);
                 for p in answered {
+                    lag.forget(p);
                     c.pipeline.stop_waiting(p);
+                    c.pipeline.set_read_through(Some(lag.read_through.clone()));
                 }
                 for p in more {
                     c.outcome_waiting.remove(&p);
@@ -557,27 +597,12 @@ impl Loop {
             return;
         }
         self.last_lag = Instant::now();
-        let lag = group::measure_lag(consumer);
-        let within: BTreeSet<i32> = lag
-            .iter()
-            .filter(|(_, l)| **l <= admin::READY_MAX_LAG)
-            .map(|(p, _)| *p)
+        let waiting: BTreeMap<i32, i64> = (self.core().pipeline.waiting().iter())
+            .map(|(p, w)| (*p, w.offset))
             .collect();
-        let m = &mut self.lag;
-        let caught_up = within.intersection(&m.within_before).copied().collect();
-        m.within_before = within;
-        let measured_ms = self.p.clock.now_ms();
-        let at_end: BTreeSet<i32> = lag
-            .iter()
-            .filter(|(_, l)| **l == 0)
-            .map(|(p, _)| *p)
-            .collect();
-        for p in at_end.intersection(&m.at_end_before) {
-            m.read_through.insert(*p, m.measured_before_ms);
-        }
-        m.at_end_before = at_end;
-        m.measured_before_ms = measured_ms;
-        let read_through = m.read_through.clone();
+        let lag = group::measure_lag(consumer, &waiting);
+        let caught_up = self.lag.observe(&lag, self.p.clock.now_ms());
+        let read_through = self.lag.read_through.clone();
         {
             let mut c = self.core();
             c.pipeline.set_caught_up(Some(caught_up));

@@ -5,13 +5,16 @@ the Confluent framing and the Schema Registry protocol independent of segloop's.
 
 Registers SCHEMA_FILE under TOPIC-value (TopicNameStrategy), prints `id N` (the id the
 registry gave), then produces COUNT records over SEGMENTS segments (`py/s<i>`, key = segment,
-murmur2 partitioning like Java producers), event times from START_TS 10 ms apart. Fields of the
+murmur2 partitioning like Java producers), event times from START_TS 10 ms apart: milliseconds
+since the epoch, or `now+N` / `now-N`, N ms from when producing starts (after the start-up
+and the registration, which took over 10 s on a loaded machine). Fields of the
 schema beyond the current ones get values. The `error` measurement is $AVRO_PRODUCER_ERROR
 (default 0).
 """
 import json
 import os
 import sys
+import time
 
 from confluent_kafka import Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -21,7 +24,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 def main():
     bootstrap, registry, topic, schema_file, count, segments, start = sys.argv[1:8]
-    count, segments, start = int(count), int(segments), int(start)
+    count, segments = int(count), int(segments)
     schema = open(schema_file).read()
     fields = {f["name"] for f in json.loads(schema)["fields"]}
     # A request the registry never answers fails after 10 s and is retried (the client's
@@ -31,10 +34,17 @@ def main():
     ctx = SerializationContext(topic, MessageField.VALUE)
     error = float(os.environ.get("AVRO_PRODUCER_ERROR", "0"))
 
+    def start_ms():
+        if start.startswith("now"):
+            return int(time.time() * 1000) + int(start[3:])
+        return int(start)
+
+    base = start_ms()  # for the record that registers the schema; again once producing
+
     def record(i):
         r = {
             "segment": f"py/s{i % segments}",
-            "ts_ms": start + i * 10,
+            "ts_ms": base + i * 10,
             "measurements": {"error": error, "latency_ms": 20.0 + i % 7},
             "labels": {"producer": "python"},
             "event_id": f"py-{i}",
@@ -47,6 +57,7 @@ def main():
 
     first = serializer(record(0), ctx)
     schema_id = int.from_bytes(first[1:5], "big")
+    base = start_ms()
     print(f"id {schema_id}", flush=True)
     producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random",
                          "linger.ms": 5})
