@@ -711,6 +711,57 @@ fn the_e2e_bench_runs_on_real_kafka_against_rdkafka_and_java() {
     assert!(number("window_close_to_command_p99_ms") >= 0.0, "{stdout}");
 }
 
+/// `segloop bench replay --bootstrap` the same way: the backtest path against the bare
+/// rdkafka and Java consumers over one range, every record read by each.
+#[test]
+fn the_replay_bench_runs_on_real_kafka_against_rdkafka_and_java() {
+    let bs = broker_bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_segloop"))
+        .current_dir(dir.path())
+        .args([
+            "bench",
+            "replay",
+            "--bootstrap",
+            &bs,
+            "--events",
+            "20000",
+            "--segments",
+            "500",
+            "--partitions",
+            "4",
+            "--rounds",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let number = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no number {name} in:\n{stdout}"))
+    };
+    assert_eq!(number("records"), 20_000.0);
+    for rate in [
+        "replay_events_per_sec",
+        "raw_consume_per_sec",
+        "java_consume_per_sec",
+        "ratio",
+        "replay_to_raw_ratio",
+        "engine_events_per_sec",
+    ] {
+        assert!(number(rate) > 0.0, "{rate} in:\n{stdout}");
+    }
+    assert!(number("windows_closed") > 0.0, "{stdout}");
+}
+
 /// Exactly-once replicas started with the same settings each get a transactional.id of their
 /// own (the default is unique per instance), so neither fences the other: both commit
 /// transactions and stop cleanly. (With the old default, `<group_id>-<client_id>`, the second

@@ -268,7 +268,13 @@ impl JavaConsumer {
 
     /// Seconds the Java consumer takes to read `records` of `topic` in group `group` at its
     /// steady rate (from its N/10th record on).
-    fn pass(&self, bs: &str, topic: &str, group: &str, records: u64) -> anyhow::Result<f64> {
+    pub(super) fn pass(
+        &self,
+        bs: &str,
+        topic: &str,
+        group: &str,
+        records: u64,
+    ) -> anyhow::Result<f64> {
         let dir = std::env::temp_dir().join(format!("segloop-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let source = dir.join("Consume.java");

@@ -322,6 +322,10 @@ pub struct ReplayReport {
     pub replay_events_per_sec: f64,
     pub raw_consume_per_sec: f64,
     pub ratio: f64,
+    /// The bare Java consumer over the same range, when it ran (see [`JavaConsumer`]).
+    pub java_consume_per_sec: Option<f64>,
+    /// Why the Java consumer did not run.
+    pub java_skipped: Option<String>,
     /// The replay driver alone, records already in memory in merged order.
     pub engine_events_per_sec: f64,
     pub windows_closed: u64,
@@ -358,25 +362,40 @@ impl ReplayReport {
         println!("replay_events_per_sec={:.0}", self.replay_events_per_sec);
         println!("raw_consume_per_sec={:.0}", self.raw_consume_per_sec);
         println!("replay_to_raw_ratio={:.2}", self.ratio);
+        match self.java_consume_per_sec {
+            Some(j) => {
+                println!("java_consume_per_sec={j:.0}");
+                println!("ratio={:.2}", self.replay_events_per_sec / j);
+            }
+            None => {
+                println!(
+                    "java_consume_per_sec=none ({})",
+                    self.java_skipped.as_deref().unwrap_or("not run")
+                );
+                println!("ratio=none (no Java figure; see replay_to_raw_ratio)");
+            }
+        }
         println!("engine_events_per_sec={:.0}", self.engine_events_per_sec);
         println!("raw_cpu_cores={:.2}", self.raw_cpu_cores);
         println!("replay_cpu_cores={:.2}", self.replay_cpu_cores);
     }
 }
 
-/// `segloop bench replay`: over the same records on the embedded cluster, interleaved rounds
-/// of a bare consumer reading the range and of the backtest replaying it (merge, decode,
-/// windows, policies, controller, simulated actuator); the fastest pass of each counts. Then
-/// the replay driver alone over the records held in memory.
+/// `segloop bench replay`: over the same records (on the embedded cluster or `broker`),
+/// interleaved rounds of a bare rdkafka consumer reading the range, of the bare Java consumer
+/// (when `java` can run: the ceiling the targets are stated against) and of the backtest
+/// replaying it (merge, decode, windows, policies, controller, simulated actuator); the
+/// fastest pass of each counts. Then the replay driver alone over the records held in memory.
 ///
 /// # Errors
-/// The embedded cluster failed, or a pass did not see every record.
+/// The cluster failed, or a pass did not see every record.
 pub fn replay_bench(
     broker: Option<Broker<'_>>,
     records: u64,
     segments: usize,
     partitions: i32,
     rounds: usize,
+    java: &Result<JavaConsumer, String>,
 ) -> anyhow::Result<ReplayReport> {
     use crate::backtest::{self, source, Options, Outcomes, Replay};
 
@@ -390,8 +409,10 @@ pub fn replay_bench(
     );
     let (mut raw_secs, mut replay_secs) = (f64::INFINITY, f64::INFINITY);
     let (mut raw_cores, mut replay_cores) = (0.0, 0.0);
+    let mut java_secs = f64::INFINITY;
+    let mut java_skipped = java.as_ref().err().cloned();
     let mut last = None;
-    for _ in 0..rounds.max(1) {
+    for round in 0..rounds.max(1) {
         let (t, c) = (Instant::now(), cpu_secs());
         let raw = source::read_raw(config, &range)?;
         raw_secs = raw_secs.min(t.elapsed().as_secs_f64());
@@ -401,6 +422,14 @@ pub fn replay_bench(
             "raw pass read {} records",
             raw.records
         );
+        if let (Ok(java), None) = (java, &java_skipped) {
+            let group = format!("{}-replay-java-{round}", config.kafka.group_id);
+            let topic = &config.topics.telemetry.name;
+            match java.pass(&config.kafka.bootstrap_servers, topic, &group, records) {
+                Ok(secs) => java_secs = java_secs.min(secs),
+                Err(e) => java_skipped = Some(format!("{e:#}")),
+            }
+        }
         let (t, c) = (Instant::now(), cpu_secs());
         let r = backtest::run(config, topic.policies.clone(), &range, &Options::default())?;
         replay_secs = replay_secs.min(t.elapsed().as_secs_f64());
@@ -465,6 +494,11 @@ pub fn replay_bench(
         replay_events_per_sec: replay_per_sec,
         raw_consume_per_sec: raw_per_sec,
         ratio: replay_per_sec / raw_per_sec,
+        java_consume_per_sec: java_skipped
+            .is_none()
+            .then(|| records as f64 / java_secs)
+            .filter(|r| r.is_finite()),
+        java_skipped,
         engine_events_per_sec: records as f64 / engine_secs,
         windows_closed: report.input.windows_closed,
         commands: report.totals.commands,

@@ -352,7 +352,7 @@ pub struct BenchArgs {
     /// e2e: the share of segments whose events breach the bench policy
     #[arg(long, default_value_t = 0.01)]
     pub breaching: f64,
-    /// e2e --bootstrap: a directory with the Kafka client jars for the bare Java consumer
+    /// e2e, replay --bootstrap: a directory with the Kafka client jars for the bare Java consumer
     /// (default: the jars scripts/kafka.sh fetched, if found)
     #[arg(long)]
     pub java_classpath: Option<PathBuf>,

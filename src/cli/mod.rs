@@ -304,6 +304,15 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
     };
     let events = args.events();
     let broker = args.bootstrap.as_deref().map(|bs| (bs, &config.kafka));
+    // e2e, replay: the Java ceiling needs a real broker and the Kafka client jars; without
+    // them the figures say why there is none.
+    let java = || {
+        if broker.is_some() {
+            crate::bench::JavaConsumer::find(args.java_classpath.as_deref())
+        } else {
+            Err("the embedded cluster is not a Kafka broker Java can reach".to_string())
+        }
+    };
     match args.which.as_str() {
         "window" => {
             let spec = crate::window::WindowSpec::from_config(&config.windows);
@@ -331,12 +340,6 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
                 eprintln!("error: --breaching is a share of the segments, from 0 to 1");
                 return ExitCode::from(EXIT_USAGE);
             }
-            // The Java ceiling needs the Kafka client jars; without them the figures say so.
-            let java = if broker.is_some() {
-                crate::bench::JavaConsumer::find(args.java_classpath.as_deref())
-            } else {
-                Err("the embedded cluster is not a Kafka broker Java can reach".into())
-            };
             finish_bench(
                 crate::bench::e2e_bench(
                     broker,
@@ -346,7 +349,7 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
                         partitions: args.partitions,
                         rounds: args.rounds,
                         breaching: args.breaching,
-                        java,
+                        java: java(),
                     },
                 ),
                 |r| r.print(),
@@ -359,6 +362,7 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
                 args.segments,
                 args.partitions,
                 args.rounds,
+                &java(),
             ),
             |r| r.print(),
         ),
