@@ -652,8 +652,10 @@ escalate = "page"
 fn the_e2e_bench_runs_on_real_kafka_against_rdkafka_and_java() {
     let bs = broker_bootstrap();
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_segloop"))
+    let child = Command::new(env!("CARGO_BIN_EXE_segloop"))
         .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .args([
             "bench",
             "e2e",
@@ -670,8 +672,10 @@ fn the_e2e_bench_runs_on_real_kafka_against_rdkafka_and_java() {
             "--breaching",
             "0.02",
         ])
-        .output()
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -709,6 +713,30 @@ fn the_e2e_bench_runs_on_real_kafka_against_rdkafka_and_java() {
     }
     assert!(number("commands") >= 1.0, "{stdout}");
     assert!(number("window_close_to_command_p99_ms") >= 0.0, "{stdout}");
+    assert_no_bench_topics_left(&bs, pid);
+}
+
+/// A bench run leaves none of the topics it made on the broker (`bench-<pid>-…`).
+fn assert_no_bench_topics_left(bs: &str, pid: u32) {
+    use rdkafka::consumer::Consumer;
+    let probe: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bs)
+        .create()
+        .unwrap();
+    let prefix = format!("bench-{pid}-");
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        let md = probe.fetch_metadata(None, Duration::from_secs(10)).unwrap();
+        left = (md.topics().iter())
+            .map(|t| t.name().to_string())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the bench left its topics on the broker: {left:?}");
 }
 
 /// `segloop bench replay --bootstrap` the same way: the backtest path against the bare
@@ -717,8 +745,10 @@ fn the_e2e_bench_runs_on_real_kafka_against_rdkafka_and_java() {
 fn the_replay_bench_runs_on_real_kafka_against_rdkafka_and_java() {
     let bs = broker_bootstrap();
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_segloop"))
+    let child = Command::new(env!("CARGO_BIN_EXE_segloop"))
         .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .args([
             "bench",
             "replay",
@@ -733,8 +763,10 @@ fn the_replay_bench_runs_on_real_kafka_against_rdkafka_and_java() {
             "--rounds",
             "1",
         ])
-        .output()
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -760,6 +792,7 @@ fn the_replay_bench_runs_on_real_kafka_against_rdkafka_and_java() {
         assert!(number(rate) > 0.0, "{rate} in:\n{stdout}");
     }
     assert!(number("windows_closed") > 0.0, "{stdout}");
+    assert_no_bench_topics_left(&bs, pid);
 }
 
 /// Exactly-once replicas started with the same settings each get a transactional.id of their

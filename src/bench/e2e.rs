@@ -129,6 +129,7 @@ pub fn e2e_bench(broker: Option<Broker<'_>>, o: &E2eOptions) -> anyhow::Result<E
         config,
         policies,
         breaching,
+        _made: _topics_deleted_at_the_end,
     } = bench_topic_on(broker, o.records, o.segments, o.partitions, o.breaching)?;
     let bs = config.kafka.bootstrap_servers.clone();
     let topic = config.topics.telemetry.name.clone();
@@ -470,12 +471,35 @@ pub(super) fn pipeline_pass(
 
 /// An embedded cluster with `records` synthetic telemetry records (event times over the last
 /// 30 s, random segments, 1% of them failing) and the config and policies to process them.
+/// On a real broker, the topics made for it are deleted when it is dropped: a bench run
+/// leaves nothing behind on the user's cluster (each run wrote hundreds of megabytes).
 pub struct BenchTopic {
     pub cluster: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     pub config: crate::config::Config,
     pub policies: crate::policy::PolicySet,
     /// Segments whose events breach the policy.
     pub breaching: usize,
+    /// The topics made on a real broker, deleted on drop.
+    _made: MadeTopics,
+}
+
+/// Topics a bench made on a real broker: deleted when dropped (also when the bench fails
+/// after making them).
+struct MadeTopics(Option<crate::config::Config>);
+
+impl Drop for MadeTopics {
+    fn drop(&mut self) {
+        let Some(config) = &self.0 else { return };
+        let names: Vec<&str> = (config.topics.all().into_iter())
+            .map(|(_, t)| t.name.as_str())
+            .collect();
+        if let Err(e) = crate::kafka::delete_topics(config, &names) {
+            eprintln!(
+                "warning: the bench's topics stay on the broker ({}): {e:#}",
+                names.join(", ")
+            );
+        }
+    }
 }
 
 /// Builds a [`BenchTopic`].
@@ -542,7 +566,9 @@ pub fn bench_topic_on(
     if let Some((_, connection)) = broker {
         config.kafka.use_connection_of(connection);
     }
+    let mut made = MadeTopics(None);
     if bootstrap.is_some() {
+        made = MadeTopics(Some(config.clone()));
         crate::kafka::prepare_topics(&config)?;
     } else {
         crate::kafka::create_embedded_topics(&cluster, &config)?;
@@ -622,5 +648,6 @@ ack_timeout = "1h"
         breaching: ids
             .len()
             .div_ceil(usize::try_from(stride).unwrap_or(usize::MAX)),
+        _made: made,
     })
 }

@@ -99,13 +99,7 @@ pub fn prepare_topics(config: &Config) -> anyhow::Result<BTreeMap<String, i32>> 
                 }
             })
             .collect();
-        let admin: AdminClient<DefaultClientContext> = client_config(config, &[])
-            .create()
-            .context("cannot create a Kafka admin client")?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("cannot start a runtime for the admin client")?;
+        let (admin, rt) = admin_client(config)?;
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let results = rt
             .block_on(admin.create_topics(new.iter(), &opts))
@@ -171,6 +165,40 @@ pub fn create_embedded_topics<C: rdkafka::ClientContext>(
         cluster
             .create_topic(name, config.kafka.partitions, 1)
             .with_context(|| format!("the embedded cluster cannot create {name}"))?;
+    }
+    Ok(())
+}
+
+/// An admin client on `config`'s connection, and a runtime to wait on its calls.
+fn admin_client(
+    config: &Config,
+) -> anyhow::Result<(AdminClient<DefaultClientContext>, tokio::runtime::Runtime)> {
+    let admin = client_config(config, &[])
+        .create()
+        .context("cannot create a Kafka admin client")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime for the admin client")?;
+    Ok((admin, rt))
+}
+
+/// Deletes `names` through the admin API (a topic already gone counts as deleted).
+///
+/// # Errors
+/// The admin client failed, or a topic could not be deleted (the error names it).
+pub fn delete_topics(config: &Config, names: &[&str]) -> anyhow::Result<()> {
+    let (admin, rt) = admin_client(config)?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = rt
+        .block_on(admin.delete_topics(names, &opts))
+        .context("deleting topics failed")?;
+    for r in results {
+        if let Err((topic, code)) = r {
+            if code != RDKafkaErrorCode::UnknownTopicOrPartition {
+                bail!("cannot delete topic {topic}: {code}");
+            }
+        }
     }
     Ok(())
 }
