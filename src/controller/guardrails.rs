@@ -229,6 +229,11 @@ impl Controller {
         seg.action_history.retain(|&t| now - t < g.flap_window_ms);
         if seg.action_history.len() as u32 >= g.flap_max_actions {
             seg.frozen_until_ms = Some(now + g.flap_freeze_ms);
+            // The freeze is state of its own (no loop moved): written with the next changes.
+            if !p.dirty.contains(segment) {
+                let (name, _) = p.segments.get_key_value(segment).expect("known");
+                p.dirty.insert(name.clone());
+            }
             return Some(Guardrail::FlapBreaker);
         }
         if let Some(&last) = seg.last_action_ms.get(&policy.action) {

@@ -178,6 +178,9 @@ struct PartitionState {
     active: BTreeSet<Arc<str>>,
     /// Segments changed since the last [`Controller::take_changes`].
     dirty: BTreeSet<Arc<str>>,
+    /// Persisted segments judged since the last [`Controller::take_changes`] with nothing
+    /// changed: checked for quiet there (a tombstone), not written again.
+    recheck: BTreeSet<Arc<str>>,
     /// Segments whose state is in the changelog (a tombstone is due once they go quiet).
     persisted: std::collections::HashSet<Arc<str>, foldhash::fast::FixedState>,
 }
@@ -484,7 +487,17 @@ impl Controller {
         let memory_ms = self.memory_ms();
         let mut out = Vec::new();
         for (&partition, p) in &mut self.partitions {
-            for name in std::mem::take(&mut p.dirty) {
+            let dirty = std::mem::take(&mut p.dirty);
+            let recheck = std::mem::take(&mut p.recheck);
+            // A segment only judged again (its window changed nothing) is written only as
+            // its tombstone once it is quiet.
+            let only_judged = recheck.difference(&dirty).filter(|name| {
+                p.segments
+                    .get(*name)
+                    .is_some_and(|seg| seg.is_quiet(now_ms, memory_ms))
+            });
+            let quiet_now: Vec<Arc<str>> = only_judged.cloned().collect();
+            for name in dirty.into_iter().chain(quiet_now) {
                 let Some(seg) = p.segments.get(&name) else {
                     continue;
                 };
@@ -565,9 +578,19 @@ impl Controller {
             }
             Some(seg) => {
                 seg.judged(w.group.as_deref(), w.end_ms);
-                // A persisted segment is re-checked each window: it may have gone quiet.
-                if p.persisted.contains(&*w.segment) && !p.dirty.contains(&*w.segment) {
-                    p.dirty.insert(w.segment.clone());
+                // A persisted segment is checked again each window: it may have gone quiet
+                // (a tombstone). It is not written again for the window alone: the default
+                // windows' judged end is the partition record's (`closed_through`, which a
+                // restart reads again from), and every loop change marks it dirty. A window
+                // group's judged end is kept only in the segment's state: written.
+                if p.persisted.contains(&*w.segment) {
+                    if w.group.is_some() {
+                        if !p.dirty.contains(&*w.segment) {
+                            p.dirty.insert(w.segment.clone());
+                        }
+                    } else if !p.recheck.contains(&*w.segment) {
+                        p.recheck.insert(w.segment.clone());
+                    }
                 }
                 let globs = glob_bits(&mut seg.globs);
                 pick(globs, &|policy: &str| {
@@ -630,8 +653,29 @@ impl Controller {
             .expect("segment known")
     }
 
+    /// A loop about to change: marked changed ([`Controller::loop_changed`]).
     fn loop_mut(&mut self, partition: i32, segment: &str, policy: &str) -> &mut LoopState {
-        // The loop may get a deadline: the next tick walks them again.
+        self.loop_changed(partition, segment);
+        self.loop_peek_mut(partition, segment, policy)
+    }
+
+    /// A loop to look at and perhaps change (made healthy if the segment has none for
+    /// `policy`): marks nothing; a caller that changed it calls [`Controller::loop_changed`].
+    fn loop_peek_mut(&mut self, partition: i32, segment: &str, policy: &str) -> &mut LoopState {
+        let p = self
+            .partitions
+            .get_mut(&partition)
+            .expect("partition owned");
+        let loops = &mut p.segments.get_mut(segment).expect("segment known").loops;
+        if !loops.contains_key(policy) {
+            loops.insert(policy.to_string(), LoopState::new());
+        }
+        loops.get_mut(policy).expect("inserted above")
+    }
+
+    /// A loop of `segment` changed: its state is written with the next changes, and the next
+    /// tick walks the deadlines again (the loop may have got one).
+    fn loop_changed(&mut self, partition: i32, segment: &str) {
         self.deadline_floor = i64::MIN;
         let p = self
             .partitions
@@ -641,11 +685,6 @@ impl Controller {
             let (name, _) = p.segments.get_key_value(segment).expect("segment known");
             p.dirty.insert(name.clone());
         }
-        let loops = &mut p.segments.get_mut(segment).expect("segment known").loops;
-        if !loops.contains_key(policy) {
-            loops.insert(policy.to_string(), LoopState::new());
-        }
-        loops.get_mut(policy).expect("inserted above")
     }
 
     fn timing(&self, policy: &str, kind: TimingKind, ms: Option<i64>, out: &mut Effects) {
@@ -707,7 +746,10 @@ impl Controller {
         let clear_for = policy.clear_for;
         let for_windows = policy.for_windows;
         let verified = policy.verified_by(w);
-        let l = self.loop_mut(partition, segment, &name);
+        // Most windows of a loop under action change nothing (a command awaiting its ack):
+        // the loop is marked changed only if it did, so its state is not written again.
+        let l = self.loop_peek_mut(partition, segment, &name);
+        let before = l.progress();
         let from = l.phase;
         let mut fire = false;
         let mut ineffective = false;
@@ -774,9 +816,12 @@ impl Controller {
             }
             Phase::Commanded | Phase::Acknowledged | Phase::Backoff => {}
         }
-        let l = self.loop_mut(partition, segment, &name);
+        let l = self.loop_peek_mut(partition, segment, &name);
         l.phase = to;
         let id = l.command_id.clone();
+        if l.progress() != before {
+            self.loop_changed(partition, segment);
+        }
         self.count_move(partition, &name, from, to);
         if to != from {
             let mut aggs = Vec::new();

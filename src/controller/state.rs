@@ -67,7 +67,34 @@ pub struct LoopState {
     pub reason: Option<CommandReason>,
 }
 
+/// What a window's step can change in a loop (see [`LoopState::progress`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Progress {
+    phase: Phase,
+    breaches: u32,
+    healthy: u32,
+    incident_start_ms: Option<i64>,
+    attempt: u32,
+    has_command: bool,
+    deadline_ms: Option<i64>,
+}
+
 impl LoopState {
+    /// Every field a window's step writes (the rest change only where the loop is marked
+    /// changed anyway: firing, outcomes, deadlines): equal before and after, the step changed
+    /// nothing worth writing.
+    pub(super) fn progress(&self) -> Progress {
+        Progress {
+            phase: self.phase,
+            breaches: self.breaches,
+            healthy: self.healthy,
+            incident_start_ms: self.incident_start_ms,
+            attempt: self.attempt,
+            has_command: self.command_id.is_some(),
+            deadline_ms: self.deadline_ms,
+        }
+    }
+
     pub(super) fn new() -> Self {
         LoopState {
             phase: Phase::Healthy,
