@@ -712,6 +712,7 @@ fn the_e2e_bench_runs_on_real_kafka_against_rdkafka_and_java() {
         assert!(number(rate) > 0.0, "{rate} in:\n{stdout}");
     }
     assert!(number("commands") >= 1.0, "{stdout}");
+    assert!(number("state_records") >= number("commands"), "{stdout}");
     assert!(number("window_close_to_command_p99_ms") >= 0.0, "{stdout}");
     assert_no_bench_topics_left(&bs, pid);
 }

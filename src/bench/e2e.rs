@@ -21,6 +21,8 @@ pub struct E2eReport {
     /// Why the Java consumer did not run.
     pub java_skipped: Option<String>,
     pub commands: u64,
+    /// Records the pipeline wrote to the state changelog.
+    pub state_records: u64,
     /// Window close (the poll that closed it returned) → command acknowledged by the broker.
     pub close_to_command_p50_ms: Option<f64>,
     pub close_to_command_p99_ms: Option<f64>,
@@ -82,6 +84,7 @@ impl E2eReport {
             None => println!("pipeline_heap_bytes_per_segment=unmeasured (a bench build measures it: cargo build --release --features counting-alloc)"),
         }
         println!("commands={}", self.commands);
+        println!("state_records={}", self.state_records);
         let ms = |v: Option<f64>| v.map_or("none".to_string(), |v| format!("{v:.1}"));
         println!(
             "window_close_to_command_p50_ms={}",
@@ -191,6 +194,7 @@ pub fn e2e_bench(broker: Option<Broker<'_>>, o: &E2eOptions) -> anyhow::Result<E
             .filter(|r| r.is_finite()),
         java_skipped,
         commands: report.commands,
+        state_records: report.state_records,
         close_to_command_p50_ms: acked50,
         close_to_command_p99_ms: acked99,
         close_to_produce_p50_ms: handed50,
@@ -455,8 +459,25 @@ pub(super) fn pipeline_pass(
     let heap = super::allocated_bytes()
         .zip(heap_before)
         .map(|(after, before)| after - before);
-    // Let the last windows close and commands reach the broker.
-    std::thread::sleep(Duration::from_secs(3));
+    // Let the last windows close (the idle advance, once two lag measurements found every
+    // partition read to its end) and the commands reach the broker. A fixed 3 s raced the
+    // idle advance: a command of the last windows was in some runs and not in others.
+    let settle = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < settle && !handle.is_finished() {
+        let open = core_slot.lock().expect("lock").as_ref().map_or(0, |c| {
+            c.lock()
+                .expect("core lock")
+                .pipeline
+                .engine()
+                .stats()
+                .open_events
+        });
+        if open == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
     control.stop();
     let report = handle
         .join()

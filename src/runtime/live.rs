@@ -363,6 +363,7 @@ impl Core {
                     .partition(change.partition),
             );
             self.out.counters.state_records += 1;
+            self.out.report.state_records += 1;
         }
         for p in self.pipeline.assigned().to_vec() {
             let marks = PartitionMarks {
@@ -386,6 +387,7 @@ impl Core {
             );
             self.closed_written.insert(p, marks);
             self.out.counters.state_records += 1;
+            self.out.report.state_records += 1;
         }
     }
 

@@ -79,6 +79,9 @@ pub struct RunReport {
     pub outcomes_applied: u64,
     pub outcomes_skipped: u64,
     pub commits: u64,
+    /// Records written to the state changelog (segment states, tombstones, partition
+    /// records).
+    pub state_records: u64,
     /// Telemetry records that came through the consumer's queue instead of the feed (a
     /// partition the rebalance callback could not route: [`kafka::Feed`]); 0 normally.
     pub records_unrouted: u64,
