@@ -38,9 +38,10 @@ pub(super) struct GroupContext {
     pub(super) events_pending: std::sync::atomic::AtomicBool,
     pub(super) revoke_timeout: Duration,
     pub(super) client_errors: Mutex<Vec<(rdkafka::error::KafkaError, String)>>,
-    /// Per telemetry partition, the high watermark of its last fetch response, from
-    /// librdkafka's statistics (`STATS_INTERVAL`): what the lag is measured against.
-    pub(super) high_watermarks: Mutex<BTreeMap<i32, i64>>,
+    /// Per telemetry partition, from librdkafka's statistics (`STATS_INTERVAL`): the high
+    /// watermark of its last fetch response (what the lag is measured against) and where
+    /// reading starts before anything is delivered.
+    pub(super) fetch_marks: Mutex<BTreeMap<i32, FetchMarks>>,
     /// The group's rebalance protocol is cooperative ([`cooperative_protocol`]).
     pub(super) cooperative: bool,
     /// Where assigned partitions send their records (the loop's [`kafka::Feed`]); `None`
@@ -219,11 +220,22 @@ impl ClientContext for GroupContext {
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
         };
-        let mut known = lock(&self.high_watermarks);
+        let mut known = lock(&self.fetch_marks);
         for p in topic.partitions.values() {
             // Partition -1 is librdkafka's internal "unassigned" queue; -1001 is "not known".
             if p.partition >= 0 && p.hi_offset >= 0 {
-                known.insert(p.partition, p.hi_offset);
+                // The group's committed offset, else the log start (`auto.offset.reset` is
+                // earliest).
+                let start = [p.committed_offset, p.lo_offset]
+                    .into_iter()
+                    .find(|o| *o >= 0);
+                known.insert(
+                    p.partition,
+                    FetchMarks {
+                        high: p.hi_offset,
+                        start,
+                    },
+                );
             }
         }
     }
@@ -355,35 +367,49 @@ pub(super) fn measure_lag(
     let Ok(positions) = consumer.position() else {
         return BTreeMap::new();
     };
-    let high = lock(&consumer.context().high_watermarks).clone();
+    let marks = lock(&consumer.context().fetch_marks).clone();
     positions
         .elements()
         .iter()
         .filter_map(|e| {
-            let high = *high.get(&e.partition())?;
-            // No position yet: nothing was delivered since the assignment although the
-            // partition was fetched (its high watermark is known), so nothing is waiting:
-            // caught up. (Counting the position as 0 reported the whole topic as lag after a
-            // quiet restart.)
             let position = match e.offset() {
                 Offset::Offset(o) => Some(o),
                 _ => None,
             };
-            let lag = lag_from(high, position, waiting.get(&e.partition()).copied());
+            let lag = lag_from(
+                marks.get(&e.partition())?,
+                position,
+                waiting.get(&e.partition()).copied(),
+            )?;
             Some((e.partition(), lag))
         })
         .collect()
 }
 
-/// A partition's lag: from its position (none yet: caught up), or from the record it waits
-/// at when that is earlier.
-pub(super) fn lag_from(high: i64, position: Option<i64>, waiting_at: Option<i64>) -> i64 {
-    let from = match (position, waiting_at) {
+/// What librdkafka's statistics say of a partition being read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct FetchMarks {
+    /// The high watermark of the last fetch response.
+    pub(super) high: i64,
+    /// Where reading starts when nothing was delivered yet: the committed offset, else the
+    /// log start; `None` while neither is known.
+    pub(super) start: Option<i64>,
+}
+
+/// A partition's lag: from its position, or from the record it waits at when that is
+/// earlier. No position yet (nothing delivered since the assignment): from where reading
+/// starts, so a quiet restart (committed at the end) is caught up and a backlog not yet
+/// delivered is not (taking it as caught up let the idle advance close its windows, and the
+/// backlog went to the DLQ as late). `None`: not known yet.
+pub(super) fn lag_from(
+    marks: &FetchMarks,
+    position: Option<i64>,
+    waiting_at: Option<i64>,
+) -> Option<i64> {
+    let from = match (position.or(marks.start), waiting_at) {
         (Some(p), Some(w)) => p.min(w),
-        (p, w) => match p.or(w) {
-            Some(o) => o,
-            None => return 0,
-        },
+        (Some(p), None) => p,
+        (None, w) => w?,
     };
-    (high - from).max(0)
+    Some((marks.high - from).max(0))
 }

@@ -438,7 +438,7 @@ fn telemetry_consumer(
         events: Mutex::new(Vec::new()),
         events_pending: Default::default(),
         client_errors: Mutex::new(Vec::new()),
-        high_watermarks: Mutex::new(BTreeMap::new()),
+        fetch_marks: Mutex::new(BTreeMap::new()),
         cooperative: cooperative_protocol(&properties),
         router: Mutex::new(None),
         topic_c: std::ffi::CString::new(topic.as_str())
