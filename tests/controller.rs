@@ -781,38 +781,10 @@ proptest! {
             a.apply(op);
         }
         // Restore every segment's bytes into a fresh controller.
-        let mut b = Sim::with(sim_policies_without_watches());
-        b.now = a.now;
-        b.window_start = a.window_start.clone();
-        b.issued = a.issued.clone();
-        for s in a.c.segments() {
-            b.c.restore(SegmentState::from_bytes(&s.to_bytes()).unwrap()).unwrap();
-        }
-        // A segment whose loop never moved has no state: its windows, read again, are judged
-        // again, healthy, and change nothing but what the controller knows.
-        for (&seg, &start) in &a.window_start {
-            let name = SEGS[seg as usize];
-            if a.c.segment(name).is_none() {
-                let again = window(name, i32::from(seg % 2), start - W, 0.0);
-                let mut fx = Effects::default();
-                b.c.on_window(&again, &BTreeMap::new(), b.now, &mut fx);
-                prop_assert!(fx.is_empty(), "{:?}", fx);
-            }
-        }
-        prop_assert_eq!(b.c.known_segments(), a.c.known_segments());
-        // Token buckets are not part of the changelog: let both refill before continuing.
-        a.now += 60_000;
-        b.now += 60_000;
-        for op in &ops[cut..] {
-            let fa = a.apply(op);
-            let fb = b.apply(op);
-            prop_assert_eq!(format!("{:?}", fa), format!("{:?}", fb));
-        }
+        let states = a.c.segments().map(|s| s.to_bytes()).collect::<Vec<_>>();
+        let mut b = restarted(&a, &states)?;
+        continues_identically(&mut a, &mut b, &ops[cut..])?;
     }
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// What a restart reads back is what the changelog got: the records `take_changes` gave
     /// after every step (tombstones delete). A controller restored from them at any point
@@ -832,33 +804,48 @@ proptest! {
                 };
             }
         }
-        let mut b = Sim::with(sim_policies_without_watches());
-        b.now = a.now;
-        b.window_start = a.window_start.clone();
-        b.issued = a.issued.clone();
-        for bytes in changelog.values() {
-            b.c.restore(SegmentState::from_bytes(bytes).unwrap()).unwrap();
-        }
-        // A segment with no record (its loop never moved, or it went quiet): its last window,
-        // read again after the restart, is judged again and makes it known.
-        for (&seg, &start) in &a.window_start {
-            let name = SEGS[seg as usize];
-            if b.c.segment(name).is_none() {
-                let again = window(name, i32::from(seg % 2), start - W, 0.0);
-                let mut fx = Effects::default();
-                b.c.on_window(&again, &BTreeMap::new(), b.now, &mut fx);
-                prop_assert!(fx.is_empty(), "{:?}", fx);
-            }
-        }
-        prop_assert_eq!(b.c.known_segments(), a.c.known_segments());
-        a.now += 60_000;
-        b.now += 60_000;
-        for op in &ops[cut..] {
-            let fa = a.apply(op);
-            let fb = b.apply(op);
-            prop_assert_eq!(format!("{:?}", fa), format!("{:?}", fb));
+        let states = changelog.into_values().collect::<Vec<_>>();
+        let mut b = restarted(&a, &states)?;
+        continues_identically(&mut a, &mut b, &ops[cut..])?;
+    }
+}
+
+/// A fresh simulation restored from `states` (changelog bytes) at `a`'s point. A segment with
+/// no state (its loop never moved, or it went quiet) has its last window read again after
+/// the restart: judged again, healthy, it changes nothing but what the controller knows.
+fn restarted(a: &Sim, states: &[Vec<u8>]) -> Result<Sim, TestCaseError> {
+    let mut b = Sim::with(sim_policies_without_watches());
+    b.now = a.now;
+    b.window_start = a.window_start.clone();
+    b.issued = a.issued.clone();
+    for bytes in states {
+        b.c.restore(SegmentState::from_bytes(bytes).unwrap())
+            .unwrap();
+    }
+    for (&seg, &start) in &a.window_start {
+        let name = SEGS[seg as usize];
+        if b.c.segment(name).is_none() {
+            let again = window(name, i32::from(seg % 2), start - W, 0.0);
+            let mut fx = Effects::default();
+            b.c.on_window(&again, &BTreeMap::new(), b.now, &mut fx);
+            prop_assert!(fx.is_empty(), "{:?}", fx);
         }
     }
+    prop_assert_eq!(b.c.known_segments(), a.c.known_segments());
+    Ok(b)
+}
+
+/// `a` and its restored `b` take the same `ops` with the same effects (token buckets are not
+/// in the changelog: both refill first).
+fn continues_identically(a: &mut Sim, b: &mut Sim, ops: &[Op]) -> Result<(), TestCaseError> {
+    a.now += 60_000;
+    b.now += 60_000;
+    for op in ops {
+        let fa = a.apply(op);
+        let fb = b.apply(op);
+        prop_assert_eq!(format!("{:?}", fa), format!("{:?}", fb));
+    }
+    Ok(())
 }
 
 #[test]

@@ -651,49 +651,9 @@ escalate = "page"
 #[test]
 fn the_e2e_bench_runs_on_real_kafka_against_rdkafka_and_java() {
     let bs = broker_bootstrap();
-    let dir = tempfile::tempdir().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_segloop"))
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .args([
-            "bench",
-            "e2e",
-            "--bootstrap",
-            &bs,
-            "--events",
-            "20000",
-            "--segments",
-            "500",
-            "--partitions",
-            "4",
-            "--rounds",
-            "1",
-            "--breaching",
-            "0.02",
-        ])
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let field = |name: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("no {name} in:\n{stdout}"))
-            .to_string()
-    };
-    let number = |name: &str| {
-        field(name)
-            .parse::<f64>()
-            .unwrap_or_else(|_| panic!("{name} is not a number in:\n{stdout}"))
-    };
+    let (stdout, pid) = bench(&["e2e", "--bootstrap", &bs, "--breaching", "0.02"]);
+    let field = |name: &str| field(&stdout, name);
+    let number = |name: &str| number(&stdout, name);
     assert_eq!(field("broker"), bs);
     assert_eq!(number("consumed"), 20_000.0);
     assert_eq!(number("aggregated") + number("dlq"), 20_000.0);
@@ -715,6 +675,55 @@ fn the_e2e_bench_runs_on_real_kafka_against_rdkafka_and_java() {
     assert!(number("state_records") >= number("commands"), "{stdout}");
     assert!(number("window_close_to_command_p99_ms") >= 0.0, "{stdout}");
     assert_no_bench_topics_left(&bs, pid);
+}
+
+/// `segloop bench <args> --events 20000 --segments 500 --partitions 4 --rounds 1` as a user
+/// runs it (the binary, from another directory): its stdout, once it succeeded, and its pid.
+fn bench(args: &[&str]) -> (String, u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_segloop"))
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .arg("bench")
+        .args(args)
+        .args([
+            "--events",
+            "20000",
+            "--segments",
+            "500",
+            "--partitions",
+            "4",
+            "--rounds",
+            "1",
+        ])
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (stdout, pid)
+}
+
+/// A bench's `name=value` line.
+fn field(stdout: &str, name: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name} in:\n{stdout}"))
+        .to_string()
+}
+
+/// A bench's `name=value` line, a number.
+fn number(stdout: &str, name: &str) -> f64 {
+    field(stdout, name)
+        .parse::<f64>()
+        .unwrap_or_else(|_| panic!("{name} is not a number in:\n{stdout}"))
 }
 
 /// A bench run leaves none of the topics it made on the broker (`bench-<pid>-…`).
@@ -745,42 +754,8 @@ fn assert_no_bench_topics_left(bs: &str, pid: u32) {
 #[test]
 fn the_replay_bench_runs_on_real_kafka_against_rdkafka_and_java() {
     let bs = broker_bootstrap();
-    let dir = tempfile::tempdir().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_segloop"))
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .args([
-            "bench",
-            "replay",
-            "--bootstrap",
-            &bs,
-            "--events",
-            "20000",
-            "--segments",
-            "500",
-            "--partitions",
-            "4",
-            "--rounds",
-            "1",
-        ])
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let number = |name: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}=")))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no number {name} in:\n{stdout}"))
-    };
+    let (stdout, pid) = bench(&["replay", "--bootstrap", &bs]);
+    let number = |name: &str| number(&stdout, name);
     assert_eq!(number("records"), 20_000.0);
     for rate in [
         "replay_events_per_sec",

@@ -55,19 +55,12 @@ impl E2eReport {
         println!("dlq={}", self.dlq);
         println!("events_per_sec={:.0}", self.events_per_sec);
         println!("raw_consume_per_sec={:.0}", self.raw_consume_per_sec);
-        match self.java_consume_per_sec {
-            Some(j) => {
-                println!("java_consume_per_sec={j:.0}");
-                println!("ratio={:.2}", self.events_per_sec / j);
-            }
-            None => {
-                println!(
-                    "java_consume_per_sec=none ({})",
-                    self.java_skipped.as_deref().unwrap_or("not run")
-                );
-                println!("ratio=none (no Java figure; see raw_ratio)");
-            }
-        }
+        print_java(
+            self.events_per_sec,
+            self.java_consume_per_sec,
+            self.java_skipped.as_deref(),
+            "raw_ratio",
+        );
         println!(
             "raw_ratio={:.2}",
             self.events_per_sec / self.raw_consume_per_sec

@@ -362,22 +362,33 @@ impl ReplayReport {
         println!("replay_events_per_sec={:.0}", self.replay_events_per_sec);
         println!("raw_consume_per_sec={:.0}", self.raw_consume_per_sec);
         println!("replay_to_raw_ratio={:.2}", self.ratio);
-        match self.java_consume_per_sec {
-            Some(j) => {
-                println!("java_consume_per_sec={j:.0}");
-                println!("ratio={:.2}", self.replay_events_per_sec / j);
-            }
-            None => {
-                println!(
-                    "java_consume_per_sec=none ({})",
-                    self.java_skipped.as_deref().unwrap_or("not run")
-                );
-                println!("ratio=none (no Java figure; see replay_to_raw_ratio)");
-            }
-        }
+        print_java(
+            self.replay_events_per_sec,
+            self.java_consume_per_sec,
+            self.java_skipped.as_deref(),
+            "replay_to_raw_ratio",
+        );
         println!("engine_events_per_sec={:.0}", self.engine_events_per_sec);
         println!("raw_cpu_cores={:.2}", self.raw_cpu_cores);
         println!("replay_cpu_cores={:.2}", self.replay_cpu_cores);
+    }
+}
+
+/// The bare Java consumer's rate and `rate`'s ratio to it, or why there is none (`instead`:
+/// the ratio to read then).
+fn print_java(rate: f64, java: Option<f64>, skipped: Option<&str>, instead: &str) {
+    match java {
+        Some(j) => {
+            println!("java_consume_per_sec={j:.0}");
+            println!("ratio={:.2}", rate / j);
+        }
+        None => {
+            println!(
+                "java_consume_per_sec=none ({})",
+                skipped.unwrap_or("not run")
+            );
+            println!("ratio=none (no Java figure; see {instead})");
+        }
     }
 }
 
