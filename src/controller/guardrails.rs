@@ -230,10 +230,7 @@ impl Controller {
         if seg.action_history.len() as u32 >= g.flap_max_actions {
             seg.frozen_until_ms = Some(now + g.flap_freeze_ms);
             // The freeze is state of its own (no loop moved): written with the next changes.
-            if !p.dirty.contains(segment) {
-                let (name, _) = p.segments.get_key_value(segment).expect("known");
-                p.dirty.insert(name.clone());
-            }
+            p.mark_dirty(segment);
             return Some(Guardrail::FlapBreaker);
         }
         if let Some(&last) = seg.last_action_ms.get(&policy.action) {

@@ -204,6 +204,14 @@ impl PartitionState {
     fn knows(&self, segment: &str) -> bool {
         self.segments.contains_key(segment) || self.seen.contains_key(segment)
     }
+
+    /// `segment` (with a state here) changed: written with the next changes.
+    fn mark_dirty(&mut self, segment: &str) {
+        if !self.dirty.contains(segment) {
+            let (name, _) = self.segments.get_key_value(segment).expect("segment known");
+            self.dirty.insert(name.clone());
+        }
+    }
 }
 
 /// A changelog record for the state topic: a segment's state, or `None` to delete it.
@@ -491,24 +499,23 @@ impl Controller {
             let recheck = std::mem::take(&mut p.recheck);
             // A segment only judged again (its window changed nothing) is written only as
             // its tombstone once it is quiet.
-            let only_judged = recheck.difference(&dirty).filter(|name| {
-                p.segments
-                    .get(*name)
-                    .is_some_and(|seg| seg.is_quiet(now_ms, memory_ms))
-            });
-            let quiet_now: Vec<Arc<str>> = only_judged.cloned().collect();
-            for name in dirty.into_iter().chain(quiet_now) {
-                let Some(seg) = p.segments.get(&name) else {
+            let changed = dirty.iter().map(|name| (name, true));
+            let judged = recheck.difference(&dirty).map(|name| (name, false));
+            for (name, changed) in changed.chain(judged) {
+                let Some(seg) = p.segments.get(name) else {
                     continue;
                 };
                 if !seg.is_quiet(now_ms, memory_ms) {
+                    if !changed {
+                        continue;
+                    }
                     p.persisted.insert(name.clone());
                     out.push(StateChange {
                         partition,
                         segment: name.to_string(),
                         state: Some(seg.to_bytes()),
                     });
-                } else if p.persisted.remove(&name) {
+                } else if p.persisted.remove(name) {
                     out.push(StateChange {
                         partition,
                         segment: name.to_string(),
@@ -584,12 +591,13 @@ impl Controller {
                 // restart reads again from), and every loop change marks it dirty. A window
                 // group's judged end is kept only in the segment's state: written.
                 if p.persisted.contains(&*w.segment) {
-                    if w.group.is_some() {
-                        if !p.dirty.contains(&*w.segment) {
-                            p.dirty.insert(w.segment.clone());
-                        }
-                    } else if !p.recheck.contains(&*w.segment) {
-                        p.recheck.insert(w.segment.clone());
+                    let due = if w.group.is_some() {
+                        &mut p.dirty
+                    } else {
+                        &mut p.recheck
+                    };
+                    if !due.contains(&*w.segment) {
+                        due.insert(w.segment.clone());
                     }
                 }
                 let globs = glob_bits(&mut seg.globs);
@@ -677,14 +685,10 @@ impl Controller {
     /// tick walks the deadlines again (the loop may have got one).
     fn loop_changed(&mut self, partition: i32, segment: &str) {
         self.deadline_floor = i64::MIN;
-        let p = self
-            .partitions
+        self.partitions
             .get_mut(&partition)
-            .expect("partition owned");
-        if !p.dirty.contains(segment) {
-            let (name, _) = p.segments.get_key_value(segment).expect("segment known");
-            p.dirty.insert(name.clone());
-        }
+            .expect("partition owned")
+            .mark_dirty(segment);
     }
 
     fn timing(&self, policy: &str, kind: TimingKind, ms: Option<i64>, out: &mut Effects) {

@@ -106,8 +106,9 @@ impl LagMarks {
     }
 
     /// `partition` is read again from an earlier offset (a schema wait answered: the seek
-    /// back): what was measured of it no longer holds. It is not read through anything, nor
-    /// caught up, until two measurements after the seek say so (an idle advance in between
+    /// back): what was measured of it no longer holds. It is read through nothing until two
+    /// measurements after the seek say so, and no measurement before the seek counts towards
+    /// caught up (an idle advance in between
     /// closed the windows of the records about to be read again, and they went to the DLQ
     /// as late).
     pub(super) fn forget(&mut self, partition: i32) {
@@ -471,9 +472,11 @@ impl Loop {
             let more = ow.sync(&self.p.outcomes, &outcome_waiting)?;
             if !answered.is_empty() || !more.is_empty() {
                 let mut c = lock(core);
-                for p in answered {
+                for &p in &answered {
                     lag.forget(p);
                     c.pipeline.stop_waiting(p);
+                }
+                if !answered.is_empty() {
                     c.pipeline.set_read_through(Some(lag.read_through.clone()));
                 }
                 for p in more {
