@@ -484,7 +484,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<Summary> {
                     "  t={now_s:>5.1}s  status   produced={} consumed={} windows={} commands={} in_flight={}",
                     produced.load(Ordering::Relaxed),
                     c.report().records_consumed,
-                    c.pipeline.engine().stats().windows_closed,
+                    c.pipeline.engine_stats().windows_closed,
                     c.report().commands,
                     c.pipeline.controller().in_flight().count()
                 );

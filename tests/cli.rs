@@ -27,7 +27,39 @@ fn check_config_accepts_shipped_and_rejects_bad_with_exit_2() {
     let ok = segloop(&["check-config", "config/segloop.toml"], b"");
     assert!(ok.status.success(), "{}", text(&ok.stderr));
     assert!(text(&ok.stdout).contains("[windows]"));
-    assert!(!text(&ok.stderr).contains("max_segments"));
+    assert!(!text(&ok.stderr).contains("warning: windows.max_segments"));
+    // Threads say what they do to the segment cap; too many is refused, naming the field.
+    let threads = segloop(
+        &[
+            "check-config",
+            "config/segloop.toml",
+            "--set",
+            "engine.threads=4",
+        ],
+        b"",
+    );
+    assert!(threads.status.success());
+    assert!(
+        text(&threads.stderr).contains("engine.threads = 4 (4 threads)")
+            && text(&threads.stderr).contains("(250000 each"),
+        "{}",
+        text(&threads.stderr)
+    );
+    let too_many = segloop(
+        &[
+            "check-config",
+            "config/segloop.toml",
+            "--set",
+            "engine.threads=300",
+        ],
+        b"",
+    );
+    assert_eq!(too_many.status.code(), Some(2));
+    assert!(
+        text(&too_many.stderr).contains("engine.threads"),
+        "{}",
+        text(&too_many.stderr)
+    );
     // A lowered segment cap says what eviction costs.
     let capped = segloop(
         &[

@@ -474,3 +474,96 @@ fn unknown_schema_ids_wait_for_the_registry_then_decode() {
     assert!(p.waiting().is_empty());
     assert_eq!(*asked.lock().unwrap(), [1, 1, 41, 41, 42, 43, 44]);
 }
+
+/// Sharded (`engine.threads`), a partition waits on the registry on its own: its shard leaves
+/// the record to the pipeline, which asks; another shard's partition goes on meanwhile, and
+/// the waiting one decodes once answered.
+#[test]
+fn a_sharded_pipeline_waits_for_the_registry_per_partition() {
+    let current = segloop::schema::SchemaKind::Telemetry.source();
+    let cfg = config(&[
+        "topics.telemetry.codec=avro-confluent",
+        "schema_registry.url=http://127.0.0.1:9",
+    ]);
+    let answers = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::from([(
+        1,
+        SchemaLookup::Found(current.into()),
+    )])));
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut p = Pipeline::sharded(
+        &cfg,
+        PolicySet::parse("", "p.toml").unwrap(),
+        Options::live(),
+        2,
+    )
+    .unwrap();
+    p.set_schema_source(Box::new(FakeRegistry {
+        answers: answers.clone(),
+        asked: asked.clone(),
+    }));
+    p.assign(0);
+    p.assign(1);
+    assert_ne!(p.shard_of(0), p.shard_of(1));
+    let values: Vec<(i32, i64, Vec<u8>)> = (0..4)
+        .flat_map(|o| {
+            [
+                (0, o, confluent(41, current, "a", 1_000 + o, &[])),
+                (1, o, confluent(1, current, "b", 1_000 + o, &[])),
+            ]
+        })
+        .collect();
+    fn batch(values: &[(i32, i64, Vec<u8>)]) -> Vec<Record<'_>> {
+        values
+            .iter()
+            .map(|(q, o, v)| Record {
+                partition: *q,
+                offset: *o,
+                key: Some(if *q == 0 { b"a" } else { b"b" }),
+                value: Some(v),
+                timestamp_ms: None,
+                handle: 0,
+            })
+            .collect()
+    }
+    let mut sink = Collect::default();
+    p.on_batch_with(
+        &batch(&values),
+        1_004,
+        &mut sink,
+        &segloop::pipeline::InPlace,
+    );
+    assert_eq!(
+        p.waiting()[&0].offset,
+        0,
+        "partition 0 waits at its first record"
+    );
+    assert!(!p.waiting().contains_key(&1));
+    assert_eq!(
+        p.stats().records_aggregated,
+        4,
+        "partition 1's four records"
+    );
+    assert_eq!(
+        p.committable_offset(0),
+        Some(0),
+        "the waiting record holds the floor"
+    );
+    assert!(sink.rejected.is_empty());
+    answers
+        .lock()
+        .unwrap()
+        .insert(41, SchemaLookup::Found(current.into()));
+    p.stop_waiting(0);
+    let again: Vec<_> = values.into_iter().filter(|(q, _, _)| *q == 0).collect();
+    p.on_batch_with(
+        &batch(&again),
+        1_005,
+        &mut sink,
+        &segloop::pipeline::InPlace,
+    );
+    assert!(p.waiting().is_empty());
+    assert_eq!(p.stats().records_aggregated, 8);
+    assert_eq!(p.committable_offset(0), Some(0));
+    // Between rounds, shard by shard: partition 0's id, partition 1's; then 41 again.
+    assert_eq!(*asked.lock().unwrap(), [41, 1, 41]);
+}

@@ -554,11 +554,13 @@ fn the_e2e_bench_accounts_for_every_record() {
             rounds: 1,
             breaching: 0.01,
             java: Err("embedded".into()),
+            threads: Some(2),
         },
     )
     .unwrap();
     assert_eq!(r.consumed, 20_000);
     assert_eq!(r.broker, "embedded");
+    assert_eq!(r.engine_threads, 2);
     assert_eq!(r.breaching, 3, "every 100th of 300 segments");
     assert!(r.java_consume_per_sec.is_none() && r.java_skipped.is_some());
     // The pipeline's own thread did the work, and its CPU is accounted.

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 /// Figures of one end-to-end run.
 #[derive(Debug, Clone)]
 pub struct E2eReport {
+    /// `engine.threads` of the pipeline pass (its loop thread and the shards' workers).
+    pub engine_threads: usize,
     /// `embedded` or the real broker's address.
     pub broker: String,
     pub records: u64,
@@ -49,6 +51,7 @@ impl E2eReport {
         println!("records={}", self.records);
         println!("partitions={}", self.partitions);
         println!("segments={}", self.segments);
+        println!("engine_threads={}", self.engine_threads);
         println!("breaching_segments={}", self.breaching);
         println!("consumed={}", self.consumed);
         println!("aggregated={}", self.aggregated);
@@ -109,6 +112,8 @@ pub struct E2eOptions {
     pub breaching: f64,
     /// The bare Java consumer, or why it cannot run.
     pub java: Result<JavaConsumer, String>,
+    /// `engine.threads` of the pipeline pass (`None`: the config's default).
+    pub threads: Option<usize>,
 }
 
 /// Produces `records` Avro telemetry records over `segments` segments (a `breaching` share of
@@ -154,6 +159,9 @@ pub fn e2e_bench(broker: Option<Broker<'_>>, o: &E2eOptions) -> anyhow::Result<E
         }
         let mut cfg = config.clone();
         cfg.kafka.group_id = format!("{}-e2e-{round}", config.kafka.group_id);
+        if let Some(n) = o.threads {
+            cfg.engine.threads = n;
+        }
         let (secs, r, threads, heap) = pipeline_pass(cfg, policies.clone(), records)?;
         heap_per_segment = heap.map(|b| b as f64 / o.segments.max(1) as f64);
         if secs < pipeline_secs {
@@ -178,6 +186,10 @@ pub fn e2e_bench(broker: Option<Broker<'_>>, o: &E2eOptions) -> anyhow::Result<E
         records,
         partitions: o.partitions,
         segments: o.segments,
+        engine_threads: o.threads.map_or_else(
+            || config.engine.effective_threads(),
+            |n| crate::config::EngineConfig { threads: n }.effective_threads(),
+        ),
         breaching,
         events_per_sec,
         raw_consume_per_sec: records as f64 / raw_secs,
@@ -328,7 +340,8 @@ fn thread_cpu() -> BTreeMap<u32, (String, f64)> {
             continue;
         };
         let (name, secs) = stat_cpu(&stat);
-        let group = if name == "pipeline" {
+        // The loop thread and the shards' workers (`engine.threads`).
+        let group = if name == "pipeline" || name.starts_with("shard-") {
             "pipeline"
         } else if name.starts_with("rdk:") {
             "librdkafka"
@@ -461,8 +474,7 @@ pub(super) fn pipeline_pass(
             c.lock()
                 .expect("core lock")
                 .pipeline
-                .engine()
-                .stats()
+                .engine_stats()
                 .open_events
         });
         if open == 0 {

@@ -356,6 +356,9 @@ pub struct BenchArgs {
     /// (default: the jars scripts/kafka.sh fetched, if found)
     #[arg(long)]
     pub java_classpath: Option<PathBuf>,
+    /// e2e: `engine.threads` of the pipeline pass (default: the config's; 0 = one per core)
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 impl BenchArgs {

@@ -350,6 +350,7 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
                         rounds: args.rounds,
                         breaching: args.breaching,
                         java: java(),
+                        threads: args.threads,
                     },
                 ),
                 |r| r.print(),
@@ -454,6 +455,15 @@ pub fn check_config(args: &CheckConfigArgs, env: &HashMap<String, String>) -> Ex
                     {
                         eprintln!("warning: admin.listen has port 0, so the default transactional.id changes with every start: a restart does not fence its predecessor, whose open transaction the broker aborts only after transaction.timeout.ms; set delivery.transactional_id or a fixed admin port");
                     }
+                }
+                let threads = config.engine.effective_threads();
+                if threads > 1 {
+                    eprintln!(
+                        "note: engine.threads = {} ({threads} threads): telemetry is decoded and windowed on {threads} threads, each owning a share of the assigned partitions; windows.max_segments = {} is split between them ({} each: a thread whose partitions hold more segments evicts its longest idle ones first)",
+                        config.engine.threads,
+                        config.windows.max_segments,
+                        config.windows.max_segments.div_ceil(threads)
+                    );
                 }
                 let default_cap = crate::config::WindowConfig::default().max_segments;
                 if config.windows.max_segments < default_cap {

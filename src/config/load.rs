@@ -258,6 +258,16 @@ impl Config {
                 message,
             })
         };
+        if self.engine.threads > super::MAX_ENGINE_THREADS {
+            err(
+                "engine.threads",
+                format!(
+                    "{} is more than {}; use one per CPU core (0 does that)",
+                    self.engine.threads,
+                    super::MAX_ENGINE_THREADS
+                ),
+            );
+        }
         let w = &self.windows;
         if w.size < Duration::from_millis(1) {
             err("windows.size", "must be at least 1ms, e.g. \"10s\"".into());

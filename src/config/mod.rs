@@ -35,6 +35,7 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub topics: TopicsConfig,
     pub windows: WindowConfig,
+    pub engine: EngineConfig,
     pub delivery: DeliveryConfig,
     pub admin: AdminConfig,
     pub logging: LoggingConfig,
@@ -397,6 +398,30 @@ impl TopicsConfig {
             &mut self.control,
             &mut self.state,
         ]
+    }
+}
+
+/// How `segloop run` spreads its per-event work over threads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Threads that decode and window the telemetry, each owning a disjoint set of the
+    /// assigned partitions (0: one per CPU core). The controller (guardrails, commands) runs on
+    /// the loop thread, so its limits stay exact. `windows.max_segments` is split evenly
+    /// between the threads.
+    pub threads: usize,
+}
+
+/// Most `engine.threads`.
+pub const MAX_ENGINE_THREADS: usize = 256;
+
+impl EngineConfig {
+    /// The threads a run uses: `threads`, or with 0 one per CPU core.
+    pub fn effective_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n.min(MAX_ENGINE_THREADS),
+        }
     }
 }
 

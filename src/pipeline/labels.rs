@@ -12,6 +12,8 @@ pub const MAX_LABEL_MAP_BYTES: usize = 64 << 20;
 pub(super) struct LabelMap {
     pub(super) on: bool,
     pub(super) cap: usize,
+    /// [`MAX_LABEL_MAP_BYTES`], or its share in one shard.
+    pub(super) max_bytes: usize,
     pub(super) bytes: usize,
     pub(super) map: FastMap<String, Labels>,
 }
@@ -48,7 +50,7 @@ impl LabelMap {
                 self.map.insert(owned.segment, owned.labels);
             }
             None => {
-                if self.map.len() >= self.cap || self.bytes + size > MAX_LABEL_MAP_BYTES {
+                if self.map.len() >= self.cap || self.bytes + size > self.max_bytes {
                     tracing::warn!(
                         segments = self.map.len(),
                         bytes = self.bytes,

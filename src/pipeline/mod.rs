@@ -37,16 +37,19 @@ use crate::controller::{
 };
 use crate::model::{DecisionRecord, RemediationOutcome};
 use crate::policy::{PolicySet, Silence};
-use crate::window::{with_hints, Position, WindowSummary, Windows};
+use crate::window::{Position, WindowSummary, Windows};
 
 mod dead_letters;
 mod labels;
 mod read_model;
+mod shard;
 use dead_letters::*;
 #[allow(unused_imports)]
 pub use labels::*;
 #[allow(unused_imports)]
 pub use read_model::*;
+use shard::*;
+pub use shard::{Fanout, InPlace, CLOSED_PER_ROUND};
 
 /// Labels of a segment (the latest set seen).
 pub type Labels = BTreeMap<String, String>;
@@ -131,18 +134,6 @@ fn evidence_grace_ms(w: &crate::config::WindowConfig) -> i64 {
     life.as_millis().try_into().unwrap_or(i64::MAX)
 }
 
-/// A record the windows refused, as the dead letter's error (the engine's reasons under their
-/// stable DLQ codes).
-fn rejected(r: crate::window::Rejection) -> DecodeError {
-    use crate::window::Rejected;
-    let code = match r.kind {
-        Rejected::Late => ErrorCode::Late,
-        Rejected::ClockSkew => ErrorCode::ClockSkew,
-        Rejected::NotAssigned => ErrorCode::NotAssigned,
-    };
-    DecodeError::new(code, r.message)
-}
-
 /// How far `partition` counts as read through: its read-through (all of them: `until`), never
 /// past the merge's `until`, nor past where it stood when a schema wait began (`frozen`).
 fn read_through_at(
@@ -160,13 +151,13 @@ fn read_through_at(
 
 /// The engine (windows, policies, controller) behind one step for every driver.
 pub struct Pipeline {
-    engine: Windows,
+    /// The per-event work, one shard per partition set (see [`shard`]).
+    shards: Vec<Shard>,
+    /// Which shard owns each assigned partition.
+    map: ShardMap,
     controller: Controller,
-    decoder: TelemetryDecoder,
-    labels: LabelMap,
     options: Options,
     max_clock_skew_ms: i64,
-    closed: Vec<WindowSummary>,
     fx: Effects,
     assigned: Vec<i32>,
     /// Per partition: the end of the last window judged (windows close in end order).
@@ -203,38 +194,67 @@ pub struct SchemaWait {
 }
 
 impl Pipeline {
+    /// A pipeline of one shard (a replay, the benches, tests).
+    ///
     /// # Errors
     /// The telemetry codec settings are invalid (the message names the topic).
     pub fn new(config: &Config, policies: PolicySet, options: Options) -> Result<Self, String> {
+        Self::sharded(config, policies, options, 1)
+    }
+
+    /// A pipeline whose per-event work is split over `shards` partition sets (at least one),
+    /// for a driver that runs them side by side ([`Pipeline::on_batch_with`]). The segment cap
+    /// (`windows.max_segments`) and the label map's bounds are split evenly between the shards:
+    /// together they hold no more than one shard would.
+    ///
+    /// # Errors
+    /// The telemetry codec settings are invalid (the message names the topic).
+    pub fn sharded(
+        config: &Config,
+        policies: PolicySet,
+        options: Options,
+        shards: usize,
+    ) -> Result<Self, String> {
+        let n = shards.clamp(1, usize::from(u16::MAX - 1));
         let t = &config.topics.telemetry;
-        let decoder = TelemetryDecoder::new(t.codec, &config.schema_settings(t))
-            .map_err(|e| format!("topics.telemetry: {e}"))?;
         let read = Arc::new(ReadModel::default());
         read.set_silences(policies.silences.iter());
         let labels_on = uses_labels(&policies);
-        let mut controller = Controller::new(policies);
-        controller.set_evidence_grace(evidence_grace_ms(&config.windows));
-        Ok(Pipeline {
-            engine: {
-                let mut w = Windows::from_config(&config.windows);
+        let mut windows = config.windows.clone();
+        windows.max_segments = config.windows.max_segments.div_ceil(n).max(1);
+        let shards = (0..n)
+            .map(|_| {
+                let decoder = TelemetryDecoder::new(t.codec, &config.schema_settings(t))
+                    .map_err(|e| format!("topics.telemetry: {e}"))?;
+                let mut engine = Windows::from_config(&windows);
                 if options.skew == SkewReference::BrokerTimestamp {
                     // Skew is judged at admission, against the broker timestamp; the replay's
                     // clock (robust event time) is no wall clock to judge it by.
-                    w.judge_skew_at_admission();
+                    engine.judge_skew_at_admission();
                 }
-                w
-            },
-            labels: LabelMap {
-                on: labels_on,
-                cap: config.windows.max_segments,
-                bytes: 0,
-                map: FastMap::default(),
-            },
+                Ok(Shard {
+                    engine,
+                    decoder,
+                    labels: LabelMap {
+                        on: labels_on,
+                        cap: windows.max_segments,
+                        max_bytes: MAX_LABEL_MAP_BYTES / n,
+                        bytes: 0,
+                        map: FastMap::default(),
+                    },
+                    stats: InputStats::default(),
+                    closed: Vec::new(),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mut controller = Controller::new(policies);
+        controller.set_evidence_grace(evidence_grace_ms(&config.windows));
+        Ok(Pipeline {
+            shards,
+            map: ShardMap::default(),
             controller,
-            decoder,
             options,
             max_clock_skew_ms: config.windows.max_clock_skew.as_millis() as i64,
-            closed: Vec::new(),
             fx: Effects::default(),
             assigned: Vec::new(),
             closed_through: BTreeMap::new(),
@@ -301,8 +321,35 @@ impl Pipeline {
         self.controller.set_caught_up(partitions);
     }
 
-    pub fn engine(&self) -> &Windows {
-        &self.engine
+    /// The windows' counters over every shard (gauges summed too).
+    pub fn engine_stats(&self) -> crate::window::EngineStats {
+        let mut all = crate::window::EngineStats::default();
+        for s in &self.shards {
+            all.add(&s.engine.stats());
+        }
+        all
+    }
+
+    /// The window spec (every shard's but for its share of the segment cap).
+    pub fn window_spec(&self) -> &crate::window::WindowSpec {
+        self.shards[0].engine.spec()
+    }
+
+    /// The shard that owns `partition` (`None`: not owned).
+    pub fn shard_of(&self, partition: i32) -> Option<usize> {
+        self.map.get(partition)
+    }
+
+    /// How many shards the per-event work is split over.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The default windows of an owned partition.
+    pub fn partition_windows(&self, partition: i32) -> Option<&crate::window::PartitionWindows> {
+        self.shards[self.map.get(partition)?]
+            .engine
+            .partition(partition)
     }
 
     pub fn controller(&self) -> &Controller {
@@ -313,8 +360,13 @@ impl Pipeline {
         self.controller.policies()
     }
 
-    pub fn stats(&self) -> &InputStats {
-        &self.stats
+    /// The input accounting so far (the pipeline's and every shard's).
+    pub fn stats(&self) -> InputStats {
+        let mut all = self.stats.clone();
+        for s in &self.shards {
+            add_counts(&mut all, &s.stats);
+        }
+        all
     }
 
     pub fn read_model(&self) -> Arc<ReadModel> {
@@ -326,8 +378,17 @@ impl Pipeline {
         &self.assigned
     }
 
+    /// Takes on a partition: its shard is the one with the fewest partitions (the first of
+    /// those), so a subset of a topic's partitions still spreads over every shard.
     pub fn assign(&mut self, partition: i32) {
-        self.engine.assign(partition);
+        let shard = match self.map.get(partition) {
+            Some(s) => s,
+            None => (0..self.shards.len())
+                .min_by_key(|s| self.map.count(*s))
+                .unwrap_or(0),
+        };
+        self.map.set(partition, Some(shard));
+        self.shards[shard].engine.assign(partition);
         self.controller.assign(partition);
         if let Err(at) = self.assigned.binary_search(&partition) {
             self.assigned.insert(at, partition);
@@ -336,7 +397,10 @@ impl Pipeline {
 
     /// Drops a partition's windows, controller state and bookkeeping.
     pub fn revoke(&mut self, partition: i32) {
-        self.engine.revoke(partition);
+        if let Some(s) = self.map.get(partition) {
+            self.shards[s].engine.revoke(partition);
+        }
+        self.map.set(partition, None);
         self.controller.revoke(partition);
         self.assigned.retain(|p| *p != partition);
         self.closed_through.remove(&partition);
@@ -385,7 +449,10 @@ impl Pipeline {
             self.dead_letters.floor(partition),
             self.waiting.get(&partition).map(|w| w.offset),
         ];
-        let windows = self.engine.committable_offset(partition);
+        let windows = self
+            .map
+            .get(partition)
+            .and_then(|s| self.shards[s].engine.committable_offset(partition));
         floors.into_iter().flatten().chain(windows).min()
     }
 
@@ -412,25 +479,92 @@ impl Pipeline {
         self.dead_letters.mark(partition)
     }
 
-    /// Tells the windows which segments the next records touch (see
-    /// [`crate::window::WindowEngine::prefetch`]): keys and event times read without decoding.
-    pub fn hint(&mut self, records: &[Record<'_>]) {
-        let decoder = &self.decoder;
-        // Keys as bytes: a hint only hashes them (the decoder validates the segment once).
-        self.engine.prefetch(records.iter().filter_map(|r| {
-            let ts = decoder.fast_event_time(r.value)?;
-            Some((r.partition, r.key?, ts))
-        }));
+    /// A batch of records on one clock reading, worked shard after shard on this thread.
+    pub fn on_batch(&mut self, records: &[Record<'_>], now_ms: i64, sink: &mut dyn Sink) {
+        self.on_batch_with(records, now_ms, sink, &InPlace);
     }
 
-    /// A batch of records on one clock reading, hinted to the windows ahead of their ingest.
-    pub fn on_batch(&mut self, records: &[Record<'_>], now_ms: i64, sink: &mut dyn Sink) {
-        with_hints(
-            self,
-            records,
-            |p, _, chunk| p.hint(chunk),
-            |p, _, r| p.on_record(r, now_ms, sink),
-        );
+    /// A batch of records on one clock reading, split by shard and worked in rounds (see
+    /// [`shard`]): `fanout` runs a round's shards, each hinting the windows ahead of its
+    /// ingest; between rounds the rejections go to the sink and the closed windows are judged,
+    /// shard by shard, in close order within each.
+    pub fn on_batch_with<'a>(
+        &mut self,
+        records: &[Record<'a>],
+        now_ms: i64,
+        sink: &mut dyn Sink,
+        fanout: &dyn Fanout,
+    ) {
+        let n = self.shards.len();
+        // One shard reads the batch as it is (it skips partitions not owned); several read
+        // their own records, in batch order.
+        let split: Vec<Vec<Record<'a>>> = if n == 1 {
+            Vec::new()
+        } else {
+            let mut lists = vec![Vec::with_capacity(records.len() / n + 1); n];
+            for r in records {
+                if let Some(s) = self.map.get(r.partition) {
+                    lists[s].push(*r);
+                }
+            }
+            lists
+        };
+        let lists: Vec<&[Record<'a>]> = if n == 1 {
+            vec![records]
+        } else {
+            split.iter().map(Vec::as_slice).collect()
+        };
+        let mut next: Vec<Option<usize>> =
+            lists.iter().map(|l| (!l.is_empty()).then_some(0)).collect();
+        let mut rejects: Vec<Vec<(usize, DecodeError)>> = vec![Vec::new(); n];
+        let mut stops = vec![Stop::Done; n];
+        while next.iter().any(Option::is_some) {
+            {
+                let (waiting, map) = (&self.waiting, &self.map);
+                let (options, max_clock_skew_ms) = (self.options, self.max_clock_skew_ms);
+                let learns = self.schemas.is_some();
+                let mut tasks: Vec<_> = self
+                    .shards
+                    .iter_mut()
+                    .zip(&lists)
+                    .zip(&next)
+                    .zip(rejects.iter_mut().zip(stops.iter_mut()))
+                    .enumerate()
+                    .filter_map(|(i, (((shard, list), from), (rejects, stop)))| {
+                        let from = (*from)?;
+                        let at = Admission {
+                            waiting,
+                            options,
+                            max_clock_skew_ms,
+                            learns,
+                            map,
+                            shard: i,
+                        };
+                        Some(move || *stop = shard.work(&at, list, from, now_ms, rejects))
+                    })
+                    .collect();
+                let mut refs: Vec<&mut (dyn FnMut() + Send)> = tasks
+                    .iter_mut()
+                    .map(|t| t as &mut (dyn FnMut() + Send))
+                    .collect();
+                fanout.run(&mut refs);
+            }
+            for s in 0..n {
+                let Some(_) = next[s] else { continue };
+                for (i, e) in std::mem::take(&mut rejects[s]) {
+                    self.reject(&lists[s][i], &e, sink);
+                }
+                next[s] = match stops[s] {
+                    Stop::Done => None,
+                    Stop::Judge(i) => Some(i),
+                    Stop::Registry(i) => {
+                        self.admit_and_ingest(s, &lists[s][i], now_ms, sink);
+                        (i + 1 < lists[s].len()).then_some(i + 1)
+                    }
+                };
+            }
+            self.judge(now_ms, sink);
+        }
     }
 
     /// One record on the driver's clock: [`Pipeline::admit`], then [`Pipeline::ingest`].
@@ -441,62 +575,49 @@ impl Pipeline {
         }
     }
 
+    /// A shard, and what it reads of the pipeline.
+    fn shard_at(&mut self, shard: usize) -> (&mut Shard, Admission<'_>) {
+        let at = Admission {
+            waiting: &self.waiting,
+            options: self.options,
+            max_clock_skew_ms: self.max_clock_skew_ms,
+            learns: self.schemas.is_some(),
+            map: &self.map,
+            shard,
+        };
+        (&mut self.shards[shard], at)
+    }
+
     /// Decodes and validates a record, applies the event-time range and (against a broker
     /// timestamp) the clock-skew rule, and notes its labels. `None`: the record is not to be
     /// ingested (rejected through the sink, outside the range, or of a partition not owned:
     /// polled before a revoke took effect, the new owner reads it).
     #[inline]
     pub fn admit<'a>(&mut self, record: &Record<'a>, sink: &mut dyn Sink) -> Option<Telemetry<'a>> {
-        if self.assigned.binary_search(&record.partition).is_err() {
-            return None;
-        }
-        if let Some(w) = self.waiting.get(&record.partition) {
-            if record.offset >= w.offset {
-                // Read again once the registry answers.
-                return None;
-            }
-        }
-        let event = match self.decoder.decode(record.key, record.value) {
-            Ok(e) => e,
-            Err(e) => match self.learn_schema(record, e) {
-                Ok(Some(e)) => e,
-                Ok(None) => return None,
+        let s = self.map.get(record.partition)?;
+        let (shard, at) = self.shard_at(s);
+        let admitted = match shard.admit(&at, record) {
+            Admitted::Unknown => match self.learn_schema(s, record) {
+                Ok(Some(e)) => {
+                    let (shard, at) = self.shard_at(s);
+                    shard.decoded(&at, record, e)
+                }
+                Ok(None) => Admitted::Skip,
                 Err(e) => {
-                    self.stats.records_read += 1;
-                    self.reject(record, &e, sink);
-                    return None;
+                    self.shards[s].stats.records_read += 1;
+                    Admitted::Reject(e)
                 }
             },
+            other => other,
         };
-        self.stats.records_read += 1;
-        let ts = event.ts_ms();
-        if self.options.from_ms.is_some_and(|f| ts < f) {
-            self.stats.records_before_range += 1;
-            return None;
-        }
-        if self.options.to_ms.is_some_and(|t| ts > t) {
-            self.stats.records_after_range += 1;
-            return None;
-        }
-        self.stats.records_in_range += 1;
-        if self.options.skew == SkewReference::BrokerTimestamp {
-            if let Some(b) = record.timestamp_ms {
-                if ts > b.saturating_add(self.max_clock_skew_ms) {
-                    let e = DecodeError::new(
-                        ErrorCode::ClockSkew,
-                        format!(
-                            "event time {ts} is {} ms ahead of the record's timestamp {b} (max skew {} ms)",
-                            ts - b,
-                            self.max_clock_skew_ms
-                        ),
-                    );
-                    self.reject(record, &e, sink);
-                    return None;
-                }
+        match admitted {
+            Admitted::Event(e) => Some(e),
+            Admitted::Reject(e) => {
+                self.reject(record, &e, sink);
+                None
             }
+            Admitted::Skip | Admitted::Unknown => None,
         }
-        self.labels.note(&event);
-        Some(event)
     }
 
     /// Ingests an admitted event at `now_ms` and judges the windows it closes.
@@ -508,44 +629,47 @@ impl Pipeline {
         now_ms: i64,
         sink: &mut dyn Sink,
     ) {
-        let ts = event.ts_ms();
-        let result = self.engine.ingest(
-            Position {
-                partition: record.partition,
-                offset: record.offset,
-            },
-            event.segment(),
-            ts,
-            event.measurements().iter().copied(),
-            now_ms,
-            &mut self.closed,
-        );
-        match result {
-            Ok(()) => {
-                let s = &mut self.stats;
-                s.records_aggregated += 1;
-                s.first_event_ms = Some(s.first_event_ms.map_or(ts, |f| f.min(ts)));
-                s.last_event_ms = Some(s.last_event_ms.map_or(ts, |l| l.max(ts)));
-            }
-            Err(r) => self.reject(record, &rejected(r), sink),
+        // A partition not owned is refused by the windows (`not_assigned`).
+        let s = self.map.get(record.partition).unwrap_or(0);
+        if let Err(e) = self.shards[s].ingest(record, event, now_ms) {
+            self.reject(record, &e, sink);
         }
         self.judge(now_ms, sink);
     }
 
-    /// A record the codec could not decode: when its schema id is one the codec has never
-    /// seen and a registry is set, asks the registry, learns the answer and decodes again.
-    /// `Ok(None)`: no answer yet, the partition waits from this record on.
+    /// A record a shard left to the pipeline (its schema id is for the registry): admitted
+    /// here, ingested into its shard; judged with the round.
+    fn admit_and_ingest(
+        &mut self,
+        shard: usize,
+        record: &Record<'_>,
+        now_ms: i64,
+        sink: &mut dyn Sink,
+    ) {
+        if let Some(event) = self.admit(record, sink) {
+            if let Err(e) = self.shards[shard].ingest(record, &event, now_ms) {
+                self.reject(record, &e, sink);
+            }
+        }
+    }
+
+    /// A record the shard's codec could not decode for its unseen schema id: asks the
+    /// registry, learns the answer (in that shard's codec) and decodes again. `Ok(None)`: no
+    /// answer yet, the partition waits from this record on. `Err`: the registry does not know
+    /// the id (the record is dead-lettered).
     fn learn_schema<'a>(
         &mut self,
+        shard: usize,
         record: &Record<'a>,
-        error: DecodeError,
     ) -> Result<Option<Telemetry<'a>>, DecodeError> {
-        let (Some(source), ErrorCode::UnknownSchemaId) = (self.schemas.as_mut(), error.code) else {
-            return Err(error);
+        let decoder = &mut self.shards[shard].decoder;
+        let Some(source) = self.schemas.as_mut() else {
+            return decoder.decode(record.key, record.value).map(Some);
         };
-        match self.decoder.learn_schema(source.as_mut(), record.value) {
-            Ok(true) => self.decoder.decode(record.key, record.value).map(Some),
-            Ok(false) => Err(error),
+        match decoder.learn_schema(source.as_mut(), record.value) {
+            // Learned, it decodes now; unknown to the registry, the same error comes again
+            // (the dead letter's reason).
+            Ok(_) => decoder.decode(record.key, record.value).map(Some),
             Err((schema_id, reason)) => {
                 let frozen = self.read_through_of(record.partition);
                 self.waiting_read_through.insert(record.partition, frozen);
@@ -576,20 +700,35 @@ impl Pipeline {
         sink.reject(record, e);
     }
 
-    /// Closed windows → controller → sink, in close order.
+    /// Closed windows → controller → sink: shard after shard, in close order within each.
     fn judge(&mut self, now_ms: i64, sink: &mut dyn Sink) {
-        let evictions = self.engine.take_evictions();
-        if !evictions.is_empty() {
-            self.record_evictions(evictions, now_ms, sink);
+        for s in 0..self.shards.len() {
+            let evictions = self.shards[s].engine.take_evictions();
+            if !evictions.is_empty() {
+                self.record_evictions(s, evictions, now_ms, sink);
+            }
+            if self.shards[s].closed.is_empty() {
+                continue;
+            }
+            // Judged in place (a summary is a few hundred bytes: moving each out of the buffer
+            // was a measurable share of a sweep at 100,000 segments), then dropped together.
+            let mut closed = std::mem::take(&mut self.shards[s].closed);
+            self.judge_closed(s, &closed, now_ms, sink);
+            closed.clear();
+            self.shards[s].closed = closed;
         }
-        if self.closed.is_empty() {
-            return;
-        }
+    }
+
+    fn judge_closed(
+        &mut self,
+        shard: usize,
+        closed: &[WindowSummary],
+        now_ms: i64,
+        sink: &mut dyn Sink,
+    ) {
         let empty = Labels::new();
-        // Judged in place (a summary is a few hundred bytes: moving each out of the buffer
-        // was a measurable share of a sweep at 100,000 segments), then dropped together.
-        let mut closed = std::mem::take(&mut self.closed);
-        for w in &closed {
+        let labels_of = &self.shards[shard].labels.map;
+        for w in closed {
             self.stats.windows_closed += 1;
             // Window groups are judged through the controller's own per-group record; the
             // replay marks follow the default windows.
@@ -604,7 +743,7 @@ impl Pipeline {
                 let through = self.closed_through.entry(w.partition).or_insert(i64::MIN);
                 *through = (*through).max(w.end_ms);
             }
-            let labels = self.labels.map.get(&*w.segment).unwrap_or(&empty);
+            let labels = labels_of.get(&*w.segment).unwrap_or(&empty);
             self.controller.on_window(w, labels, now_ms, &mut self.fx);
             sink.effects(
                 &mut self.fx,
@@ -612,13 +751,12 @@ impl Pipeline {
                 self.controller.policies(),
             );
         }
-        closed.clear();
-        self.closed = closed;
     }
 
     /// Evicted segments' events: counted, logged once per batch, and recorded.
     fn record_evictions(
         &mut self,
+        shard: usize,
         evictions: Vec<crate::window::Eviction>,
         now_ms: i64,
         sink: &mut dyn Sink,
@@ -629,7 +767,7 @@ impl Pipeline {
         tracing::warn!(
             segments = evictions.len(),
             events,
-            max_segments = self.engine.spec().max_segments,
+            max_segments = self.shards[shard].engine.spec().max_segments,
             "the segment cap evicted segments with events in open windows: those events are not windowed (raise windows.max_segments)"
         );
         for e in evictions {
@@ -665,11 +803,16 @@ impl Pipeline {
                 self.read_until,
                 &self.waiting_read_through,
             );
-            self.engine.advance_idle_read(
+            let partition = self.assigned[i];
+            let Some(s) = self.map.get(partition) else {
+                continue;
+            };
+            let shard = &mut self.shards[s];
+            shard.engine.advance_idle_read(
                 now_ms,
                 &|p| read_through_at(through, until, frozen, p),
-                Some(self.assigned[i]),
-                &mut self.closed,
+                Some(partition),
+                &mut shard.closed,
             );
             self.judge(now_ms, sink);
         }
@@ -693,7 +836,9 @@ impl Pipeline {
 
     /// Replaces the policy set (loops of kept policies keep their state).
     pub fn reload(&mut self, policies: PolicySet, now_ms: i64, sink: &mut dyn Sink) {
-        self.labels.on = uses_labels(&policies);
+        for s in &mut self.shards {
+            s.labels.on = uses_labels(&policies);
+        }
         self.controller.reload(policies, now_ms, &mut self.fx);
         self.read.set_silences(self.controller.silences());
         sink.effects(&mut self.fx, Cause::Other, self.controller.policies());
@@ -759,7 +904,7 @@ impl Pipeline {
 
     /// The label map's estimated memory (bounded by [`MAX_LABEL_MAP_BYTES`]).
     pub fn label_bytes(&self) -> usize {
-        self.labels.bytes
+        self.shards.iter().map(|s| s.labels.bytes).sum()
     }
 
     /// End of a turn at `now_ms`: the read model's budgets and watched windows are refreshed
@@ -771,23 +916,33 @@ impl Pipeline {
             *b = self.controller.budgets(now_ms);
         }
         if turn % PRUNE_EVERY == 0 {
-            let engine = &self.engine;
-            if !self.labels.map.is_empty() {
-                self.labels
-                    .prune(|s| engine.partitions().any(|p| p.holds(s)));
+            for shard in &mut self.shards {
+                if !shard.labels.map.is_empty() {
+                    let engine = &shard.engine;
+                    shard
+                        .labels
+                        .prune(|s| engine.partitions().any(|p| p.holds(s)));
+                }
             }
             // The controller forgets quiet segments their partition's windows forgot: its
             // memory follows the windows' bound (max_segments, segment_ttl). One lookup per
             // segment, in its own partition (asking every partition was 16 per segment).
+            let (shards, map) = (&self.shards, &self.map);
             self.controller.forget_quiet(now_ms, |p, s| {
-                engine.partition(p).is_some_and(|w| w.holds(s))
+                map.get(p)
+                    .and_then(|i| shards[i].engine.partition(p))
+                    .is_some_and(|w| w.holds(s))
             });
         }
         self.read
             .watched
             .retain(|_, asked| turn.saturating_sub(*asked) <= WATCH_TURNS);
         for w in self.read.watched.iter() {
-            let open = self.engine.open_windows(w.key());
+            let open: Vec<WindowSummary> = self
+                .shards
+                .iter()
+                .flat_map(|s| s.engine.open_windows(w.key()))
+                .collect();
             if open.is_empty() {
                 self.read.windows.remove(w.key());
             } else {
@@ -801,13 +956,15 @@ impl Pipeline {
     }
 
     /// The input accounting, with the windows still open.
-    pub fn finish(mut self) -> (InputStats, Controller) {
-        self.stats.open_windows_at_end = self
-            .engine
-            .partitions()
+    pub fn finish(self) -> (InputStats, Controller) {
+        let mut stats = self.stats();
+        stats.open_windows_at_end = self
+            .shards
+            .iter()
+            .flat_map(|s| s.engine.partitions())
             .map(|p| p.segment_count() as u64)
             .sum();
-        (self.stats, self.controller)
+        (stats, self.controller)
     }
 }
 

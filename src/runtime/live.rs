@@ -9,6 +9,8 @@ use super::*;
 /// (the demo's terminal view, tests: `RunOptions::on_core`).
 pub struct Core {
     pub pipeline: Pipeline,
+    /// Runs the pipeline's shards of a batch (`engine.threads`).
+    pub(super) workers: super::workers::Workers,
     pub config: Config,
     pub(super) out: Output,
     pub(super) outcome_codec: Box<dyn Codec<RemediationOutcome>>,
@@ -166,7 +168,8 @@ impl Core {
             batch,
             since,
         };
-        self.pipeline.on_batch(&records, now, &mut sink);
+        self.pipeline
+            .on_batch_with(&records, now, &mut sink, &self.workers);
     }
 
     pub(super) fn on_outcome(&mut self, m: &BorrowedMessage<'_>, now: i64) {
@@ -505,8 +508,16 @@ pub(super) fn build_core(
 ) -> anyhow::Result<Core> {
     let t = &config.topics;
     let codec_err = |topic: &str, e: String| anyhow::anyhow!("topics.{topic}: {e}");
-    let mut pipeline =
-        Pipeline::new(config, policies, PipelineOptions::live()).map_err(anyhow::Error::msg)?;
+    let threads = config.engine.effective_threads();
+    let mut pipeline = Pipeline::sharded(config, policies, PipelineOptions::live(), threads)
+        .map_err(anyhow::Error::msg)?;
+    if threads > 1 {
+        tracing::info!(
+            threads,
+            max_segments_per_thread = config.windows.max_segments.div_ceil(threads),
+            "engine: telemetry decoded and windowed on {threads} threads, each owning a share of the assigned partitions"
+        );
+    }
     pipeline.track_dead_letters();
     // No partition is caught up until the lag says so: a verification with no deciding window
     // waits for the re-read telemetry after a restart.
@@ -523,6 +534,7 @@ pub(super) fn build_core(
     let decision_settings = writer(&t.decisions, crate::schema::SchemaKind::Decision)?;
     Ok(Core {
         pipeline,
+        workers: super::workers::Workers::new(threads)?,
         out: Output {
             producer,
             command_codec: build_codec(t.actions.codec, &command_settings)

@@ -27,6 +27,7 @@ mod live;
 mod output;
 mod schema_wait;
 mod turn;
+mod workers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -545,7 +546,7 @@ fn publish(
             .extend(v.iter().take(room).copied());
         out.counters.close_to_command_secs.append(&mut v);
     }
-    let e = core.pipeline.engine().stats();
+    let e = core.pipeline.engine_stats();
     let c = core.pipeline.controller().stats();
     let budgets = core
         .pipeline

@@ -150,6 +150,25 @@ pub struct EngineStats {
     pub segments: u64,
 }
 
+impl EngineStats {
+    /// Adds `other`'s counters (and gauges) to these: the stats of several engines as one.
+    pub fn add(&mut self, other: &EngineStats) {
+        self.accepted += other.accepted;
+        self.late += other.late;
+        self.clock_skew += other.clock_skew;
+        self.non_finite_values += other.non_finite_values;
+        self.dropped_measurement_names += other.dropped_measurement_names;
+        self.windows_closed += other.windows_closed;
+        self.expired_segments += other.expired_segments;
+        self.evicted_segments += other.evicted_segments;
+        self.windowed_events += other.windowed_events;
+        self.evicted_events += other.evicted_events;
+        self.revoked_events += other.revoked_events;
+        self.open_events += other.open_events;
+        self.segments += other.segments;
+    }
+}
+
 /// A segment the cap evicted while it had events in open windows: what was lost to windows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Eviction {

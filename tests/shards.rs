@@ -1,0 +1,275 @@
+//! A pipeline split into shards (`engine.threads`) does what one shard does: the same
+//! commands, decisions, rejections, counts and commit floors for any input, with its shards'
+//! rounds run on threads of their own.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use segloop::codec::{build_codec, CodecKind, DecodeError};
+use segloop::config::{Config, Sources};
+use segloop::controller::Effects;
+use segloop::model::TelemetryEvent;
+use segloop::pipeline::{Cause, Fanout, Options, Pipeline, Record, Sink, CLOSED_PER_ROUND};
+use segloop::policy::PolicySet;
+
+/// Everything a pipeline hands its driver, in a form that compares as a multiset (shards judge
+/// their windows shard after shard, so the order across partitions differs).
+#[derive(Default, Debug, PartialEq)]
+struct Seen {
+    commands: Vec<String>,
+    decisions: Vec<String>,
+    rejected: Vec<(i32, i64, String)>,
+}
+
+impl Seen {
+    fn sorted(mut self) -> Self {
+        self.commands.sort();
+        self.decisions.sort();
+        self.rejected.sort();
+        self
+    }
+}
+
+impl Sink for Seen {
+    fn reject(&mut self, r: &Record<'_>, e: &DecodeError) {
+        self.rejected
+            .push((r.partition, r.offset, e.code.as_str().to_string()));
+    }
+    fn effects(&mut self, fx: &mut Effects, _: Cause<'_>, _: &PolicySet) {
+        for c in fx.commands.drain(..) {
+            self.commands.push(format!(
+                "{} {} {} {} {}",
+                c.command_id, c.segment, c.policy, c.attempt, c.issued_at_ms
+            ));
+        }
+        for d in fx.decisions.drain(..) {
+            self.decisions.push(format!(
+                "{} {} {} {} {} {:?} {:?} {:?}",
+                d.segment,
+                d.policy,
+                d.ts_ms,
+                d.from_state,
+                d.to_state,
+                d.window_start_ms,
+                d.guardrail,
+                d.aggregates
+            ));
+        }
+        fx.timings.clear();
+    }
+}
+
+/// Runs a round's shards on threads of their own.
+struct Threads;
+
+impl Fanout for Threads {
+    fn run(&self, tasks: &mut [&mut (dyn FnMut() + Send)]) {
+        std::thread::scope(|s| {
+            for t in tasks.iter_mut() {
+                s.spawn(t);
+            }
+        });
+    }
+}
+
+fn config() -> Config {
+    Config::load(&Sources {
+        file: None,
+        env: &Default::default(),
+        overrides: &[
+            "windows.size=1s".into(),
+            "windows.out_of_orderness=200ms".into(),
+        ],
+    })
+    .unwrap()
+}
+
+/// Limits that never bind: with them, judging order cannot change what fires.
+fn policies() -> PolicySet {
+    PolicySet::parse(
+        r#"
+[guardrails]
+blast_radius = 1.0
+max_in_flight = 100000
+max_actions_per_minute = 1000000
+
+[[policies]]
+name = "errors"
+when = "mean(error) > 0.5"
+for = 2
+action = "rollback"
+"#,
+        "p.toml",
+    )
+    .unwrap()
+}
+
+fn encode(segment: &str, ts: i64, error: f64) -> Vec<u8> {
+    let codec =
+        build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default()).unwrap();
+    let mut out = Vec::new();
+    codec
+        .encode(
+            &TelemetryEvent {
+                segment: segment.into(),
+                ts_ms: ts,
+                measurements: BTreeMap::from([("error".into(), error)]),
+                labels: BTreeMap::new(),
+                event_id: None,
+            },
+            &mut out,
+        )
+        .unwrap();
+    out
+}
+
+/// One record of a generated input: (partition, segment, event time, failing, garbage).
+type Input = (i32, String, i64, bool, bool);
+
+/// Feeds `batches` to a pipeline of `shards` shards over `partitions` partitions, each batch
+/// at the clock of its newest event, then moves the clock far on; gives what it saw, its
+/// counts and the commit floors after every batch.
+fn drive(
+    shards: usize,
+    partitions: i32,
+    batches: &[Vec<Input>],
+) -> (Seen, segloop::pipeline::InputStats, Vec<Vec<Option<i64>>>) {
+    let mut p = Pipeline::sharded(&config(), policies(), Options::live(), shards).unwrap();
+    for q in 0..partitions {
+        p.assign(q);
+    }
+    let mut seen = Seen::default();
+    let mut floors = Vec::new();
+    let mut offsets = vec![0i64; partitions as usize];
+    for batch in batches {
+        let values: Vec<(i32, i64, Vec<u8>, &str)> = batch
+            .iter()
+            .map(|(q, seg, ts, failing, garbage)| {
+                let o = offsets[*q as usize];
+                offsets[*q as usize] += 1;
+                let v = if *garbage {
+                    vec![0xc3, 0x01, 0xff]
+                } else {
+                    encode(seg, *ts, if *failing { 1.0 } else { 0.0 })
+                };
+                (*q, o, v, seg.as_str())
+            })
+            .collect();
+        let records: Vec<Record<'_>> = values
+            .iter()
+            .enumerate()
+            .map(|(i, (q, o, v, seg))| Record {
+                partition: *q,
+                offset: *o,
+                key: Some(seg.as_bytes()),
+                value: Some(v),
+                timestamp_ms: None,
+                handle: i,
+            })
+            .collect();
+        let now = batch.iter().map(|r| r.2).max().unwrap_or(0);
+        p.on_batch_with(&records, now, &mut seen, &Threads);
+        p.tick(now, true, &mut seen);
+        floors.push((0..partitions).map(|q| p.committable_offset(q)).collect());
+    }
+    p.tick(10_000_000, true, &mut seen);
+    (seen.sorted(), p.stats(), floors)
+}
+
+fn inputs() -> impl Strategy<Value = (i32, Vec<Vec<Input>>)> {
+    (1i32..6).prop_flat_map(|partitions| {
+        let record = (
+            0..partitions,
+            0u8..24,
+            0i64..30_000,
+            any::<bool>(),
+            prop::bool::weighted(0.03),
+        )
+            .prop_map(|(q, s, ts, failing, garbage)| (q, format!("s{s}"), ts, failing, garbage));
+        (
+            Just(partitions),
+            prop::collection::vec(prop::collection::vec(record, 0..60), 1..12),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Any input, any number of shards: the same commands, decisions and rejections (as
+    /// multisets), the same counts, the same commit floor after every batch as one shard.
+    #[test]
+    fn sharded_pipelines_do_what_one_shard_does((partitions, batches) in inputs(), shards in 2usize..5) {
+        let one = drive(1, partitions, &batches);
+        let many = drive(shards, partitions, &batches);
+        prop_assert_eq!(&one.0, &many.0);
+        prop_assert_eq!(&one.1, &many.1);
+        prop_assert_eq!(&one.2, &many.2);
+        prop_assert!(one.1.records_read > 0 || batches.iter().all(Vec::is_empty));
+    }
+}
+
+/// A batch that closes more windows than a shard collects in one round (several rounds, the
+/// buffer judged between them): every window is judged, once, and the commands match one
+/// shard's.
+#[test]
+fn a_batch_closing_many_windows_is_judged_in_rounds() {
+    let segments = 3 * CLOSED_PER_ROUND;
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    for i in 0..segments {
+        let q = (i % 4) as i32;
+        // Two failing windows per segment: the policy fires on the second.
+        first.push((q, format!("seg-{i}"), 100, true, false));
+        second.push((q, format!("seg-{i}"), 1_100, true, false));
+    }
+    let third: Vec<Input> = (0..4)
+        .map(|q| (q, "tick".into(), 5_000, false, false))
+        .collect();
+    let batches = vec![first, second, third];
+    let one = drive(1, 4, &batches);
+    let two = drive(2, 4, &batches);
+    assert_eq!(one.0.commands.len(), segments, "every segment fired once");
+    assert_eq!(one, two);
+    assert!(two.1.windows_closed >= 2 * segments as u64);
+}
+
+/// Partitions spread over the shards whatever their numbers (an instance of a scaled-out
+/// group owns a subset), and the segment cap is split between the shards.
+#[test]
+fn partitions_spread_over_shards_and_the_segment_cap_is_split() {
+    let mut c = config();
+    c.windows.max_segments = 10;
+    let mut p = Pipeline::sharded(&c, policies(), Options::live(), 2).unwrap();
+    for q in [0, 2, 4, 6] {
+        p.assign(q);
+    }
+    let owners: Vec<Option<usize>> = [0, 2, 4, 6].iter().map(|q| p.shard_of(*q)).collect();
+    assert_eq!(owners, [Some(0), Some(1), Some(0), Some(1)]);
+    assert_eq!(p.shard_of(1), None);
+    p.revoke(2);
+    assert_eq!(p.shard_of(2), None);
+    p.assign(8);
+    assert_eq!(p.shard_of(8), Some(1), "the shard with fewer partitions");
+    // 12 segments on one shard's partitions: its share of the cap (5) holds.
+    let mut seen = Seen::default();
+    let names: Vec<String> = (0..12).map(|i| format!("x{i}")).collect();
+    let values: Vec<Vec<u8>> = names.iter().map(|n| encode(n, 100, 0.0)).collect();
+    let records: Vec<Record<'_>> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Record {
+            partition: 0,
+            offset: i as i64,
+            key: Some(names[i].as_bytes()),
+            value: Some(v),
+            timestamp_ms: None,
+            handle: i,
+        })
+        .collect();
+    p.on_batch_with(&records, 100, &mut seen, &Threads);
+    assert_eq!(seen.rejected, []);
+    assert_eq!(p.engine_stats().segments, 5);
+    assert_eq!(p.engine_stats().evicted_segments, 7);
+    assert_eq!(p.stats().records_aggregated, 12);
+}
