@@ -25,6 +25,8 @@
 //!   escalate; guardrails; decision records; loop timings; snapshot/restore.
 //! - [`pipeline`] — the one step every driver runs: record → decode → labels → prefetch →
 //!   windows → judge → controller → effects to the driver's [`pipeline::Sink`]; the
+//!   per-event work in shards owning disjoint partition sets, which a driver may run side by
+//!   side ([`pipeline::Fanout`], `engine.threads`), judged by one controller; the
 //!   [`pipeline::ReadModel`] the admin API reads without the engine's lock.
 //! - [`config`] — layered TOML configuration (defaults < file < `SEGLOOP__*` env < CLI) with
 //!   errors that name the key, file and line.
@@ -34,7 +36,8 @@
 //! - [`runtime`] — `segloop run`: Kafka consumers/producer, offsets, rebalances, DLQ,
 //!   changelog, exactly-once, reload, in modules along its seams (the loop's named steps, the
 //!   group's ordered stream of records and events, the core's handlers, output, delivery,
-//!   changelog); [`runtime::admin`] serves metrics, health and the admin API.
+//!   changelog, the shards' worker threads); [`runtime::admin`] serves metrics, health and the
+//!   admin API.
 //! - [`backtest`] — `segloop backtest`: a topic range replayed in (event time, partition,
 //!   offset) order through the pipeline, with a simulated or recorded actuator; JSON, terminal
 //!   and HTML reports; compare and against-live diffs.

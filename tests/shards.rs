@@ -273,3 +273,16 @@ fn partitions_spread_over_shards_and_the_segment_cap_is_split() {
     assert_eq!(p.engine_stats().evicted_segments, 7);
     assert_eq!(p.stats().records_aggregated, 12);
 }
+
+/// `segloop bench shards` runs the same data on 1 and 2 threads: both judge every window
+/// (the same commands) and report a rate.
+#[test]
+fn the_shards_bench_runs_every_thread_count_on_the_same_data() {
+    let r = segloop::bench::shards_bench(&config(), 20_000, 300, 4, &[1, 2], 1).unwrap();
+    assert_eq!(r.runs.len(), 2);
+    let (one, two) = (&r.runs[0], &r.runs[1]);
+    assert_eq!((one.0, two.0), (1, 2));
+    assert!(one.3 > 0, "the breaching segments get commands: {r:?}");
+    assert_eq!(one.3, two.3, "{r:?}");
+    assert!(one.1 > 0.0 && two.1 > 0.0 && one.2.is_finite(), "{r:?}");
+}

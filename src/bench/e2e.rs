@@ -557,8 +557,6 @@ pub fn bench_topic_on(
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
     use crate::clock::{Clock, SystemClock};
-    use crate::codec::{build_codec, CodecKind};
-    use crate::model::TelemetryEvent;
 
     let bootstrap = broker.map(|b| b.0);
     let cluster = rdkafka::mocking::MockCluster::new(1)?;
@@ -599,7 +597,40 @@ pub fn bench_topic_on(
     } else {
         crate::kafka::create_embedded_topics(&cluster, &config)?;
     }
-    let policies = crate::policy::PolicySet::parse(
+    let policies = bench_policies()?;
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        crate::kafka::producer_config(
+            &config,
+            &[
+                ("partitioner", "murmur2_random"),
+                ("linger.ms", "20"),
+                ("batch.num.messages", "10000"),
+                ("queue.buffering.max.messages", "500000"),
+            ],
+        )
+        .create()?;
+    // Event times over the last 30 s, so windows close during the run.
+    let start_ts = SystemClock.now_ms() - 30_000;
+    let breaching = bench_events(records, segments, breaching, start_ts, |seg, bytes| {
+        let rec = BaseRecord::<str, [u8]>::to(&config.topics.telemetry.name)
+            .key(seg)
+            .payload(bytes);
+        Ok(crate::kafka::send_waiting(&producer, rec)?)
+    })?;
+    producer.flush(Duration::from_secs(60))?;
+    Ok(BenchTopic {
+        cluster,
+        config,
+        policies,
+        breaching,
+        _made: made,
+    })
+}
+
+/// The benches' policy: a command for a window whose mean error is over 0.5 (limits that
+/// never bind).
+pub(super) fn bench_policies() -> anyhow::Result<crate::policy::PolicySet> {
+    crate::policy::PolicySet::parse(
         r#"
 [guardrails]
 max_in_flight = 100000
@@ -615,26 +646,27 @@ ack_timeout = "1h"
 "#,
         "bench",
     )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
 
-    // Produce: event times over the last 30 s, so windows close during the run.
+/// The benches' telemetry: `records` Avro records (single-object encoding) over `segments`
+/// segments picked at random, event times spread over 30 s from `start_ts`, every
+/// `1/breaching`-th segment failing; each handed to `each` with its segment. Returns how many
+/// segments fail.
+pub(super) fn bench_events(
+    records: u64,
+    segments: usize,
+    breaching: f64,
+    start_ts: i64,
+    mut each: impl FnMut(&str, &[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
+    use crate::codec::{build_codec, CodecKind};
+    use crate::model::TelemetryEvent;
     let ids: Vec<String> = (0..segments.max(1))
         .map(|i| format!("r{}/svc-{}/ep-{i}", i % 4, i % 50))
         .collect();
-    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
-        crate::kafka::producer_config(
-            &config,
-            &[
-                ("partitioner", "murmur2_random"),
-                ("linger.ms", "20"),
-                ("batch.num.messages", "10000"),
-                ("queue.buffering.max.messages", "500000"),
-            ],
-        )
-        .create()?;
     let codec = build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default())
         .map_err(anyhow::Error::msg)?;
-    let start_ts = SystemClock.now_ms() - 30_000;
     let mut rng = XorShift(0x1234_5678_9ABC_DEF1);
     let mut bytes = Vec::with_capacity(128);
     // Every `stride`-th segment breaches.
@@ -649,7 +681,7 @@ ack_timeout = "1h"
         let failing = (r % ids.len() as u64) % stride == 0;
         let e = TelemetryEvent {
             segment: seg.clone(),
-            ts_ms: start_ts + (i as i64 * 30_000) / records as i64,
+            ts_ms: start_ts + (i as i64 * 30_000) / records.max(1) as i64,
             measurements: BTreeMap::from([
                 ("latency_ms".to_string(), 20.0 + (r >> 40) as f64 % 300.0),
                 ("error".to_string(), if failing { 1.0 } else { 0.0 }),
@@ -661,19 +693,9 @@ ack_timeout = "1h"
         codec
             .encode(&e, &mut bytes)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let rec = BaseRecord::<str, [u8]>::to(&config.topics.telemetry.name)
-            .key(seg.as_str())
-            .payload(&bytes);
-        crate::kafka::send_waiting(&producer, rec)?;
+        each(seg, &bytes)?;
     }
-    producer.flush(Duration::from_secs(60))?;
-    Ok(BenchTopic {
-        cluster,
-        config,
-        policies,
-        breaching: ids
-            .len()
-            .div_ceil(usize::try_from(stride).unwrap_or(usize::MAX)),
-        _made: made,
-    })
+    Ok(ids
+        .len()
+        .div_ceil(usize::try_from(stride).unwrap_or(usize::MAX)))
 }

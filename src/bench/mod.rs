@@ -18,8 +18,10 @@ use mimalloc::MiMalloc;
 use crate::window::{Position, WindowEngine, WindowSpec, WindowSummary};
 
 mod e2e;
+mod shards;
 #[allow(unused_imports)]
 pub use e2e::*;
+pub use shards::{shards_bench, ShardsReport};
 
 static ALLOCATED: AtomicIsize = AtomicIsize::new(0);
 

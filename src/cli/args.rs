@@ -326,14 +326,15 @@ pub struct DemoArgs {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Which benchmark: window, evict (the segment cap under churn at --segments/10,
-    /// --segments and 10x), e2e, replay, delivery (a real broker) or restore
+    /// --segments and 10x), e2e, replay, shards (the pipeline on 1..N threads, in memory),
+    /// delivery (a real broker) or restore
     pub which: String,
     /// Distinct segments
     #[arg(long, default_value_t = 100_000)]
     pub segments: usize,
     /// Events to feed (each with 2 measurements, one with quantiles). Default: 10,000,000 for
     /// window and evict; e2e and replay: 1,000,000 on the embedded cluster (it keeps about
-    /// that many), 3,000,000 on --bootstrap
+    /// that many), 3,000,000 on --bootstrap; shards: 2,000,000
     #[arg(long)]
     pub events: Option<usize>,
     /// Window settings from this config (default: built-in defaults, 10 s tumbling)
@@ -356,7 +357,8 @@ pub struct BenchArgs {
     /// (default: the jars scripts/kafka.sh fetched, if found)
     #[arg(long)]
     pub java_classpath: Option<PathBuf>,
-    /// e2e: `engine.threads` of the pipeline pass (default: the config's; 0 = one per core)
+    /// e2e: `engine.threads` of the pipeline pass (default: the config's; 0 = one per core);
+    /// shards: the most threads to run (default: one per core, at least 2)
     #[arg(long)]
     pub threads: Option<usize>,
 }
@@ -368,6 +370,7 @@ impl BenchArgs {
             .unwrap_or(match (self.which.as_str(), &self.bootstrap) {
                 ("e2e" | "replay", None) => 1_000_000,
                 ("e2e" | "replay", Some(_)) => 3_000_000,
+                ("shards", _) => 2_000_000,
                 _ => 10_000_000,
             })
     }

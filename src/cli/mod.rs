@@ -356,6 +356,24 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
                 |r| r.print(),
             )
         }
+        "shards" => {
+            let most = args.threads.map_or_else(
+                || crate::config::EngineConfig { threads: 0 }.effective_threads(),
+                |n| crate::config::EngineConfig { threads: n }.effective_threads(),
+            );
+            let threads: Vec<usize> = (1..=most.max(2)).collect();
+            finish_bench(
+                crate::bench::shards_bench(
+                    &config,
+                    events as u64,
+                    args.segments,
+                    args.partitions,
+                    &threads,
+                    args.rounds,
+                ),
+                |r| r.print(),
+            )
+        }
         "replay" => finish_bench(
             crate::bench::replay_bench(
                 broker,
@@ -396,7 +414,7 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
         ),
         other => {
             eprintln!(
-                "error: unknown benchmark {other:?}; choose window, e2e, replay, delivery or restore"
+                "error: unknown benchmark {other:?}; choose window, evict, e2e, replay, shards, delivery or restore"
             );
             ExitCode::from(EXIT_USAGE)
         }

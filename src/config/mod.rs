@@ -402,7 +402,7 @@ impl TopicsConfig {
 }
 
 /// How `segloop run` spreads its per-event work over threads.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// Threads that decode and window the telemetry, each owning a disjoint set of the
@@ -410,6 +410,14 @@ pub struct EngineConfig {
     /// the loop thread, so its limits stay exact. `windows.max_segments` is split evenly
     /// between the threads.
     pub threads: usize,
+}
+
+impl Default for EngineConfig {
+    /// One thread: with the broker on the same cores, more threads measured slower (see
+    /// docs/benchmarks.md, "Shards"); 0 uses every core of a host of its own.
+    fn default() -> Self {
+        EngineConfig { threads: 1 }
+    }
 }
 
 /// Most `engine.threads`.

@@ -151,7 +151,7 @@ fn read_through_at(
 
 /// The engine (windows, policies, controller) behind one step for every driver.
 pub struct Pipeline {
-    /// The per-event work, one shard per partition set (see [`shard`]).
+    /// The per-event work, one shard per partition set (see `pipeline::shard`).
     shards: Vec<Shard>,
     /// Which shard owns each assigned partition.
     map: ShardMap,
@@ -381,9 +381,16 @@ impl Pipeline {
     /// Takes on a partition: its shard is the one with the fewest partitions (the first of
     /// those), so a subset of a topic's partitions still spreads over every shard.
     pub fn assign(&mut self, partition: i32) {
-        let shard = match self.map.get(partition) {
-            Some(s) => s,
-            None => (0..self.shards.len())
+        self.assign_to(partition, None);
+    }
+
+    /// Takes on a partition in `shard` (a driver that reads each shard's partitions apart
+    /// says where this one is read); `None` or a shard out of range: as [`Pipeline::assign`].
+    pub fn assign_to(&mut self, partition: i32, shard: Option<usize>) {
+        let shard = match (self.map.get(partition), shard) {
+            (Some(s), _) => s,
+            (None, Some(s)) if s < self.shards.len() => s,
+            (None, _) => (0..self.shards.len())
                 .min_by_key(|s| self.map.count(*s))
                 .unwrap_or(0),
         };
@@ -479,214 +486,7 @@ impl Pipeline {
         self.dead_letters.mark(partition)
     }
 
-    /// A batch of records on one clock reading, worked shard after shard on this thread.
-    pub fn on_batch(&mut self, records: &[Record<'_>], now_ms: i64, sink: &mut dyn Sink) {
-        self.on_batch_with(records, now_ms, sink, &InPlace);
-    }
-
-    /// A batch of records on one clock reading, split by shard and worked in rounds (see
-    /// [`shard`]): `fanout` runs a round's shards, each hinting the windows ahead of its
-    /// ingest; between rounds the rejections go to the sink and the closed windows are judged,
-    /// shard by shard, in close order within each.
-    pub fn on_batch_with<'a>(
-        &mut self,
-        records: &[Record<'a>],
-        now_ms: i64,
-        sink: &mut dyn Sink,
-        fanout: &dyn Fanout,
-    ) {
-        let n = self.shards.len();
-        // One shard reads the batch as it is (it skips partitions not owned); several read
-        // their own records, in batch order.
-        let split: Vec<Vec<Record<'a>>> = if n == 1 {
-            Vec::new()
-        } else {
-            let mut lists = vec![Vec::with_capacity(records.len() / n + 1); n];
-            for r in records {
-                if let Some(s) = self.map.get(r.partition) {
-                    lists[s].push(*r);
-                }
-            }
-            lists
-        };
-        let lists: Vec<&[Record<'a>]> = if n == 1 {
-            vec![records]
-        } else {
-            split.iter().map(Vec::as_slice).collect()
-        };
-        let mut next: Vec<Option<usize>> =
-            lists.iter().map(|l| (!l.is_empty()).then_some(0)).collect();
-        let mut rejects: Vec<Vec<(usize, DecodeError)>> = vec![Vec::new(); n];
-        let mut stops = vec![Stop::Done; n];
-        while next.iter().any(Option::is_some) {
-            {
-                let (waiting, map) = (&self.waiting, &self.map);
-                let (options, max_clock_skew_ms) = (self.options, self.max_clock_skew_ms);
-                let learns = self.schemas.is_some();
-                let mut tasks: Vec<_> = self
-                    .shards
-                    .iter_mut()
-                    .zip(&lists)
-                    .zip(&next)
-                    .zip(rejects.iter_mut().zip(stops.iter_mut()))
-                    .enumerate()
-                    .filter_map(|(i, (((shard, list), from), (rejects, stop)))| {
-                        let from = (*from)?;
-                        let at = Admission {
-                            waiting,
-                            options,
-                            max_clock_skew_ms,
-                            learns,
-                            map,
-                            shard: i,
-                        };
-                        Some(move || *stop = shard.work(&at, list, from, now_ms, rejects))
-                    })
-                    .collect();
-                let mut refs: Vec<&mut (dyn FnMut() + Send)> = tasks
-                    .iter_mut()
-                    .map(|t| t as &mut (dyn FnMut() + Send))
-                    .collect();
-                fanout.run(&mut refs);
-            }
-            for s in 0..n {
-                let Some(_) = next[s] else { continue };
-                for (i, e) in std::mem::take(&mut rejects[s]) {
-                    self.reject(&lists[s][i], &e, sink);
-                }
-                next[s] = match stops[s] {
-                    Stop::Done => None,
-                    Stop::Judge(i) => Some(i),
-                    Stop::Registry(i) => {
-                        self.admit_and_ingest(s, &lists[s][i], now_ms, sink);
-                        (i + 1 < lists[s].len()).then_some(i + 1)
-                    }
-                };
-            }
-            self.judge(now_ms, sink);
-        }
-    }
-
-    /// One record on the driver's clock: [`Pipeline::admit`], then [`Pipeline::ingest`].
-    #[inline]
-    pub fn on_record(&mut self, record: &Record<'_>, now_ms: i64, sink: &mut dyn Sink) {
-        if let Some(event) = self.admit(record, sink) {
-            self.ingest(record, &event, now_ms, sink);
-        }
-    }
-
-    /// A shard, and what it reads of the pipeline.
-    fn shard_at(&mut self, shard: usize) -> (&mut Shard, Admission<'_>) {
-        let at = Admission {
-            waiting: &self.waiting,
-            options: self.options,
-            max_clock_skew_ms: self.max_clock_skew_ms,
-            learns: self.schemas.is_some(),
-            map: &self.map,
-            shard,
-        };
-        (&mut self.shards[shard], at)
-    }
-
-    /// Decodes and validates a record, applies the event-time range and (against a broker
-    /// timestamp) the clock-skew rule, and notes its labels. `None`: the record is not to be
-    /// ingested (rejected through the sink, outside the range, or of a partition not owned:
-    /// polled before a revoke took effect, the new owner reads it).
-    #[inline]
-    pub fn admit<'a>(&mut self, record: &Record<'a>, sink: &mut dyn Sink) -> Option<Telemetry<'a>> {
-        let s = self.map.get(record.partition)?;
-        let (shard, at) = self.shard_at(s);
-        let admitted = match shard.admit(&at, record) {
-            Admitted::Unknown => match self.learn_schema(s, record) {
-                Ok(Some(e)) => {
-                    let (shard, at) = self.shard_at(s);
-                    shard.decoded(&at, record, e)
-                }
-                Ok(None) => Admitted::Skip,
-                Err(e) => {
-                    self.shards[s].stats.records_read += 1;
-                    Admitted::Reject(e)
-                }
-            },
-            other => other,
-        };
-        match admitted {
-            Admitted::Event(e) => Some(e),
-            Admitted::Reject(e) => {
-                self.reject(record, &e, sink);
-                None
-            }
-            Admitted::Skip | Admitted::Unknown => None,
-        }
-    }
-
-    /// Ingests an admitted event at `now_ms` and judges the windows it closes.
-    #[inline]
-    pub fn ingest(
-        &mut self,
-        record: &Record<'_>,
-        event: &Telemetry<'_>,
-        now_ms: i64,
-        sink: &mut dyn Sink,
-    ) {
-        // A partition not owned is refused by the windows (`not_assigned`).
-        let s = self.map.get(record.partition).unwrap_or(0);
-        if let Err(e) = self.shards[s].ingest(record, event, now_ms) {
-            self.reject(record, &e, sink);
-        }
-        self.judge(now_ms, sink);
-    }
-
-    /// A record a shard left to the pipeline (its schema id is for the registry): admitted
-    /// here, ingested into its shard; judged with the round.
-    fn admit_and_ingest(
-        &mut self,
-        shard: usize,
-        record: &Record<'_>,
-        now_ms: i64,
-        sink: &mut dyn Sink,
-    ) {
-        if let Some(event) = self.admit(record, sink) {
-            if let Err(e) = self.shards[shard].ingest(record, &event, now_ms) {
-                self.reject(record, &e, sink);
-            }
-        }
-    }
-
-    /// A record the shard's codec could not decode for its unseen schema id: asks the
-    /// registry, learns the answer (in that shard's codec) and decodes again. `Ok(None)`: no
-    /// answer yet, the partition waits from this record on. `Err`: the registry does not know
-    /// the id (the record is dead-lettered).
-    fn learn_schema<'a>(
-        &mut self,
-        shard: usize,
-        record: &Record<'a>,
-    ) -> Result<Option<Telemetry<'a>>, DecodeError> {
-        let decoder = &mut self.shards[shard].decoder;
-        let Some(source) = self.schemas.as_mut() else {
-            return decoder.decode(record.key, record.value).map(Some);
-        };
-        match decoder.learn_schema(source.as_mut(), record.value) {
-            // Learned, it decodes now; unknown to the registry, the same error comes again
-            // (the dead letter's reason).
-            Ok(_) => decoder.decode(record.key, record.value).map(Some),
-            Err((schema_id, reason)) => {
-                let frozen = self.read_through_of(record.partition);
-                self.waiting_read_through.insert(record.partition, frozen);
-                self.waiting.insert(
-                    record.partition,
-                    SchemaWait {
-                        offset: record.offset,
-                        schema_id,
-                        reason,
-                    },
-                );
-                Ok(None)
-            }
-        }
-    }
-
-    fn reject(&mut self, record: &Record<'_>, e: &DecodeError, sink: &mut dyn Sink) {
+    pub(super) fn reject(&mut self, record: &Record<'_>, e: &DecodeError, sink: &mut dyn Sink) {
         if !self.dead_letters.admit(record.partition, record.offset) {
             // Dead-lettered in an earlier lifetime (at or below the restored mark).
             self.stats.dead_lettered_before += 1;
@@ -701,7 +501,7 @@ impl Pipeline {
     }
 
     /// Closed windows → controller → sink: shard after shard, in close order within each.
-    fn judge(&mut self, now_ms: i64, sink: &mut dyn Sink) {
+    pub(super) fn judge(&mut self, now_ms: i64, sink: &mut dyn Sink) {
         for s in 0..self.shards.len() {
             let evictions = self.shards[s].engine.take_evictions();
             if !evictions.is_empty() {

@@ -13,6 +13,9 @@
 //!
 //! [`Fanout`] is how a driver runs a round's shards: [`InPlace`] one after another (replays,
 //! tests, one shard), the live runtime on its worker threads. The pipeline knows no thread.
+//!
+//! Here too: the pipeline's record path (`on_batch_with`, and `admit`/`ingest` for drivers
+//! that hand records over one at a time and judge at once).
 
 use super::*;
 
@@ -36,7 +39,7 @@ impl Fanout for InPlace {
     }
 }
 
-/// What a shard reads of the pipeline while it works: the same for every shard of a round.
+/// What the shards read of the pipeline while they work (one for every shard of a round).
 pub(super) struct Admission<'p> {
     pub(super) waiting: &'p BTreeMap<i32, SchemaWait>,
     pub(super) options: Options,
@@ -46,7 +49,6 @@ pub(super) struct Admission<'p> {
     pub(super) learns: bool,
     /// Partition → shard (see [`ShardMap`]): a shard skips records of partitions not its own.
     pub(super) map: &'p ShardMap,
-    pub(super) shard: usize,
 }
 
 /// What [`Shard::admit`] made of a record.
@@ -127,8 +129,13 @@ impl Shard {
     /// Decodes and validates a record, applies the event-time range and (against a broker
     /// timestamp) the clock-skew rule, and notes its labels.
     #[inline]
-    pub(super) fn admit<'a>(&mut self, at: &Admission<'_>, record: &Record<'a>) -> Admitted<'a> {
-        if at.map.get(record.partition) != Some(at.shard) {
+    pub(super) fn admit<'a>(
+        &mut self,
+        at: &Admission<'_>,
+        me: usize,
+        record: &Record<'a>,
+    ) -> Admitted<'a> {
+        if at.map.get(record.partition) != Some(me) {
             return Admitted::Skip;
         }
         if let Some(w) = at.waiting.get(&record.partition) {
@@ -214,12 +221,13 @@ impl Shard {
         Ok(())
     }
 
-    /// One round: works `records[from..]` (hinted ahead, as [`crate::window::with_hints`]
-    /// schedules it) until the end, [`CLOSED_PER_ROUND`] closed windows, or a record for the
-    /// registry. Rejections are pushed with their record's index.
+    /// One round of shard `me`: works `records[from..]` (hinted ahead, as
+    /// [`crate::window::with_hints`] schedules it) until the end, [`CLOSED_PER_ROUND`] closed
+    /// windows, or a record for the registry. Rejections are pushed with their record's index.
     pub(super) fn work(
         &mut self,
         at: &Admission<'_>,
+        me: usize,
         records: &[Record<'_>],
         from: usize,
         now_ms: i64,
@@ -235,7 +243,7 @@ impl Shard {
                 hinted = end;
             }
             let r = &records[i];
-            match self.admit(at, r) {
+            match self.admit(at, me, r) {
                 Admitted::Event(e) => {
                     if let Err(e) = self.ingest(r, &e, now_ms) {
                         rejects.push((i, e));
@@ -250,6 +258,205 @@ impl Shard {
             }
         }
         Stop::Done
+    }
+}
+
+/// The record path through the shards: batches in rounds, and one record at a time.
+impl Pipeline {
+    /// A batch of records on one clock reading, worked shard after shard on this thread.
+    pub fn on_batch(&mut self, records: &[Record<'_>], now_ms: i64, sink: &mut dyn Sink) {
+        self.on_batch_with(records, now_ms, sink, &InPlace);
+    }
+
+    /// A batch of records on one clock reading, split by shard and worked in rounds (see
+    /// `pipeline::shard`): `fanout` runs a round's shards, each hinting the windows ahead of its
+    /// ingest; between rounds the rejections go to the sink and the closed windows are judged,
+    /// shard by shard, in close order within each.
+    pub fn on_batch_with<'a>(
+        &mut self,
+        records: &[Record<'a>],
+        now_ms: i64,
+        sink: &mut dyn Sink,
+        fanout: &dyn Fanout,
+    ) {
+        let n = self.shards.len();
+        // One shard reads the batch as it is (it skips partitions not owned); several read
+        // their own records, in batch order.
+        let split: Vec<Vec<Record<'a>>> = if n == 1 {
+            Vec::new()
+        } else {
+            let mut lists = vec![Vec::with_capacity(records.len() / n + 1); n];
+            for r in records {
+                if let Some(s) = self.map.get(r.partition) {
+                    lists[s].push(*r);
+                }
+            }
+            lists
+        };
+        let lists: Vec<&[Record<'a>]> = if n == 1 {
+            vec![records]
+        } else {
+            split.iter().map(Vec::as_slice).collect()
+        };
+        let mut next: Vec<Option<usize>> =
+            lists.iter().map(|l| (!l.is_empty()).then_some(0)).collect();
+        let mut rejects: Vec<Vec<(usize, DecodeError)>> = vec![Vec::new(); n];
+        let mut stops = vec![Stop::Done; n];
+        while next.iter().any(Option::is_some) {
+            {
+                let (shards, at) = self.shards_and_reads();
+                let at = &at;
+                let mut tasks: Vec<_> = shards
+                    .iter_mut()
+                    .zip(&lists)
+                    .zip(&next)
+                    .zip(rejects.iter_mut().zip(stops.iter_mut()))
+                    .enumerate()
+                    .filter_map(|(i, (((shard, list), from), (rejects, stop)))| {
+                        let from = (*from)?;
+                        Some(move || *stop = shard.work(at, i, list, from, now_ms, rejects))
+                    })
+                    .collect();
+                let mut refs: Vec<&mut (dyn FnMut() + Send)> = tasks
+                    .iter_mut()
+                    .map(|t| t as &mut (dyn FnMut() + Send))
+                    .collect();
+                fanout.run(&mut refs);
+            }
+            for s in 0..n {
+                let Some(_) = next[s] else { continue };
+                for (i, e) in std::mem::take(&mut rejects[s]) {
+                    self.reject(&lists[s][i], &e, sink);
+                }
+                next[s] = match stops[s] {
+                    Stop::Done => None,
+                    Stop::Judge(i) => Some(i),
+                    Stop::Registry(i) => {
+                        self.admit_and_ingest(s, &lists[s][i], now_ms, sink);
+                        (i + 1 < lists[s].len()).then_some(i + 1)
+                    }
+                };
+            }
+            self.judge(now_ms, sink);
+        }
+    }
+
+    /// One record on the driver's clock: [`Pipeline::admit`], then [`Pipeline::ingest`].
+    #[inline]
+    pub fn on_record(&mut self, record: &Record<'_>, now_ms: i64, sink: &mut dyn Sink) {
+        if let Some(event) = self.admit(record, sink) {
+            self.ingest(record, &event, now_ms, sink);
+        }
+    }
+
+    /// The shards, and what they read of the pipeline.
+    fn shards_and_reads(&mut self) -> (&mut [Shard], Admission<'_>) {
+        let at = Admission {
+            waiting: &self.waiting,
+            options: self.options,
+            max_clock_skew_ms: self.max_clock_skew_ms,
+            learns: self.schemas.is_some(),
+            map: &self.map,
+        };
+        (&mut self.shards, at)
+    }
+
+    /// Decodes and validates a record, applies the event-time range and (against a broker
+    /// timestamp) the clock-skew rule, and notes its labels. `None`: the record is not to be
+    /// ingested (rejected through the sink, outside the range, or of a partition not owned:
+    /// polled before a revoke took effect, the new owner reads it).
+    #[inline]
+    pub fn admit<'a>(&mut self, record: &Record<'a>, sink: &mut dyn Sink) -> Option<Telemetry<'a>> {
+        let s = self.map.get(record.partition)?;
+        let (shards, at) = self.shards_and_reads();
+        let admitted = match shards[s].admit(&at, s, record) {
+            Admitted::Unknown => match self.learn_schema(s, record) {
+                Ok(Some(e)) => {
+                    let (shards, at) = self.shards_and_reads();
+                    shards[s].decoded(&at, record, e)
+                }
+                Ok(None) => Admitted::Skip,
+                Err(e) => {
+                    self.shards[s].stats.records_read += 1;
+                    Admitted::Reject(e)
+                }
+            },
+            other => other,
+        };
+        match admitted {
+            Admitted::Event(e) => Some(e),
+            Admitted::Reject(e) => {
+                self.reject(record, &e, sink);
+                None
+            }
+            Admitted::Skip | Admitted::Unknown => None,
+        }
+    }
+
+    /// Ingests an admitted event at `now_ms` and judges the windows it closes.
+    #[inline]
+    pub fn ingest(
+        &mut self,
+        record: &Record<'_>,
+        event: &Telemetry<'_>,
+        now_ms: i64,
+        sink: &mut dyn Sink,
+    ) {
+        // A partition not owned is refused by the windows (`not_assigned`).
+        let s = self.map.get(record.partition).unwrap_or(0);
+        if let Err(e) = self.shards[s].ingest(record, event, now_ms) {
+            self.reject(record, &e, sink);
+        }
+        self.judge(now_ms, sink);
+    }
+
+    /// A record a shard left to the pipeline (its schema id is for the registry): admitted
+    /// here, ingested into its shard; judged with the round.
+    fn admit_and_ingest(
+        &mut self,
+        shard: usize,
+        record: &Record<'_>,
+        now_ms: i64,
+        sink: &mut dyn Sink,
+    ) {
+        if let Some(event) = self.admit(record, sink) {
+            if let Err(e) = self.shards[shard].ingest(record, &event, now_ms) {
+                self.reject(record, &e, sink);
+            }
+        }
+    }
+
+    /// A record the shard's codec could not decode for its unseen schema id: asks the
+    /// registry, learns the answer (in that shard's codec) and decodes again. `Ok(None)`: no
+    /// answer yet, the partition waits from this record on. `Err`: the registry does not know
+    /// the id (the record is dead-lettered).
+    fn learn_schema<'a>(
+        &mut self,
+        shard: usize,
+        record: &Record<'a>,
+    ) -> Result<Option<Telemetry<'a>>, DecodeError> {
+        let decoder = &mut self.shards[shard].decoder;
+        let Some(source) = self.schemas.as_mut() else {
+            return decoder.decode(record.key, record.value).map(Some);
+        };
+        match decoder.learn_schema(source.as_mut(), record.value) {
+            // Learned, it decodes now; unknown to the registry, the same error comes again
+            // (the dead letter's reason).
+            Ok(_) => decoder.decode(record.key, record.value).map(Some),
+            Err((schema_id, reason)) => {
+                let frozen = self.read_through_of(record.partition);
+                self.waiting_read_through.insert(record.partition, frozen);
+                self.waiting.insert(
+                    record.partition,
+                    SchemaWait {
+                        offset: record.offset,
+                        schema_id,
+                        reason,
+                    },
+                );
+                Ok(None)
+            }
+        }
     }
 }
 

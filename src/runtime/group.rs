@@ -44,9 +44,10 @@ pub(super) struct GroupContext {
     pub(super) fetch_marks: Mutex<BTreeMap<i32, FetchMarks>>,
     /// The group's rebalance protocol is cooperative ([`cooperative_protocol`]).
     pub(super) cooperative: bool,
-    /// Where assigned partitions send their records (the loop's [`kafka::Feed`]); `None`
-    /// before the loop starts and after it ends (records then go to the consumer's queue).
-    pub(super) router: Mutex<Option<kafka::Router>>,
+    /// Where assigned partitions send their records (the loop's [`kafka::Feed`]s, one per
+    /// shard); `None` before the loop starts and after it ends (records then go to the
+    /// consumer's queue).
+    pub(super) router: Mutex<Option<Routes>>,
     /// The topic's name for librdkafka.
     pub(super) topic_c: std::ffi::CString,
 }
@@ -70,23 +71,43 @@ impl GroupContext {
         self.events_pending.store(true, Ordering::Release);
     }
 
-    /// Routes the partitions about to be assigned to the feed, before librdkafka starts
-    /// fetching them (see [`kafka::Feed`]).
+    /// Routes the partitions about to be assigned to a feed (the one of the shard with the
+    /// fewest partitions), before librdkafka starts fetching them (see [`kafka::Feed`]).
     fn route(&self, tpl: &TopicPartitionList) {
-        let router = lock(&self.router);
-        let Some(router) = router.as_ref() else {
+        let mut router = lock(&self.router);
+        let Some(routes) = router.as_mut() else {
             return;
         };
         for e in tpl.elements() {
-            // SAFETY: the router is set only while its feed lives: the loop's guard clears it
-            // (under this lock) before dropping the feed.
-            if !unsafe { router.route(&self.topic_c, e.partition()) } {
+            let shard = routes.pick(e.partition());
+            // SAFETY: the router is set only while its feeds live: the loop's guard clears it
+            // (under this lock) before dropping them.
+            if !unsafe { routes.feeds[shard].route(&self.topic_c, e.partition()) } {
                 tracing::warn!(
                     partition = e.partition(),
                     "cannot route the partition to the feed; its records come through poll"
                 );
             }
         }
+    }
+
+    /// Forgets the revoked partitions' feeds (their shards take new partitions first).
+    fn unroute(&self, tpl: &TopicPartitionList, all: bool) {
+        if let Some(routes) = lock(&self.router).as_mut() {
+            if all {
+                routes.owner.clear();
+            }
+            for e in tpl.elements() {
+                routes.owner.remove(&e.partition());
+            }
+        }
+    }
+
+    /// The shard whose feed `partition` was routed to (the pipeline gives it the same shard).
+    pub(super) fn shard_of(&self, partition: i32) -> Option<usize> {
+        lock(&self.router)
+            .as_ref()
+            .and_then(|r| r.owner.get(&partition).copied())
     }
 
     /// The events since the last call, in the order they happened.
@@ -97,6 +118,28 @@ impl GroupContext {
         let mut events = lock(&self.events);
         self.events_pending.store(false, Ordering::Release);
         std::mem::take(&mut *events)
+    }
+}
+
+/// The feeds partitions are routed to, one per shard, and which partition went where.
+pub(super) struct Routes {
+    pub(super) feeds: Vec<kafka::Router>,
+    pub(super) owner: BTreeMap<i32, usize>,
+}
+
+impl Routes {
+    /// The feed of `partition`: the one it has, or the one with the fewest partitions.
+    fn pick(&mut self, partition: i32) -> usize {
+        if let Some(s) = self.owner.get(&partition) {
+            return *s;
+        }
+        let mut load = vec![0usize; self.feeds.len()];
+        for s in self.owner.values() {
+            load[*s] += 1;
+        }
+        let shard = (0..load.len()).min_by_key(|s| load[*s]).unwrap_or(0);
+        self.owner.insert(partition, shard);
+        shard
     }
 }
 
@@ -297,6 +340,9 @@ impl ConsumerContext for GroupContext {
         };
         if let Err(e) = done {
             tracing::warn!(error = %e, "rebalance: the assignment change failed");
+        }
+        if err == REVOKE {
+            self.unroute(tpl, !self.cooperative);
         }
         self.post_rebalance(consumer, &rebalance);
     }

@@ -61,12 +61,13 @@ impl Core {
         )
     }
 
-    /// Partitions assigned: each starts empty; its state comes with [`Core::restored`].
-    pub(super) fn on_assigned(&mut self, parts: &[i32]) {
+    /// Partitions assigned: each starts empty; its state comes with [`Core::restored`]. Each
+    /// goes to the shard whose feed it was routed to (`shards`, where known).
+    pub(super) fn on_assigned(&mut self, parts: &[i32], shards: &[Option<usize>]) {
         self.out.counters.rebalances += 1;
         tracing::info!(?parts, "partitions assigned");
-        for &p in parts {
-            self.pipeline.assign(p);
+        for (i, &p) in parts.iter().enumerate() {
+            self.pipeline.assign_to(p, shards.get(i).copied().flatten());
         }
     }
 

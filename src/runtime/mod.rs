@@ -66,6 +66,7 @@ use errors::*;
 use group::*;
 pub use live::Core;
 use output::*;
+pub use workers::Workers;
 
 /// What a run did, for the caller (the demo's accounting, tests).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -255,6 +256,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         Offset::Beginning,
     )?;
     let _guard = metrics::set_default_local_recorder(&*metrics.recorder);
+    let shards = lock(&core).pipeline.shard_count();
     crate::metrics::init_escalations(
         lock(&core)
             .pipeline
@@ -280,8 +282,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     // Every line of the loop carries the group (and, inside a rebalance or a restore, the
     // partitions).
     let span = tracing::info_span!("run", group = %group).entered();
-    let feed = FeedGuard::new(&consumer)?;
-    let result = match turns.run(&consumer, &feed.feed, &control) {
+    let feed = FeedGuard::new(&consumer, shards)?;
+    let result = match turns.run(&consumer, &feed.feeds, &control) {
         turn::Ended::Stopped => Ok(turns.shutdown(&consumer)),
         turn::Ended::FailedAfterCommit(e) => {
             turns.shutdown(&consumer);
@@ -296,22 +298,32 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     result
 }
 
-/// The telemetry consumer's [`kafka::Feed`], routed to by its rebalance callback while this
-/// lives; dropped before the consumer (librdkafka must see the feed destroyed first): the
-/// router is cleared, then the feed destroyed.
+/// The telemetry consumer's [`kafka::Feed`]s, one per shard of the pipeline, routed to by its
+/// rebalance callback while this lives; dropped before the consumer (librdkafka must see the
+/// feeds destroyed first): the router is cleared, then the feeds destroyed.
 struct FeedGuard<'c> {
     consumer: &'c BaseConsumer<GroupContext>,
-    feed: kafka::Feed,
+    feeds: Vec<kafka::Feed>,
 }
 
 impl<'c> FeedGuard<'c> {
-    fn new(consumer: &'c BaseConsumer<GroupContext>) -> anyhow::Result<FeedGuard<'c>> {
-        // SAFETY: the consumer is alive, and the guard (holding a borrow of it) drops the
-        // feed before the consumer can be dropped.
-        let feed = unsafe { kafka::Feed::new(consumer.client().native_ptr()) }
-            .context("cannot create the telemetry feed queue")?;
-        *lock(&consumer.context().router) = Some(feed.router());
-        Ok(FeedGuard { consumer, feed })
+    fn new(
+        consumer: &'c BaseConsumer<GroupContext>,
+        shards: usize,
+    ) -> anyhow::Result<FeedGuard<'c>> {
+        let feeds = (0..shards.max(1))
+            .map(|_| {
+                // SAFETY: the consumer is alive, and the guard (holding a borrow of it) drops
+                // the feeds before the consumer can be dropped.
+                unsafe { kafka::Feed::new(consumer.client().native_ptr()) }
+                    .context("cannot create the telemetry feed queue")
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        *lock(&consumer.context().router) = Some(Routes {
+            feeds: feeds.iter().map(kafka::Feed::router).collect(),
+            owner: BTreeMap::new(),
+        });
+        Ok(FeedGuard { consumer, feeds })
     }
 }
 

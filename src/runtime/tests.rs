@@ -201,7 +201,7 @@ action = "rollback"
 #[test]
 fn assign_and_revoke_are_plain_handlers() {
     let mut c = core();
-    c.on_assigned(&[0, 1]);
+    c.on_assigned(&[0, 1], &[]);
     assert_eq!(c.pipeline.assigned(), &[0, 1]);
     c.restored(
         0,
@@ -236,7 +236,7 @@ fn assign_and_revoke_are_plain_handlers() {
 #[test]
 fn a_newer_state_format_stops_the_run() {
     let mut c = core();
-    c.on_assigned(&[0]);
+    c.on_assigned(&[0], &[]);
     c.restored(0, Err(NewerRecord("version 9".into()).into()), 0.0);
     assert_eq!(c.fatal.as_deref(), Some("version 9"));
 }
@@ -261,7 +261,7 @@ fn transaction_outcomes_are_accounted_by_the_core() {
     );
     assert!(c.needs_rewind, "an aborted transaction rewinds");
     assert!(c.fatal.is_none());
-    c.on_assigned(&[2]);
+    c.on_assigned(&[2], &[]);
     c.pending_offsets.insert(2, 9);
     c.restart(2);
     assert_eq!(c.pipeline.assigned(), &[2]);

@@ -165,7 +165,7 @@ impl Loop {
     pub(super) fn run(
         &mut self,
         consumer: &BaseConsumer<GroupContext>,
-        feed: &kafka::Feed,
+        feeds: &[kafka::Feed],
         control: &Control,
     ) -> Ended {
         let mut stream: Stream<Polled<'_, '_>> = Stream::with_capacity(BATCH);
@@ -173,7 +173,7 @@ impl Loop {
         while !control.stopping() {
             self.turns += 1;
             let polled = Instant::now();
-            let poll_error = self.poll(consumer, feed, &mut fed, &mut stream);
+            let poll_error = self.poll(consumer, feeds, &mut fed, &mut stream);
             let polled_at = Instant::now();
             self.poll_time += polled_at - polled;
             self.consume_errors(consumer, poll_error, !stream.records.is_empty());
@@ -213,14 +213,14 @@ impl Loop {
     }
 
     /// Polls the telemetry: the consumer's queue first (rebalances run their callback there,
-    /// so every group event comes before this turn's records from the feed), then the feed's
-    /// records in one batch, waiting briefly for the first when there is nothing else to do.
-    /// A record on the consumer's queue (a partition not routed to the feed) keeps its place
-    /// among the events.
+    /// so every group event comes before this turn's records from the feeds), then a batch
+    /// from each shard's feed, waiting briefly for the first record when there is nothing else
+    /// to do. A record on the consumer's queue (a partition not routed to a feed) keeps its
+    /// place among the events.
     fn poll<'f, 'c>(
         &mut self,
         consumer: &'c BaseConsumer<GroupContext>,
-        feed: &'f kafka::Feed,
+        feeds: &'f [kafka::Feed],
         fed: &mut Vec<kafka::Fed<'f>>,
         stream: &mut Stream<Polled<'f, 'c>>,
     ) -> Option<rdkafka::error::KafkaError> {
@@ -241,13 +241,28 @@ impl Loop {
                 None => break,
             }
         }
-        let wait = if stream.is_empty() {
-            Duration::from_millis(50)
-        } else {
-            Duration::ZERO
-        };
+        let room = BATCH - stream.records.len();
         let mut errors = Vec::new();
-        feed.take(BATCH - stream.records.len(), wait, fed, &mut errors);
+        for feed in feeds {
+            feed.take(room, Duration::ZERO, fed, &mut errors);
+        }
+        if stream.is_empty() && fed.is_empty() && errors.is_empty() {
+            // Nothing anywhere: wait for the first record, on one feed at a time in short
+            // slices when there are several (a record on another feed waits one slice).
+            let slice = Duration::from_millis(if feeds.len() > 1 { 5 } else { 50 });
+            let until = Instant::now() + Duration::from_millis(50);
+            'wait: while Instant::now() < until {
+                for feed in feeds {
+                    feed.take(room, slice, fed, &mut errors);
+                    if !fed.is_empty() || !errors.is_empty() {
+                        break 'wait;
+                    }
+                }
+            }
+            for feed in feeds {
+                feed.take(room, Duration::ZERO, fed, &mut errors);
+            }
+        }
         stream.records.extend(fed.drain(..).map(Polled::Fed));
         errors.into_iter().next()
     }
@@ -333,7 +348,11 @@ impl Loop {
                     if let Some(w) = self.schema_waits.as_mut() {
                         w.rebalanced(consumer, &parts, true);
                     }
-                    self.core().on_assigned(&parts);
+                    let shards: Vec<Option<usize>> = parts
+                        .iter()
+                        .map(|p| consumer.context().shard_of(*p))
+                        .collect();
+                    self.core().on_assigned(&parts, &shards);
                     self.restore(&parts);
                     self.core().replay_recent_outcomes(now);
                     self.status().joined = true;

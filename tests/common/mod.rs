@@ -54,6 +54,9 @@ pub fn config_with(bootstrap: &str, group: &str, extra: &[String]) -> Config {
         format!("kafka.group_id={group}"),
         "kafka.create_topics=false".into(),
         "kafka.partitions=2".into(),
+        // Two shards (the default is one): every runtime test runs the sharded pipeline, one
+        // partition per shard, its second shard on a worker thread.
+        "engine.threads=2".into(),
         "windows.size=1s".into(),
         "windows.out_of_orderness=100ms".into(),
         "windows.idle_timeout=1s".into(),
@@ -389,8 +392,9 @@ pub fn assigned_of(port: u16) -> Vec<i64> {
 }
 
 /// A `segloop run` config file for a process on a real broker: topics `rk.<tag>.*` created
-/// by segloop (2 partitions), 1 s windows, the test policies (written next to it) with a 15 s
-/// ack timeout, admin on `port`; `extra` is appended (e.g. a `[delivery]` table).
+/// by segloop (2 partitions), two shards (`engine.threads`), 1 s windows, the test policies
+/// (written next to it) with a 15 s ack timeout, admin on `port`; `extra` is appended (e.g. a
+/// `[delivery]` table).
 ///
 /// The process tests kill, stop or move a process with a command in flight and then
 /// acknowledge it: the ack must reach the command they saw. With the 2 s timeout of the
@@ -417,7 +421,7 @@ pub fn process_config(
         format!(
             "policies = \"policies.toml\"\n[kafka]\nbootstrap_servers = \"{bs}\"\ngroup_id = \"g-{tag}\"\n\
              client_id = \"segloop-{port}\"\ncreate_topics = true\npartitions = 2\n[kafka.properties]\n\
-             \"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n[windows]\nsize = \"1s\"\n\
+             \"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n[engine]\nthreads = 2\n[windows]\nsize = \"1s\"\n\
              out_of_orderness = \"100ms\"\nidle_timeout = \"1s\"\nmax_clock_skew = \"10s\"\nsegment_ttl = \"30s\"\n\
              [delivery]\ncommit_interval = \"200ms\"\nshutdown_timeout = \"5s\"\n{delivery}\n\
              [admin]\nlisten = \"127.0.0.1:{port}\"\n[logging]\nlevel = \"warn\"\n{topics}"
