@@ -2,12 +2,16 @@
 
 use std::collections::BTreeMap;
 
-use segloop::codec::{build_codec, CodecKind, DecodeError, SchemaLookup, SchemaSource};
+use segloop::codec::{DecodeError, SchemaLookup, SchemaSource};
 use segloop::config::{Config, Sources};
 use segloop::controller::Effects;
-use segloop::model::{DecisionRecord, RemediationCommand, TelemetryEvent};
+use segloop::model::{DecisionRecord, RemediationCommand};
 use segloop::pipeline::{Cause, Options, Pipeline, Record, Sink};
 use segloop::policy::PolicySet;
+
+#[path = "support/telemetry.rs"]
+mod telemetry;
+use telemetry::encode;
 
 #[derive(Default)]
 struct Collect {
@@ -42,28 +46,6 @@ fn config(sets: &[&str]) -> Config {
         overrides: &sets,
     })
     .unwrap()
-}
-
-fn encode(segment: &str, ts: i64, error: f64, labels: &[(&str, &str)]) -> Vec<u8> {
-    let codec =
-        build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default()).unwrap();
-    let mut out = Vec::new();
-    codec
-        .encode(
-            &TelemetryEvent {
-                segment: segment.into(),
-                ts_ms: ts,
-                measurements: BTreeMap::from([("error".into(), error)]),
-                labels: labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                event_id: None,
-            },
-            &mut out,
-        )
-        .unwrap();
-    out
 }
 
 /// Feeds one encoded event on partition 0 at `offset`, with the driver clock at its time.
@@ -301,6 +283,32 @@ impl SchemaSource for FakeRegistry {
     }
 }
 
+type Answers = std::sync::Arc<std::sync::Mutex<BTreeMap<u32, SchemaLookup>>>;
+type Asked = std::sync::Arc<std::sync::Mutex<Vec<u32>>>;
+
+/// A pipeline of `shards` shards, no policies, asking a [`FakeRegistry`] with `answers`; the
+/// registry's answers and the ids it was asked for, to change and to read.
+fn with_registry(
+    cfg: &Config,
+    shards: usize,
+    answers: BTreeMap<u32, SchemaLookup>,
+) -> (Pipeline, Answers, Asked) {
+    let answers = std::sync::Arc::new(std::sync::Mutex::new(answers));
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut p = Pipeline::sharded(
+        cfg,
+        PolicySet::parse("", "p.toml").unwrap(),
+        Options::live(),
+        shards,
+    )
+    .unwrap();
+    p.set_schema_source(Box::new(FakeRegistry {
+        answers: answers.clone(),
+        asked: asked.clone(),
+    }));
+    (p, answers, asked)
+}
+
 /// A Confluent-framed telemetry datum under `id`, written with the writer schema `schema`
 /// (`extra` fields beyond the current ones are given their values).
 fn confluent(
@@ -358,18 +366,7 @@ fn unknown_schema_ids_wait_for_the_registry_then_decode() {
         "topics.telemetry.codec=avro-confluent",
         "schema_registry.url=http://127.0.0.1:9",
     ]);
-    let answers = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
-    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut p = Pipeline::new(
-        &cfg,
-        PolicySet::parse("", "p.toml").unwrap(),
-        Options::live(),
-    )
-    .unwrap();
-    p.set_schema_source(Box::new(FakeRegistry {
-        answers: answers.clone(),
-        asked: asked.clone(),
-    }));
+    let (mut p, answers, asked) = with_registry(&cfg, 1, BTreeMap::new());
     p.assign(0);
     // Live: the consumer was last seen at the partition's end at 1 s.
     p.set_read_through(Some(BTreeMap::from([(0, 1_000)])));
@@ -485,22 +482,11 @@ fn a_sharded_pipeline_waits_for_the_registry_per_partition() {
         "topics.telemetry.codec=avro-confluent",
         "schema_registry.url=http://127.0.0.1:9",
     ]);
-    let answers = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::from([(
-        1,
-        SchemaLookup::Found(current.into()),
-    )])));
-    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut p = Pipeline::sharded(
+    let (mut p, answers, asked) = with_registry(
         &cfg,
-        PolicySet::parse("", "p.toml").unwrap(),
-        Options::live(),
         2,
-    )
-    .unwrap();
-    p.set_schema_source(Box::new(FakeRegistry {
-        answers: answers.clone(),
-        asked: asked.clone(),
-    }));
+        BTreeMap::from([(1, SchemaLookup::Found(current.into()))]),
+    );
     p.assign(0);
     p.assign(1);
     assert_ne!(p.shard_of(0), p.shard_of(1));

@@ -2,15 +2,15 @@
 //! commands, decisions, rejections, counts and commit floors for any input, with its shards'
 //! rounds run on threads of their own.
 
-use std::collections::BTreeMap;
-
 use proptest::prelude::*;
-use segloop::codec::{build_codec, CodecKind, DecodeError};
+use segloop::codec::DecodeError;
 use segloop::config::{Config, Sources};
 use segloop::controller::Effects;
-use segloop::model::TelemetryEvent;
 use segloop::pipeline::{Cause, Fanout, Options, Pipeline, Record, Sink, CLOSED_PER_ROUND};
 use segloop::policy::PolicySet;
+
+#[path = "support/telemetry.rs"]
+mod telemetry;
 
 /// Everything a pipeline hands its driver, in a form that compares as a multiset (shards judge
 /// their windows shard after shard, so the order across partitions differs).
@@ -105,22 +105,7 @@ action = "rollback"
 }
 
 fn encode(segment: &str, ts: i64, error: f64) -> Vec<u8> {
-    let codec =
-        build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default()).unwrap();
-    let mut out = Vec::new();
-    codec
-        .encode(
-            &TelemetryEvent {
-                segment: segment.into(),
-                ts_ms: ts,
-                measurements: BTreeMap::from([("error".into(), error)]),
-                labels: BTreeMap::new(),
-                event_id: None,
-            },
-            &mut out,
-        )
-        .unwrap();
-    out
+    telemetry::encode(segment, ts, error, &[])
 }
 
 /// One record of a generated input: (partition, segment, event time, failing, garbage).
