@@ -106,6 +106,13 @@ fn a_fault_in_one_segment_is_commanded_acknowledged_and_verified() {
     assert!(seg.contains("\"controller\""));
     let (status, _) = http(admin, "GET", "/healthz", "");
     assert_eq!(status, 200);
+    // Two shards (tests/common), one partition each, both working: murmur2 puts
+    // fleet/ok-3 and fleet/bad on partition 0, fleet/ok-1 and fleet/ok-2 on partition 1.
+    let (owners, accepted) = inst.shards();
+    let mut shards: Vec<Option<usize>> = owners.iter().map(|(_, s)| *s).collect();
+    shards.sort();
+    assert_eq!(shards, [Some(0), Some(1)], "{owners:?}");
+    assert!(accepted.iter().all(|n| *n > 0), "{accepted:?}");
     let report = inst.stop();
     assert!(report.commits > 0, "{report:?}");
     assert_eq!(

@@ -330,6 +330,11 @@ impl Pipeline {
         all
     }
 
+    /// Each shard's window counters, in shard order.
+    pub fn shard_engine_stats(&self) -> Vec<crate::window::EngineStats> {
+        self.shards.iter().map(|s| s.engine.stats()).collect()
+    }
+
     /// The window spec (every shard's but for its share of the segment cap).
     pub fn window_spec(&self) -> &crate::window::WindowSpec {
         self.shards[0].engine.spec()

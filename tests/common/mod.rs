@@ -152,6 +152,23 @@ impl Instance {
             .unwrap_or_default()
     }
 
+    /// Per assigned partition its shard, and per shard the events its windows accepted.
+    pub fn shards(&self) -> (Vec<(i32, Option<usize>)>, Vec<u64>) {
+        self.core
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|c| {
+                let core = c.lock().unwrap();
+                let p = &core.pipeline;
+                (
+                    p.assigned().iter().map(|q| (*q, p.shard_of(*q))).collect(),
+                    p.shard_engine_stats().iter().map(|e| e.accepted).collect(),
+                )
+            })
+            .unwrap_or_default()
+    }
+
     /// Other live instances this one has seen on the control topic.
     pub fn peers(&self) -> usize {
         use segloop::clock::Clock;
