@@ -6,6 +6,8 @@
 #![cfg(feature = "kafka-broker-tests")]
 
 mod common;
+#[path = "support/telemetry.rs"]
+mod telemetry;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -280,25 +282,6 @@ fn mutual_tls_closes_the_loop() {
     close_the_loop(cfg, &broker_bootstrap(), "mtls");
 }
 
-fn encoded(segment: &str, ts: i64) -> Vec<u8> {
-    let codec =
-        build_codec::<TelemetryEvent>(CodecKind::AvroSingleObject, &Default::default()).unwrap();
-    let mut bytes = Vec::new();
-    codec
-        .encode(
-            &TelemetryEvent {
-                segment: segment.into(),
-                ts_ms: ts,
-                measurements: [("error".to_string(), 0.0)].into(),
-                labels: Default::default(),
-                event_id: None,
-            },
-            &mut bytes,
-        )
-        .unwrap();
-    bytes
-}
-
 /// Replays the test's telemetry topic in-process with `sets` and returns (read, aggregated,
 /// rejected).
 fn replay(tag: &str, bs: &str, sets: &[String]) -> (u64, u64, usize) {
@@ -326,7 +309,7 @@ fn scram_sha_256_and_plain_read_every_record() {
         p.send(
             rdkafka::producer::BaseRecord::to(&format!("rk.{tag}.telemetry"))
                 .key(&seg)
-                .payload(&encoded(&seg, start + i * 50)),
+                .payload(&telemetry::encode(&seg, start + i * 50, 0.0, &[])),
         )
         .unwrap();
     }

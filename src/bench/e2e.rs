@@ -186,10 +186,10 @@ pub fn e2e_bench(broker: Option<Broker<'_>>, o: &E2eOptions) -> anyhow::Result<E
         records,
         partitions: o.partitions,
         segments: o.segments,
-        engine_threads: o.threads.map_or_else(
-            || config.engine.effective_threads(),
-            |n| crate::config::EngineConfig { threads: n }.effective_threads(),
-        ),
+        engine_threads: crate::config::EngineConfig {
+            threads: o.threads.unwrap_or(config.engine.threads),
+        }
+        .effective_threads(),
         breaching,
         events_per_sec,
         raw_consume_per_sec: records as f64 / raw_secs,

@@ -357,10 +357,11 @@ pub fn bench(args: &BenchArgs, env: &HashMap<String, String>) -> ExitCode {
             )
         }
         "shards" => {
-            let most = args.threads.map_or_else(
-                || crate::config::EngineConfig { threads: 0 }.effective_threads(),
-                |n| crate::config::EngineConfig { threads: n }.effective_threads(),
-            );
+            // Default: one per core.
+            let most = crate::config::EngineConfig {
+                threads: args.threads.unwrap_or(0),
+            }
+            .effective_threads();
             let threads: Vec<usize> = (1..=most.max(2)).collect();
             finish_bench(
                 crate::bench::shards_bench(

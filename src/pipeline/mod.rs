@@ -49,7 +49,7 @@ pub use labels::*;
 #[allow(unused_imports)]
 pub use read_model::*;
 use shard::*;
-pub use shard::{Fanout, InPlace, CLOSED_PER_ROUND};
+pub use shard::{least_loaded, Fanout, InPlace, CLOSED_PER_ROUND};
 
 /// Labels of a segment (the latest set seen).
 pub type Labels = BTreeMap<String, String>;
@@ -335,11 +335,6 @@ impl Pipeline {
         self.shards.iter().map(|s| s.engine.stats()).collect()
     }
 
-    /// The window spec (every shard's but for its share of the segment cap).
-    pub fn window_spec(&self) -> &crate::window::WindowSpec {
-        self.shards[0].engine.spec()
-    }
-
     /// The shard that owns `partition` (`None`: not owned).
     pub fn shard_of(&self, partition: i32) -> Option<usize> {
         self.map.get(partition)
@@ -348,13 +343,6 @@ impl Pipeline {
     /// How many shards the per-event work is split over.
     pub fn shard_count(&self) -> usize {
         self.shards.len()
-    }
-
-    /// The default windows of an owned partition.
-    pub fn partition_windows(&self, partition: i32) -> Option<&crate::window::PartitionWindows> {
-        self.shards[self.map.get(partition)?]
-            .engine
-            .partition(partition)
     }
 
     pub fn controller(&self) -> &Controller {
@@ -395,9 +383,7 @@ impl Pipeline {
         let shard = match (self.map.get(partition), shard) {
             (Some(s), _) => s,
             (None, Some(s)) if s < self.shards.len() => s,
-            (None, _) => (0..self.shards.len())
-                .min_by_key(|s| self.map.count(*s))
-                .unwrap_or(0),
+            (None, _) => least_loaded(self.shards.len(), self.map.owners()),
         };
         self.map.set(partition, Some(shard));
         self.shards[shard].engine.assign(partition);
@@ -641,8 +627,9 @@ impl Pipeline {
 
     /// Replaces the policy set (loops of kept policies keep their state).
     pub fn reload(&mut self, policies: PolicySet, now_ms: i64, sink: &mut dyn Sink) {
+        let on = uses_labels(&policies);
         for s in &mut self.shards {
-            s.labels.on = uses_labels(&policies);
+            s.labels.on = on;
         }
         self.controller.reload(policies, now_ms, &mut self.fx);
         self.read.set_silences(self.controller.silences());

@@ -96,10 +96,26 @@ impl ShardMap {
         self.0[i] = shard.map_or(UNOWNED, |s| s as u16);
     }
 
-    /// Partitions owned by `shard`.
-    pub(super) fn count(&self, shard: usize) -> usize {
-        self.0.iter().filter(|s| **s as usize == shard).count()
+    /// The shard of every owned partition.
+    pub(super) fn owners(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0
+            .iter()
+            .filter(|s| **s != UNOWNED)
+            .map(|s| usize::from(*s))
     }
+}
+
+/// Of `shards` shards, the one owning the fewest partitions (the first of those), given the
+/// shard of every owned partition: where a new partition goes, so a subset of a topic's
+/// partitions still spreads over every shard.
+pub fn least_loaded(shards: usize, owners: impl IntoIterator<Item = usize>) -> usize {
+    let mut load = vec![0usize; shards.max(1)];
+    for s in owners {
+        if let Some(n) = load.get_mut(s) {
+            *n += 1;
+        }
+    }
+    (0..load.len()).min_by_key(|s| load[*s]).unwrap_or(0)
 }
 
 /// One shard: the windows, decoder and labels of the partitions it owns, and its counts.
@@ -282,20 +298,17 @@ impl Pipeline {
         let n = self.shards.len();
         // One shard reads the batch as it is (it skips partitions not owned); several read
         // their own records, in batch order.
-        let split: Vec<Vec<Record<'a>>> = if n == 1 {
-            Vec::new()
-        } else {
-            let mut lists = vec![Vec::with_capacity(records.len() / n + 1); n];
-            for r in records {
-                if let Some(s) = self.map.get(r.partition) {
-                    lists[s].push(*r);
-                }
-            }
-            lists
-        };
+        let split: Vec<Vec<Record<'a>>>;
         let lists: Vec<&[Record<'a>]> = if n == 1 {
             vec![records]
         } else {
+            let mut own = vec![Vec::with_capacity(records.len() / n + 1); n];
+            for r in records {
+                if let Some(s) = self.map.get(r.partition) {
+                    own[s].push(*r);
+                }
+            }
+            split = own;
             split.iter().map(Vec::as_slice).collect()
         };
         let mut next: Vec<Option<usize>> =
@@ -332,7 +345,7 @@ impl Pipeline {
                     Stop::Done => None,
                     Stop::Judge(i) => Some(i),
                     Stop::Registry(i) => {
-                        self.admit_and_ingest(s, &lists[s][i], now_ms, sink);
+                        self.admit_and_ingest(&lists[s][i], now_ms, sink);
                         (i + 1 < lists[s].len()).then_some(i + 1)
                     }
                 };
@@ -402,27 +415,30 @@ impl Pipeline {
         now_ms: i64,
         sink: &mut dyn Sink,
     ) {
-        // A partition not owned is refused by the windows (`not_assigned`).
+        self.ingest_unjudged(record, event, now_ms, sink);
+        self.judge(now_ms, sink);
+    }
+
+    /// Ingests an admitted event into its partition's shard (a partition not owned is
+    /// refused by the windows: `not_assigned`); a refusal goes to the sink.
+    fn ingest_unjudged(
+        &mut self,
+        record: &Record<'_>,
+        event: &Telemetry<'_>,
+        now_ms: i64,
+        sink: &mut dyn Sink,
+    ) {
         let s = self.map.get(record.partition).unwrap_or(0);
         if let Err(e) = self.shards[s].ingest(record, event, now_ms) {
             self.reject(record, &e, sink);
         }
-        self.judge(now_ms, sink);
     }
 
     /// A record a shard left to the pipeline (its schema id is for the registry): admitted
     /// here, ingested into its shard; judged with the round.
-    fn admit_and_ingest(
-        &mut self,
-        shard: usize,
-        record: &Record<'_>,
-        now_ms: i64,
-        sink: &mut dyn Sink,
-    ) {
+    fn admit_and_ingest(&mut self, record: &Record<'_>, now_ms: i64, sink: &mut dyn Sink) {
         if let Some(event) = self.admit(record, sink) {
-            if let Err(e) = self.shards[shard].ingest(record, &event, now_ms) {
-                self.reject(record, &e, sink);
-            }
+            self.ingest_unjudged(record, &event, now_ms, sink);
         }
     }
 

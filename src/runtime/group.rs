@@ -133,11 +133,7 @@ impl Routes {
         if let Some(s) = self.owner.get(&partition) {
             return *s;
         }
-        let mut load = vec![0usize; self.feeds.len()];
-        for s in self.owner.values() {
-            load[*s] += 1;
-        }
-        let shard = (0..load.len()).min_by_key(|s| load[*s]).unwrap_or(0);
+        let shard = crate::pipeline::least_loaded(self.feeds.len(), self.owner.values().copied());
         self.owner.insert(partition, shard);
         shard
     }
