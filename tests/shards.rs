@@ -119,7 +119,32 @@ fn drive(
     partitions: i32,
     batches: &[Vec<Input>],
 ) -> (Seen, segloop::pipeline::InputStats, Vec<Vec<Option<i64>>>) {
-    let mut p = Pipeline::sharded(&config(), policies(), Options::live(), shards).unwrap();
+    let (seen, stats, floors) = drive_with(policies(), Feed::Batches(shards), partitions, batches);
+    (seen.sorted(), stats, floors)
+}
+
+/// How a test hands records to the pipeline.
+#[derive(Clone, Copy)]
+enum Feed {
+    /// Whole batches (`on_batch_with`, rounds on threads) to this many shards.
+    Batches(usize),
+    /// One record at a time to one shard, each judged at once (`on_record`): every window
+    /// judged in order by the controller, none by a shard.
+    InOrder,
+}
+
+/// [`drive`] with `policies`, fed as `feed` says; what it saw in the order it saw it.
+fn drive_with(
+    policies: PolicySet,
+    feed: Feed,
+    partitions: i32,
+    batches: &[Vec<Input>],
+) -> (Seen, segloop::pipeline::InputStats, Vec<Vec<Option<i64>>>) {
+    let shards = match feed {
+        Feed::Batches(n) => n,
+        Feed::InOrder => 1,
+    };
+    let mut p = Pipeline::sharded(&config(), policies, Options::live(), shards).unwrap();
     for q in 0..partitions {
         p.assign(q);
     }
@@ -153,12 +178,19 @@ fn drive(
             })
             .collect();
         let now = batch.iter().map(|r| r.2).max().unwrap_or(0);
-        p.on_batch_with(&records, now, &mut seen, &Threads);
+        match feed {
+            Feed::Batches(_) => p.on_batch_with(&records, now, &mut seen, &Threads),
+            Feed::InOrder => {
+                for r in &records {
+                    p.on_record(r, now, &mut seen);
+                }
+            }
+        }
         p.tick(now, true, &mut seen);
         floors.push((0..partitions).map(|q| p.committable_offset(q)).collect());
     }
     p.tick(10_000_000, true, &mut seen);
-    (seen.sorted(), p.stats(), floors)
+    (seen, p.stats(), floors)
 }
 
 fn inputs() -> impl Strategy<Value = (i32, Vec<Vec<Input>>)> {
@@ -191,6 +223,63 @@ proptest! {
         prop_assert_eq!(&one.1, &many.1);
         prop_assert_eq!(&one.2, &many.2);
         prop_assert!(one.1.records_read > 0 || batches.iter().all(Vec::is_empty));
+    }
+}
+
+/// Limits that bind: the blast radius (a fraction of the segments known when a loop fires)
+/// and the in-flight limit stop firings, so judging order matters.
+fn binding_policies() -> PolicySet {
+    PolicySet::parse(
+        r#"
+[guardrails]
+blast_radius = 0.12
+max_in_flight = 5
+max_actions_per_minute = 1000000
+
+[[policies]]
+name = "errors"
+when = "mean(error) > 0.5"
+for = 1
+action = "rollback"
+"#,
+        "p.toml",
+    )
+    .unwrap()
+}
+
+/// Inputs with many segments new in each batch beside failing ones: the number of segments
+/// known moves the blast radius within a batch.
+fn many_segments() -> impl Strategy<Value = (i32, Vec<Vec<Input>>)> {
+    (1i32..4).prop_flat_map(|partitions| {
+        let record = (
+            0..partitions,
+            0u8..80,
+            0i64..20_000,
+            prop::bool::weighted(0.3),
+            prop::bool::weighted(0.02),
+        )
+            .prop_map(|(q, s, ts, failing, garbage)| (q, format!("s{s}"), ts, failing, garbage));
+        (
+            Just(partitions),
+            prop::collection::vec(prop::collection::vec(record, 0..120), 1..8),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// A shard judges the windows that move no loop while its round runs, the controller the
+    /// others after it: with limits that bind, the commands and decisions are exactly those of
+    /// judging every window in order, one record at a time, in the same order.
+    #[test]
+    fn windows_judged_by_the_shard_leave_the_limits_exact((partitions, batches) in many_segments()) {
+        let batched = drive_with(binding_policies(), Feed::Batches(1), partitions, &batches);
+        let in_order = drive_with(binding_policies(), Feed::InOrder, partitions, &batches);
+        prop_assert_eq!(&batched.0.commands, &in_order.0.commands);
+        prop_assert_eq!(&batched.0.decisions, &in_order.0.decisions);
+        prop_assert_eq!(&batched.1, &in_order.1);
+        prop_assert_eq!(&batched.2, &in_order.2);
     }
 }
 

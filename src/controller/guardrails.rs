@@ -280,7 +280,9 @@ impl Controller {
         });
         if !already
             && (self.under_action() + remote_segments) as f64 + 1.0
-                > self.blast_radius_budget(self.known_segments() + remote_known) + 1e-9
+                > self.blast_radius_budget(
+                    self.known_segments().saturating_sub(self.known_ahead) + remote_known,
+                ) + 1e-9
         {
             return Some(Guardrail::BlastRadius);
         }

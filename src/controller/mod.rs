@@ -42,12 +42,15 @@ mod decisions;
 mod guardrails;
 mod outcomes;
 mod state;
+mod triage;
 pub use cluster::{ActionRecord, Cluster, ACTION_PREFIX, CLAIM_TIMEOUT_MS, LIVE_FOR_MS};
 use decisions::*;
 #[allow(unused_imports)]
 pub use guardrails::*;
 #[allow(unused_imports)]
 pub use state::*;
+pub use triage::{JudgeShared, Judged, PartitionJudge, Triage};
+use triage::{Quiet, Selector};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -250,6 +253,9 @@ pub struct Controller {
     /// No deadline of a loop under action is before this (from the last walk; `i64::MIN` once
     /// a loop may have changed): a tick before it skips the walk.
     deadline_floor: i64,
+    /// Segments known here that the window being judged would not know yet, judged in order
+    /// ([`Controller::set_known_ahead`]): not counted by the blast radius.
+    known_ahead: usize,
 }
 
 /// An escalation about the instance as a whole: its command's params, and the count its
@@ -281,6 +287,7 @@ impl Controller {
             cluster: None,
             generation: 0,
             deadline_floor: i64::MIN,
+            known_ahead: 0,
         }
     }
 
@@ -539,45 +546,16 @@ impl Controller {
         let Some(p) = self.partitions.get_mut(&w.partition) else {
             return;
         };
-        let policies = &self.policies.policies;
-        // Segment globs are matched once per segment and policy set (at most 64 policies are
-        // remembered; more are matched every window).
-        let generation = self.generation;
-        let glob_bits = |cache: &mut GlobCache| {
-            (policies.len() <= 64).then(|| {
-                cache.get(generation, || {
-                    policies
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, pol)| pol.selects_segment(&w.segment))
-                        .fold(0u64, |bits, (i, _)| bits | (1 << i))
-                })
-            })
-        };
-        let selects = |i: usize, pol: &Policy, globs: Option<u64>| {
-            pol.window.as_deref() == w.group.as_deref()
-                && globs.map_or_else(|| pol.selects_segment(&w.segment), |g| g & (1 << i) != 0)
-                && pol.selects_labels(labels)
-        };
-        let mut selected = 0;
-        // The policies this window moves: selected ones whose condition holds, or whose loop is
-        // not at rest (`moving`).
-        let mut pick = |globs: Option<u64>, moving: &dyn Fn(&str) -> bool| {
-            policies
-                .iter()
-                .enumerate()
-                .filter(|(i, pol)| selects(*i, pol, globs))
-                .filter(|(_, pol)| {
-                    selected += 1;
-                    pol.when.holds(w) || moving(&pol.name)
-                })
-                .map(|(i, _)| i)
-                .collect::<smallvec::SmallVec<[usize; 8]>>()
+        let sel = Selector {
+            policies: &self.policies.policies,
+            generation: self.generation,
+            w,
+            labels,
         };
         // One lookup for a segment seen before (the common case): most windows of most
         // segments change nothing, and a healthy window of a segment with no state is counted
-        // and left in its small entry.
-        let changing: smallvec::SmallVec<[usize; 8]> = match p.segments.get_mut(&*w.segment) {
+        // and left in its small entry (a shard judges those on its own: `triage`).
+        let (changing, selected) = match p.segments.get_mut(&*w.segment) {
             Some(seg) if w.end_ms <= seg.last_window_end(w.group.as_deref()) => {
                 // Re-read after a restart: already judged.
                 self.stats.windows_replayed += 1;
@@ -600,42 +578,37 @@ impl Controller {
                         due.insert(w.segment.clone());
                     }
                 }
-                let globs = glob_bits(&mut seg.globs);
-                pick(globs, &|policy: &str| {
+                let globs = sel.globs(&mut seg.globs);
+                sel.pick(globs, |policy: &str| {
                     seg.loops
                         .get(policy)
                         .is_some_and(|l| l.phase != Phase::Healthy || l.breaches > 0)
                 })
             }
-            None => {
-                let seen = match p.seen.get_mut(&*w.segment) {
-                    Some(seen) if w.group.is_none() && w.end_ms <= seen.last_window_end_ms => {
-                        self.stats.windows_replayed += 1;
-                        return;
-                    }
-                    Some(seen) => seen,
-                    None => p.seen.entry(w.segment.clone()).or_insert(Seen {
-                        last_window_end_ms: i64::MIN,
-                        globs: GlobCache::default(),
-                    }),
-                };
-                let globs = glob_bits(&mut seen.globs);
-                let changing = pick(globs, &|_: &str| false);
-                if changing.is_empty() && w.group.is_none() {
-                    seen.last_window_end_ms = w.end_ms;
-                    self.stats.evaluations += selected;
+            None => match p.judge_quiet(&sel) {
+                Quiet::Replayed => {
+                    self.stats.windows_replayed += 1;
                     return;
                 }
-                // A loop moves (or a window group's end is to be kept): the segment gets its
-                // state, with what its entry knew.
-                let seen = p.seen.remove(&*w.segment).expect("looked up above");
-                let mut state = SegmentState::new(&w.segment, w.partition);
-                state.last_window_end_ms = seen.last_window_end_ms;
-                state.globs = seen.globs;
-                state.judged(w.group.as_deref(), w.end_ms);
-                p.segments.insert(w.segment.clone(), state);
-                changing
-            }
+                Quiet::Judged { evaluations, .. } => {
+                    self.stats.evaluations += evaluations;
+                    return;
+                }
+                Quiet::Moves => {
+                    // A loop moves (or a window group's end is to be kept): the segment gets
+                    // its state, with what its entry knew.
+                    let mut state = SegmentState::new(&w.segment, w.partition);
+                    if let Some(seen) = p.seen.remove(&*w.segment) {
+                        state.last_window_end_ms = seen.last_window_end_ms;
+                        state.globs = seen.globs;
+                    }
+                    let globs = sel.globs(&mut state.globs);
+                    let picked = sel.pick(globs, |_| false);
+                    state.judged(w.group.as_deref(), w.end_ms);
+                    p.segments.insert(w.segment.clone(), state);
+                    picked
+                }
+            },
         };
         self.stats.evaluations += selected;
         let ctx = Ctx {

@@ -22,7 +22,7 @@
 //!
 //! Engine code only: no Kafka, no tokio, no HTTP.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -33,7 +33,8 @@ use crate::codec::fast::{Telemetry, TelemetryDecoder};
 use crate::codec::{DecodeError, ErrorCode, SchemaSource};
 use crate::config::Config;
 use crate::controller::{
-    ActionRecord, Cluster, Controller, Effects, OutcomeDisposition, SegmentState, StateChange,
+    ActionRecord, Cluster, Controller, Effects, JudgeShared, Judged, OutcomeDisposition,
+    PartitionJudge, SegmentState, StateChange, Triage,
 };
 use crate::model::{DecisionRecord, RemediationOutcome};
 use crate::policy::{PolicySet, Silence};
@@ -232,19 +233,17 @@ impl Pipeline {
                     // clock (robust event time) is no wall clock to judge it by.
                     engine.judge_skew_at_admission();
                 }
-                Ok(Shard {
+                Ok(Shard::new(
                     engine,
                     decoder,
-                    labels: LabelMap {
+                    LabelMap {
                         on: labels_on,
                         cap: windows.max_segments,
                         max_bytes: MAX_LABEL_MAP_BYTES / n,
                         bytes: 0,
                         map: FastMap::default(),
                     },
-                    stats: InputStats::default(),
-                    closed: Vec::new(),
-                })
+                ))
             })
             .collect::<Result<Vec<_>, String>>()?;
         let mut controller = Controller::new(policies);
@@ -492,8 +491,15 @@ impl Pipeline {
     }
 
     /// Closed windows → controller → sink: shard after shard, in close order within each.
+    /// Windows a shard judged on its own (no loop moved) go straight to the sink; for the
+    /// others the controller is told how many segments the round added after them
+    /// (`controller::triage`), so each is judged as if every window were judged in order.
     pub(super) fn judge(&mut self, now_ms: i64, sink: &mut dyn Sink) {
+        let mut fresh_after: usize = self.shards.iter().map(|s| s.judged.fresh).sum();
         for s in 0..self.shards.len() {
+            let counts = std::mem::take(&mut self.shards[s].judged);
+            self.controller.add_judged(&counts);
+            fresh_after -= counts.fresh;
             let evictions = self.shards[s].engine.take_evictions();
             if !evictions.is_empty() {
                 self.record_evictions(s, evictions, now_ms, sink);
@@ -504,9 +510,21 @@ impl Pipeline {
             // Judged in place (a summary is a few hundred bytes: moving each out of the buffer
             // was a measurable share of a sweep at 100,000 segments), then dropped together.
             let mut closed = std::mem::take(&mut self.shards[s].closed);
-            self.judge_closed(s, &closed, now_ms, sink);
+            let mut verdicts = std::mem::take(&mut self.shards[s].verdicts);
+            let ahead = |k: usize| {
+                fresh_after
+                    + match verdicts.get(k) {
+                        Some(Verdict::Controller { fresh_before }) => counts.fresh - fresh_before,
+                        _ => 0,
+                    }
+            };
+            self.judge_closed(s, &closed, &verdicts, ahead, now_ms, sink);
+            self.controller.set_known_ahead(0);
             closed.clear();
+            verdicts.clear();
             self.shards[s].closed = closed;
+            self.shards[s].verdicts = verdicts;
+            self.shards[s].clear_deferred();
         }
     }
 
@@ -514,28 +532,29 @@ impl Pipeline {
         &mut self,
         shard: usize,
         closed: &[WindowSummary],
+        verdicts: &[Verdict],
+        ahead: impl Fn(usize) -> usize,
         now_ms: i64,
         sink: &mut dyn Sink,
     ) {
         let empty = Labels::new();
         let labels_of = &self.shards[shard].labels.map;
-        for w in closed {
+        for (k, w) in closed.iter().enumerate() {
             self.stats.windows_closed += 1;
             // Window groups are judged through the controller's own per-group record; the
             // replay marks follow the default windows.
+            if replayed_before(&self.replay_until, w) {
+                continue;
+            }
             if w.group.is_none() {
-                if self
-                    .replay_until
-                    .get(&w.partition)
-                    .is_some_and(|u| w.end_ms <= *u)
-                {
-                    continue;
-                }
                 let through = self.closed_through.entry(w.partition).or_insert(i64::MIN);
                 *through = (*through).max(w.end_ms);
             }
             let labels = labels_of.get(&*w.segment).unwrap_or(&empty);
-            self.controller.on_window(w, labels, now_ms, &mut self.fx);
+            if verdicts.get(k) != Some(&Verdict::Judged) {
+                self.controller.set_known_ahead(ahead(k));
+                self.controller.on_window(w, labels, now_ms, &mut self.fx);
+            }
             sink.effects(
                 &mut self.fx,
                 Cause::Window { window: w, labels },

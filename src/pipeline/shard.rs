@@ -49,6 +49,8 @@ pub(super) struct Admission<'p> {
     pub(super) learns: bool,
     /// Partition → shard (see [`ShardMap`]): a shard skips records of partitions not its own.
     pub(super) map: &'p ShardMap,
+    /// Per partition, after a restore: windows ending at or before this are not judged.
+    pub(super) replay_until: &'p BTreeMap<i32, i64>,
 }
 
 /// What [`Shard::admit`] made of a record.
@@ -128,9 +130,86 @@ pub(super) struct Shard {
     pub(super) stats: InputStats,
     /// Windows closed and not yet judged, in close order.
     pub(super) closed: Vec<WindowSummary>,
+    /// What the shard made of `closed[..verdicts.len()]` (see [`Shard::triage`]); the windows
+    /// past it (closed on the pipeline's thread) go to the controller.
+    pub(super) verdicts: Vec<Verdict>,
+    /// What its judging counted this round.
+    pub(super) judged: Judged,
+    /// Segments with no state whose window this round went to the controller: their later
+    /// windows this round go there too (judged in order).
+    deferred: HashSet<Arc<str>, foldhash::fast::FixedState>,
+}
+
+/// A closed window as its shard left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Judged by the shard: no loop moved.
+    Judged,
+    /// For the controller; `fresh_before`: segments the shard had added this round before it.
+    Controller { fresh_before: usize },
+}
+
+/// Whether a closed window is one a restart re-reads and does not judge again.
+pub(super) fn replayed_before(replay_until: &BTreeMap<i32, i64>, w: &WindowSummary) -> bool {
+    w.group.is_none()
+        && replay_until
+            .get(&w.partition)
+            .is_some_and(|u| w.end_ms <= *u)
 }
 
 impl Shard {
+    pub(super) fn new(engine: Windows, decoder: TelemetryDecoder, labels: LabelMap) -> Self {
+        Shard {
+            engine,
+            decoder,
+            labels,
+            stats: InputStats::default(),
+            closed: Vec::new(),
+            verdicts: Vec::new(),
+            judged: Judged::default(),
+            deferred: HashSet::default(),
+        }
+    }
+
+    /// Judges the windows closed since the last call that move no loop, against the lent
+    /// state of its partitions (`controller::triage`); marks the others for the controller.
+    pub(super) fn triage(
+        &mut self,
+        shared: &JudgeShared,
+        parts: &mut [PartitionJudge<'_>],
+        replay_until: &BTreeMap<i32, i64>,
+    ) {
+        let empty = Labels::new();
+        for w in &self.closed[self.verdicts.len()..] {
+            let to_controller = Verdict::Controller {
+                fresh_before: self.judged.fresh,
+            };
+            // A re-read window is skipped by the pipeline; it goes no further.
+            let verdict = if replayed_before(replay_until, w) || self.deferred.contains(&*w.segment)
+            {
+                to_controller
+            } else if let Some(judge) = parts.iter_mut().find(|j| j.partition() == w.partition) {
+                let labels = self.labels.map.get(&*w.segment).unwrap_or(&empty);
+                match judge.judge(shared, w, labels, &mut self.judged) {
+                    Triage::Judged => Verdict::Judged,
+                    Triage::Controller { stated } => {
+                        if !stated {
+                            self.deferred.insert(w.segment.clone());
+                        }
+                        to_controller
+                    }
+                }
+            } else {
+                to_controller
+            };
+            self.verdicts.push(verdict);
+        }
+    }
+
+    pub(super) fn clear_deferred(&mut self) {
+        self.deferred.clear();
+    }
+
     /// Tells the windows which segments the next records touch (see
     /// [`crate::window::WindowEngine::prefetch`]): keys and event times read without decoding.
     fn hint(&mut self, records: &[Record<'_>]) {
@@ -317,17 +396,21 @@ impl Pipeline {
         let mut stops = vec![Stop::Done; n];
         while next.iter().any(Option::is_some) {
             {
-                let (shards, at) = self.shards_and_reads();
-                let at = &at;
+                let (shards, at, shared, mut lent) = self.shards_for_round();
+                let (at, shared) = (&at, &shared);
                 let mut tasks: Vec<_> = shards
                     .iter_mut()
                     .zip(&lists)
                     .zip(&next)
                     .zip(rejects.iter_mut().zip(stops.iter_mut()))
+                    .zip(lent.iter_mut())
                     .enumerate()
-                    .filter_map(|(i, (((shard, list), from), (rejects, stop)))| {
+                    .filter_map(|(i, ((((shard, list), from), (rejects, stop)), parts))| {
                         let from = (*from)?;
-                        Some(move || *stop = shard.work(at, i, list, from, now_ms, rejects))
+                        Some(move || {
+                            *stop = shard.work(at, i, list, from, now_ms, rejects);
+                            shard.triage(shared, parts, at.replay_until);
+                        })
                     })
                     .collect();
                 let mut refs: Vec<&mut (dyn FnMut() + Send)> = tasks
@@ -370,8 +453,38 @@ impl Pipeline {
             max_clock_skew_ms: self.max_clock_skew_ms,
             learns: self.schemas.is_some(),
             map: &self.map,
+            replay_until: &self.replay_until,
         };
         (&mut self.shards, at)
+    }
+
+    /// [`Pipeline::shards_and_reads`], with the controller's partition states lent to the
+    /// shards that own them (for [`Shard::triage`]).
+    fn shards_for_round(
+        &mut self,
+    ) -> (
+        &mut [Shard],
+        Admission<'_>,
+        JudgeShared,
+        Vec<Vec<PartitionJudge<'_>>>,
+    ) {
+        let (shared, parts) = self.controller.lend();
+        let mut lent: Vec<Vec<PartitionJudge<'_>>> =
+            (0..self.shards.len()).map(|_| Vec::new()).collect();
+        for judge in parts {
+            if let Some(s) = self.map.get(judge.partition()) {
+                lent[s].push(judge);
+            }
+        }
+        let at = Admission {
+            waiting: &self.waiting,
+            options: self.options,
+            max_clock_skew_ms: self.max_clock_skew_ms,
+            learns: self.schemas.is_some(),
+            map: &self.map,
+            replay_until: &self.replay_until,
+        };
+        (&mut self.shards, at, shared, lent)
     }
 
     /// Decodes and validates a record, applies the event-time range and (against a broker
