@@ -26,7 +26,8 @@
 //! - [`pipeline`] — the one step every driver runs: record → decode → labels → prefetch →
 //!   windows → judge → controller → effects to the driver's [`pipeline::Sink`]; the
 //!   per-event work in shards owning disjoint partition sets, which a driver may run side by
-//!   side ([`pipeline::Fanout`], `engine.threads`), judged by one controller; the
+//!   side ([`pipeline::Fanout`], `engine.threads`), each judging the windows that move no
+//!   loop against its partitions' controller state, the one controller the rest; the
 //!   [`pipeline::ReadModel`] the admin API reads without the engine's lock.
 //! - [`config`] — layered TOML configuration (defaults < file < `SEGLOOP__*` env < CLI) with
 //!   errors that name the key, file and line.

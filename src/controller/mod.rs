@@ -33,7 +33,8 @@
 //! This file holds the controller and the window step (a closed window moves a loop, a firing
 //! becomes a command); `state` the per-segment state and its changelog record, `guardrails`
 //! what holds a firing back and the budgets, `outcomes` acknowledgements and deadlines,
-//! `decisions` the decision records, `watch` the actuator breaker.
+//! `decisions` the decision records, `watch` the actuator breaker, `triage` the windows that
+//! move no loop (judged against one partition's state, by the shard that owns it).
 
 mod watch;
 

@@ -4,9 +4,12 @@
 //! A [`Pipeline`] holds one shard or several; a partition belongs to one shard from its assign
 //! to its revoke. A batch is split by shard and worked in **rounds**: in a round every shard
 //! with records left works through them on its own (no state shared with another shard; the
-//! pipeline's partition marks are read only), then, between rounds, the pipeline alone writes
-//! the round's rejections to the sink and judges the windows the round closed, shard by shard,
-//! through the one controller (exact guardrails need no lock). A shard ends its round early
+//! pipeline's partition marks are read only) and judges the windows it closed that move no
+//! loop, against its partitions' controller state, lent to it for the round
+//! ([`Shard::triage`], `controller::triage`); then, between rounds, the pipeline alone writes
+//! the round's rejections to the sink and hands every closed window to the sink, shard by
+//! shard, the ones left to the controller judged by it first (firings meet the guardrails
+//! there, exact with no lock). A shard ends its round early
 //! when [`CLOSED_PER_ROUND`] closed windows wait (the buffer stays small, and commands go out
 //! while the rest of the batch is worked), or at a record whose schema id only the registry
 //! can answer (asked between rounds, by the pipeline, which holds the one registry source).
