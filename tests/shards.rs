@@ -86,19 +86,25 @@ fn config() -> Config {
 
 /// Limits that never bind: with them, judging order cannot change what fires.
 fn policies() -> PolicySet {
+    policies_with("blast_radius = 1.0\nmax_in_flight = 100000", 2)
+}
+
+/// One policy (errors over half the window, `for_windows` windows) under `guardrails`.
+fn policies_with(guardrails: &str, for_windows: u32) -> PolicySet {
     PolicySet::parse(
-        r#"
+        &format!(
+            r#"
 [guardrails]
-blast_radius = 1.0
-max_in_flight = 100000
+{guardrails}
 max_actions_per_minute = 1000000
 
 [[policies]]
 name = "errors"
 when = "mean(error) > 0.5"
-for = 2
+for = {for_windows}
 action = "rollback"
-"#,
+"#
+        ),
         "p.toml",
     )
     .unwrap()
@@ -193,21 +199,37 @@ fn drive_with(
     (seen, p.stats(), floors)
 }
 
-fn inputs() -> impl Strategy<Value = (i32, Vec<Vec<Input>>)> {
-    (1i32..6).prop_flat_map(|partitions| {
+/// Batches of records over 1 to `partitions - 1` partitions and `segments` segments, event
+/// times below `ts_max`, failing with weight `failing`, 2-3% garbage.
+fn batches(
+    partitions: std::ops::Range<i32>,
+    segments: u8,
+    ts_max: i64,
+    failing: f64,
+    per_batch: std::ops::Range<usize>,
+    count: std::ops::Range<usize>,
+) -> impl Strategy<Value = (i32, Vec<Vec<Input>>)> {
+    partitions.prop_flat_map(move |partitions| {
         let record = (
             0..partitions,
-            0u8..24,
-            0i64..30_000,
-            any::<bool>(),
+            0..segments,
+            0..ts_max,
+            prop::bool::weighted(failing),
             prop::bool::weighted(0.03),
         )
             .prop_map(|(q, s, ts, failing, garbage)| (q, format!("s{s}"), ts, failing, garbage));
         (
             Just(partitions),
-            prop::collection::vec(prop::collection::vec(record, 0..60), 1..12),
+            prop::collection::vec(
+                prop::collection::vec(record, per_batch.clone()),
+                count.clone(),
+            ),
         )
     })
+}
+
+fn inputs() -> impl Strategy<Value = (i32, Vec<Vec<Input>>)> {
+    batches(1..6, 24, 30_000, 0.5, 0..60, 1..12)
 }
 
 proptest! {
@@ -229,41 +251,13 @@ proptest! {
 /// Limits that bind: the blast radius (a fraction of the segments known when a loop fires)
 /// and the in-flight limit stop firings, so judging order matters.
 fn binding_policies() -> PolicySet {
-    PolicySet::parse(
-        r#"
-[guardrails]
-blast_radius = 0.12
-max_in_flight = 5
-max_actions_per_minute = 1000000
-
-[[policies]]
-name = "errors"
-when = "mean(error) > 0.5"
-for = 1
-action = "rollback"
-"#,
-        "p.toml",
-    )
-    .unwrap()
+    policies_with("blast_radius = 0.12\nmax_in_flight = 5", 1)
 }
 
 /// Inputs with many segments new in each batch beside failing ones: the number of segments
 /// known moves the blast radius within a batch.
 fn many_segments() -> impl Strategy<Value = (i32, Vec<Vec<Input>>)> {
-    (1i32..4).prop_flat_map(|partitions| {
-        let record = (
-            0..partitions,
-            0u8..80,
-            0i64..20_000,
-            prop::bool::weighted(0.3),
-            prop::bool::weighted(0.02),
-        )
-            .prop_map(|(q, s, ts, failing, garbage)| (q, format!("s{s}"), ts, failing, garbage));
-        (
-            Just(partitions),
-            prop::collection::vec(prop::collection::vec(record, 0..120), 1..8),
-        )
-    })
+    batches(1..4, 80, 20_000, 0.3, 0..120, 1..8)
 }
 
 proptest! {

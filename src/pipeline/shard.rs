@@ -450,6 +450,12 @@ impl Pipeline {
 
     /// The shards, and what they read of the pipeline.
     fn shards_and_reads(&mut self) -> (&mut [Shard], Admission<'_>) {
+        let (shards, at, _) = self.split();
+        (shards, at)
+    }
+
+    /// The shards, what they read of the pipeline, and the controller (disjoint borrows).
+    fn split(&mut self) -> (&mut [Shard], Admission<'_>, &mut Controller) {
         let at = Admission {
             waiting: &self.waiting,
             options: self.options,
@@ -458,7 +464,7 @@ impl Pipeline {
             map: &self.map,
             replay_until: &self.replay_until,
         };
-        (&mut self.shards, at)
+        (&mut self.shards, at, &mut self.controller)
     }
 
     /// [`Pipeline::shards_and_reads`], with the controller's partition states lent to the
@@ -471,23 +477,16 @@ impl Pipeline {
         JudgeShared,
         Vec<Vec<PartitionJudge<'_>>>,
     ) {
-        let (shared, parts) = self.controller.lend();
+        let (shards, at, controller) = self.split();
+        let (shared, parts) = controller.lend();
         let mut lent: Vec<Vec<PartitionJudge<'_>>> =
-            (0..self.shards.len()).map(|_| Vec::new()).collect();
+            (0..shards.len()).map(|_| Vec::new()).collect();
         for judge in parts {
-            if let Some(s) = self.map.get(judge.partition()) {
+            if let Some(s) = at.map.get(judge.partition()) {
                 lent[s].push(judge);
             }
         }
-        let at = Admission {
-            waiting: &self.waiting,
-            options: self.options,
-            max_clock_skew_ms: self.max_clock_skew_ms,
-            learns: self.schemas.is_some(),
-            map: &self.map,
-            replay_until: &self.replay_until,
-        };
-        (&mut self.shards, at, shared, lent)
+        (shards, at, shared, lent)
     }
 
     /// Decodes and validates a record, applies the event-time range and (against a broker
