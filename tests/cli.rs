@@ -22,6 +22,14 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// `segloop check-config config/segloop.toml --set <setting>`.
+fn check_shipped_with(setting: &str) -> Output {
+    segloop(
+        &["check-config", "config/segloop.toml", "--set", setting],
+        b"",
+    )
+}
+
 #[test]
 fn check_config_accepts_shipped_and_rejects_bad_with_exit_2() {
     let ok = segloop(&["check-config", "config/segloop.toml"], b"");
@@ -29,15 +37,7 @@ fn check_config_accepts_shipped_and_rejects_bad_with_exit_2() {
     assert!(text(&ok.stdout).contains("[windows]"));
     assert!(!text(&ok.stderr).contains("warning: windows.max_segments"));
     // Threads say what they do to the segment cap; too many is refused, naming the field.
-    let threads = segloop(
-        &[
-            "check-config",
-            "config/segloop.toml",
-            "--set",
-            "engine.threads=4",
-        ],
-        b"",
-    );
+    let threads = check_shipped_with("engine.threads=4");
     assert!(threads.status.success());
     assert!(
         text(&threads.stderr).contains("engine.threads = 4 (4 threads)")
@@ -45,15 +45,7 @@ fn check_config_accepts_shipped_and_rejects_bad_with_exit_2() {
         "{}",
         text(&threads.stderr)
     );
-    let too_many = segloop(
-        &[
-            "check-config",
-            "config/segloop.toml",
-            "--set",
-            "engine.threads=300",
-        ],
-        b"",
-    );
+    let too_many = check_shipped_with("engine.threads=300");
     assert_eq!(too_many.status.code(), Some(2));
     assert!(
         text(&too_many.stderr).contains("engine.threads"),
@@ -61,15 +53,7 @@ fn check_config_accepts_shipped_and_rejects_bad_with_exit_2() {
         text(&too_many.stderr)
     );
     // A lowered segment cap says what eviction costs.
-    let capped = segloop(
-        &[
-            "check-config",
-            "config/segloop.toml",
-            "--set",
-            "windows.max_segments=500",
-        ],
-        b"",
-    );
+    let capped = check_shipped_with("windows.max_segments=500");
     assert!(capped.status.success());
     assert!(
         text(&capped.stderr).contains("windows.max_segments = 500")

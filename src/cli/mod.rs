@@ -481,7 +481,7 @@ pub fn check_config(args: &CheckConfigArgs, env: &HashMap<String, String>) -> Ex
                         "note: engine.threads = {} ({threads} threads): telemetry is decoded and windowed on {threads} threads, each owning a share of the assigned partitions; windows.max_segments = {} is split between them ({} each: a thread whose partitions hold more segments evicts its longest idle ones first)",
                         config.engine.threads,
                         config.windows.max_segments,
-                        config.windows.max_segments.div_ceil(threads)
+                        config.windows.max_segments_per_thread(threads)
                     );
                 }
                 let default_cap = crate::config::WindowConfig::default().max_segments;

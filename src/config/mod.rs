@@ -405,10 +405,10 @@ impl TopicsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
-    /// Threads that decode and window the telemetry, each owning a disjoint set of the
-    /// assigned partitions (0: one per CPU core). The controller (guardrails, commands) runs on
-    /// the loop thread, so its limits stay exact. `windows.max_segments` is split evenly
-    /// between the threads.
+    /// Threads that decode and window the telemetry and judge the windows that move no loop,
+    /// each owning a disjoint set of the assigned partitions (0: one per CPU core). Every
+    /// window that may fire is judged by the controller on the loop thread, so its limits stay
+    /// exact. `windows.max_segments` is split evenly between the threads.
     pub threads: usize,
 }
 
@@ -477,6 +477,13 @@ pub struct WindowGroup {
     pub size: Duration,
     #[serde(with = "humantime_serde", default)]
     pub hop: Option<Duration>,
+}
+
+impl WindowConfig {
+    /// Each thread's share of `max_segments` with the work split `threads` ways (at least one).
+    pub fn max_segments_per_thread(&self, threads: usize) -> usize {
+        self.max_segments.div_ceil(threads.max(1)).max(1)
+    }
 }
 
 impl Default for WindowConfig {

@@ -222,7 +222,7 @@ impl Pipeline {
         read.set_silences(policies.silences.iter());
         let labels_on = uses_labels(&policies);
         let mut windows = config.windows.clone();
-        windows.max_segments = config.windows.max_segments.div_ceil(n).max(1);
+        windows.max_segments = config.windows.max_segments_per_thread(n);
         let shards = (0..n)
             .map(|_| {
                 let decoder = TelemetryDecoder::new(t.codec, &config.schema_settings(t))
@@ -511,14 +511,8 @@ impl Pipeline {
             // was a measurable share of a sweep at 100,000 segments), then dropped together.
             let mut closed = std::mem::take(&mut self.shards[s].closed);
             let mut verdicts = std::mem::take(&mut self.shards[s].verdicts);
-            let ahead = |k: usize| {
-                fresh_after
-                    + match verdicts.get(k) {
-                        Some(Verdict::Controller { fresh_before }) => counts.fresh - fresh_before,
-                        _ => 0,
-                    }
-            };
-            self.judge_closed(s, &closed, &verdicts, ahead, now_ms, sink);
+            let fresh = (counts.fresh, fresh_after);
+            self.judge_closed(s, &closed, &verdicts, fresh, now_ms, sink);
             self.controller.set_known_ahead(0);
             closed.clear();
             verdicts.clear();
@@ -533,7 +527,7 @@ impl Pipeline {
         shard: usize,
         closed: &[WindowSummary],
         verdicts: &[Verdict],
-        ahead: impl Fn(usize) -> usize,
+        (fresh, fresh_after): (usize, usize),
         now_ms: i64,
         sink: &mut dyn Sink,
     ) {
@@ -551,8 +545,16 @@ impl Pipeline {
                 *through = (*through).max(w.end_ms);
             }
             let labels = labels_of.get(&*w.segment).unwrap_or(&empty);
-            if verdicts.get(k) != Some(&Verdict::Judged) {
-                self.controller.set_known_ahead(ahead(k));
+            // For the controller: the segments the round added after this window (the
+            // shard's since it left the window, none for a window closed after its round, and
+            // every later shard's) are not known to it yet.
+            let added_since = match verdicts.get(k) {
+                Some(Verdict::Judged) => None,
+                Some(Verdict::Controller { fresh_before }) => Some(fresh - fresh_before),
+                None => Some(0),
+            };
+            if let Some(since) = added_since {
+                self.controller.set_known_ahead(fresh_after + since);
                 self.controller.on_window(w, labels, now_ms, &mut self.fx);
             }
             sink.effects(

@@ -515,7 +515,7 @@ pub(super) fn build_core(
     if threads > 1 {
         tracing::info!(
             threads,
-            max_segments_per_thread = config.windows.max_segments.div_ceil(threads),
+            max_segments_per_thread = config.windows.max_segments_per_thread(threads),
             "engine: telemetry decoded and windowed on {threads} threads, each owning a share of the assigned partitions"
         );
     }
